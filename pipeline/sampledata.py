@@ -1,0 +1,248 @@
+"""HMDB-shaped sample data: real MPEG-4 AVI clips whose frames carry their own index and class.
+
+Every frame has a code band in its top 40 %: two rows of 12 black/white cells. Row 0 holds the
+frame index (12 bits, most significant first); row 1 holds the class index (6 bits) followed by the
+same 6 bits inverted, a check that a misread is noticed. Cells are large (1/12 of the width), so the
+code survives MPEG-4, resizing to a 128 px shorter side and JPEG. Below the band the frame is filled
+with a colour and a moving square chosen by class, so classes are easy to learn, and a text line
+names the frame and class for people looking at contact sheets.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import struct
+from pathlib import Path
+
+import av
+import cv2
+import numpy as np
+
+HMDB51_CLASSES = (
+    "brush_hair cartwheel catch chew clap climb climb_stairs dive draw_sword dribble drink eat "
+    "fall_floor fencing flic_flac golf handstand hit hug jump kick kick_ball kiss laugh pick pour "
+    "pullup punch push pushup ride_bike ride_horse run shake_hands shoot_ball shoot_bow shoot_gun "
+    "sit situp smile smoke somersault stand swing_baseball sword sword_exercise talk throw turn "
+    "walk wave"
+).split()
+assert len(HMDB51_CLASSES) == 51
+
+CODE_COLS = 12
+CODE_ROWS = 2
+CODE_BAND = 0.4  # share of the frame height used by the code rows
+MAX_FRAME_INDEX = 2**CODE_COLS - 1
+
+# Movie titles in the style of HMDB file names: '#', '(', ')', '!', '&', "'" and dots all occur.
+_TITLES = (
+    "#122_Cleaning_Up_The_Beach_In_Chiba__Japan",
+    "#20_Rhythm_Clap",
+    "A_Beautiful_Mind_3",
+    "Glory_(1989)",
+    "Sweet_&_Lowdown",
+    "Bart_Simpson's_Hair",
+    "Hitch!_Part_2",
+    "Mr._Smith_Goes_To_Washington",
+    "veoh.com_clip_4.2",
+    "Dont_Go_Away_(1954)!",
+    "Return_of_the_King",
+    "Faith_Rewarded",
+)
+_SIZES = ((320, 240), (176, 144), (352, 240), (256, 192))  # (width, height), all HMDB-like
+
+
+def class_colour(class_index: int) -> tuple[int, int, int]:
+    """A saturated RGB colour per class, hues spread so neighbouring indices differ strongly."""
+    hue = (class_index * 0.381966) % 1.0  # golden-ratio steps
+    hsv = np.uint8([[[int(hue * 179), 200, 200]]])
+    r, g, b = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)[0, 0]
+    return int(r), int(g), int(b)
+
+
+def draw_frame(frame_index: int, class_index: int, width: int, height: int, label: str = "") -> np.ndarray:
+    """Render one coded frame, (height, width, 3) uint8 RGB."""
+    if not 0 <= frame_index <= MAX_FRAME_INDEX:
+        raise ValueError(f"frame index {frame_index} does not fit in {CODE_COLS} bits")
+    img = np.empty((height, width, 3), np.uint8)
+    img[:] = class_colour(class_index)
+    band = int(round(height * CODE_BAND))
+    bits = [(frame_index >> (CODE_COLS - 1 - c)) & 1 for c in range(CODE_COLS)]
+    cls_bits = [(class_index >> (5 - c)) & 1 for c in range(6)]
+    rows = (bits, cls_bits + [1 - b for b in cls_bits])
+    for r, row in enumerate(rows):
+        y0, y1 = band * r // CODE_ROWS, band * (r + 1) // CODE_ROWS
+        for c, bit in enumerate(row):
+            x0, x1 = width * c // CODE_COLS, width * (c + 1) // CODE_COLS
+            img[y0:y1, x0:x1] = 255 if bit else 0
+    # A square that moves with time, speed and size set by class: motion for the models to see.
+    side = height // 5
+    span = max(1, width - side)
+    x = (frame_index * (3 + class_index % 5) * 2) % (2 * span)
+    x = x if x < span else 2 * span - x
+    y = band + (height - band - side) * (class_index % 3) // 2
+    img[y : y + side, x : x + side] = 255 - np.array(class_colour(class_index), np.uint8)
+    if label:
+        cv2.putText(img, label, (2, height - 4), cv2.FONT_HERSHEY_PLAIN, max(0.6, height / 240), (255, 255, 255), 1)
+    return img
+
+
+def read_code(frame: np.ndarray) -> tuple[int, int]:
+    """Read (frame_index, class_index) back from a coded frame of any size.
+
+    Raises ValueError when the class check bits disagree (not a coded frame, or too damaged).
+    """
+    h, w = frame.shape[:2]
+    band = h * CODE_BAND
+    grey = frame.mean(axis=2) if frame.ndim == 3 else frame
+    values = []
+    for r in range(CODE_ROWS):
+        y0, y1 = band * r / CODE_ROWS, band * (r + 1) / CODE_ROWS
+        ys = slice(int(y0 + (y1 - y0) * 0.3), int(np.ceil(y1 - (y1 - y0) * 0.3)))
+        row = []
+        for c in range(CODE_COLS):
+            x0, x1 = w * c / CODE_COLS, w * (c + 1) / CODE_COLS
+            xs = slice(int(x0 + (x1 - x0) * 0.3), int(np.ceil(x1 - (x1 - x0) * 0.3)))
+            row.append(int(grey[ys, xs].mean() > 127))
+        values.append(row)
+    frame_index = int("".join(map(str, values[0])), 2)
+    cls, check = values[1][:6], values[1][6:]
+    if any(a == b for a, b in zip(cls, check)):
+        raise ValueError("frame carries no valid class code")
+    return frame_index, int("".join(map(str, cls)), 2)
+
+
+def write_avi(path: Path, frames, fps: int = 30, b_frames: int = 0, gop: int = 30) -> None:
+    """Encode RGB frames into an MPEG-4 Part 2 AVI (the codec family of the HMDB51 files)."""
+    frames = list(frames)
+    h, w = frames[0].shape[:2]
+    with av.open(str(path), "w", format="avi") as container:
+        stream = container.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        stream.codec_context.gop_size = gop
+        stream.codec_context.max_b_frames = b_frames
+        stream.codec_context.options = {"qscale": "3"}
+        for img in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def overstate_frame_count(path: Path, extra: int) -> None:
+    """Make the AVI headers claim `extra` more frames than the file holds.
+
+    Patches dwTotalFrames in 'avih' and dwLength in the video 'strh': the kind of lie that makes
+    container frame counts (and decoders that trust them) wrong.
+    """
+    data = bytearray(path.read_bytes())
+    avih = data.find(b"avih")
+    if avih < 0:
+        raise ValueError(f"{path}: no avih chunk")
+    off = avih + 8 + 16  # chunk id + size, then 4 dwords before dwTotalFrames
+    struct.pack_into("<I", data, off, struct.unpack_from("<I", data, off)[0] + extra)
+    strh = data.find(b"strhvids")
+    if strh >= 0:
+        off = strh + 8 + 32  # fccType .. dwStart, then dwLength
+        struct.pack_into("<I", data, off, struct.unpack_from("<I", data, off)[0] + extra)
+    path.write_bytes(bytes(data))
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleClip:
+    """Ground truth for one generated clip."""
+
+    class_name: str
+    class_index: int
+    file_name: str
+    frames: int
+    """Frames actually encoded (the true decodable length)."""
+    size: tuple[int, int]
+    """(width, height) of the source frames."""
+    tags: tuple[int, int, int]
+    """Official split tags for splits 1, 2, 3: 1 train, 2 test, 0 unused."""
+    kind: str
+    """'plain', 'bframes' (B-frames, a seeking trap), 'overstated' (header claims more frames)."""
+
+
+def _clip_plan(classes: list[str], clips_per_class: int, seed: int) -> list[SampleClip]:
+    plan: list[SampleClip] = []
+    for ci, name in enumerate(classes):
+        rng = np.random.default_rng([seed, ci])
+        # Source videos give 1-3 clips each, so the grouped split has something to group.
+        groups: list[list[str]] = []
+        clip_no = 0
+        while clip_no < clips_per_class:
+            title = _TITLES[(ci + len(groups)) % len(_TITLES)] + (f"_{len(groups)}" if len(groups) >= len(_TITLES) else "")
+            body = f"{title}_{name}_{'fhu'[len(groups) % 3]}_{'cm' if len(groups) % 2 else 'nm'}_np{1 + len(groups) % 4}_fr_goo"
+            n = min(int(rng.integers(1, 4)), clips_per_class - clip_no)
+            groups.append([f"{body}_{k}.avi" for k in range(n)])
+            clip_no += n
+        # Per split: ~70 % of source groups train, ~30 % test, one group unused when there are enough.
+        split_tags = []
+        for s in range(3):
+            order = np.random.default_rng([seed, ci, s]).permutation(len(groups))
+            tags = {}
+            n_test = max(1, round(len(groups) * 0.3)) if len(groups) > 1 else 0
+            unused = 1 if len(groups) >= 6 else 0
+            for rank, g in enumerate(order):
+                tag = 2 if rank < n_test else (0 if rank < n_test + unused else 1)
+                for f in groups[g]:
+                    tags[f] = tag
+            split_tags.append(tags)
+        files = [f for g in groups for f in g]
+        for k, f in enumerate(files):
+            length = int(rng.integers(24, 110))
+            kind = ("plain", "bframes", "plain", "overstated")[k % 4]
+            # Short clips: pinned to the first two clips of the first classes, so every sample set
+            # (even 1 clip a class) has a 1-frame clip and one shorter than 16 frames.
+            if ci == 0 and k == 0:
+                length = 1
+            elif ci == min(1, len(classes) - 1) and k == 0 or (ci == 0 and k == 1):
+                length = 7
+            plan.append(
+                SampleClip(
+                    class_name=name,
+                    class_index=ci,
+                    file_name=f,
+                    frames=length,
+                    size=_SIZES[(ci + k) % len(_SIZES)],
+                    tags=tuple(t[f] for t in split_tags),
+                    kind=kind if length > 1 else "plain",
+                )
+            )
+    return plan
+
+
+def make_sample_data(
+    out_dir: Path, classes: int = 8, clips_per_class: int = 24, seed: int = 0, progress=None
+) -> list[SampleClip]:
+    """Write DIR/hmdb51_org/<class>/*.avi and DIR/testTrainMulti_7030_splits/ like the official archive.
+
+    Returns the ground truth of every clip. Classes are the first `classes` HMDB51 names (sorted).
+    """
+    if not 1 <= classes <= len(HMDB51_CLASSES):
+        raise ValueError(f"classes must be in 1..{len(HMDB51_CLASSES)}, got {classes}")
+    if clips_per_class < 1:
+        raise ValueError(f"clips per class must be >= 1, got {clips_per_class}")
+    names = sorted(HMDB51_CLASSES)[:classes]
+    plan = _clip_plan(names, clips_per_class, seed)
+    video_root = out_dir / "hmdb51_org"
+    split_root = out_dir / "testTrainMulti_7030_splits"
+    split_root.mkdir(parents=True, exist_ok=True)
+    for clip in plan:
+        folder = video_root / clip.class_name
+        folder.mkdir(parents=True, exist_ok=True)
+        w, h = clip.size
+        frames = (draw_frame(i, clip.class_index, w, h, f"{i} {clip.class_name}") for i in range(clip.frames))
+        path = folder / clip.file_name
+        write_avi(path, frames, b_frames=2 if clip.kind == "bframes" else 0)
+        if clip.kind == "overstated":
+            overstate_frame_count(path, extra=5)
+        if progress:
+            progress(clip)
+    for name in names:
+        (video_root / name / "Thumbs.db").write_bytes(hashlib.sha256(name.encode()).digest())  # stray file
+        for s in range(3):
+            lines = [f"{c.file_name} {c.tags[s]} \n" for c in plan if c.class_name == name]
+            (split_root / f"{name}_test_split{s + 1}.txt").write_text("".join(lines))
+    return plan

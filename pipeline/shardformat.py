@@ -1,0 +1,117 @@
+"""The on-disk contract shared by the packer and every reader (see docs/FORMAT.md).
+
+A sample is three tar members with one dot-free key: `KEY.jpgs` (all T frames as one JPEG pack),
+`KEY.cls` (class index as ASCII digits) and `KEY.json` (metadata). One member for all frames keeps
+tar iteration at three members a sample instead of T + 2.
+
+JPEG pack layout (little-endian): magic b"JPGS", uint32 T, T x uint32 byte lengths, then the T
+JPEG files back to back.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+FORMAT_VERSION = 1
+PACK_MAGIC = b"JPGS"
+INDEX_NAME = "index.json"
+MANIFEST_NAME = "manifest.parquet"
+MAX_FRAMES_PER_CLIP = 4096
+MAX_JPEG_SIDE = 8192
+"""Readers reject frames larger than this per side before allocating anything."""
+
+_KEY_OK = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+class ShardFormatError(ValueError):
+    """A shard member that does not follow the format (truncated, garbage, oversized)."""
+
+
+def pack_jpegs(jpegs: list[bytes]) -> bytes:
+    """Concatenate encoded frames into one `.jpgs` member."""
+    header = PACK_MAGIC + struct.pack(f"<I{len(jpegs)}I", len(jpegs), *(len(j) for j in jpegs))
+    return header + b"".join(jpegs)
+
+
+def unpack_jpegs(data: bytes | memoryview) -> list[memoryview]:
+    """Split a `.jpgs` member into its T JPEG byte strings (zero-copy views)."""
+    view = memoryview(data)
+    if len(view) < 8 or bytes(view[:4]) != PACK_MAGIC:
+        raise ShardFormatError("not a JPEG pack (bad magic)")
+    (count,) = struct.unpack_from("<I", view, 4)
+    if not 1 <= count <= MAX_FRAMES_PER_CLIP:
+        raise ShardFormatError(f"JPEG pack claims {count} frames")
+    start = 8 + 4 * count
+    if len(view) < start:
+        raise ShardFormatError("JPEG pack truncated in its header")
+    lengths = struct.unpack_from(f"<{count}I", view, 8)
+    if start + sum(lengths) != len(view):
+        raise ShardFormatError(f"JPEG pack lengths add up to {start + sum(lengths)} bytes, member has {len(view)}")
+    out = []
+    for n in lengths:
+        out.append(view[start : start + n])
+        start += n
+    return out
+
+
+def decode_jpegs(data: bytes | memoryview) -> np.ndarray:
+    """Decode a `.jpgs` member to (T, H, W, 3) uint8 RGB with libjpeg-turbo."""
+    import simplejpeg
+
+    frames = []
+    for jpeg in unpack_jpegs(data):
+        try:
+            h, w, _, _ = simplejpeg.decode_jpeg_header(jpeg)
+        except ValueError as e:
+            raise ShardFormatError(f"unreadable JPEG frame: {e}") from None
+        if not (1 <= h <= MAX_JPEG_SIDE and 1 <= w <= MAX_JPEG_SIDE):
+            raise ShardFormatError(f"JPEG frame of {w}x{h} pixels exceeds the {MAX_JPEG_SIDE} px limit")
+        try:
+            frames.append(simplejpeg.decode_jpeg(jpeg, colorspace="RGB"))
+        except ValueError as e:
+            raise ShardFormatError(f"unreadable JPEG frame: {e}") from None
+    if len({f.shape for f in frames}) != 1:
+        raise ShardFormatError("frames of one clip differ in size")
+    return np.stack(frames)
+
+
+def is_valid_key(key: str) -> bool:
+    return bool(_KEY_OK.match(key))
+
+
+def load_index(out_dir: str | Path) -> dict:
+    """Read and check `index.json` of a packed folder."""
+    path = Path(out_dir) / INDEX_NAME
+    try:
+        index = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no {INDEX_NAME} in {out_dir}") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"unreadable index {path}: {e}") from None
+    if index.get("format") != "clipstream" or index.get("version") != FORMAT_VERSION:
+        raise ValueError(f"{path} is not a clipstream v{FORMAT_VERSION} index")
+    return index
+
+
+def read_shard(url: str | Path) -> Iterator[dict]:
+    """Yield every sample of one shard as {'key', 'frames' (T, H, W, 3) uint8, 'label' int, 'meta' dict}.
+
+    `url` is a local path or anything webdataset can open (http(s)://...). Members are read as
+    bytes and decoded here; nothing is unpickled.
+    """
+    import webdataset as wds
+
+    for raw in wds.WebDataset(str(url), shardshuffle=False, empty_check=False):
+        key = raw["__key__"]
+        yield {
+            "key": key,
+            "frames": decode_jpegs(raw["jpgs"]),
+            "label": int(raw["cls"]),
+            "meta": json.loads(raw["json"]),
+        }
