@@ -1,0 +1,99 @@
+"""Writes small packed datasets in the shard format of docs/FORMAT.md, for tests.
+
+Frames come from `pipeline.sampledata.draw_frame`, so their pixels carry the class (colour, moving
+square, code band) and the frame index: a model can learn them, and a test can read them back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import simplejpeg
+
+from pipeline.sampledata import HMDB51_CLASSES, draw_frame
+from pipeline.shardformat import FORMAT_VERSION, pack_jpegs
+
+WIDTHS = (40, 48, 56)  # frames vary in width per clip, as after a shorter-side resize
+
+
+def clip_key(class_name: str, i: int) -> str:
+    digest = hashlib.sha1(f"{class_name}/{i}".encode()).hexdigest()[:10]
+    return f"{class_name}_clip_{i:03d}-{digest}"
+
+
+def encode_clip(frames: list[np.ndarray]) -> bytes:
+    return pack_jpegs([simplejpeg.encode_jpeg(f, quality=90, colorspace="RGB", colorsubsampling="420") for f in frames])
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o644
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_tar(path: Path, samples: list[dict]) -> None:
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        for s in samples:
+            _add(tar, f"{s['key']}.jpgs", s["jpgs"])
+            _add(tar, f"{s['key']}.cls", str(s["label"]).encode())
+            _add(tar, f"{s['key']}.json", json.dumps(s["meta"]).encode())
+
+
+def make_packed(
+    out: Path,
+    classes: int = 4,
+    train_per_class: int = 12,
+    test_per_class: int = 4,
+    train_shards: int = 8,
+    test_shards: int = 2,
+    frames: int = 4,
+    height: int = 32,
+    seed: int = 0,
+) -> dict:
+    """Write OUT/000.tar..., OUT/test-000.tar..., OUT/index.json; return the index."""
+    out.mkdir(parents=True, exist_ok=True)
+    names = sorted(HMDB51_CLASSES)[:classes]
+    rng = np.random.default_rng(seed)
+    splits = {}
+    for split, per_class, n_shards, prefix in (("train", train_per_class, train_shards, ""), ("test", test_per_class, test_shards, "test-")):
+        samples = []
+        for ci, name in enumerate(names):
+            for i in range(per_class):
+                number = i if split == "train" else 1000 + i
+                width = WIDTHS[(ci + i) % len(WIDTHS)]
+                start = int(rng.integers(0, 20))
+                clip = [draw_frame(start + t, ci, width, height) for t in range(frames)]
+                key = clip_key(name, number)
+                meta = {"key": key, "class_name": name, "label": ci, "split": split, "frame_size": [width, height]}
+                samples.append({"key": key, "label": ci, "jpgs": encode_clip(clip), "meta": meta})
+        order = rng.permutation(len(samples))
+        entries = []
+        for s in range(n_shards):
+            shard = [samples[j] for j in order[s::n_shards]]
+            name = f"{prefix}{s:03d}.tar"
+            write_tar(out / name, shard)
+            data = (out / name).read_bytes()
+            entries.append({"name": name, "samples": len(shard), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+        splits[split] = {"samples": len(samples), "shards": entries}
+    index = {
+        "format": "clipstream",
+        "version": FORMAT_VERSION,
+        "classes": names,
+        "frames_per_clip": frames,
+        "frame_size": {"short_side": height},
+        "options": {"frames": frames, "short_side": height, "quality": 90, "shards": train_shards},
+        "splits": splits,
+        "counts": {"videos": 0, "packed": sum(v["samples"] for v in splits.values()), "padded": 0, "failed": 0, "unused": 0},
+    }
+    (out / "index.json").write_text(json.dumps(index, indent=1))
+    return index
+
+
+def shard_keys(path: Path) -> list[str]:
+    with tarfile.open(path) as tar:
+        return sorted({m.name.split(".", 1)[0] for m in tar.getmembers()})

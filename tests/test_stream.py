@@ -1,0 +1,340 @@
+import json
+import shutil
+import threading
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+import simplejpeg
+
+from pipeline import stream
+from pipeline.config import StreamConfig
+from pipeline.errors import UserError
+from pipeline.shardformat import read_shard
+from pipeline.shardformat import pack_jpegs
+from shardmaker import clip_key, make_packed, shard_keys, write_tar
+
+
+def cfg_for(folder: Path, **kw) -> StreamConfig:
+    kw = {"batch_size": 4, "workers": 2, "crop": 24, "shuffle_buffer": 8, **kw}
+    return StreamConfig(shards=(f"{folder}/<000..007>.tar",), **kw)
+
+
+def epoch_batches(ds, cfg, epoch, rank, world, skip=None, workers=None):
+    workers = cfg.workers if workers is None else workers
+    src = stream.loader(stream.TrainStream(ds, cfg, epoch, rank, world, skip), workers, False, 2)
+    return list(stream.rebatch(src, cfg.batch_size))
+
+
+# --- patterns ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "pattern, expected",
+    [
+        ("s/<000..002>.tar", ["s/000.tar", "s/001.tar", "s/002.tar"]),
+        ("s/{000..002}.tar", ["s/000.tar", "s/001.tar", "s/002.tar"]),
+        ("s/{8..10}.tar", ["s/8.tar", "s/9.tar", "s/10.tar"]),
+        ("a.tar::b/<01..02>.tar", ["a.tar", "b/01.tar", "b/02.tar"]),
+        ("s/{a,b}.tar", ["s/a.tar", "s/b.tar"]),
+        ("http://h:8/x/<0..1>.tar", ["http://h:8/x/0.tar", "http://h:8/x/1.tar"]),
+    ],
+)
+def test_expand_pattern(pattern, expected):
+    assert stream.expand_pattern(pattern) == expected
+
+
+@pytest.mark.parametrize("pattern", ["s/<000..03x>.tar", "s/{000..}.tar", "s/<0..3.tar", "s/{0..3.tar", "s/0..3>.tar", "a.tar::"])
+def test_malformed_patterns_are_user_errors(pattern):
+    with pytest.raises(UserError, match="malformed|empty entry"):
+        stream.expand_pattern(pattern)
+
+
+def test_expand_shards_checks_existence_pipes_and_duplicates(packed):
+    with pytest.raises(UserError, match="no shards match"):
+        stream.expand_shards([f"{packed}/<100..103>.tar"], allow_pipe=False)
+    with pytest.raises(UserError, match=r"1 of 9 shards .* do not exist, e.g. '.*008.tar'"):
+        stream.expand_shards([f"{packed}/<000..008>.tar"], allow_pipe=False)
+    with pytest.raises(UserError, match="--allow-pipe"):
+        stream.expand_shards(["pipe:cat 000.tar"], allow_pipe=False)
+    assert stream.expand_shards(["pipe:cat 000.tar"], allow_pipe=True) == ["pipe:cat 000.tar"]
+    with pytest.raises(UserError, match="listed twice"):
+        stream.expand_shards([f"{packed}/000.tar::{packed}/000.tar"], allow_pipe=False)
+
+
+def test_resolve_dataset_reads_counts_and_test_shards_from_the_index(packed):
+    ds = stream.resolve_dataset(cfg_for(packed))
+    index = json.loads((packed / "index.json").read_text())
+    assert [s.samples for s in ds.train] == [e["samples"] for e in index["splits"]["train"]["shards"]]
+    assert ds.train_samples == 48 and ds.frames == 4 and len(ds.classes) == 4
+    assert [Path(s.url).name for s in ds.test] == ["test-000.tar", "test-001.tar"]
+    assert [s.samples for s in ds.test] == [8, 8]
+    # given explicitly
+    ds = stream.resolve_dataset(cfg_for(packed, eval_shards=(f"{packed}/test-000.tar",)))
+    assert [Path(s.url).name for s in ds.test] == ["test-000.tar"]
+
+
+def test_index_problems_are_user_errors(tmp_path, packed):
+    folder = tmp_path / "p"
+    shutil.copytree(packed, folder)
+    (folder / "index.json").write_text("{not json")
+    with pytest.raises(UserError, match="unreadable index"):
+        stream.resolve_dataset(cfg_for(folder))
+    (folder / "index.json").unlink()
+    with pytest.raises(UserError, match="cannot read index"):
+        stream.resolve_dataset(cfg_for(folder))
+    index = json.loads((packed / "index.json").read_text())
+    index["splits"]["train"]["shards"] = index["splits"]["train"]["shards"][:7]
+    (folder / "index.json").write_text(json.dumps(index))
+    with pytest.raises(UserError, match="007.tar' is not a training shard"):
+        stream.resolve_dataset(cfg_for(folder))
+
+
+def test_too_few_shards_for_ranks_and_workers(packed):
+    cfg = cfg_for(packed, workers=3)
+    ds = stream.resolve_dataset(cfg)
+    stream.check_enough_shards(ds, cfg, world_size=2)
+    with pytest.raises(UserError, match="8 training shards for 3 ranks x 3 workers = 9 readers"):
+        stream.check_enough_shards(ds, cfg, world_size=3)
+    stream.check_enough_shards(ds, cfg_for(packed, workers=3, resample=True), world_size=3)
+
+
+# --- plan math --------------------------------------------------------------------------------
+
+
+def test_steps_per_epoch_table():
+    # 8 shards of 6: 48 samples
+    even = [6] * 8
+    assert stream.steps_per_epoch(even, 4, 1, 0, 0, False) == 12
+    assert stream.steps_per_epoch(even, 4, 2, 0, 0, False) == 6
+    assert stream.steps_per_epoch(even, 5, 2, 0, 0, False) == 4  # 24 per rank -> 4 batches, 4 clips left
+    assert stream.steps_per_epoch(even, 4, 3, 0, 0, False) == 3  # ranks get 3, 3, 2 shards -> min 12 samples
+    assert stream.steps_per_epoch(even, 4, 3, 0, 0, True) == 4  # resampling: 48 // 12
+    # uneven shard sizes: depends on which shards a rank draws this epoch
+    uneven = [10, 1, 1, 1, 1]  # rank 0 reads 3 shards, rank 1 reads 2
+    per_epoch = {stream.steps_per_epoch(uneven, 1, 2, 0, e, False) for e in range(20)}
+    assert per_epoch == {2, 3}  # rank 0 without the big shard holds 3, with it rank 1 holds 2
+
+
+@pytest.mark.parametrize(
+    "have, total, expected",
+    [
+        ([12, 12], 24, [12, 12]),
+        ([12, 12], 20, [10, 10]),
+        ([12, 6], 16, [10, 6]),
+        ([12, 6], 10, [5, 5]),
+        ([7, 7, 6], 19, [6, 7, 6]),
+        ([5], 0, [0]),
+    ],
+)
+def test_worker_quotas_table(have, total, expected):
+    assert stream.worker_quotas(have, total) == expected
+    assert sum(expected) == total
+
+
+def test_shard_split_is_disjoint_and_changes_by_epoch():
+    for world in (1, 2, 3, 5):
+        for epoch in range(3):
+            parts = [stream.rank_shards(32, 7, epoch, r, world) for r in range(world)]
+            assert sorted(i for p in parts for i in p) == list(range(32))
+    assert stream.epoch_permutation(32, 7, 0) != stream.epoch_permutation(32, 7, 1)
+    assert stream.epoch_permutation(32, 7, 0) == stream.epoch_permutation(32, 7, 0)
+
+
+# --- the stream, with injected rank and world size ---------------------------------------------
+
+
+@pytest.mark.parametrize("world, workers", [(1, 2), (2, 2), (2, 0), (4, 2)])
+def test_ranks_read_disjoint_keys_covering_the_epoch(packed, world, workers):
+    cfg = cfg_for(packed, workers=workers)
+    ds = stream.resolve_dataset(cfg)
+    all_keys = sorted(k for s in ds.train for k in shard_keys(Path(s.url)))
+    steps = stream.steps_per_epoch([s.samples for s in ds.train], 4, world, cfg.seed, 0, False)
+    per_rank = []
+    for rank in range(world):
+        got = epoch_batches(ds, cfg, 0, rank, world)
+        assert len(got) == steps
+        assert all(b["video"].shape == (4, 4, 24, 24, 3) and str(b["video"].dtype) == "torch.uint8" for b in got)
+        per_rank.append([k for b in got for k in b["key"]])
+    flat = [k for keys in per_rank for k in keys]
+    assert len(flat) == len(set(flat)), "a key was read twice"
+    assert sorted(flat) == all_keys  # 8 shards of 6 split evenly in all these cases
+
+
+def test_uneven_split_uses_the_smallest_ranks_steps(packed):
+    cfg = cfg_for(packed, workers=1)
+    ds = stream.resolve_dataset(cfg)
+    keys = [[k for b in epoch_batches(ds, cfg, 0, r, 3) for k in b["key"]] for r in range(3)]
+    assert [len(k) for k in keys] == [12, 12, 12]  # ranks hold 18, 18, 12 samples
+    flat = [k for ks in keys for k in ks]
+    assert len(set(flat)) == len(flat) == 36
+
+
+def test_labels_match_frames_and_epochs_differ(packed):
+    cfg = cfg_for(packed)
+    ds = stream.resolve_dataset(cfg)
+    e0 = epoch_batches(ds, cfg, 0, 0, 1)
+    for b in e0:
+        for key, label in zip(b["key"], b["label"].tolist()):
+            assert key.startswith(ds.classes[label] + "_clip")
+    order0 = [k for b in e0 for k in b["key"]]
+    order0_again = [k for b in epoch_batches(ds, cfg, 0, 0, 1) for k in b["key"]]
+    order1 = [k for b in epoch_batches(ds, cfg, 1, 0, 1) for k in b["key"]]
+    assert order0 == order0_again
+    assert order1 != order0 and sorted(order1) == sorted(order0)
+    assert [b["video"] for b in epoch_batches(ds, cfg, 0, 0, 1)][0].equal(e0[0]["video"])
+
+
+def test_skip_resumes_without_repeating_or_losing_clips(packed):
+    cfg = cfg_for(packed, workers=2)
+    ds = stream.resolve_dataset(cfg)
+    full = epoch_batches(ds, cfg, 1, 0, 2)
+    consumed = full[:3]
+    per_worker = [sum(int((b["worker"] == w).sum()) for b in consumed) for w in range(2)]
+    rest = epoch_batches(ds, cfg, 1, 0, 2, skip=per_worker)
+    assert len(rest) == len(full) - 3
+    seen = [k for b in consumed + rest for k in b["key"]]
+    assert sorted(seen) == sorted(k for b in full for k in b["key"])
+    # the resumed clips get the same crops they would have had
+    clips = {k: v for b in full for k, v in zip(b["key"], b["video"])}
+    for b in rest:
+        for k, v in zip(b["key"], b["video"]):
+            assert v.equal(clips[k])
+
+
+def test_resample_gives_the_planned_steps_even_with_one_shard(packed):
+    cfg = StreamConfig(shards=(f"{packed}/000.tar",), batch_size=2, workers=2, crop=24, resample=True)
+    ds = stream.resolve_dataset(cfg)
+    for rank in range(2):
+        got = epoch_batches(ds, cfg, 0, rank, 2)
+        assert len(got) == 6 // (2 * 2) == 1
+
+
+# --- augmentation -----------------------------------------------------------------------------
+
+
+def _still_clip(frames=6, width=60, height=40):
+    """A clip whose frames are all the same random-texture image: any per-frame crop would differ."""
+    img = np.random.default_rng(3).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    img = np.kron(img[::4, ::4], np.ones((4, 4, 1), np.uint8))  # 4x4 blocks survive JPEG
+    pack = pack_jpegs([simplejpeg.encode_jpeg(img, quality=100, colorspace="RGB")] * frames)
+    return pack, simplejpeg.decode_jpeg(pack_jpegs_first(pack), colorspace="RGB")
+
+
+def pack_jpegs_first(pack):
+    from pipeline.shardformat import unpack_jpegs
+
+    return unpack_jpegs(pack)[0]
+
+
+def test_one_crop_and_one_flip_per_clip():
+    pack, full = _still_clip()
+    boxes = set()
+    for seed in range(40):
+        clip = stream.decode_clip(pack, 24, np.random.default_rng(seed))
+        top, left, flip = stream.crop_box(40, 60, 24, np.random.default_rng(seed))
+        boxes.add((top, left, flip))
+        expected = full[top : top + 24, left : left + 24]
+        expected = expected[:, ::-1] if flip else expected
+        for t in range(clip.shape[0]):
+            assert np.array_equal(clip[t], expected), f"frame {t} was cropped differently"
+    assert len({b[:2] for b in boxes}) > 10 and {b[2] for b in boxes} == {False, True}
+
+
+def test_eval_crop_is_centred_and_unflipped():
+    pack, full = _still_clip()
+    clip = stream.decode_clip(pack, 24, None)
+    assert all(np.array_equal(f, full[8:32, 18:42]) for f in clip)
+
+
+def test_streamed_clips_are_the_source_frames_in_order_under_one_crop(packed):
+    cfg = cfg_for(packed)
+    ds = stream.resolve_dataset(cfg)
+    source = {s["key"]: s for shard in ds.train for s in read_shard(shard.url)}
+    checked = 0
+    for b in epoch_batches(ds, cfg, 0, 0, 1)[:3]:
+        for key, clip, label in zip(b["key"], b["video"].numpy(), b["label"].tolist()):
+            frames = source[key]["frames"]
+            assert label == source[key]["label"]
+            t, h, w, _ = frames.shape
+            matches = [
+                (top, left, flip)
+                for top in range(h - 24 + 1)
+                for left in range(w - 24 + 1)
+                for flip in (False, True)
+                if np.array_equal(clip, _crop(frames, top, left, flip))
+            ]
+            assert len(matches) == 1, f"{key}: no single crop box explains all frames"
+            checked += 1
+    assert checked == 12
+
+
+def _crop(frames, top, left, flip):
+    out = frames[:, top : top + 24, left : left + 24]
+    return out[:, :, ::-1] if flip else out
+
+
+# --- evaluation split -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_eval_counts_every_test_clip_once(packed, world):
+    cfg = cfg_for(packed)
+    ds = stream.resolve_dataset(cfg)
+    keys = []
+    for rank in range(world):
+        ev = stream.EvalStream(ds, cfg, rank, world)
+        for b in stream.loader(ev, ev.workers, False, 2):
+            keys.extend(b["key"])
+    expected = sorted(k for s in ds.test for k in shard_keys(Path(s.url)))
+    assert sorted(keys) == expected and len(expected) == 16
+
+
+# --- faults and remote shards -----------------------------------------------------------------
+
+
+def test_a_corrupt_sample_is_replaced_counted_and_named(tmp_path, packed):
+    folder = tmp_path / "p"
+    shutil.copytree(packed, folder)
+    victim = shard_keys(folder / "003.tar")[0]
+    samples = []
+    import tarfile
+
+    with tarfile.open(folder / "003.tar") as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+    for key in sorted({n.split(".")[0] for n in members}):
+        jpgs = b"JPGS garbage" if key == victim else members[f"{key}.jpgs"]
+        samples.append({"key": key, "label": int(members[f"{key}.cls"]), "jpgs": jpgs, "meta": {}})
+    write_tar(folder / "003.tar", samples)
+    cfg = cfg_for(folder, max_bad_fraction=0.5)
+    ds = stream.resolve_dataset(cfg)
+    got = epoch_batches(ds, cfg, 0, 0, 1)
+    assert len(got) == 12
+    faults = [f for b in got for f in b["faults"]]
+    assert len(faults) == 1 and victim in faults[0]["what"] and "JPEG pack" in faults[0]["reason"]
+    keys = [k for b in got for k in b["key"]]
+    assert victim not in keys and len(keys) == 48 and len(set(keys)) == 47
+    with pytest.raises(UserError, match="too many unreadable samples"):
+        epoch_batches(ds, cfg_for(folder, max_bad_fraction=0.0), 0, 0, 1)
+
+
+def test_streams_over_http(packed):
+    handler = partial(SimpleHTTPRequestHandler, directory=str(packed))
+    handler.log_message = lambda *a, **k: None
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        cfg = StreamConfig(shards=(f"{base}/<000..007>.tar",), batch_size=4, workers=2, crop=24)
+        ds = stream.resolve_dataset(cfg)
+        assert ds.test[0].url == f"{base}/test-000.tar"
+        remote = [k for b in epoch_batches(ds, cfg, 0, 0, 1) for k in b["key"]]
+        local_ds = stream.resolve_dataset(cfg_for(packed, shuffle_buffer=256))
+        local = [k for b in epoch_batches(local_ds, cfg_for(packed, shuffle_buffer=256), 0, 0, 1) for k in b["key"]]
+        assert remote == local
+        with pytest.raises(UserError, match="cannot read index"):
+            stream.resolve_dataset(StreamConfig(shards=(f"{base}/nothere/000.tar",)))
+    finally:
+        server.shutdown()
