@@ -1,0 +1,510 @@
+"""The training loop: one flat function, `train`, in the order a reader expects.
+
+process group -> data -> run folder -> model -> optimiser -> resume -> epochs of steps (with logging
+and checkpoints) -> evaluation -> summary -> teardown.
+
+Rank and world size come in as a `DistEnv`, read once from the torchrun environment at the edge
+(`DistEnv.from_env`); `launch` starts N local processes itself for `--nproc-per-node N`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+import uuid
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from pipeline import stream
+from pipeline.config import TrainConfig
+from pipeline.errors import UserError
+
+# Kinetics-400 statistics, the usual normalisation of the r3d / r(2+1)d recipes.
+MEAN = (0.43216, 0.394666, 0.37645)
+STD = (0.22803, 0.22145, 0.216989)
+CHECKPOINT_NAME = "checkpoint.pt"
+CHECKPOINT_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits in the job."""
+
+    rank: int = 0
+    """Global rank."""
+    world_size: int = 1
+    """Number of processes in the job."""
+    local_rank: int = 0
+    """Rank on this machine (picks the GPU)."""
+
+    def __post_init__(self):
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} outside world of {self.world_size}")
+
+    @classmethod
+    def from_env(cls) -> "DistEnv":
+        """The torchrun variables, or a single process when they are absent."""
+        env = os.environ
+        if "WORLD_SIZE" not in env:
+            return cls()
+        return cls(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)))
+
+
+def prepare(cfg: TrainConfig, world_size: int) -> stream.Dataset:
+    """Check everything a user can get wrong before any process starts: shards, index, model name."""
+    dataset = stream.resolve_dataset(cfg.stream)
+    stream.check_enough_shards(dataset, cfg.stream, world_size)
+    from pipeline.models import build_model
+
+    with torch.device("meta"):
+        build_model(cfg.model, len(dataset.classes))
+    if cfg.resume and not Path(resolve_checkpoint(cfg.resume)).is_file():
+        raise UserError(f"no checkpoint at {cfg.resume!r}")
+    return dataset
+
+
+def launch(cfg: TrainConfig) -> dict | None:
+    """Run `train` here, or in `cfg.nproc_per_node` local processes (torch elastic, c10d rendezvous).
+
+    Returns rank 0's summary.
+    """
+    env = DistEnv.from_env()
+    if cfg.nproc_per_node == 1:
+        prepare(cfg, env.world_size)
+        return train(cfg, env)
+    if env.world_size > 1:
+        raise UserError("--nproc-per-node starts its own processes; under torchrun leave it at 1")
+    nproc = cfg.nproc_per_node
+    prepare(cfg, nproc)
+    # Decided once here, so that every process writes to the same run folder.
+    cfg = dataclasses.replace(cfg, log_dir=default_log_dir(cfg), nproc_per_node=1)
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nproc,
+        run_id=uuid.uuid4().hex,
+        rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0",
+        max_restarts=0,
+        monitor_interval=0.2,
+        start_method="spawn",
+    )
+    try:
+        results = elastic_launch(config, _launched)(cfg)
+    except ChildFailedError as e:
+        ranks = ", ".join(str(r) for r in sorted(e.failures))
+        raise UserError(f"training failed on rank {ranks} (see the messages above)") from None
+    return results.get(0)
+
+
+def _launched(cfg: TrainConfig) -> dict:
+    """Entry point of each process started by `launch`."""
+    try:
+        return train(cfg, DistEnv.from_env())
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def default_log_dir(cfg: TrainConfig) -> str:
+    if cfg.log_dir:
+        return cfg.log_dir
+    if cfg.resume:
+        path = Path(cfg.resume)
+        return str(path if path.is_dir() else path.parent)
+    return str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+
+
+def resolve_checkpoint(resume: str) -> str:
+    path = Path(resume)
+    return str(path / CHECKPOINT_NAME) if path.is_dir() else str(path)
+
+
+def learning_rate(cfg: TrainConfig, opt_step: int, total_opt_steps: int, epoch: int) -> float:
+    """The schedule, a pure function of the optimiser step (and the epoch, for `step`)."""
+    peak = cfg.peak_lr
+    if opt_step < cfg.warmup_steps:
+        return peak * (opt_step + 1) / cfg.warmup_steps
+    if cfg.schedule == "step":
+        return peak * cfg.lr_gamma ** (epoch // cfg.lr_step_epochs)
+    span = max(1, total_opt_steps - cfg.warmup_steps)
+    progress = min(1.0, (opt_step - cfg.warmup_steps) / span)
+    return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def to_model_input(video: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    """(B, T, H, W, 3) uint8 on the host -> normalised (B, 3, T, H, W) float on `device`.
+
+    The copy travels as uint8 (4x less than float); the per-pixel work happens on the device.
+    (B, T, H, W, 3) is exactly channels_last_3d memory for (B, 3, T, H, W), so no transpose is paid there.
+    """
+    x = video.to(device, non_blocking=True).permute(0, 4, 1, 2, 3).float()
+    scale = torch.tensor([1 / (255 * s) for s in STD], device=device).view(1, 3, 1, 1, 1)
+    shift = torch.tensor([m / s for m, s in zip(MEAN, STD)], device=device).view(1, 3, 1, 1, 1)
+    x = x * scale - shift
+    return x.contiguous(memory_format=torch.channels_last_3d) if channels_last else x.contiguous()
+
+
+def evaluate(model, dataset: stream.Dataset, cfg: TrainConfig, env: DistEnv, device, channels_last: bool, autocast) -> dict:
+    """Top-1, top-5 and per-class accuracy on the test shards; each test clip counted once across ranks."""
+    num_classes = len(dataset.classes)
+    k = min(5, num_classes)
+    # rows: clips, top-1 hits, top-5 hits; columns: true class
+    counts = torch.zeros(3, num_classes, dtype=torch.float64, device=device)
+    skipped = 0
+    evaluation = stream.EvalStream(dataset, cfg.stream, env.rank, env.world_size)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for batch in stream.loader(evaluation, evaluation.workers, device.type == "cuda", cfg.stream.prefetch):
+            skipped += sum(f["samples"] for f in batch["faults"])
+            if batch["video"] is None:
+                continue
+            labels = batch["label"].to(device, non_blocking=True)
+            with autocast:
+                logits = model(to_model_input(batch["video"], device, channels_last))
+            top = logits.float().topk(k, dim=1).indices
+            hit1 = (top[:, 0] == labels).double()
+            hit5 = (top == labels[:, None]).any(dim=1).double()
+            counts[0].index_add_(0, labels, torch.ones_like(hit1))
+            counts[1].index_add_(0, labels, hit1)
+            counts[2].index_add_(0, labels, hit5)
+    model.train(was_training)
+    extra = torch.tensor([skipped], dtype=torch.float64, device=device)
+    if env.world_size > 1:
+        dist.all_reduce(counts)
+        dist.all_reduce(extra)
+    total = counts.sum(dim=1).tolist()
+    clips = int(total[0])
+    per_class = {
+        name: (counts[1, c].item() / counts[0, c].item() if counts[0, c] > 0 else None) for c, name in enumerate(dataset.classes)
+    }
+    return {
+        "top1": total[1] / clips if clips else None,
+        "top5": total[2] / clips if clips else None,
+        "per_class": per_class,
+        "clips": clips,
+        "skipped": int(extra.item()),
+    }
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Atomic: written beside, flushed, then renamed over the old one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _gather(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    """(world_size, *t.shape): every rank's `t`, on every rank."""
+    if env.world_size == 1:
+        return t[None]
+    out = torch.empty((env.world_size, *t.shape), dtype=t.dtype, device=t.device)
+    dist.all_gather_into_tensor(out, t.contiguous())
+    return out
+
+
+def _broadcast_text(text: str, env: DistEnv, device) -> str:
+    if env.world_size == 1:
+        return text
+    buf = torch.zeros(1024, dtype=torch.uint8, device=device)
+    if env.rank == 0:
+        data = text.encode()[:1024]
+        buf[: len(data)] = torch.tensor(list(data), dtype=torch.uint8)
+    dist.broadcast(buf, 0)
+    return bytes(buf.cpu().tolist()).rstrip(b"\0").decode()
+
+
+def train(cfg: TrainConfig, env: DistEnv) -> dict:
+    """Train and evaluate; returns the summary record (on every rank)."""
+    from tqdm import tqdm
+
+    from pipeline.models import build_model
+
+    started = time.perf_counter()
+    say = (lambda msg: tqdm.write(msg, file=sys.stdout)) if env.rank == 0 else (lambda msg: None)
+
+    # --- process group ----------------------------------------------------------------------
+    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        raise UserError("--device cuda but no CUDA device is available")
+    device = torch.device("cuda", env.local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True
+    if env.world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo", rank=env.rank, world_size=env.world_size, device_id=device if use_cuda else None)
+    channels_last = use_cuda and cfg.channels_last
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_cuda and cfg.amp else nullcontext()
+
+    # --- data -------------------------------------------------------------------------------
+    dataset = stream.resolve_dataset(cfg.stream)
+    stream.check_enough_shards(dataset, cfg.stream, env.world_size)
+    sc = cfg.stream
+    counts = [s.samples for s in dataset.train]
+    steps_per = [stream.steps_per_epoch(counts, sc.batch_size, env.world_size, sc.seed, e, sc.resample) for e in range(cfg.epochs)]
+    opt_steps_per = [math.ceil(s / cfg.grad_accum) for s in steps_per]
+    n_workers = max(1, sc.workers)
+
+    # --- run folder -------------------------------------------------------------------------
+    log_dir = Path(_broadcast_text(default_log_dir(cfg), env, device))
+    if env.rank == 0:
+        log_dir.mkdir(parents=True, exist_ok=True)
+    if env.world_size > 1:
+        dist.barrier()
+    metrics = open(log_dir / "metrics.jsonl", "a") if env.rank == 0 else None
+    fault_log = log_dir / f"faults-rank{env.rank}.jsonl"
+
+    def record(kind: str, **fields) -> None:
+        if metrics is not None:
+            metrics.write(json.dumps({"kind": kind, **fields}) + "\n")
+            metrics.flush()
+
+    # --- model ------------------------------------------------------------------------------
+    torch.manual_seed(sc.seed)
+    model = build_model(cfg.model, len(dataset.classes)).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last_3d)
+    net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if use_cuda else None) if env.world_size > 1 else model
+    forward = torch.compile(net) if cfg.compile else net
+
+    # --- optimiser --------------------------------------------------------------------------
+    if cfg.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.peak_lr, weight_decay=cfg.weight_decay, fused=use_cuda or None)
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=cfg.peak_lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
+
+    # --- resume -----------------------------------------------------------------------------
+    run_identity = {
+        "seed": sc.seed,
+        "world_size": env.world_size,
+        "workers": n_workers,
+        "batch_size": sc.batch_size,
+        "grad_accum": cfg.grad_accum,
+        "model": cfg.model,
+        "classes": list(dataset.classes),
+        "shards": [s.url.rsplit("/", 1)[-1] for s in dataset.train],
+        "resample": sc.resample,
+    }
+    step = opt_step = start_epoch = start_in_epoch = 0
+    consumed = torch.zeros(n_workers, dtype=torch.int64)  # this rank's samples per worker, this epoch
+    if cfg.resume:
+        path = resolve_checkpoint(cfg.resume)
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise UserError(f"cannot load checkpoint {path!r}: {e}") from None
+        if ckpt.get("version") != CHECKPOINT_VERSION:
+            raise UserError(f"{path!r} is not a clipstream v{CHECKPOINT_VERSION} checkpoint")
+        saved = ckpt["run"]
+        if saved["model"] != cfg.model or saved["classes"] != run_identity["classes"]:
+            raise UserError(f"checkpoint {path!r} is of model {saved['model']!r} on {len(saved['classes'])} classes")
+        if ckpt["step_in_epoch"] > 0 and saved != run_identity:
+            changed = sorted(k for k in saved if saved[k] != run_identity[k])
+            raise UserError(f"checkpoint {path!r} stopped mid-epoch; resuming it needs the same {', '.join(changed)}")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        step, opt_step = ckpt["step"], ckpt["opt_step"]
+        start_epoch, start_in_epoch = ckpt["epoch"], ckpt["step_in_epoch"]
+        if start_in_epoch > 0:
+            consumed = ckpt["consumed"][env.rank].clone()
+        if env.rank < len(ckpt["rng"]["torch"]):
+            torch.set_rng_state(ckpt["rng"]["torch"][env.rank])
+            if use_cuda and "cuda" in ckpt["rng"]:
+                torch.cuda.set_rng_state(ckpt["rng"]["cuda"][env.rank])
+        say(f"resumed from {path}: epoch {start_epoch + 1}, step {start_in_epoch} of {steps_per[min(start_epoch, cfg.epochs - 1)]}")
+
+    def checkpoint(epoch: int, in_epoch: int, consumed_now: torch.Tensor) -> None:
+        all_consumed = _gather(consumed_now.to(device), env).cpu()
+        rng = {"torch": _gather(torch.get_rng_state().to(device), env).cpu()}
+        if use_cuda:
+            rng["cuda"] = _gather(torch.cuda.get_rng_state().to(device), env).cpu()
+        if env.rank == 0:
+            state = {
+                "version": CHECKPOINT_VERSION,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "schedule": {"kind": cfg.schedule, "opt_step": opt_step, "total_opt_steps": sum(opt_steps_per)},
+                "step": step,
+                "opt_step": opt_step,
+                "epoch": epoch,
+                "step_in_epoch": in_epoch,
+                "consumed": all_consumed,
+                "rng": rng,
+                "run": run_identity,
+            }
+            save_checkpoint(log_dir / CHECKPOINT_NAME, state)
+
+    say(
+        f"training {cfg.model} on {dataset.train_samples} clips ({len(dataset.train)} shards), {len(dataset.classes)} classes; "
+        f"{env.world_size} rank(s) x {n_workers} worker(s) on {device.type}; {steps_per[0]} steps/epoch of {sc.batch_size} clips per rank"
+    )
+
+    # --- loop -------------------------------------------------------------------------------
+    loss_fn = torch.nn.CrossEntropyLoss()
+    total_clips = total_wait = total_step_time = 0.0
+    bad_samples = 0
+    last_eval: dict | None = None
+    epochs_done = start_epoch
+    stopped_early = False
+    last_checkpoint = step
+    net.train()
+    for epoch in range(start_epoch, cfg.epochs):
+        first = start_in_epoch if epoch == start_epoch else 0
+        if first == 0:
+            consumed = torch.zeros(n_workers, dtype=torch.int64)
+        train_stream = stream.TrainStream(dataset, sc, epoch, env.rank, env.world_size, consumed.tolist())
+        batches = stream.rebatch(stream.loader(train_stream, sc.workers, use_cuda, sc.prefetch), sc.batch_size)
+        audit = None
+        if cfg.audit_keys:
+            audit_path = log_dir / "audit" / f"epoch-{epoch:03d}-rank-{env.rank}.txt"
+            audit_path.parent.mkdir(parents=True, exist_ok=True)
+            kept = audit_path.read_text().splitlines()[: first * sc.batch_size] if first and audit_path.exists() else []
+            audit = open(audit_path, "w")
+            audit.write("".join(k + "\n" for k in kept))
+        bar = tqdm(total=steps_per[epoch], initial=first, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=env.rank != 0 or not cfg.progress, leave=False)
+        interval = {"loss": torch.zeros((), device=device), "steps": 0, "clips": 0, "wait": 0.0, "start": time.perf_counter()}
+        for in_epoch in range(first, steps_per[epoch]):
+            t0 = time.perf_counter()
+            batch = next(batches, None)
+            t1 = time.perf_counter()
+            if batch is None or batch["video"] is None or len(batch["key"]) != sc.batch_size:
+                raise UserError(f"rank {env.rank}: training stream of epoch {epoch + 1} ended after {in_epoch} of {steps_per[epoch]} batches")
+            if batch["faults"]:
+                bad_samples += sum(f["samples"] for f in batch["faults"])
+                with open(fault_log, "a") as f:
+                    for fault in batch["faults"]:
+                        f.write(json.dumps({"epoch": epoch, "step": step, **fault}) + "\n")
+                        say(f"warning: skipped {fault['what']}: {fault['reason']}")
+            x = to_model_input(batch["video"], device, channels_last)
+            y = batch["label"].to(device, non_blocking=True)
+            boundary = (in_epoch + 1) % cfg.grad_accum == 0 or in_epoch + 1 == steps_per[epoch]
+            group = cfg.grad_accum if (in_epoch // cfg.grad_accum + 1) * cfg.grad_accum <= steps_per[epoch] else steps_per[epoch] % cfg.grad_accum
+            sync = nullcontext() if boundary or env.world_size == 1 else net.no_sync()
+            with sync:
+                with autocast:
+                    loss = loss_fn(forward(x).float(), y)
+                (loss / group).backward()
+            if boundary:
+                lr = learning_rate(cfg, opt_step, sum(opt_steps_per), epoch)
+                for g in optimizer.param_groups:
+                    g["lr"] = lr
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                opt_step += 1
+            step += 1
+            consumed += torch.bincount(batch["worker"], minlength=n_workers)
+            if audit is not None:
+                audit.write("".join(k + "\n" for k in batch["key"]))
+            t2 = time.perf_counter()
+            interval["loss"] += loss.detach()
+            interval["steps"] += 1
+            interval["clips"] += sc.batch_size
+            interval["wait"] += t1 - t0
+            total_wait += t1 - t0
+            total_step_time += t2 - t0
+            total_clips += sc.batch_size
+            bar.update(1)
+
+            if step % cfg.log_every == 0 or in_epoch + 1 == steps_per[epoch]:
+                wall = time.perf_counter() - interval["start"]
+                mine = torch.tensor([interval["loss"].item(), interval["steps"], interval["clips"], interval["wait"], wall], dtype=torch.float64, device=device)
+                every = _gather(mine, env).cpu()
+                per_rank = (every[:, 2] / every[:, 4]).tolist()
+                lr_now = optimizer.param_groups[0]["lr"]
+                rec = {
+                    "step": step,
+                    "epoch": epoch + 1,
+                    "loss": float(every[:, 0].sum() / every[:, 1].sum()),
+                    "lr": lr_now,
+                    "clips_per_s": sum(per_rank),
+                    "clips_per_s_rank": per_rank,
+                    "data_wait": float((every[:, 3] / every[:, 4]).mean()),
+                    "step_time": float((every[:, 4] / every[:, 1]).mean()),
+                }
+                record("step", **rec)
+                bar.set_postfix(loss=f"{rec['loss']:.3f}", clips_s=f"{rec['clips_per_s']:.1f}", wait=f"{rec['data_wait']:.0%}")
+                interval = {"loss": torch.zeros((), device=device), "steps": 0, "clips": 0, "wait": 0.0, "start": time.perf_counter()}
+
+            last_of_epoch = in_epoch + 1 == steps_per[epoch]
+            if boundary and not last_of_epoch:
+                if cfg.max_steps and step >= cfg.max_steps:
+                    checkpoint(epoch, in_epoch + 1, consumed)
+                    stopped_early = True
+                    break
+                if cfg.checkpoint_every and step - last_checkpoint >= cfg.checkpoint_every:
+                    checkpoint(epoch, in_epoch + 1, consumed)
+                    last_checkpoint = step
+        bar.close()
+        del batches
+        if audit is not None:
+            audit.close()
+        if stopped_early:
+            say(f"stopped after step {step} (--max-steps); continue with --resume {log_dir}")
+            break
+
+        # --- evaluation -------------------------------------------------------------------------
+        epochs_done = epoch + 1
+        if dataset.test and (epochs_done == cfg.epochs or (cfg.eval_every and epochs_done % cfg.eval_every == 0)):
+            last_eval = evaluate(model, dataset, cfg, env, device, channels_last, autocast)
+            record("eval", step=step, epoch=epochs_done, **last_eval)
+            if last_eval["clips"]:
+                worst = sorted((a, n) for n, a in last_eval["per_class"].items() if a is not None)[:5]
+                say(
+                    f"epoch {epochs_done}: test top-1 {last_eval['top1']:.1%}, top-5 {last_eval['top5']:.1%} on {last_eval['clips']} clips; "
+                    f"per class: " + ", ".join(f"{n} {a:.0%}" for n, a in sorted(last_eval["per_class"].items()) if a is not None)
+                    + (f"; weakest: {', '.join(n for _, n in worst)}" if worst else "")
+                )
+        checkpoint(epochs_done, 0, torch.zeros(n_workers, dtype=torch.int64))
+        if cfg.max_steps and step >= cfg.max_steps and epochs_done < cfg.epochs:
+            say(f"stopped after step {step} (--max-steps); continue with --resume {log_dir}")
+            stopped_early = True
+            break
+
+    # --- summary ----------------------------------------------------------------------------
+    totals = torch.tensor([total_clips, total_wait, total_step_time, bad_samples], dtype=torch.float64, device=device)
+    every = _gather(totals, env).cpu()
+    summary = {
+        "top1": last_eval["top1"] if last_eval else None,
+        "top5": last_eval["top5"] if last_eval else None,
+        "clips_per_s": float(sum(every[r, 0] / every[r, 2] for r in range(env.world_size) if every[r, 2] > 0)),
+        "data_wait": float((every[:, 1] / every[:, 2].clamp(min=1e-9)).mean()),
+        "wall_s": time.perf_counter() - started,
+        "steps": step,
+        "epochs": epochs_done,
+        "bad_samples": int(every[:, 3].sum()),
+        "stopped_early": stopped_early,
+        "world_size": env.world_size,
+        "log_dir": str(log_dir),
+    }
+    record("summary", **summary)
+    if summary["top1"] is not None:
+        say(f"done: test top-1 {summary['top1']:.1%}, top-5 {summary['top5']:.1%}; {summary['clips_per_s']:.1f} clips/s, data wait {summary['data_wait']:.0%}, {summary['wall_s']:.0f} s")
+    say(f"metrics: {log_dir / 'metrics.jsonl'}")
+
+    # --- teardown ---------------------------------------------------------------------------
+    if metrics is not None:
+        metrics.close()
+    if env.world_size > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return summary
