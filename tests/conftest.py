@@ -1,0 +1,41 @@
+import shutil
+from pathlib import Path
+
+import pytest
+
+from pipeline.sampledata import make_sample_data
+
+
+@pytest.fixture(scope="session")
+def hmdb_tree(tmp_path_factory):
+    """All 51 HMDB class names, 4 clips each: (data dir, ground truth list of SampleClip)."""
+    root = tmp_path_factory.mktemp("hmdb")
+    truth = make_sample_data(root, classes=51, clips_per_class=4, seed=0)
+    return root, truth
+
+
+@pytest.fixture(scope="session")
+def small_tree(tmp_path_factory):
+    """4 classes x 6 clips: quick packs for option, fault and resume tests."""
+    root = tmp_path_factory.mktemp("small")
+    truth = make_sample_data(root, classes=4, clips_per_class=6, seed=1)
+    return root, truth
+
+
+@pytest.fixture
+def copy_tree(tmp_path):
+    """Copy a session tree so a test may damage it."""
+
+    def copy(tree):
+        dst = tmp_path / "data"
+        shutil.copytree(tree[0], dst)
+        return dst
+
+    return copy
+
+
+def run_cli(app, *args):
+    """Run a Typer app in-process; returns click's Result (exit_code, stdout, stderr)."""
+    from typer.testing import CliRunner
+
+    return CliRunner().invoke(app, [str(a) for a in args])
