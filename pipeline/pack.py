@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import sys
 import time
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -275,10 +276,19 @@ def pack_clip(path: str, frames: int, short_side: int | None, quality: int, deco
 # ---------------------------------------------------------------- writing
 
 
+def _failpoint(name: str) -> None:
+    """Crash tests: CLIPSTREAM_FAILPOINT=name makes the packer kill -9 itself right here."""
+    if os.environ.get("CLIPSTREAM_FAILPOINT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.partial")
     with open(tmp, "wb") as f:
-        f.write(data)
+        f.write(data[: len(data) // 2])
+        f.flush()
+        _failpoint(f"mid-write:{path.name}")
+        f.write(data[len(data) // 2 :])
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -387,18 +397,21 @@ class PackReport:
         return "\n".join(lines)
 
 
-def _prepare_out_dir(cfg: PackConfig, fp: dict, plans: list[ShardPlan]) -> Path:
-    out = cfg.out_dir
+def _check_out_dir(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise UserError(f"output path is a file, not a folder: {out}")
-    state = out / STATE_DIR
     try:
-        (state / "state").mkdir(parents=True, exist_ok=True)
-        probe = state / ".write-test"
+        (out / STATE_DIR / "state").mkdir(parents=True, exist_ok=True)
+        probe = out / STATE_DIR / ".write-test"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
         raise UserError(f"output folder is not writable: {out} ({e.strerror})") from None
+
+
+def _prepare_out_dir(cfg: PackConfig, fp: dict, plans: list[ShardPlan]) -> Path:
+    out = cfg.out_dir
+    state = out / STATE_DIR
     plan_file = state / "plan.json"
     old = json.loads(plan_file.read_text()) if plan_file.exists() else None
     ours = {p.name for p in plans} | {INDEX_NAME, MANIFEST_NAME}
@@ -451,6 +464,7 @@ def run_pack(cfg: PackConfig, quiet: bool = False, log=_stderr) -> PackReport:
     catalog = discover(cfg)
     for note in catalog.warnings:
         log(f"warning: {note}")
+    _check_out_dir(cfg.out_dir)
     plans = plan_shards(catalog, cfg)
     fp = fingerprint(cfg, plans)
     state = _prepare_out_dir(cfg, fp, plans)
@@ -509,6 +523,7 @@ def run_pack(cfg: PackConfig, quiet: bool = False, log=_stderr) -> PackReport:
                         }
                         _atomic_write(state / "state" / f"{p.name}.json", _json_bytes(saved))
                         report.shards_written += 1
+                        _failpoint(f"after-shards:{report.shards_written}")
             except BaseException:
                 pool.stop()
                 raise
@@ -565,6 +580,7 @@ def _assemble(cfg: PackConfig, catalog: Catalog, plans: list[ShardPlan], saved: 
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="zstd")
     _atomic_write(cfg.out_dir / MANIFEST_NAME, sink.getvalue().to_pybytes())
+    _failpoint("before-index")
 
     splits = {}
     for split in ("train", "test"):

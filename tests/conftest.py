@@ -39,3 +39,22 @@ def run_cli(app, *args):
     from typer.testing import CliRunner
 
     return CliRunner().invoke(app, [str(a) for a in args])
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def cli_command(app_name: str) -> list[str]:
+    """argv that runs one of pipeline.cli's apps in a fresh process (installed or not)."""
+    import sys
+
+    return [sys.executable, "-c", f"from pipeline.cli import {app_name}; {app_name}()"]
+
+
+def cli_env(**extra) -> dict:
+    import os
+
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.update(extra)
+    return env
