@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import sys
 from pathlib import Path
-from typing import Annotated, Callable
+from typing import Annotated, Callable, Optional
 
 import typer
 
@@ -21,7 +21,7 @@ def one_line_errors(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         except UserError as e:
             typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(2) from None
+            raise typer.Exit(getattr(e, "exit_code", 2)) from None
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
             raise typer.Exit(130) from None
@@ -33,3 +33,85 @@ def _app(fn: Callable) -> typer.Typer:
     app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
     app.command(help=fn.__doc__)(one_line_errors(fn))
     return app
+
+
+def _parse_part(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise UserError(f"--part must look like i/N (e.g. 1/4), got {text!r}") from None
+    return i, n
+
+
+def pack_shards(
+    data_dir: Annotated[Path, typer.Argument(help="Folder with one sub-folder of videos per class (HMDB51: the folder holding hmdb51_org/ or the class folders).", show_default=False)],
+    out_dir: Annotated[Path, typer.Argument(help="Output folder for the shards, index.json and manifest.parquet.")] = Path("shards"),
+    split: Annotated[int, typer.Option(help="Official split to pack: 1, 2 or 3.")] = 1,
+    frames: Annotated[int, typer.Option("--frames", "-t", help="Frames per clip (T), equally spaced over the decodable length.")] = 16,
+    short_side: Annotated[int, typer.Option(help="Resize frames so the shorter side has this many pixels (aspect kept).")] = 128,
+    keep_size: Annotated[bool, typer.Option("--keep-size", help="Store frames at their original size (ignores --short-side).")] = False,
+    quality: Annotated[int, typer.Option(help="JPEG quality of stored frames, 1-100.")] = 90,
+    shards: Annotated[int, typer.Option(help="Number of training shards (000.tar ...).")] = 32,
+    test_shards: Annotated[Optional[int], typer.Option(help="Number of test shards (test-000.tar ...) [default: as many as --shards, at most one per test clip].", show_default=False)] = None,
+    splits_dir: Annotated[Optional[Path], typer.Option(help="Folder with the official split files [default: searched for inside DATA_DIR].", show_default=False)] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the shard plan and of the fallback 70/30 split.")] = 0,
+    decoder: Annotated[str, typer.Option(help="Video decoder: decord or pyav.")] = "decord",
+    workers: Annotated[Optional[int], typer.Option(help="Decoding processes [default: all cores].", show_default=False)] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds one video may take before it is recorded as failed.")] = 120.0,
+    max_failures: Annotated[float, typer.Option(help="Failed videos allowed: a fraction of all videos if < 1, else a count; above it exit code 1.")] = 0.01,
+    part: Annotated[str, typer.Option(help="Pack only part i of N of the shard plan (i/N), for several machines sharing OUT_DIR.")] = "1/1",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an OUT_DIR packed with different inputs or options.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+):
+    """Pack class folders of videos into frame-exact WebDataset tar shards."""
+    from pipeline.config import PackConfig, default_workers
+    from pipeline.pack import check_failures, run_pack
+
+    cfg = PackConfig(
+        data_dir=data_dir,
+        out_dir=out_dir,
+        split=split,
+        frames=frames,
+        short_side=None if keep_size else short_side,
+        quality=quality,
+        shards=shards,
+        test_shards=test_shards,
+        splits_dir=splits_dir,
+        seed=seed,
+        decoder=decoder,
+        workers=workers if workers is not None else default_workers(),
+        timeout=timeout,
+        max_failures=max_failures,
+        part=_parse_part(part),
+        overwrite=overwrite,
+    )
+    report = run_pack(cfg, quiet=quiet)
+    typer.echo(report.summary())
+    check_failures(cfg, report)
+
+
+def make_sample_data(
+    out_dir: Annotated[Path, typer.Argument(help="Folder to write hmdb51_org/ and testTrainMulti_7030_splits/ into.")] = Path("data"),
+    classes: Annotated[int, typer.Option(help="Number of classes (the first N HMDB51 class names, sorted), 1-51.")] = 8,
+    clips_per_class: Annotated[int, typer.Option(help="Clips per class.")] = 24,
+    seed: Annotated[int, typer.Option(help="Seed for clip lengths, sizes and split tags.")] = 0,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+):
+    """Write an HMDB51-shaped sample set: real MPEG-4 AVI clips whose frames show their own index and class."""
+    from tqdm import tqdm
+
+    from pipeline.sampledata import make_sample_data as make
+
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"output path is a file, not a folder: {out_dir}")
+    if not 1 <= classes <= 51:
+        raise UserError(f"--classes must be in 1..51, got {classes}")
+    if clips_per_class < 1:
+        raise UserError(f"--clips-per-class must be >= 1, got {clips_per_class}")
+    with tqdm(total=classes * clips_per_class, unit="clip", desc="sample data", disable=quiet or None, file=sys.stderr) as bar:
+        plan = make(out_dir, classes=classes, clips_per_class=clips_per_class, seed=seed, progress=lambda c: bar.update(1))
+    typer.echo(f"wrote {len(plan)} clips in {classes} classes to {out_dir}/hmdb51_org and split files to {out_dir}/testTrainMulti_7030_splits")
+
+
+pack_app = _app(pack_shards)
+sample_data_app = _app(make_sample_data)

@@ -1,8 +1,93 @@
-"""Frozen configuration of the streaming side and the training loop; the CLI maps its options 1:1 onto these fields."""
+"""Frozen configuration of every job; typer options map one to one onto these fields."""
 
 from __future__ import annotations
 
 import dataclasses
+import os
+from pathlib import Path
+
+from pipeline.errors import UserError
+
+
+def default_workers() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class PackConfig:
+    """How `pack-shards` turns a folder of videos into shards."""
+
+    data_dir: Path
+    """Folder with one sub-folder per class (or the `hmdb51_org/` level above them)."""
+    out_dir: Path
+    """Where shards, index.json and manifest.parquet go."""
+    split: int = 1
+    """Official split to pack (1, 2 or 3): its training clips go to the train shards, test clips to the test shards."""
+    frames: int = 16
+    """T, frames sampled per clip, equally spaced over the clip's decodable length."""
+    short_side: int | None = 128
+    """Resize so the shorter side is this many pixels (aspect kept); None keeps the original size."""
+    quality: int = 90
+    """JPEG quality of the stored frames (1-100)."""
+    shards: int = 32
+    """Number of training shards (000.tar ...)."""
+    test_shards: int | None = None
+    """Number of test shards (test-000.tar ...); default: as many as training shards, at most one per test clip."""
+    splits_dir: Path | None = None
+    """Folder with the official split files; default: searched for inside data_dir."""
+    seed: int = 0
+    """Seed of the shard plan (which clip goes to which shard, in which order) and of the fallback split."""
+    decoder: str = "decord"
+    """Video decoder: decord (default) or pyav."""
+    workers: int = dataclasses.field(default_factory=default_workers)
+    """Decoding processes."""
+    timeout: float = 120.0
+    """Seconds one video may take to decode before it is recorded as failed (a hung decoder costs one clip)."""
+    max_failures: float = 0.01
+    """Failed videos allowed: a fraction of all videos if < 1, else a count. Above it the run exits non-zero."""
+    part: tuple[int, int] = (1, 1)
+    """(i, N): pack only part i of N of the shard plan, for several machines sharing OUT_DIR."""
+    overwrite: bool = False
+    """Replace an OUT_DIR packed with different options."""
+
+    def __post_init__(self):
+        if self.split not in (1, 2, 3):
+            raise UserError(f"unknown split {self.split}: HMDB51 has splits 1, 2 and 3")
+        if self.frames < 1:
+            raise UserError(f"--frames must be >= 1, got {self.frames}")
+        if self.short_side is not None and self.short_side < 1:
+            raise UserError(f"--short-side must be >= 1, got {self.short_side}")
+        if not 1 <= self.quality <= 100:
+            raise UserError(f"--quality must be in 1..100, got {self.quality}")
+        if self.shards < 1:
+            raise UserError(f"--shards must be >= 1, got {self.shards}")
+        if self.test_shards is not None and self.test_shards < 1:
+            raise UserError(f"--test-shards must be >= 1, got {self.test_shards}")
+        if self.decoder not in ("decord", "pyav"):
+            raise UserError(f"unknown decoder {self.decoder!r}; choose decord or pyav")
+        if self.workers < 1:
+            raise UserError(f"--workers must be >= 1, got {self.workers}")
+        if self.timeout <= 0:
+            raise UserError(f"--timeout must be > 0 seconds, got {self.timeout}")
+        if self.max_failures < 0:
+            raise UserError(f"--max-failures must be >= 0, got {self.max_failures}")
+        i, n = self.part
+        if not (n >= 1 and 1 <= i <= n):
+            raise UserError(f"--part must be i/N with 1 <= i <= N, got {i}/{n}")
+
+    def output_options(self) -> dict:
+        """The options that decide the bytes written: a changed one means a different pack."""
+        return {
+            "split": self.split,
+            "frames": self.frames,
+            "short_side": self.short_side,
+            "quality": self.quality,
+            "shards": self.shards,
+            "test_shards": self.test_shards,
+            "seed": self.seed,
+            "decoder": self.decoder,
+        }
+
 
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "step")
@@ -40,21 +125,21 @@ class StreamConfig:
 
     def __post_init__(self):
         if isinstance(self.shards, str) or isinstance(self.eval_shards, str):
-            raise ValueError("shards and eval_shards are tuples of patterns, not strings")
+            raise TypeError("shards and eval_shards are tuples of patterns, not strings")
         if not self.shards or not all(s.strip() for s in self.shards):
-            raise ValueError(f"shards must name at least one pattern, got {self.shards!r}")
+            raise UserError(f"--shards must name at least one pattern, got {self.shards!r}")
         if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+            raise UserError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.workers < 0:
-            raise ValueError(f"workers must be >= 0, got {self.workers}")
+            raise UserError(f"--workers must be >= 0, got {self.workers}")
         if self.shuffle_buffer < 1:
-            raise ValueError(f"shuffle_buffer must be >= 1 (1 = no shuffle), got {self.shuffle_buffer}")
+            raise UserError(f"--shuffle-buffer must be >= 1 (1 = no shuffle), got {self.shuffle_buffer}")
         if self.crop < 1:
-            raise ValueError(f"crop must be >= 1, got {self.crop}")
+            raise UserError(f"--crop must be >= 1, got {self.crop}")
         if self.prefetch < 1:
-            raise ValueError(f"prefetch must be >= 1, got {self.prefetch}")
+            raise UserError(f"--prefetch must be >= 1, got {self.prefetch}")
         if not 0.0 <= self.max_bad_fraction <= 1.0:
-            raise ValueError(f"max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
+            raise UserError(f"--max-bad-fraction must be in [0, 1], got {self.max_bad_fraction}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,37 +197,37 @@ class TrainConfig:
 
     def __post_init__(self):
         if not self.model:
-            raise ValueError("model must be named")
+            raise UserError("--model must name a model")
         if self.epochs < 1:
-            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+            raise UserError(f"--epochs must be >= 1, got {self.epochs}")
         if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+            raise UserError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.lr is not None and not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+            raise UserError(f"--lr must be > 0, got {self.lr}")
         if self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+            raise UserError(f"--weight-decay must be >= 0, got {self.weight_decay}")
         if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+            raise UserError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+            raise UserError(f"--warmup-steps must be >= 0, got {self.warmup_steps}")
         if self.lr_step_epochs < 1:
-            raise ValueError(f"lr_step_epochs must be >= 1, got {self.lr_step_epochs}")
+            raise UserError(f"--lr-step-epochs must be >= 1, got {self.lr_step_epochs}")
         if not 0 < self.lr_gamma <= 1:
-            raise ValueError(f"lr_gamma must be in (0, 1], got {self.lr_gamma}")
+            raise UserError(f"--lr-gamma must be in (0, 1], got {self.lr_gamma}")
         if self.grad_accum < 1:
-            raise ValueError(f"grad_accum must be >= 1, got {self.grad_accum}")
+            raise UserError(f"--grad-accum must be >= 1, got {self.grad_accum}")
         if self.device not in DEVICES:
-            raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+            raise UserError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.eval_every < 0:
-            raise ValueError(f"eval_every must be >= 0, got {self.eval_every}")
+            raise UserError(f"--eval-every must be >= 0, got {self.eval_every}")
         if self.log_every < 1:
-            raise ValueError(f"log_every must be >= 1, got {self.log_every}")
+            raise UserError(f"--log-every must be >= 1, got {self.log_every}")
         if self.checkpoint_every < 0:
-            raise ValueError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
+            raise UserError(f"--checkpoint-every must be >= 0, got {self.checkpoint_every}")
         if self.max_steps < 0:
-            raise ValueError(f"max_steps must be >= 0, got {self.max_steps}")
+            raise UserError(f"--max-steps must be >= 0, got {self.max_steps}")
         if self.nproc_per_node < 1:
-            raise ValueError(f"nproc_per_node must be >= 1, got {self.nproc_per_node}")
+            raise UserError(f"--nproc-per-node must be >= 1, got {self.nproc_per_node}")
 
     @property
     def peak_lr(self) -> float:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import re
 import struct
 from pathlib import Path
 
@@ -147,6 +148,22 @@ def overstate_frame_count(path: Path, extra: int) -> None:
     path.write_bytes(bytes(data))
 
 
+def truncate_avi(path: Path, keep: float) -> None:
+    """Cut the file before the first frame chunk past `keep` of its bytes, as an interrupted copy
+    would, but on a frame boundary so every remaining frame is whole. The index (idx1) is lost, the
+    headers still claim the full length."""
+    data = path.read_bytes()
+    chunks = [m.start() for m in re.finditer(rb"00dc", data)]
+    cut = next((c for c in chunks if c >= len(data) * keep), chunks[-1])
+    path.write_bytes(data[:cut])
+
+
+def count_decodable_frames(path: Path) -> int:
+    """Frames PyAV decodes from the whole file, in order (the sequential ground truth)."""
+    with av.open(str(path)) as container:
+        return sum(1 for _ in container.decode(video=0))
+
+
 @dataclasses.dataclass(frozen=True)
 class SampleClip:
     """Ground truth for one generated clip."""
@@ -161,29 +178,30 @@ class SampleClip:
     tags: tuple[int, int, int]
     """Official split tags for splits 1, 2, 3: 1 train, 2 test, 0 unused."""
     kind: str
-    """'plain', 'bframes' (B-frames, a seeking trap), 'overstated' (header claims more frames)."""
+    """'plain', 'bframes' (B-frames: a seeking trap), 'overstated' (headers claim 5 more frames),
+    'truncated' (file cut at 70 %: the headers and container count still claim the full length)."""
 
 
 def _clip_plan(classes: list[str], clips_per_class: int, seed: int) -> list[SampleClip]:
     plan: list[SampleClip] = []
     for ci, name in enumerate(classes):
         rng = np.random.default_rng([seed, ci])
-        # Source videos give 1-3 clips each, so the grouped split has something to group.
+        # Source videos give 1-2 clips each, so the grouped split has something to group.
         groups: list[list[str]] = []
         clip_no = 0
         while clip_no < clips_per_class:
             title = _TITLES[(ci + len(groups)) % len(_TITLES)] + (f"_{len(groups)}" if len(groups) >= len(_TITLES) else "")
             body = f"{title}_{name}_{'fhu'[len(groups) % 3]}_{'cm' if len(groups) % 2 else 'nm'}_np{1 + len(groups) % 4}_fr_goo"
-            n = min(int(rng.integers(1, 4)), clips_per_class - clip_no)
+            n = min(int(rng.integers(1, 3)), clips_per_class - clip_no)
             groups.append([f"{body}_{k}.avi" for k in range(n)])
             clip_no += n
-        # Per split: ~70 % of source groups train, ~30 % test, one group unused when there are enough.
+        # Per split: ~30 % of source groups test, one group unused (tag 0) when there are 3 or more, the rest train.
         split_tags = []
         for s in range(3):
             order = np.random.default_rng([seed, ci, s]).permutation(len(groups))
             tags = {}
             n_test = max(1, round(len(groups) * 0.3)) if len(groups) > 1 else 0
-            unused = 1 if len(groups) >= 6 else 0
+            unused = 1 if len(groups) >= 3 else 0
             for rank, g in enumerate(order):
                 tag = 2 if rank < n_test else (0 if rank < n_test + unused else 1)
                 for f in groups[g]:
@@ -192,7 +210,7 @@ def _clip_plan(classes: list[str], clips_per_class: int, seed: int) -> list[Samp
         files = [f for g in groups for f in g]
         for k, f in enumerate(files):
             length = int(rng.integers(24, 110))
-            kind = ("plain", "bframes", "plain", "overstated")[k % 4]
+            kind = ("plain", "bframes", "plain", "overstated" if ci % 2 == 0 else "truncated")[k % 4]
             # Short clips: pinned to the first two clips of the first classes, so every sample set
             # (even 1 clip a class) has a 1-frame clip and one shorter than 16 frames.
             if ci == 0 and k == 0:
@@ -229,15 +247,19 @@ def make_sample_data(
     video_root = out_dir / "hmdb51_org"
     split_root = out_dir / "testTrainMulti_7030_splits"
     split_root.mkdir(parents=True, exist_ok=True)
-    for clip in plan:
+    for i, clip in enumerate(plan):
         folder = video_root / clip.class_name
         folder.mkdir(parents=True, exist_ok=True)
         w, h = clip.size
-        frames = (draw_frame(i, clip.class_index, w, h, f"{i} {clip.class_name}") for i in range(clip.frames))
+        frames = (draw_frame(f, clip.class_index, w, h, f"{f} {clip.class_name}") for f in range(clip.frames))
         path = folder / clip.file_name
         write_avi(path, frames, b_frames=2 if clip.kind == "bframes" else 0)
         if clip.kind == "overstated":
             overstate_frame_count(path, extra=5)
+        if clip.kind == "truncated":
+            truncate_avi(path, 0.7)
+            # The clip's true length is what survived the cut, counted by a full sequential decode.
+            plan[i] = clip = dataclasses.replace(clip, frames=count_decodable_frames(path))
         if progress:
             progress(clip)
     for name in names:

@@ -1,7 +1,10 @@
+import shutil
 import sys
 from pathlib import Path
 
 import pytest
+
+from pipeline.sampledata import make_sample_data
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -9,8 +12,63 @@ from shardmaker import make_packed  # noqa: E402
 
 
 @pytest.fixture(scope="session")
+def hmdb_tree(tmp_path_factory):
+    """All 51 HMDB class names, 4 clips each: (data dir, ground truth list of SampleClip)."""
+    root = tmp_path_factory.mktemp("hmdb")
+    truth = make_sample_data(root, classes=51, clips_per_class=4, seed=0)
+    return root, truth
+
+
+@pytest.fixture(scope="session")
+def small_tree(tmp_path_factory):
+    """4 classes x 6 clips: quick packs for option, fault and resume tests."""
+    root = tmp_path_factory.mktemp("small")
+    truth = make_sample_data(root, classes=4, clips_per_class=6, seed=1)
+    return root, truth
+
+
+@pytest.fixture
+def copy_tree(tmp_path):
+    """Copy a session tree so a test may damage it."""
+
+    def copy(tree):
+        dst = tmp_path / "data"
+        shutil.copytree(tree[0], dst)
+        return dst
+
+    return copy
+
+
+def run_cli(app, *args):
+    """Run a Typer app in-process; returns click's Result (exit_code, stdout, stderr)."""
+    from typer.testing import CliRunner
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def cli_command(app_name: str) -> list[str]:
+    """argv that runs one of pipeline.cli's apps in a fresh process (installed or not)."""
+    import sys
+
+    return [sys.executable, "-c", f"from pipeline.cli import {app_name}; {app_name}()"]
+
+
+def cli_env(**extra) -> dict:
+    import os
+
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(scope="session")
 def packed(tmp_path_factory) -> Path:
-    """4 classes, 48 training clips in 8 shards of 6, 16 test clips in 2 shards; 4 frames of 32 px height."""
+    """Shards written directly in the docs/FORMAT.md layout: 4 classes, 48 training clips in 8 shards
+    of 6, 16 test clips in 2 shards; 4 frames of 32 px height, 40-56 px wide."""
     out = tmp_path_factory.mktemp("packed")
     make_packed(out)
     return out

@@ -1,0 +1,619 @@
+"""Videos to shards: discover, plan, decode in parallel, write each shard atomically, assemble.
+
+The unit of work and of recovery is the shard. The plan (which clip goes to which shard, in which
+order) depends only on the inputs and the output options, so a re-run, another worker count or
+another machine packing `--part i/N` writes the same bytes. A shard is written to a hidden
+`.NAME.partial` file and renamed when complete; its manifest rows go to `.clipstream/state/`. The
+index and manifest are written last, once every shard of the plan is there.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import sys
+import time
+from concurrent.futures import TimeoutError as FutureTimeout
+from pathlib import Path
+
+from pipeline.config import PackConfig
+from pipeline.errors import UserError
+from pipeline.shardformat import FORMAT_VERSION, INDEX_NAME, MANIFEST_NAME, pack_jpegs
+
+VIDEO_EXTENSIONS = {".avi", ".mp4", ".mkv", ".webm", ".mov", ".mpg", ".mpeg", ".m4v", ".ogv", ".flv", ".wmv"}
+SPLIT_FILE = re.compile(r"^(?P<cls>.+)_test_split(?P<split>[123])\.txt$")
+STATE_DIR = ".clipstream"
+TAG_NAMES = {0: None, 1: "train", 2: "test"}
+
+
+class TooManyFailures(UserError):
+    exit_code = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Video:
+    source: str
+    """Path relative to DATA_DIR, POSIX separators."""
+    class_name: str
+    label: int
+    key: str
+    tags: tuple[int, int, int]
+
+
+@dataclasses.dataclass
+class Catalog:
+    classes: list[str]
+    videos: list[Video]
+    ignored: list[str]
+    split_source: str
+    """'official' (split files) or 'grouped' (70/30 fallback)."""
+    listed_missing: list[str]
+    """Names in split files with no video on disk."""
+    warnings: list[str] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardPlan:
+    name: str
+    split: str
+    videos: tuple[Video, ...]
+
+
+# ---------------------------------------------------------------- discovery
+
+
+def make_key(class_name: str, file_name: str) -> str:
+    """ASCII, dot-free, stable key: readable clip name plus a hash of class/file."""
+    stem = Path(file_name).stem
+    readable = re.sub(r"[^A-Za-z0-9]+", "_", stem).strip("_")[:60] or "clip"
+    digest = hashlib.sha1(f"{class_name}/{file_name}".encode("utf-8", "surrogateescape")).hexdigest()[:10]
+    return f"{readable}-{digest}"
+
+
+def discover(cfg: PackConfig) -> Catalog:
+    data_dir = cfg.data_dir
+    if not data_dir.exists():
+        raise UserError(f"data folder not found: {data_dir}")
+    if not data_dir.is_dir():
+        raise UserError(f"data folder is not a folder: {data_dir}")
+    root = data_dir / "hmdb51_org" if (data_dir / "hmdb51_org").is_dir() else data_dir
+    found: dict[str, list[str]] = {}
+    ignored: list[str] = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        names = []
+        for f in sorted(folder.iterdir()):
+            if f.suffix.lower() in VIDEO_EXTENSIONS and not f.is_dir():
+                names.append(f.name)
+            elif f.is_file():
+                ignored.append(f.relative_to(data_dir).as_posix())
+        if names:
+            found[folder.name] = names
+    if not any(root.iterdir()):
+        raise UserError(f"data folder is empty: {data_dir}")
+    if not found:
+        raise UserError(f"no videos found in {root} (expected one sub-folder per class holding {', '.join(sorted(VIDEO_EXTENSIONS))} files)")
+    classes = sorted(found)  # class index = position in sorted order, never listing order
+    tags, listed_missing, source = _read_splits(cfg, classes, found)
+    notes = []
+    if source == "grouped":
+        notes.append(
+            "no official split files found: using a deterministic 70/30 split per class, grouped by "
+            "source video (clips of one source never land on both sides)"
+        )
+    if listed_missing:
+        notes.append(f"{len(listed_missing)} clip(s) listed in the split files are not on disk, e.g. {listed_missing[0]}")
+    videos = []
+    for label, c in enumerate(classes):
+        for name in found[c]:
+            videos.append(
+                Video(
+                    source=(root / c / name).relative_to(data_dir).as_posix(),
+                    class_name=c,
+                    label=label,
+                    key=make_key(c, name),
+                    tags=tags[(c, name)],
+                )
+            )
+    keys = collections.Counter(v.key for v in videos)
+    if max(keys.values()) > 1:
+        dup = next(k for k, n in keys.items() if n > 1)
+        raise UserError(f"two videos map to the same key {dup!r}")  # a sha1 prefix collision
+    return Catalog(classes, videos, ignored, source, listed_missing, notes)
+
+
+def _find_split_files(cfg: PackConfig) -> dict[tuple[str, int], Path]:
+    if cfg.splits_dir is not None:
+        if not cfg.splits_dir.is_dir():
+            raise UserError(f"split folder not found: {cfg.splits_dir}")
+        candidates = sorted(cfg.splits_dir.glob("*_test_split*.txt"))
+    else:
+        candidates = sorted(p for depth in ("*", "*/*", "*/*/*") for p in cfg.data_dir.glob(depth + "_test_split*.txt"))
+    files: dict[tuple[str, int], Path] = {}
+    for p in candidates:
+        m = SPLIT_FILE.match(p.name)
+        if m and p.is_file():
+            files.setdefault((m["cls"], int(m["split"])), p)
+    return files
+
+
+def _read_splits(cfg, classes, found):
+    files = _find_split_files(cfg)
+    if not files:
+        if cfg.splits_dir is not None:
+            raise UserError(f"no split files (<class>_test_split1.txt ...) in {cfg.splits_dir}")
+        return _grouped_split(classes, found, cfg.seed), [], "grouped"
+    missing = [c for c in classes if (c, cfg.split) not in files]
+    if missing:
+        raise UserError(
+            f"split {cfg.split} has no split file for {len(missing)} class(es), e.g. "
+            f"{missing[0]}_test_split{cfg.split}.txt"
+        )
+    tags: dict[tuple[str, str], list[int]] = {(c, n): [0, 0, 0] for c in classes for n in found[c]}
+    listed_missing = []
+    for (c, s), path in sorted(files.items()):
+        if c not in found:
+            continue
+        for lineno, line in enumerate(path.read_text(encoding="utf-8", errors="surrogateescape").splitlines(), 1):
+            parts = line.strip().rsplit(None, 1)
+            if not parts:
+                continue
+            if len(parts) != 2 or parts[1] not in ("0", "1", "2"):
+                raise UserError(f"{path}:{lineno}: expected '<file name> <0|1|2>', got {line.strip()!r}")
+            if (c, parts[0]) in tags:
+                tags[(c, parts[0])][s - 1] = int(parts[1])
+            elif s == cfg.split:
+                listed_missing.append(f"{c}/{parts[0]}")
+    return {k: tuple(v) for k, v in tags.items()}, listed_missing, "official"
+
+
+def _grouped_split(classes, found, seed) -> dict[tuple[str, str], tuple[int, int, int]]:
+    """70/30 per class by clip count, whole source videos (name minus trailing _<n>) to one side."""
+    tags = {}
+    for c in classes:
+        groups = collections.defaultdict(list)
+        for name in found[c]:
+            groups[re.sub(r"_\d+$", "", Path(name).stem)].append(name)
+        per_split = []
+        for s in (1, 2, 3):
+            order = sorted(groups, key=lambda g: hashlib.sha1(f"{seed}:{s}:{c}:{g}".encode()).hexdigest())
+            target = round(0.3 * len(found[c])) if len(groups) > 1 else 0
+            test, n_test = set(), 0
+            for g in order:
+                if n_test >= target or len(test) == len(groups) - 1:
+                    break
+                test.add(g)
+                n_test += len(groups[g])
+            per_split.append({n: 2 if g in test else 1 for g in groups for n in groups[g]})
+        for name in found[c]:
+            tags[(c, name)] = tuple(p[name] for p in per_split)
+    return tags
+
+
+# ---------------------------------------------------------------- planning
+
+
+def _stable_order(videos: list[Video], seed: int) -> list[Video]:
+    """A shuffle that depends only on the keys and the seed (no RNG version can change it)."""
+    return sorted(videos, key=lambda v: hashlib.sha1(f"{seed}:{v.key}".encode()).hexdigest())
+
+
+def plan_shards(catalog: Catalog, cfg: PackConfig) -> list[ShardPlan]:
+    s = cfg.split - 1
+    train = [v for v in catalog.videos if v.tags[s] == 1]
+    test = [v for v in catalog.videos if v.tags[s] == 2]
+    if not train:
+        raise UserError(f"split {cfg.split} has no training clips")
+    if len(train) < cfg.shards:
+        raise UserError(f"only {len(train)} training clips for --shards {cfg.shards}: use --shards {len(train)} or fewer")
+    if cfg.test_shards is not None and cfg.test_shards > len(test):
+        raise UserError(f"only {len(test)} test clips for --test-shards {cfg.test_shards}")
+    n_test = cfg.test_shards or min(cfg.shards, len(test))
+    plans = []
+    for split, clips, n, prefix in (("train", train, cfg.shards, ""), ("test", test, n_test, "test-")):
+        order = _stable_order(clips, cfg.seed)
+        width = max(3, len(str(n - 1)))
+        # Round-robin over a shuffled order: sizes differ by at most one, every shard mixes classes.
+        for j in range(n):
+            plans.append(ShardPlan(f"{prefix}{j:0{width}d}.tar", split, tuple(order[j::n])))
+    return plans
+
+
+def fingerprint(cfg: PackConfig, plans: list[ShardPlan]) -> dict:
+    h = hashlib.sha256()
+    for p in plans:
+        h.update(p.name.encode())
+        for v in p.videos:
+            h.update(f"\0{v.source}\0{v.label}\0{v.tags}".encode("utf-8", "surrogateescape"))
+    return {"format_version": FORMAT_VERSION, "options": cfg.output_options(), "plan_sha256": h.hexdigest()}
+
+
+# ---------------------------------------------------------------- the worker
+
+
+def _worker_init():
+    import cv2
+
+    cv2.setNumThreads(1)
+
+
+def pack_clip(path: str, frames: int, short_side: int | None, quality: int, decoder: str) -> dict:
+    """Runs in a worker process: one video to its `.jpgs` member and facts for the metadata."""
+    import cv2
+    import simplejpeg
+
+    from pipeline.sample import DecodeError, decode_clip, resized_size
+
+    try:
+        clip = decode_clip(path, frames, decoder)
+    except DecodeError as e:
+        return {"error": str(e)}
+    w, h = resized_size(*clip.size, short_side)
+    interp = cv2.INTER_AREA if w <= clip.size[0] else cv2.INTER_LINEAR
+    jpegs = []
+    for f in clip.frames:
+        if (w, h) != clip.size:
+            f = cv2.resize(f, (w, h), interpolation=interp)
+        jpegs.append(simplejpeg.encode_jpeg(f, quality=quality, colorspace="RGB", colorsubsampling="420"))
+    return {
+        "jpgs": pack_jpegs(jpegs),
+        "indices": clip.indices,
+        "decoded_frames": clip.decoded_frames,
+        "container_frames": clip.container_frames,
+        "fps": round(clip.fps, 6),
+        "original_size": list(clip.size),
+        "frame_size": [w, h],
+        "note": clip.note,
+    }
+
+
+# ---------------------------------------------------------------- writing
+
+
+def _failpoint(name: str) -> None:
+    """Crash tests: CLIPSTREAM_FAILPOINT=name makes the packer kill -9 itself right here."""
+    if os.environ.get("CLIPSTREAM_FAILPOINT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.partial")
+    with open(tmp, "wb") as f:
+        f.write(data[: len(data) // 2])
+        f.flush()
+        _failpoint(f"mid-write:{path.name}")
+        f.write(data[len(data) // 2 :])
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _json_bytes(obj) -> bytes:
+    return (json.dumps(obj, sort_keys=True, indent=1, ensure_ascii=True) + "\n").encode()
+
+
+def build_shard(plan: ShardPlan, results: list[dict], catalog: Catalog, cfg: PackConfig) -> tuple[bytes, list[dict]]:
+    """Tar bytes of one shard and the manifest rows of its clips. Deterministic: no clocks, no owners."""
+    import webdataset as wds
+
+    buf = io.BytesIO()
+    writer = wds.TarWriter(buf, user="", group="", mode=0o644, mtime=0, encoder=False)
+    rows = []
+    for v, r in zip(plan.videos, results):
+        row = {
+            "source": v.source,
+            "class_name": v.class_name,
+            "label": v.label,
+            "key": v.key,
+            "split_tags": list(v.tags),
+            "split": plan.split,
+            "shard": None,
+            "status": "failed",
+            "reason": r.get("error"),
+            "decoded_frames": r.get("decoded_frames"),
+            "container_frames": r.get("container_frames"),
+            "padded": None,
+        }
+        if "error" not in r:
+            meta = {
+                "key": v.key,
+                "source": v.source,
+                "class_name": v.class_name,
+                "label": v.label,
+                "split_tags": list(v.tags),
+                "split": plan.split,
+                "decoded_frames": r["decoded_frames"],
+                "container_frames": r["container_frames"],
+                "fps": r["fps"],
+                "original_size": r["original_size"],
+                "frame_size": r["frame_size"],
+                "indices": r["indices"],
+                "padded": r["decoded_frames"] < cfg.frames,
+            }
+            writer.write(
+                {
+                    "__key__": v.key,
+                    "cls": str(v.label).encode(),
+                    "jpgs": r["jpgs"],
+                    "json": json.dumps(meta, sort_keys=True, ensure_ascii=True).encode(),
+                }
+            )
+            row.update(shard=plan.name, status="packed", reason=r["note"], padded=meta["padded"])
+        rows.append(row)
+    writer.close()
+    return buf.getvalue(), rows
+
+
+# ---------------------------------------------------------------- the job
+
+
+@dataclasses.dataclass
+class PackReport:
+    out_dir: Path
+    packed: int = 0
+    padded: int = 0
+    failed: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    unused: int = 0
+    ignored: int = 0
+    listed_missing: int = 0
+    videos: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    clips_done_now: int = 0
+    shards_written: int = 0
+    shards_total: int = 0
+    complete: bool = False
+    already_complete: bool = False
+    split_source: str = "official"
+
+    def summary(self) -> str:
+        rate = self.clips_done_now / self.seconds if self.seconds > 0 else 0.0
+        lines = []
+        if self.already_complete:
+            lines.append(f"nothing to do: {self.out_dir} is already complete")
+        lines.append(
+            f"packed {self.packed} clips ({self.padded} padded), failed {len(self.failed)}, "
+            f"unused {self.unused}, ignored files {self.ignored}; "
+            f"{self.shards_written}/{self.shards_total} shards written this run, "
+            f"{self.bytes / 1e6:.1f} MB in all; {self.clips_done_now} clips in {self.seconds:.1f} s ({rate:.1f} clips/s)"
+        )
+        for source, reason in self.failed[:10]:
+            lines.append(f"failed: {source}: {reason}")
+        if len(self.failed) > 10:
+            lines.append(f"... and {len(self.failed) - 10} more failures (see {MANIFEST_NAME})")
+        if not self.complete:
+            lines.append("this part is done; the index and manifest are written when every part has finished (re-run any part then)")
+        return "\n".join(lines)
+
+
+def _check_out_dir(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output path is a file, not a folder: {out}")
+    try:
+        (out / STATE_DIR / "state").mkdir(parents=True, exist_ok=True)
+        probe = out / STATE_DIR / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"output folder is not writable: {out} ({e.strerror})") from None
+
+
+def _prepare_out_dir(cfg: PackConfig, fp: dict, plans: list[ShardPlan]) -> Path:
+    out = cfg.out_dir
+    state = out / STATE_DIR
+    plan_file = state / "plan.json"
+    old = json.loads(plan_file.read_text()) if plan_file.exists() else None
+    ours = {p.name for p in plans} | {INDEX_NAME, MANIFEST_NAME}
+    if old is not None and {k: v for k, v in old.items() if k != "files"} != fp:
+        if not cfg.overwrite:
+            changed = [f"{k} {old['options'].get(k)!r} -> {v!r}" for k, v in fp["options"].items() if old.get("options", {}).get(k) != v]
+            what = ", ".join(changed) if changed else "the input videos or split files changed"
+            raise UserError(f"{out} was packed with different inputs or options ({what}); pass --overwrite to replace it")
+        _clear(out, set(old.get("files", [])) | ours)
+    elif old is None:
+        clash = sorted(n for n in ours if (out / n).exists())
+        if clash and not cfg.overwrite:
+            raise UserError(f"{out} already holds {clash[0]} not written by this pack; pass --overwrite to replace it")
+        if clash:
+            _clear(out, ours)
+    for stale in out.glob(".*.partial"):
+        stale.unlink()
+    _atomic_write(plan_file, _json_bytes({**fp, "files": sorted(ours)}))
+    return state
+
+
+def _clear(out: Path, names: set[str]) -> None:
+    for n in names:
+        (out / n).unlink(missing_ok=True)
+    shutil.rmtree(out / STATE_DIR / "state", ignore_errors=True)
+    (out / STATE_DIR / "state").mkdir(parents=True, exist_ok=True)
+
+
+def _shard_done(out: Path, state: Path, plan: ShardPlan) -> dict | None:
+    """The saved state of a complete shard, or None when it must be (re)written."""
+    path = state / "state" / f"{plan.name}.json"
+    try:
+        saved = json.loads(path.read_text())
+        if (out / plan.name).stat().st_size == saved["bytes"]:
+            return saved
+    except (OSError, ValueError, KeyError):
+        pass
+    return None
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def run_pack(cfg: PackConfig, quiet: bool = False, log=_stderr) -> PackReport:
+    from pebble import ProcessExpired, ProcessPool
+    from tqdm import tqdm
+
+    t0 = time.monotonic()
+    catalog = discover(cfg)
+    for note in catalog.warnings:
+        log(f"warning: {note}")
+    _check_out_dir(cfg.out_dir)
+    plans = plan_shards(catalog, cfg)
+    fp = fingerprint(cfg, plans)
+    state = _prepare_out_dir(cfg, fp, plans)
+    out = cfg.out_dir
+    part_i, part_n = cfg.part
+    mine = [p for g, p in enumerate(plans) if g % part_n == part_i - 1]
+    todo = [p for p in mine if _shard_done(out, state, p) is None]
+    report = PackReport(out_dir=out, shards_total=len(plans), split_source=catalog.split_source)
+    index_done = (out / INDEX_NAME).exists() and (out / MANIFEST_NAME).exists()
+
+    if todo:
+        jobs = [(p, v) for p in todo for v in p.videos]
+        window = max(4, cfg.workers * 4)  # clips in flight: bounds memory, keeps workers fed
+        bar = tqdm(total=len(jobs), unit="clip", desc="pack", disable=quiet or None, mininterval=0.5, file=sys.stderr)
+        with ProcessPool(max_workers=cfg.workers, initializer=_worker_init) as pool:
+            pending: collections.deque = collections.deque()
+            feed = iter(jobs)
+            results: dict[str, list[dict]] = collections.defaultdict(list)
+            try:
+                while True:
+                    while len(pending) < window:
+                        job = next(feed, None)
+                        if job is None:
+                            break
+                        p, v = job
+                        fut = pool.schedule(
+                            pack_clip,
+                            args=(str(cfg.data_dir / v.source), cfg.frames, cfg.short_side, cfg.quality, cfg.decoder),
+                            timeout=cfg.timeout,
+                        )
+                        pending.append((p, v, fut))
+                    if not pending:
+                        break
+                    p, v, fut = pending.popleft()
+                    try:
+                        r = fut.result()
+                    except FutureTimeout:
+                        r = {"error": f"decoding took longer than {cfg.timeout:g} s (time-out)"}
+                    except ProcessExpired as e:
+                        r = {"error": f"decoder process died (exit code {e.exitcode})"}
+                    except Exception as e:  # never let one clip end the run
+                        r = {"error": f"{type(e).__name__}: {e}"}
+                    results[p.name].append(r)
+                    bar.update(1)
+                    report.clips_done_now += 1
+                    if len(results[p.name]) == len(p.videos):
+                        data, rows = build_shard(p, results.pop(p.name), catalog, cfg)
+                        _atomic_write(out / p.name, data)
+                        saved = {
+                            "name": p.name,
+                            "split": p.split,
+                            "samples": sum(r["status"] == "packed" for r in rows),
+                            "bytes": len(data),
+                            "sha256": hashlib.sha256(data).hexdigest(),
+                            "rows": rows,
+                        }
+                        _atomic_write(state / "state" / f"{p.name}.json", _json_bytes(saved))
+                        report.shards_written += 1
+                        _failpoint(f"after-shards:{report.shards_written}")
+            except BaseException:
+                pool.stop()
+                raise
+            finally:
+                bar.close()
+
+    saved = {p.name: _shard_done(out, state, p) for p in plans}
+    report.complete = all(saved.values())
+    report.already_complete = not todo and index_done
+    report.seconds = time.monotonic() - t0
+    if report.complete:
+        rows = _assemble(cfg, catalog, plans, saved)
+        for r in rows:
+            report.packed += r["status"] == "packed"
+            report.padded += bool(r["padded"])
+            report.unused += r["status"] == "unused"
+            if r["status"] == "failed":
+                report.failed.append((r["source"], r["reason"]))
+        report.bytes = sum(s["bytes"] for s in saved.values())
+    report.ignored = len(catalog.ignored)
+    report.listed_missing = len(catalog.listed_missing)
+    report.videos = len(catalog.videos)
+    return report
+
+
+def _assemble(cfg: PackConfig, catalog: Catalog, plans: list[ShardPlan], saved: dict[str, dict]) -> list[dict]:
+    """Write manifest.parquet and index.json (in that order: the index marks a finished pack)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [r for p in plans for r in saved[p.name]["rows"]]
+    in_plan = {r["source"] for r in rows}
+    s = cfg.split - 1
+    for v in catalog.videos:
+        if v.source not in in_plan:
+            rows.append(
+                {
+                    "source": v.source, "class_name": v.class_name, "label": v.label, "key": v.key,
+                    "split_tags": list(v.tags), "split": TAG_NAMES[v.tags[s]], "shard": None,
+                    "status": "unused", "reason": f"tag 0 in split {cfg.split}", "decoded_frames": None,
+                    "container_frames": None, "padded": None,
+                }
+            )  # fmt: skip
+    rows.sort(key=lambda r: r["source"])
+    schema = pa.schema(
+        [
+            ("source", pa.string()), ("class_name", pa.string()), ("label", pa.int32()), ("key", pa.string()),
+            ("split_tags", pa.list_(pa.int8())), ("split", pa.string()), ("shard", pa.string()),
+            ("status", pa.string()), ("reason", pa.string()), ("decoded_frames", pa.int32()),
+            ("container_frames", pa.int32()), ("padded", pa.bool_()),
+        ]
+    )  # fmt: skip
+    table = pa.Table.from_pylist(rows, schema=schema)
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    _atomic_write(cfg.out_dir / MANIFEST_NAME, sink.getvalue().to_pybytes())
+    _failpoint("before-index")
+
+    splits = {}
+    for split in ("train", "test"):
+        shards = [
+            {k: saved[p.name][k] for k in ("name", "samples", "bytes", "sha256")} for p in plans if p.split == split
+        ]
+        splits[split] = {"samples": sum(x["samples"] for x in shards), "shards": shards}
+    index = {
+        "format": "clipstream",
+        "version": FORMAT_VERSION,
+        "classes": catalog.classes,
+        "frames_per_clip": cfg.frames,
+        "frame_size": {"short_side": cfg.short_side} if cfg.short_side else {"original": True},
+        "options": cfg.output_options(),
+        "split_source": catalog.split_source,
+        "splits": splits,
+        "counts": {
+            "videos": len(catalog.videos),
+            "packed": sum(r["status"] == "packed" for r in rows),
+            "padded": sum(bool(r["padded"]) for r in rows),
+            "failed": sum(r["status"] == "failed" for r in rows),
+            "unused": sum(r["status"] == "unused" for r in rows),
+        },
+    }
+    _atomic_write(cfg.out_dir / INDEX_NAME, _json_bytes(index))
+    return rows
+
+
+def check_failures(cfg: PackConfig, report: PackReport) -> None:
+    total_videos = report.videos
+    limit = cfg.max_failures * total_videos if cfg.max_failures < 1 else cfg.max_failures
+    if len(report.failed) > limit:
+        raise TooManyFailures(
+            f"{len(report.failed)} of {total_videos} videos failed, above --max-failures {cfg.max_failures:g}; "
+            f"first: {report.failed[0][0]}: {report.failed[0][1]}"
+        )
