@@ -113,5 +113,90 @@ def make_sample_data(
     typer.echo(f"wrote {len(plan)} clips in {classes} classes to {out_dir}/hmdb51_org and split files to {out_dir}/testTrainMulti_7030_splits")
 
 
+def train_stream(
+    shards: Annotated[list[str], typer.Option("--shards", help="Training shards: 'shards/<000..031>.tar', '{000..031}' ranges, '::'-separated lists, local paths or http(s):// URLs; repeatable.", show_default=False)],
+    eval_shards: Annotated[Optional[list[str]], typer.Option("--eval-shards", help="Test shards, same syntax [default: the test shards listed in the index beside the training shards].", show_default=False)] = None,
+    index: Annotated[Optional[str], typer.Option(help="Path or URL of index.json [default: beside the training shards].", show_default=False)] = None,
+    model: Annotated[str, typer.Option(help="r3d18, r2plus1d18, cnn-lstm, tiny, or torchvision:<name>.")] = "r3d18",
+    epochs: Annotated[int, typer.Option(help="Passes over the training shards.")] = 10,
+    batch_size: Annotated[int, typer.Option(help="Clips per batch on each rank (global batch: x ranks x --grad-accum).")] = 8,
+    workers: Annotated[int, typer.Option(help="Loader worker processes per rank; each reads its own shards and builds whole batches.")] = 2,
+    shuffle_buffer: Annotated[int, typer.Option(help="Samples in each worker's shuffle buffer (about 150 KB each).")] = 256,
+    crop: Annotated[int, typer.Option(help="Side of the square crop (random in training, centred in evaluation).")] = 112,
+    seed: Annotated[int, typer.Option(help="Seed of shard order, shuffle, crops, flips and model initialisation.")] = 0,
+    resample: Annotated[bool, typer.Option("--resample", help="Draw shards with replacement (allows fewer shards than ranks x workers).")] = False,
+    allow_pipe: Annotated[bool, typer.Option("--allow-pipe", help="Allow pipe: shard URLs, which run shell commands.")] = False,
+    prefetch: Annotated[int, typer.Option(help="Batches each worker prepares ahead.")] = 2,
+    max_bad_fraction: Annotated[float, typer.Option(help="Stop when more than this share of a worker's samples in an epoch are unreadable.")] = 0.01,
+    optimizer: Annotated[str, typer.Option(help="adamw or sgd (momentum 0.9, Nesterov).")] = "adamw",
+    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate [default: 1e-3 for adamw, 0.05 for sgd].", show_default=False)] = None,
+    weight_decay: Annotated[float, typer.Option(help="Weight decay.")] = 1e-4,
+    schedule: Annotated[str, typer.Option(help="cosine (to zero at the last step) or step (x --lr-gamma every --lr-step-epochs).")] = "cosine",
+    warmup_steps: Annotated[int, typer.Option(help="Linear warm-up over this many optimiser steps.")] = 0,
+    lr_step_epochs: Annotated[int, typer.Option(help="Epochs between decays of the step schedule.")] = 10,
+    lr_gamma: Annotated[float, typer.Option(help="Decay factor of the step schedule.")] = 0.1,
+    grad_accum: Annotated[int, typer.Option(help="Batches whose gradients are summed before each optimiser step.")] = 1,
+    compile: Annotated[bool, typer.Option("--compile", help="Wrap the model in torch.compile.")] = False,
+    amp: Annotated[bool, typer.Option("--amp/--no-amp", help="bf16 autocast on CUDA (ignored on CPU).")] = True,
+    channels_last: Annotated[bool, typer.Option("--channels-last/--no-channels-last", help="channels_last_3d memory format on CUDA (ignored on CPU).")] = True,
+    device: Annotated[str, typer.Option(help="auto (CUDA when available), cpu or cuda.")] = "auto",
+    eval_every: Annotated[int, typer.Option(help="Evaluate every N epochs (and after the last); 0: only after the last.")] = 1,
+    log_dir: Annotated[Optional[str], typer.Option(help="Run folder for metrics.jsonl, checkpoint.pt and audit logs [default: runs/<timestamp>, or the resumed run's folder].", show_default=False)] = None,
+    log_every: Annotated[int, typer.Option(help="Steps between step records in metrics.jsonl.")] = 10,
+    checkpoint_every: Annotated[int, typer.Option(help="Also checkpoint every N steps (0: only at the end of each epoch).")] = 0,
+    resume: Annotated[Optional[str], typer.Option(help="Checkpoint file or run folder to continue from, mid-epoch included.", show_default=False)] = None,
+    max_steps: Annotated[int, typer.Option(help="Stop with a checkpoint after this many steps in total (0: no limit).")] = 0,
+    audit_keys: Annotated[bool, typer.Option("--audit-keys", help="Write the sample keys each rank consumed, per epoch, to LOG_DIR/audit/.")] = False,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bar (rank 0 only).")] = True,
+    nproc_per_node: Annotated[int, typer.Option(help="Start N local processes (gloo on CPU, NCCL on GPU); under torchrun leave at 1.")] = 1,
+):
+    """Stream WebDataset shards into (distributed) training of a video classifier, then evaluate on the test shards."""
+    from pipeline.config import StreamConfig, TrainConfig
+    from pipeline.train import launch
+
+    stream_cfg = StreamConfig(
+        shards=tuple(shards),
+        eval_shards=tuple(eval_shards or ()),
+        index=index,
+        batch_size=batch_size,
+        workers=workers,
+        shuffle_buffer=shuffle_buffer,
+        crop=crop,
+        seed=seed,
+        resample=resample,
+        allow_pipe=allow_pipe,
+        prefetch=prefetch,
+        max_bad_fraction=max_bad_fraction,
+    )
+    cfg = TrainConfig(
+        stream=stream_cfg,
+        model=model,
+        epochs=epochs,
+        optimizer=optimizer,
+        lr=lr,
+        weight_decay=weight_decay,
+        schedule=schedule,
+        warmup_steps=warmup_steps,
+        lr_step_epochs=lr_step_epochs,
+        lr_gamma=lr_gamma,
+        grad_accum=grad_accum,
+        compile=compile,
+        amp=amp,
+        channels_last=channels_last,
+        device=device,
+        eval_every=eval_every,
+        log_dir=log_dir,
+        log_every=log_every,
+        checkpoint_every=checkpoint_every,
+        resume=resume,
+        max_steps=max_steps,
+        audit_keys=audit_keys,
+        progress=progress,
+        nproc_per_node=nproc_per_node,
+    )
+    launch(cfg)
+
+
 pack_app = _app(pack_shards)
 sample_data_app = _app(make_sample_data)
+train_app = _app(train_stream)

@@ -62,10 +62,10 @@ def prepare(cfg: TrainConfig, world_size: int) -> stream.Dataset:
     """Check everything a user can get wrong before any process starts: shards, index, model name."""
     dataset = stream.resolve_dataset(cfg.stream)
     stream.check_enough_shards(dataset, cfg.stream, world_size)
-    from pipeline.models import build_model
+    from pipeline.models import MODEL_NAMES, build_model
 
-    with torch.device("meta"):
-        build_model(cfg.model, len(dataset.classes))
+    if cfg.model not in MODEL_NAMES:
+        build_model(cfg.model, len(dataset.classes))  # UserError for unknown names
     if cfg.resume and not Path(resolve_checkpoint(cfg.resume)).is_file():
         raise UserError(f"no checkpoint at {cfg.resume!r}")
     return dataset
@@ -218,9 +218,9 @@ def _gather(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
     """(world_size, *t.shape): every rank's `t`, on every rank."""
     if env.world_size == 1:
         return t[None]
-    out = torch.empty((env.world_size, *t.shape), dtype=t.dtype, device=t.device)
-    dist.all_gather_into_tensor(out, t.contiguous())
-    return out
+    parts = [torch.empty_like(t) for _ in range(env.world_size)]
+    dist.all_gather(parts, t.contiguous())
+    return torch.stack(parts)
 
 
 def _broadcast_text(text: str, env: DistEnv, device) -> str:
