@@ -176,6 +176,8 @@ class TrainConfig:
     """channels_last_3d memory format on CUDA (ignored on CPU)."""
     device: str = "auto"
     """`auto` (CUDA when available), `cpu` or `cuda`."""
+    threads: int | None = None
+    """Intra-op CPU threads per training process; None: this process's share of the cores minus its loader workers, at least 1."""
     eval_every: int = 1
     """Evaluate every this many epochs (and always after the last); 0: only after the last."""
     log_dir: str | None = None
@@ -218,6 +220,8 @@ class TrainConfig:
             raise UserError(f"--grad-accum must be >= 1, got {self.grad_accum}")
         if self.device not in DEVICES:
             raise UserError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if self.threads is not None and self.threads < 1:
+            raise UserError(f"--threads must be >= 1, got {self.threads}")
         if self.eval_every < 0:
             raise UserError(f"--eval-every must be >= 0, got {self.eval_every}")
         if self.log_every < 1:

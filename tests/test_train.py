@@ -1,0 +1,171 @@
+"""The training loop and the train-stream CLI on tiny fixture shards (tiny model, 24 px crops)."""
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import cli_command, cli_env, run_cli
+from pipeline import stream, train
+from pipeline.cli import train_app
+from pipeline.config import StreamConfig, TrainConfig
+from pipeline.errors import UserError
+from shardmaker import shard_keys
+
+SMALL = ["--model", "tiny", "--crop", "24", "--batch-size", "4", "--workers", "2", "--shuffle-buffer", "8", "--no-progress"]
+
+
+def cfg_for(packed: Path, log_dir: Path, **kw) -> TrainConfig:
+    stream_kw = {k: kw.pop(k) for k in list(kw) if k in StreamConfig.__dataclass_fields__}
+    stream_kw = {"batch_size": 4, "workers": 2, "crop": 24, "shuffle_buffer": 8, **stream_kw}
+    sc = StreamConfig(shards=(f"{packed}/<000..007>.tar",), **stream_kw)
+    kw = {"lr": 3e-3, **kw}
+    return TrainConfig(stream=sc, model="tiny", log_dir=str(log_dir), progress=False, **kw)
+
+
+def records(log_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (log_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def audit(log_dir: Path, epoch: int, rank: int) -> list[str]:
+    return (log_dir / "audit" / f"epoch-{epoch:03d}-rank-{rank}.txt").read_text().split()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--shards", "{packed}/<100..131>.tar"], "no shards match '.*<100..131>.tar'"),
+        (["--shards", "{packed}/<000..0x7>.tar"], "malformed range <000..0x7>"),
+        (["--shards", "{packed}/{{000..007.tar"], "malformed range .* unbalanced braces"),
+        (["--shards", "{packed}/<000..007>.tar", "--model", "resnet-9000"], "resnet-9000"),
+        (["--shards", "{packed}/<000..007>.tar", "--workers", "3", "--nproc-per-node", "3"], "8 training shards for 3 ranks x 3 workers"),
+        (["--shards", "{packed}/<000..007>.tar", "--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+        (["--shards", "pipe:cat {packed}/000.tar"], "--allow-pipe"),
+        (["--shards", "{broken}/<000..007>.tar"], "unreadable index"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(packed, tmp_path, args, message):
+    broken = tmp_path / "broken"
+    shutil.copytree(packed, broken)
+    (broken / "index.json").write_text('{"format": "clipstream", "version": 1, "splits": ')
+    result = run_cli(train_app, *[a.format(packed=packed, broken=broken) for a in args], "--log-dir", tmp_path / "run")
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    import re
+
+    assert re.search(message, lines[0]), lines[0]
+    assert not (tmp_path / "run").exists()
+
+
+def test_learns_the_fixture_classes_and_writes_metrics(packed, tmp_path):
+    log = tmp_path / "run"
+    summary = train.launch(cfg_for(packed, log, epochs=5, log_every=5, lr=1e-2))
+    recs = records(log)
+    steps = [r for r in recs if r["kind"] == "step"]
+    evals = [r for r in recs if r["kind"] == "eval"]
+    assert [r["kind"] for r in recs][-1] == "summary" and len(evals) == 5
+    for r in steps:
+        assert set(r) >= {"step", "epoch", "loss", "lr", "clips_per_s", "clips_per_s_rank", "data_wait", "step_time"}
+        assert 0 <= r["data_wait"] <= 1 and r["clips_per_s"] > 0 and len(r["clips_per_s_rank"]) == 1
+    assert [r["step"] for r in steps] == sorted(set(range(5, 61, 5)) | {12, 24, 36, 48})  # every 5th and each epoch's last
+    assert evals[-1]["clips"] == 16 and set(evals[-1]["per_class"]) == {"brush_hair", "cartwheel", "catch", "chew"}
+    assert summary["steps"] == 60 and summary["epochs"] == 5
+    assert summary["top1"] >= 0.8, summary
+    assert records(log)[-1]["top1"] == summary["top1"]
+    # cosine schedule ends near zero; loss went down
+    assert steps[-1]["lr"] < 0.01 * 1e-2 and steps[-1]["loss"] < steps[0]["loss"]
+
+
+def test_learning_needs_the_right_labels(packed, tmp_path):
+    """The learning test above would pass with a broken label path only if chance were >= 80 %: it is 25 %."""
+    log = tmp_path / "run"
+    summary = train.launch(cfg_for(packed, log, epochs=1, lr=1e-9, seed=3))
+    assert summary["top1"] < 0.8
+
+
+def test_resume_mid_epoch_neither_repeats_nor_skips_clips(packed, tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    train.launch(cfg_for(packed, full, epochs=2, audit_keys=True, eval_every=0))
+    first = train.launch(cfg_for(packed, part, epochs=2, audit_keys=True, eval_every=0, max_steps=17))
+    assert first["stopped_early"] and first["steps"] == 17
+    ckpt = torch.load(part / "checkpoint.pt", weights_only=True)
+    assert (ckpt["epoch"], ckpt["step_in_epoch"], int(ckpt["consumed"].sum())) == (1, 5, 20)
+    second = train.launch(cfg_for(packed, part, epochs=2, audit_keys=True, eval_every=0, resume=str(part)))
+    assert second["steps"] == 24 and second["epochs"] == 2
+    for epoch in (0, 1):
+        resumed, uninterrupted = audit(part, epoch, 0), audit(full, epoch, 0)
+        assert len(resumed) == len(set(resumed)) == 48
+        assert sorted(resumed) == sorted(uninterrupted)
+    # the clips before the stop are kept in order; the rest are the ones the epoch had left
+    assert audit(part, 1, 0)[:20] == audit(full, 1, 0)[:20]
+    summaries = [r for r in records(part) if r["kind"] == "summary"]
+    assert len(summaries) == 2
+
+
+def test_resume_refuses_a_different_world_mid_epoch(packed, tmp_path):
+    log = tmp_path / "run"
+    train.launch(cfg_for(packed, log, epochs=1, max_steps=3, eval_every=0))
+    with pytest.raises(UserError, match="needs the same .*batch_size"):
+        train.launch(cfg_for(packed, log, epochs=1, batch_size=2, resume=str(log)))
+
+
+def test_gradient_accumulation_and_sgd_step_schedule_run(packed, tmp_path):
+    log = tmp_path / "run"
+    summary = train.launch(cfg_for(packed, log, epochs=2, grad_accum=5, optimizer="sgd", schedule="step", lr_step_epochs=1, lr_gamma=0.5, lr=0.05))
+    steps = [r for r in records(log) if r["kind"] == "step"]
+    assert summary["steps"] == 24
+    assert {r["epoch"]: r["lr"] for r in steps} == {1: 0.05, 2: 0.025}
+
+
+@pytest.mark.parametrize(
+    "step, lr",
+    [(0, 0.25), (3, 1.0), (4, 1.0), (14, 0.5), (24, 0.0)],
+)
+def test_cosine_schedule_with_warmup_table(packed, tmp_path, step, lr):
+    cfg = cfg_for(packed, tmp_path, lr=1.0, warmup_steps=4)
+    assert train.learning_rate(cfg, step, 24, 0) == pytest.approx(lr, abs=1e-9)
+
+
+def test_checkpoint_loads_with_weights_only(packed, tmp_path):
+    log = tmp_path / "run"
+    train.launch(cfg_for(packed, log, epochs=1, eval_every=0))
+    ckpt = torch.load(log / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] == 1 and ckpt["step_in_epoch"] == 0 and ckpt["step"] == 12
+    assert set(ckpt["rng"]) == {"torch"} and ckpt["rng"]["torch"].shape[0] == 1
+    assert not list(log.glob(".*.tmp"))
+
+
+@pytest.mark.slow
+def test_two_processes_split_the_epoch_and_evaluate_like_one(packed, tmp_path):
+    log = tmp_path / "run"
+    cmd = cli_command("train_app") + ["--shards", f"{packed}/<000..007>.tar", *SMALL, "--epochs", "2", "--lr", "0.003"]
+    cmd += ["--nproc-per-node", "2", "--audit-keys", "--log-dir", str(log)]
+    done = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    all_keys = sorted(k for i in range(8) for k in shard_keys(packed / f"{i:03d}.tar"))
+    for epoch in (0, 1):
+        r0, r1 = audit(log, epoch, 0), audit(log, epoch, 1)
+        assert len(r0) == len(r1) == 24  # same number of steps (6 of 4 clips) on both ranks
+        assert not set(r0) & set(r1)
+        assert sorted(r0 + r1) == all_keys
+    assert audit(log, 0, 0) != audit(log, 1, 0)
+    recs = records(log)
+    summary = recs[-1]
+    assert summary["kind"] == "summary" and summary["world_size"] == 2 and summary["steps"] == 12
+    assert all(len(r["clips_per_s_rank"]) == 2 for r in recs if r["kind"] == "step")
+    assert done.stdout.count("epoch 2: test top-1") == 1  # only rank 0 prints
+    # the two-rank evaluation equals a one-process evaluation of the saved weights
+    final = [r for r in recs if r["kind"] == "eval"][-1]
+    from pipeline.models import build_model
+
+    cfg = cfg_for(packed, tmp_path / "eval")
+    dataset = stream.resolve_dataset(cfg.stream)
+    model = build_model("tiny", 4)
+    model.load_state_dict(torch.load(log / "checkpoint.pt", weights_only=True)["model"])
+    alone = train.evaluate(model, dataset, cfg, train.DistEnv(), torch.device("cpu"), False, __import__("contextlib").nullcontext())
+    assert alone["clips"] == final["clips"] == 16
+    assert (alone["top1"], alone["top5"], alone["per_class"]) == (final["top1"], final["top5"], final["per_class"])
