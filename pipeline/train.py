@@ -158,6 +158,16 @@ def learning_rate(cfg: TrainConfig, opt_step: int, total_opt_steps: int, epoch: 
     return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def model_memory_format(model: torch.nn.Module) -> torch.memory_format:
+    """channels_last_3d for 3D conv nets, channels_last for 2D ones (cnn-lstm: its frames, cut from a
+    channels_last_3d clip batch by transpose + reshape, arrive channels_last without a copy)."""
+    if any(isinstance(m, torch.nn.Conv3d) for m in model.modules()):
+        return torch.channels_last_3d
+    if any(isinstance(m, torch.nn.Conv2d) for m in model.modules()):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 def to_model_input(video: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
     """(B, T, H, W, 3) uint8 on the host -> normalised (B, 3, T, H, W) float on `device`.
 
@@ -299,7 +309,7 @@ def train(cfg: TrainConfig, env: DistEnv) -> dict:
     torch.manual_seed(sc.seed)
     model = build_model(cfg.model, len(dataset.classes)).to(device)
     if channels_last:
-        model = model.to(memory_format=torch.channels_last_3d)
+        model = model.to(memory_format=model_memory_format(model))
     net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if use_cuda else None) if env.world_size > 1 else model
     forward = torch.compile(net) if cfg.compile else net
 
@@ -484,11 +494,10 @@ def train(cfg: TrainConfig, env: DistEnv) -> dict:
             last_eval = evaluate(model, dataset, cfg, env, device, channels_last, autocast)
             record("eval", step=step, epoch=epochs_done, **last_eval)
             if last_eval["clips"]:
-                worst = sorted((a, n) for n, a in last_eval["per_class"].items() if a is not None)[:5]
+                per_class = ", ".join(f"{n} {a:.0%}" for n, a in last_eval["per_class"].items() if a is not None)
                 say(
-                    f"epoch {epochs_done}: test top-1 {last_eval['top1']:.1%}, top-5 {last_eval['top5']:.1%} on {last_eval['clips']} clips; "
-                    f"per class: " + ", ".join(f"{n} {a:.0%}" for n, a in sorted(last_eval["per_class"].items()) if a is not None)
-                    + (f"; weakest: {', '.join(n for _, n in worst)}" if worst else "")
+                    f"epoch {epochs_done}: test top-1 {last_eval['top1']:.1%}, top-5 {last_eval['top5']:.1%} "
+                    f"on {last_eval['clips']} clips; per class: {per_class}"
                 )
         checkpoint(epochs_done, 0, torch.zeros(n_workers, dtype=torch.int64))
         if cfg.max_steps and step >= cfg.max_steps and epochs_done < cfg.epochs:
