@@ -120,7 +120,7 @@ def train_stream(
     model: Annotated[str, typer.Option(help="r3d18, r2plus1d18, cnn-lstm, tiny, or torchvision:<name>.")] = "r3d18",
     epochs: Annotated[int, typer.Option(help="Passes over the training shards.")] = 10,
     batch_size: Annotated[int, typer.Option(help="Clips per batch on each rank (global batch: x ranks x --grad-accum).")] = 8,
-    workers: Annotated[int, typer.Option(help="Loader worker processes per rank; each reads its own shards and builds whole batches.")] = 2,
+    workers: Annotated[Optional[int], typer.Option(help="Loader worker processes per rank; each reads its own shards and builds whole batches [default: one per core left to the rank, at most 8 and at most shards / ranks].", show_default=False)] = None,
     shuffle_buffer: Annotated[int, typer.Option(help="Samples in each worker's shuffle buffer (about 150 KB each).")] = 256,
     crop: Annotated[int, typer.Option(help="Side of the square crop (random in training, centred in evaluation).")] = 112,
     seed: Annotated[int, typer.Option(help="Seed of shard order, shuffle, crops, flips and model initialisation.")] = 0,

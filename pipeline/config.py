@@ -106,8 +106,8 @@ class StreamConfig:
     """Path or URL of index.json; None: `index.json` in the folder (or base URL) of the training shards."""
     batch_size: int = 8
     """Clips per batch on each rank (the global batch is batch_size x world size x grad_accum)."""
-    workers: int = 2
-    """DataLoader worker processes per rank; each reads its own shards and builds whole batches."""
+    workers: int | None = None
+    """DataLoader worker processes per rank, each reading its own shards and building whole batches; None: one per core left to the rank, at most 8 and at most shards / ranks."""
     shuffle_buffer: int = 256
     """Samples held in each worker's shuffle buffer (raw JPEG bytes, about 150 KB a clip)."""
     crop: int = 112
@@ -130,7 +130,7 @@ class StreamConfig:
             raise UserError(f"--shards must name at least one pattern, got {self.shards!r}")
         if self.batch_size < 1:
             raise UserError(f"--batch-size must be >= 1, got {self.batch_size}")
-        if self.workers < 0:
+        if self.workers is not None and self.workers < 0:
             raise UserError(f"--workers must be >= 0, got {self.workers}")
         if self.shuffle_buffer < 1:
             raise UserError(f"--shuffle-buffer must be >= 1 (1 = no shuffle), got {self.shuffle_buffer}")

@@ -238,12 +238,20 @@ def resolve_dataset(cfg: StreamConfig) -> Dataset:
     return Dataset(tuple(train), tuple(test), classes, frames)
 
 
+def auto_workers(n_shards: int, world_size: int, cores_per_rank: int, resample: bool) -> int:
+    """Loader workers per rank when not given: a core each, one core left for the trainer, at most 8,
+    and (without resampling) no more than each rank has shards."""
+    workers = min(8, max(1, cores_per_rank - 1))
+    return workers if resample else max(1, min(workers, n_shards // world_size))
+
+
 def check_enough_shards(dataset: Dataset, cfg: StreamConfig, world_size: int) -> None:
     """Every (rank, worker) must read at least one shard each epoch, unless shards are resampled."""
-    readers = world_size * max(1, cfg.workers)
+    workers = max(1, cfg.workers or 0)
+    readers = world_size * workers
     if not cfg.resample and len(dataset.train) < readers:
         raise UserError(
-            f"{len(dataset.train)} training shards for {world_size} ranks x {max(1, cfg.workers)} workers = {readers} readers; "
+            f"{len(dataset.train)} training shards for {world_size} ranks x {workers} workers = {readers} readers; "
             "pack more shards, use fewer workers or ranks, or pass --resample"
         )
     if dataset.train_samples < world_size * cfg.batch_size:
@@ -317,7 +325,7 @@ def train_plan(dataset: Dataset, cfg: StreamConfig, epoch: int, rank: int, world
     """One WorkerPlan per worker (one for workers=0) of `rank` in `epoch`."""
     counts = [s.samples for s in dataset.train]
     steps = steps_per_epoch(counts, cfg.batch_size, world_size, cfg.seed, epoch, cfg.resample)
-    n_workers = max(1, cfg.workers)
+    n_workers = max(1, cfg.workers or 0)
     skip = skip or [0] * n_workers
     if len(skip) != n_workers:
         raise ValueError(f"skip has {len(skip)} entries for {n_workers} workers")
@@ -646,7 +654,7 @@ class EvalStream(torch.utils.data.IterableDataset):
     def __init__(self, dataset: Dataset, cfg: StreamConfig, rank: int, world_size: int):
         self.dataset, self.cfg, self.rank, self.world_size = dataset, cfg, rank, world_size
         self.per_worker, self.by_key = eval_plan(dataset, cfg.workers, rank, world_size)
-        self.workers = len(self.per_worker) if cfg.workers > 0 else 0
+        self.workers = len(self.per_worker) if cfg.workers else 0
 
     def __iter__(self):
         worker, n_workers = worker_identity()

@@ -61,9 +61,23 @@ class DistEnv:
         return cls(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)), local_world)
 
 
-def prepare(cfg: TrainConfig, world_size: int) -> stream.Dataset:
+def cores_per_rank(local_world_size: int) -> int:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // local_world_size)
+
+
+def with_workers(cfg: TrainConfig, n_shards: int, world_size: int, local_world_size: int) -> TrainConfig:
+    """`cfg` with the number of loader workers decided (see stream.auto_workers)."""
+    if cfg.stream.workers is not None:
+        return cfg
+    workers = stream.auto_workers(n_shards, world_size, cores_per_rank(local_world_size), cfg.stream.resample)
+    return dataclasses.replace(cfg, stream=dataclasses.replace(cfg.stream, workers=workers))
+
+
+def prepare(cfg: TrainConfig, world_size: int, local_world_size: int) -> stream.Dataset:
     """Check everything a user can get wrong before any process starts: shards, index, model name."""
     dataset = stream.resolve_dataset(cfg.stream)
+    cfg = with_workers(cfg, len(dataset.train), world_size, local_world_size)
     stream.check_enough_shards(dataset, cfg.stream, world_size)
     from pipeline.models import MODEL_NAMES, build_model
 
@@ -81,12 +95,12 @@ def launch(cfg: TrainConfig) -> dict | None:
     """
     env = DistEnv.from_env()
     if cfg.nproc_per_node == 1:
-        prepare(cfg, env.world_size)
+        prepare(cfg, env.world_size, env.local_world_size)
         return train(cfg, env)
     if env.world_size > 1:
         raise UserError("--nproc-per-node starts its own processes; under torchrun leave it at 1")
     nproc = cfg.nproc_per_node
-    prepare(cfg, nproc)
+    prepare(cfg, nproc, nproc)
     # Decided once here, so that every process writes to the same run folder.
     cfg = dataclasses.replace(cfg, log_dir=default_log_dir(cfg), nproc_per_node=1)
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -142,8 +156,7 @@ def cpu_threads(cfg: TrainConfig, env: DistEnv) -> int:
     """
     if cfg.threads is not None:
         return cfg.threads
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // env.local_world_size - cfg.stream.workers)
+    return max(1, cores_per_rank(env.local_world_size) - (cfg.stream.workers or 0))
 
 
 def learning_rate(cfg: TrainConfig, opt_step: int, total_opt_steps: int, epoch: int) -> float:
@@ -276,7 +289,6 @@ def train(cfg: TrainConfig, env: DistEnv) -> dict:
     if use_cuda:
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True
-    torch.set_num_threads(cpu_threads(cfg, env))
     if env.world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo", rank=env.rank, world_size=env.world_size, device_id=device if use_cuda else None)
     channels_last = use_cuda and cfg.channels_last
@@ -284,7 +296,15 @@ def train(cfg: TrainConfig, env: DistEnv) -> dict:
 
     # --- data -------------------------------------------------------------------------------
     dataset = stream.resolve_dataset(cfg.stream)
+    if cfg.stream.workers is None:
+        # Every rank must split its shards the same way (checkpoints hold a count per worker).
+        mine = with_workers(cfg, len(dataset.train), env.world_size, env.local_world_size).stream.workers
+        agreed = torch.tensor([mine], device=device)
+        if env.world_size > 1:
+            dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+        cfg = dataclasses.replace(cfg, stream=dataclasses.replace(cfg.stream, workers=int(agreed.item())))
     stream.check_enough_shards(dataset, cfg.stream, env.world_size)
+    torch.set_num_threads(cpu_threads(cfg, env))
     sc = cfg.stream
     counts = [s.samples for s in dataset.train]
     steps_per = [stream.steps_per_epoch(counts, sc.batch_size, env.world_size, sc.seed, e, sc.resample) for e in range(cfg.epochs)]
@@ -386,6 +406,12 @@ def train(cfg: TrainConfig, env: DistEnv) -> dict:
     )
 
     # --- loop -------------------------------------------------------------------------------
+    def open_epoch(epoch: int, skip: list[int] | None):
+        """Start the epoch's loader workers now (iter() forks them); batches come through rebatch."""
+        workers = iter(stream.loader(stream.TrainStream(dataset, sc, epoch, env.rank, env.world_size, skip), sc.workers, use_cuda, sc.prefetch))
+        return stream.rebatch(workers, sc.batch_size)
+
+    upcoming = None
     loss_fn = torch.nn.CrossEntropyLoss()
     total_clips = total_wait = total_step_time = 0.0
     bad_samples = 0
@@ -398,8 +424,8 @@ def train(cfg: TrainConfig, env: DistEnv) -> dict:
         first = start_in_epoch if epoch == start_epoch else 0
         if first == 0:
             consumed = torch.zeros(n_workers, dtype=torch.int64)
-        train_stream = stream.TrainStream(dataset, sc, epoch, env.rank, env.world_size, consumed.tolist())
-        batches = stream.rebatch(stream.loader(train_stream, sc.workers, use_cuda, sc.prefetch), sc.batch_size)
+        batches = upcoming or open_epoch(epoch, consumed.tolist())
+        upcoming = None
         audit = None
         if cfg.audit_keys:
             audit_path = log_dir / "audit" / f"epoch-{epoch:03d}-rank-{env.rank}.txt"
@@ -413,6 +439,9 @@ def train(cfg: TrainConfig, env: DistEnv) -> dict:
             t0 = time.perf_counter()
             batch = next(batches, None)
             t1 = time.perf_counter()
+            if in_epoch + 1 == steps_per[epoch] and epoch + 1 < cfg.epochs:
+                # The next epoch's workers start now and fill their buffers while this one ends and evaluates.
+                upcoming = open_epoch(epoch + 1, None)
             if batch is None or batch["video"] is None or len(batch["key"]) != sc.batch_size:
                 raise UserError(f"rank {env.rank}: training stream of epoch {epoch + 1} ended after {in_epoch} of {steps_per[epoch]} batches")
             if batch["faults"]:
