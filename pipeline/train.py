@@ -562,3 +562,10 @@ def train(cfg: TrainConfig, env: DistEnv) -> dict:
         dist.barrier()
         dist.destroy_process_group()
     return summary
+
+
+if __name__ == "__main__":
+    # `torchrun ... -m pipeline.train --shards ...`: the train-stream options, without installing the package.
+    from pipeline.cli import train_app
+
+    train_app()

@@ -169,3 +169,25 @@ def test_two_processes_split_the_epoch_and_evaluate_like_one(packed, tmp_path):
     alone = train.evaluate(model, dataset, cfg, train.DistEnv(), torch.device("cpu"), False, __import__("contextlib").nullcontext())
     assert alone["clips"] == final["clips"] == 16
     assert (alone["top1"], alone["top5"], alone["per_class"]) == (final["top1"], final["top5"], final["per_class"])
+
+
+@pytest.mark.slow
+def test_plain_torchrun_with_the_same_arguments(packed, tmp_path):
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "pipeline.train"]
+    cmd += ["--shards", f"{packed}/<000..007>.tar", *SMALL, "--epochs", "1", "--audit-keys"]
+    done = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (log,) = (tmp_path / "runs").iterdir()  # runs/<timestamp>, chosen by rank 0 and shared
+    r0, r1 = audit(log, 0, 0), audit(log, 0, 1)
+    assert len(r0) == len(r1) == 24 and not set(r0) & set(r1)
+    assert records(log)[-1]["world_size"] == 2
+
+
+@pytest.mark.parametrize(
+    "shards, world, cores, resample, expected",
+    [(32, 1, 2, False, 1), (32, 1, 16, False, 8), (32, 8, 2, False, 1), (32, 8, 16, False, 4), (4, 8, 16, True, 8), (32, 2, 1, False, 1)],
+)
+def test_auto_workers_table(shards, world, cores, resample, expected):
+    assert stream.auto_workers(shards, world, cores, resample) == expected
