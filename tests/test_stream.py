@@ -338,3 +338,18 @@ def test_streams_over_http(packed):
             stream.resolve_dataset(StreamConfig(shards=(f"{base}/nothere/000.tar",)))
     finally:
         server.shutdown()
+
+
+def test_a_truncated_shard_costs_its_missing_clips_not_the_epoch(tmp_path, packed):
+    folder = tmp_path / "p"
+    shutil.copytree(packed, folder)
+    data = (folder / "005.tar").read_bytes()
+    (folder / "005.tar").write_bytes(data[: len(data) // 2])
+    cfg = cfg_for(folder, max_bad_fraction=0.5)
+    ds = stream.resolve_dataset(cfg)
+    got = epoch_batches(ds, cfg, 0, 0, 1)
+    assert len(got) == 12 and all(len(b["key"]) == 4 for b in got)
+    faults = [f for b in got for f in b["faults"]]
+    assert len(faults) == 1 and faults[0]["what"].endswith("005.tar") and 1 <= faults[0]["samples"] <= 6
+    keys = [k for b in got for k in b["key"]]
+    assert len(set(keys)) == 48 - faults[0]["samples"]
