@@ -15,6 +15,7 @@ import dataclasses
 import itertools
 import json
 import re
+import sys
 import urllib.error
 import urllib.request
 import zlib
@@ -229,10 +230,10 @@ def resolve_dataset(cfg: StreamConfig) -> Dataset:
         if tuple(index["classes"]) != classes or int(index["frames_per_clip"]) != frames:
             raise UserError(f"index {location!r} disagrees with {first_location!r} on classes or frames per clip")
     if cfg.eval_shards:
-        test = []
-        for url in expand_shards(cfg.eval_shards, cfg.allow_pipe):
-            counts = _counts(indexes.get(cfg.index or "", first), "test")
-            test.append(Shard(url, counts.get(url.rsplit("/", 1)[-1], -1)))
+        known: dict[str, int] = {}
+        for index in indexes.values():
+            known.update(_counts(index, "test"))
+        test = [Shard(url, known.get(url.rsplit("/", 1)[-1], -1)) for url in expand_shards(cfg.eval_shards, cfg.allow_pipe)]
     else:
         test = [Shard(_sibling(first_location, name), n) for name, n in _counts(first, "test").items()]
     return Dataset(tuple(train), tuple(test), classes, frames)
@@ -691,7 +692,12 @@ def _fatal_as_batch(src: Iterable[dict]) -> Iterator[dict]:
 
 
 def loader(stream, workers: int, pin_memory: bool, prefetch: int) -> torch.utils.data.DataLoader:
-    """A plain DataLoader passing the workers' whole batches through."""
+    """A plain DataLoader passing the workers' whole batches through.
+
+    Workers are forked on Linux even where the process's default is spawn (as in processes started
+    by `--nproc-per-node`): a spawned worker re-imports torch, about 1.5 s each per epoch on 2 cores;
+    a forked one starts in milliseconds. Workers never touch CUDA, so forking after CUDA is fine.
+    """
     return torch.utils.data.DataLoader(
         stream,
         batch_size=None,
@@ -699,6 +705,7 @@ def loader(stream, workers: int, pin_memory: bool, prefetch: int) -> torch.utils
         pin_memory=pin_memory,
         prefetch_factor=prefetch if workers > 0 else None,
         persistent_workers=False,
+        multiprocessing_context="fork" if workers > 0 and sys.platform == "linux" else None,
     )
 
 
