@@ -158,7 +158,18 @@ def verify_shards(
         raise typer.Exit(1)
 
 
+def plot_run(
+    log_dir: Annotated[Path, typer.Argument(help="Run folder holding metrics.jsonl (train-stream --log-dir).", show_default=False)],
+    out: Annotated[Optional[Path], typer.Option(help="PNG to write [default: LOG_DIR/curves.png].", show_default=False)] = None,
+):
+    """Draw a training run's curves: loss, test top-1/top-5, clips/s and data-wait share over steps."""
+    from pipeline.plots import plot_run as draw
+
+    typer.echo(f"wrote {draw(log_dir, out)}")
+
+
 pack_app = _app(pack_shards)
 sample_data_app = _app(make_sample_data)
 inspect_app = _app(inspect_shards)
 verify_app = _app(verify_shards)
+plot_app = _app(plot_run)
