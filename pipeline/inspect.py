@@ -379,7 +379,7 @@ def write_png(image: np.ndarray, path: Path) -> None:
         raise UserError(f"--sheet must name a file, got the folder {path}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        ok, png = cv2.imencode(".png", np.ascontiguousarray(image[..., ::-1]))
+        ok, png = cv2.imencode(".png", np.ascontiguousarray(image[..., ::-1]), [cv2.IMWRITE_PNG_COMPRESSION, 6])
         if not ok:
             raise UserError(f"could not encode a {image.shape[1]}x{image.shape[0]} PNG")
         _atomic_write(path, png.tobytes())
@@ -491,7 +491,7 @@ def check_shard(path: Path, entry: dict, frames: int, classes: int) -> ShardChec
                         sample_problem(key, f"{t} frames, index says {frames}")
         report.samples = len(groups)
         if len(groups) != entry["samples"]:
-            problems.append(f"{name}: {len(groups)} samples, index says {entry['samples']}")
+            problems.append(f"{name}: {len(groups)} sample{'' if len(groups) == 1 else 's'}, index says {entry['samples']}")
         tar.close()
     if len(problems) > MAX_PROBLEMS_PER_SHARD:
         more = len(problems) - MAX_PROBLEMS_PER_SHARD
@@ -530,7 +530,7 @@ class VerifyReport:
 
     def summary(self) -> str:
         rate = self.samples / self.seconds if self.seconds > 0 else 0.0
-        done = f"verified {self.shards} shards, {self.samples} clips, {_kb(self.bytes)} in {self.seconds:.1f} s ({rate:.0f} clips/s)"
+        done = f"checked {self.shards} shards, {self.samples} clips, {_kb(self.bytes)} in {self.seconds:.1f} s ({rate:.0f} clips/s)"
         if not self.problems:
             return f"{done}: all well"
         bad = len({p.split(":", 1)[0] for p in self.problems})

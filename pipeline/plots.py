@@ -119,7 +119,8 @@ def plot_run(log_dir: str | Path, out: str | Path | None = None) -> Path:
         if y:
             acc_ax.plot(x, y, marker="o", color=colour, label=f"test {label} (last {y[-1]:.1f} %)")
     acc_ax.set_ylabel("test accuracy (%)")
-    acc_ax.set_ylim(0, 100)
+    acc_ax.set_ylim(0, 104)  # room above 100 so a perfect top-5 is not hidden by the frame
+    acc_ax.set_yticks(range(0, 101, 20))
     if acc_ax.lines:
         acc_ax.legend(loc="lower right")
     else:

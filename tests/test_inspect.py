@@ -223,7 +223,7 @@ def test_verify_passes_on_a_clean_pack(pack):
     assert result.exit_code == 0, result.output
     problems, summary = _problems(result)
     n = _index(pack)["counts"]["packed"]
-    assert problems == [] and re.fullmatch(rf"verified 6 shards, {n} clips, .* clips/s\): all well", summary)
+    assert problems == [] and re.fullmatch(rf"checked 6 shards, {n} clips, .* clips/s\): all well", summary)
     assert result.stderr == ""
     serial = run_cli(verify_app, pack, "--quiet", "--workers", "1")
     assert serial.exit_code == 0 and serial.stdout.endswith("all well\n")
@@ -264,7 +264,7 @@ def test_verify_names_the_shard_after_a_byte_flip_in_a_tar_header(damaged):
     assert all(p.startswith("002.tar: ") for p in problems), problems
     assert any("sha256 mismatch" in p for p in problems)
     assert f"002.tar: unreadable tar header at byte {m.offset}; the members after it are lost" in problems
-    assert any(re.fullmatch(r"002\.tar: 1 samples?, index says \d+", p) for p in problems)
+    assert any(re.fullmatch(r"002\.tar: 1 sample, index says \d+", p) for p in problems)
 
 
 def test_verify_names_a_deleted_shard_and_a_stray_one(damaged):
