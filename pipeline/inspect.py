@@ -268,7 +268,7 @@ def summarize(paths: list[Path], samples: list[SampleEntry]) -> Summary:
     padded: collections.Counter = collections.Counter()
     per_shard = collections.Counter(s.shard.name for s in samples)
     for s in samples:
-        name = classes[s.label] if 0 <= s.label < len(classes) else s.meta.get("class_name", str(s.label))
+        name = classes[s.label] if index and 0 <= s.label < len(classes) else s.meta.get("class_name", str(s.label))
         per_class.setdefault(name, collections.Counter())[s.meta.get("split", "?")] += 1
         frame_sizes[tuple(s.meta.get("frame_size", ("?", "?")))] += 1
         padded[s.meta.get("split", "?")] += bool(s.meta.get("padded"))

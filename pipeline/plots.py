@@ -64,7 +64,9 @@ def _title(log_dir: Path, steps: list[dict], summary: dict | None) -> str:
         return f"{log_dir.name}: {len(steps)} step records, no summary yet (run going on, or stopped)"
     parts = []
     if _number(summary.get("top1")):
-        parts.append(f"test top-1 {summary['top1']:.1%}, top-5 {summary.get('top5', float('nan')):.1%}")
+        parts.append(f"test top-1 {summary['top1']:.1%}")
+    if _number(summary.get("top5")):
+        parts.append(f"top-5 {summary['top5']:.1%}")
     if _number(summary.get("clips_per_s")):
         parts.append(f"{summary['clips_per_s']:.1f} clips/s")
     if _number(summary.get("data_wait")):

@@ -139,6 +139,21 @@ def test_summary_of_some_shards_counts_only_those(pack):
     assert re.search(rf"^all\s+{n}\s+0\s+{n}$", result.stdout, re.M)
 
 
+def test_summary_of_shards_without_index_or_manifest(pack, tmp_path):
+    for name in ("001.tar", "002.tar"):
+        shutil.copy(pack / name, tmp_path / name)
+        # Without class 0 the classes present are not the pack's class list: names must come from the metadata.
+        first = {s["key"] for s in read_shard(tmp_path / name) if s["label"] == 0}
+        _rewrite(tmp_path / name, lambda key, ext, data: None if key in first else data)
+    result = run_cli(inspect_app, f"{tmp_path}/<001..002>.tar", "--quiet")
+    assert result.exit_code == 0, result.output
+    expected = collections.Counter(s["meta"]["class_name"] for p in ("001.tar", "002.tar") for s in read_shard(tmp_path / p))
+    got = {m[1]: int(m[2]) for m in re.finditer(r"^(\S+)\s+(\d+)\s+0\s+\d+$", result.stdout, re.M)}
+    assert got == {**expected, "all": sum(expected.values())}
+    assert "warning: no index.json beside the shards" in result.stdout
+    assert "no manifest.parquet beside the shards" in result.stdout
+
+
 # ---------------------------------------------------------------- contact sheet
 
 
@@ -225,8 +240,10 @@ def test_verify_passes_on_a_clean_pack(pack):
     n = _index(pack)["counts"]["packed"]
     assert problems == [] and re.fullmatch(rf"checked 6 shards, {n} clips, .* clips/s\): all well", summary)
     assert result.stderr == ""
-    serial = run_cli(verify_app, pack, "--quiet", "--workers", "1")
+    serial = run_cli(verify_app, pack, "--workers", "1")  # not a terminal: a plain progress line or two
     assert serial.exit_code == 0 and serial.stdout.endswith("all well\n")
+    bar = serial.stderr.splitlines()
+    assert "\r" not in serial.stderr and bar[0].startswith("verify:   0% 0/") and bar[-1].startswith(f"verify: 100% {n}/{n} [")
 
 
 def _member(path, suffix, which=0):
