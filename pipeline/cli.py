@@ -98,8 +98,7 @@ def make_sample_data(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ):
     """Write an HMDB51-shaped sample set: real MPEG-4 AVI clips whose frames show their own index and class."""
-    from tqdm import tqdm
-
+    from pipeline.progress import progress
     from pipeline.sampledata import make_sample_data as make
 
     if out_dir.exists() and not out_dir.is_dir():
@@ -108,7 +107,7 @@ def make_sample_data(
         raise UserError(f"--classes must be in 1..51, got {classes}")
     if clips_per_class < 1:
         raise UserError(f"--clips-per-class must be >= 1, got {clips_per_class}")
-    with tqdm(total=classes * clips_per_class, unit="clip", desc="sample data", disable=quiet or None, file=sys.stderr) as bar:
+    with progress(classes * clips_per_class, "sample data", quiet=quiet) as bar:
         plan = make(out_dir, classes=classes, clips_per_class=clips_per_class, seed=seed, progress=lambda c: bar.update(1))
     typer.echo(f"wrote {len(plan)} clips in {classes} classes to {out_dir}/hmdb51_org and split files to {out_dir}/testTrainMulti_7030_splits")
 

@@ -465,7 +465,8 @@ def _stderr(message: str) -> None:
 
 def run_pack(cfg: PackConfig, quiet: bool = False, log=_stderr) -> PackReport:
     from pebble import ProcessExpired, ProcessPool
-    from tqdm import tqdm
+
+    from pipeline.progress import progress
 
     t0 = time.monotonic()
     catalog = discover(cfg)
@@ -485,7 +486,7 @@ def run_pack(cfg: PackConfig, quiet: bool = False, log=_stderr) -> PackReport:
     if todo:
         jobs = [(p, v) for p in todo for v in p.videos]
         window = max(4, cfg.workers * 4)  # clips in flight: bounds memory, keeps workers fed
-        bar = tqdm(total=len(jobs), unit="clip", desc="pack", disable=quiet or None, mininterval=0.5, file=sys.stderr)
+        bar = progress(len(jobs), "pack", quiet=quiet)
         with ProcessPool(max_workers=cfg.workers, initializer=_worker_init) as pool:
             pending: collections.deque = collections.deque()
             feed = iter(jobs)
