@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import sys
 from pathlib import Path
 from typing import Annotated, Callable, Optional
 
@@ -98,8 +97,7 @@ def make_sample_data(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ):
     """Write an HMDB51-shaped sample set: real MPEG-4 AVI clips whose frames show their own index and class."""
-    from tqdm import tqdm
-
+    from pipeline.progress import progress
     from pipeline.sampledata import make_sample_data as make
 
     if out_dir.exists() and not out_dir.is_dir():
@@ -108,7 +106,7 @@ def make_sample_data(
         raise UserError(f"--classes must be in 1..51, got {classes}")
     if clips_per_class < 1:
         raise UserError(f"--clips-per-class must be >= 1, got {clips_per_class}")
-    with tqdm(total=classes * clips_per_class, unit="clip", desc="sample data", disable=quiet or None, file=sys.stderr) as bar:
+    with progress(classes * clips_per_class, "sample data", quiet=quiet) as bar:
         plan = make(out_dir, classes=classes, clips_per_class=clips_per_class, seed=seed, progress=lambda c: bar.update(1))
     typer.echo(f"wrote {len(plan)} clips in {classes} classes to {out_dir}/hmdb51_org and split files to {out_dir}/testTrainMulti_7030_splits")
 
@@ -199,6 +197,64 @@ def train_stream(
     launch(cfg)
 
 
+def inspect_shards(
+    pattern: Annotated[str, typer.Argument(help="Shards to look at: 'shards/<000..031>.tar', 'shards/{000..031}.tar', one .tar file, or a packed folder (all shards in its index.json).", show_default=False)],
+    sheet: Annotated[Optional[Path], typer.Option(help="Also write a contact sheet PNG here: one labelled row of T frames per randomly drawn clip.", show_default=False)] = None,
+    samples: Annotated[int, typer.Option("--samples", "-n", help="Clips drawn for the contact sheet (all, if the shards hold fewer).")] = 8,
+    seed: Annotated[int, typer.Option(help="Seed of the contact sheet's draw.")] = 0,
+    frame_height: Annotated[int, typer.Option(help="Height of each frame on the contact sheet in pixels (frames are scaled, aspect kept).")] = 128,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+):
+    """Summarise packed shards (clips per class and split, frame sizes, bytes per clip, padded and failed clips) and optionally draw a contact sheet."""
+    from pipeline.inspect import choose_samples, contact_sheet, expand_pattern, scan_shards, summarize, write_png
+
+    if samples < 1:
+        raise UserError(f"--samples must be >= 1, got {samples}")
+    if not 8 <= frame_height <= 1024:
+        raise UserError(f"--frame-height must be in 8..1024, got {frame_height}")
+    paths = expand_pattern(pattern)
+    found = scan_shards(paths, quiet=quiet)
+    typer.echo(summarize(paths, found).render())
+    if sheet is not None:
+        if not found:
+            raise UserError(f"no samples in the shards of {pattern!r}: nothing to draw")
+        drawn = contact_sheet(choose_samples(found, samples, seed), frame_height)
+        write_png(drawn.image, sheet)
+        h, w = drawn.image.shape[:2]
+        note = f" (the shards hold only {len(found)})" if len(found) < samples else ""
+        typer.echo(f"contact sheet: {sheet} ({len(drawn.rows)} clips{note}, {w}x{h} px)")
+
+
+def verify_shards(
+    folder: Annotated[Path, typer.Argument(help="Packed folder holding index.json, manifest.parquet and the shards.", show_default=False)],
+    workers: Annotated[Optional[int], typer.Option(help="Processes checking shards in parallel [default: all cores].", show_default=False)] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+):
+    """Re-read every shard listed in index.json: bytes, sha256, sample count, members, JPEG decodes, labels. Prints one line per problem; exit code 1 when there is any."""
+    from pipeline.config import default_workers
+    from pipeline.inspect import verify_pack
+
+    report = verify_pack(folder, workers if workers is not None else default_workers(), quiet=quiet)
+    for line in report.problems:
+        typer.echo(line)
+    typer.echo(report.summary())
+    if report.problems:
+        raise typer.Exit(1)
+
+
+def plot_run(
+    log_dir: Annotated[Path, typer.Argument(help="Run folder holding metrics.jsonl (train-stream --log-dir).", show_default=False)],
+    out: Annotated[Optional[Path], typer.Option(help="PNG to write [default: LOG_DIR/curves.png].", show_default=False)] = None,
+):
+    """Draw a training run's curves: loss, test top-1/top-5, clips/s and data-wait share over steps."""
+    from pipeline.plots import plot_run as draw
+
+    typer.echo(f"wrote {draw(log_dir, out)}")
+
+
 pack_app = _app(pack_shards)
 sample_data_app = _app(make_sample_data)
 train_app = _app(train_stream)
+inspect_app = _app(inspect_shards)
+verify_app = _app(verify_shards)
+plot_app = _app(plot_run)

@@ -251,16 +251,23 @@ def pack_clip(path: str, frames: int, short_side: int | None, quality: int, deco
     from pipeline.sample import DecodeError, decode_clip, resized_size
 
     try:
-        clip = decode_clip(path, frames, decoder)
+        clip = decode_clip(path, frames, decoder, planes=True)
     except DecodeError as e:
         return {"error": str(e)}
     w, h = resized_size(*clip.size, short_side)
     interp = cv2.INTER_AREA if w <= clip.size[0] else cv2.INTER_LINEAR
+
+    def fit(a, size):
+        return a if (a.shape[1], a.shape[0]) == size else cv2.resize(a, size, interpolation=interp)
+
     jpegs = []
     for f in clip.frames:
-        if (w, h) != clip.size:
-            f = cv2.resize(f, (w, h), interpolation=interp)
-        jpegs.append(simplejpeg.encode_jpeg(f, quality=quality, colorspace="RGB", colorsubsampling="420"))
+        if isinstance(f, tuple):  # 4:2:0 planes straight into the JPEG encoder: no RGB round trip
+            chroma = ((w + 1) // 2, (h + 1) // 2)
+            y, u, v = fit(f[0], (w, h)), fit(f[1], chroma), fit(f[2], chroma)
+            jpegs.append(simplejpeg.encode_jpeg_yuv_planes(y, u, v, quality=quality))
+        else:
+            jpegs.append(simplejpeg.encode_jpeg(fit(f, (w, h)), quality=quality, colorspace="RGB", colorsubsampling="420"))
     return {
         "jpgs": pack_jpegs(jpegs),
         "indices": clip.indices,
@@ -458,7 +465,8 @@ def _stderr(message: str) -> None:
 
 def run_pack(cfg: PackConfig, quiet: bool = False, log=_stderr) -> PackReport:
     from pebble import ProcessExpired, ProcessPool
-    from tqdm import tqdm
+
+    from pipeline.progress import progress
 
     t0 = time.monotonic()
     catalog = discover(cfg)
@@ -478,7 +486,7 @@ def run_pack(cfg: PackConfig, quiet: bool = False, log=_stderr) -> PackReport:
     if todo:
         jobs = [(p, v) for p in todo for v in p.videos]
         window = max(4, cfg.workers * 4)  # clips in flight: bounds memory, keeps workers fed
-        bar = tqdm(total=len(jobs), unit="clip", desc="pack", disable=quiet or None, mininterval=0.5, file=sys.stderr)
+        bar = progress(len(jobs), "pack", quiet=quiet)
         with ProcessPool(max_workers=cfg.workers, initializer=_worker_init) as pool:
             pending: collections.deque = collections.deque()
             feed = iter(jobs)

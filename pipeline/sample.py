@@ -40,8 +40,8 @@ class DecodeError(Exception):
 
 @dataclasses.dataclass
 class SampledClip:
-    frames: np.ndarray
-    """(T, H, W, 3) uint8 RGB, at source size."""
+    frames: np.ndarray | list[tuple[np.ndarray, np.ndarray, np.ndarray]]
+    """(T, H, W, 3) uint8 RGB at source size; or, when asked for planes, T full-range (Y, U, V)."""
     indices: list[int]
     decoded_frames: int
     """n: frames a sequential decode of the whole file produced."""
@@ -53,18 +53,21 @@ class SampledClip:
     """Set when decoding stopped on an error after some frames (a damaged tail)."""
 
 
-def decode_clip(path: str | Path, t: int, decoder: str = "decord") -> SampledClip:
+def decode_clip(path: str | Path, t: int, decoder: str = "decord", planes: bool = False) -> SampledClip:
     """Decode the whole file sequentially, then take the T frames of `clip_indices`.
 
     Sequential on purpose: container frame counts of AVI files can be wrong (a truncated file keeps
     its header), and decord's random access returns neighbouring frames on files with B-frames. A
     full sequential decode both finds the true length n and yields each frame exactly once, in order.
     Only the chosen frames are converted to RGB where the decoder allows it.
+
+    planes=True (pyav only): frames of 4:2:0 video come back as full-range (Y, U, V) planes instead
+    of RGB, so a JPEG encoder can take them without a YUV -> RGB -> YUV round trip.
     """
     if decoder == "decord":
         return _decode_decord(str(path), t)
     if decoder == "pyav":
-        return _decode_pyav(str(path), t)
+        return _decode_pyav(str(path), t, planes)
     raise ValueError(f"unknown decoder {decoder!r}; choose from {', '.join(DECODERS)}")
 
 
@@ -97,7 +100,27 @@ def _decode_decord(path: str, t: int) -> SampledClip:
     return SampledClip(frames, indices, len(kept), container or None, fps, (w, h), note)
 
 
-def _decode_pyav(path: str, t: int) -> SampledClip:
+# MPEG video stores limited-range BT.601 (Y 16-235, chroma 16-240); JPEG (JFIF) wants full range.
+_Y_TO_FULL = np.clip(np.round((np.arange(256) - 16) * 255 / 219), 0, 255).astype(np.uint8)
+_C_TO_FULL = np.clip(np.round((np.arange(256) - 128) * 255 / 224 + 128), 0, 255).astype(np.uint8)
+
+
+def _yuv420_planes(frame) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """Full-range (Y, U, V) uint8 planes of a 4:2:0 PyAV frame, or None for other layouts."""
+    name = frame.format.name
+    if name not in ("yuv420p", "yuvj420p"):
+        return None
+    w, h = frame.width, frame.height
+    out = []
+    for plane, (pw, ph) in zip(frame.planes, ((w, h), ((w + 1) // 2, (h + 1) // 2), ((w + 1) // 2, (h + 1) // 2))):
+        a = np.frombuffer(plane, np.uint8).reshape(-1, plane.line_size)[:ph, :pw]
+        out.append(a.copy())
+    if name == "yuv420p":
+        out = [_Y_TO_FULL[out[0]], _C_TO_FULL[out[1]], _C_TO_FULL[out[2]]]
+    return out[0], out[1], out[2]
+
+
+def _decode_pyav(path: str, t: int, planes: bool = False) -> SampledClip:
     import av
 
     try:
@@ -123,9 +146,13 @@ def _decode_pyav(path: str, t: int) -> SampledClip:
         if not kept:
             raise DecodeError("no decodable frame")
         indices = clip_indices(len(kept), t)
-        frames = np.stack([kept[i].to_ndarray(format="rgb24") for i in indices])
-    h, w = frames.shape[1:3]
-    return SampledClip(frames, indices, len(kept), claimed, fps, (w, h), note)
+        chosen = [_yuv420_planes(kept[i]) if planes else None for i in indices]
+        if all(c is not None for c in chosen):
+            frames = chosen
+        else:
+            frames = np.stack([kept[i].to_ndarray(format="rgb24") for i in indices])
+        size = (kept[0].width, kept[0].height)
+    return SampledClip(frames, indices, len(kept), claimed, fps, size, note)
 
 
 def _first_line(e: BaseException) -> str:

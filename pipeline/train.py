@@ -277,6 +277,7 @@ def train(cfg: TrainConfig, env: DistEnv) -> dict:
     from tqdm import tqdm
 
     from pipeline.models import build_model
+    from pipeline.progress import progress
 
     started = time.perf_counter()
     say = (lambda msg: tqdm.write(msg, file=sys.stdout)) if env.rank == 0 else (lambda msg: None)
@@ -433,7 +434,8 @@ def train(cfg: TrainConfig, env: DistEnv) -> dict:
             kept = audit_path.read_text().splitlines()[: first * sc.batch_size] if first and audit_path.exists() else []
             audit = open(audit_path, "w")
             audit.write("".join(k + "\n" for k in kept))
-        bar = tqdm(total=steps_per[epoch], initial=first, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=env.rank != 0 or not cfg.progress, leave=False)
+        bar = progress(steps_per[epoch], f"epoch {epoch + 1}/{cfg.epochs}", quiet=env.rank != 0 or not cfg.progress, unit="step")
+        bar.update(first)
         interval = {"loss": torch.zeros((), device=device), "steps": 0, "clips": 0, "wait": 0.0, "start": time.perf_counter()}
         for in_epoch in range(first, steps_per[epoch]):
             t0 = time.perf_counter()

@@ -5,7 +5,6 @@ import os
 import re
 
 import pyarrow.parquet as pq
-import pytest
 
 from pipeline import read_shard
 from pipeline.cli import pack_app, sample_data_app

@@ -1,0 +1,590 @@
+"""Look at packed shards: a summary table, a contact sheet of random clips, and a full verify.
+
+The summary and the sheet read only tar headers, the small `.cls`/`.json` members and the `.jpgs`
+members of the clips drawn, so they stay quick on a full HMDB51 pack: tarfile in random-access mode
+seeks over member data. `verify_pack` reads every byte, hashes it and decodes every frame.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import json
+import mmap
+import os
+import re
+import tarfile
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import UserError
+from pipeline.progress import progress
+from pipeline.shardformat import INDEX_NAME, MANIFEST_NAME, ShardFormatError, decode_jpegs, load_index
+
+MEMBERS = ("cls", "jpgs", "json")
+LABEL_STRIP = 18
+"""Pixels above each row of the contact sheet for its label."""
+GAP = 2
+"""Pixels between two frames of a row; the sheet has no outer margin."""
+BACKGROUND = (24, 24, 24)
+MAX_PROBLEMS_PER_SHARD = 10
+
+_MEMBER_NAME = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+"""webdataset.tariterators.base_plus_ext's split of a member name into key and extension (at the
+first dot of the base name); copied because importing webdataset imports torch (1.5 s)."""
+_ANGLE_RANGE = re.compile(r"<([^<>]*)>")
+_NUMERIC_RANGE = re.compile(r"^\d+\.\.\d+$")
+
+
+# ---------------------------------------------------------------- which shards
+
+
+def split_member_name(name: str) -> tuple[str | None, str | None]:
+    """(key, extension) of a tar member name, as webdataset groups members into samples."""
+    m = _MEMBER_NAME.match(name)
+    return (m.group(1), m.group(2)) if m else (None, None)
+
+
+def _index_or_none(folder: Path) -> dict | None:
+    try:
+        return load_index(folder)
+    except FileNotFoundError:
+        return None
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def _index_shard_names(index: dict) -> list[str]:
+    return [e["name"] for split in ("train", "test") for e in index["splits"].get(split, {}).get("shards", [])]
+
+
+def expand_pattern(pattern: str) -> list[Path]:
+    """Local shard paths of a pattern, in order.
+
+    Accepts `<000..031>` and `{000..031}` ranges, `{a,b}` alternatives and `::`-separated lists (the
+    forms webdataset expands), one file, or a packed folder: every shard its index.json lists,
+    training shards first.
+    """
+    import braceexpand
+
+    folder = Path(pattern)
+    if folder.is_dir():
+        index = _index_or_none(folder)
+        if index is None:
+            raise UserError(f"no {INDEX_NAME} in {folder}: give a packed folder or a shard pattern such as '{folder}/<000..031>.tar'")
+        return [folder / n for n in _index_shard_names(index)]
+    paths: list[Path] = []
+    for part in pattern.split("::"):
+        for inner in _ANGLE_RANGE.findall(part):
+            if not _NUMERIC_RANGE.match(inner):
+                raise UserError(f"malformed range <{inner}> in {pattern!r} (expected <000..031>)")
+        braced = _ANGLE_RANGE.sub(r"{\1}", part)
+        try:
+            expanded = list(braceexpand.braceexpand(braced))
+        except braceexpand.UnbalancedBracesError:
+            raise UserError(f"malformed range in {pattern!r}: unbalanced braces") from None
+        if any(c in u for u in expanded for c in "{}<>"):
+            raise UserError(f"malformed range in {pattern!r}")
+        paths += [Path(u) for u in expanded if u]
+    missing = [p for p in paths if not p.is_file()]
+    if not paths or len(missing) == len(paths):
+        raise UserError(f"no shards match {pattern!r}")
+    if missing:
+        raise UserError(f"{len(missing)} of {len(paths)} shards of {pattern!r} do not exist, e.g. {str(missing[0])!r}")
+    if len(set(paths)) != len(paths):
+        raise UserError(f"a shard is listed twice in {pattern!r}")
+    if len({p.parent for p in paths}) > 1:
+        raise UserError(f"the shards of {pattern!r} lie in several folders: inspect one pack at a time")
+    return paths
+
+
+# ---------------------------------------------------------------- scanning headers
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleEntry:
+    """One sample found in a shard, its frames not read yet."""
+
+    shard: Path
+    key: str
+    label: int
+    meta: dict
+    jpgs_offset: int
+    """Byte offset of the `.jpgs` member's data in the shard file."""
+    jpgs_size: int
+
+
+def scan_shard(path: Path) -> list[SampleEntry]:
+    """Every sample of a shard from its tar headers and small members; frames are not read."""
+    found: dict[str, dict] = {}
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            for m in tar:
+                key, ext = split_member_name(m.name)
+                if key is None or not m.isfile() or ext not in MEMBERS:
+                    continue
+                parts = found.setdefault(key, {})
+                parts[ext] = (m.offset_data, m.size) if ext == "jpgs" else tar.extractfile(m).read()
+    except (tarfile.TarError, OSError) as e:
+        raise UserError(f"cannot read {path}: {e} (verify-shards {path.parent} lists what is wrong)") from None
+    out = []
+    for key, parts in found.items():
+        try:
+            if set(parts) != set(MEMBERS):
+                raise ValueError(f"has {', '.join(sorted(parts))}, expected {', '.join(MEMBERS)}")
+            meta = json.loads(parts["json"])
+            label = int(parts["cls"])
+        except ValueError as e:
+            raise UserError(f"{path}: sample {key} is damaged ({e}); verify-shards {path.parent} lists what is wrong") from None
+        out.append(SampleEntry(path, key, label, meta, *parts["jpgs"]))
+    return out
+
+
+def scan_shards(paths: list[Path], quiet: bool = False) -> list[SampleEntry]:
+    samples: list[SampleEntry] = []
+    with progress(len(paths), "scan", quiet, unit="shard") as bar:
+        for p in paths:
+            samples += scan_shard(p)
+            bar.update(1)
+    return samples
+
+
+def read_frames(entry: SampleEntry) -> np.ndarray:
+    """Decode one scanned sample's frames: (T, H, W, 3) uint8 RGB."""
+    with open(entry.shard, "rb") as f:
+        f.seek(entry.jpgs_offset)
+        data = f.read(entry.jpgs_size)
+    try:
+        return decode_jpegs(data)
+    except ShardFormatError as e:
+        raise UserError(f"{entry.shard}: sample {entry.key}: {e}") from None
+
+
+# ---------------------------------------------------------------- summary
+
+
+def _read_manifest(folder: Path) -> list[dict] | None:
+    import pyarrow.parquet as pq
+
+    path = folder / MANIFEST_NAME
+    if not path.exists():
+        return None
+    try:
+        return pq.read_table(path, columns=["source", "shard", "status", "reason"]).to_pylist()
+    except Exception as e:  # pyarrow raises several types for a damaged file
+        raise UserError(f"unreadable manifest {path}: {e}") from None
+
+
+def _kb(n: float) -> str:
+    return f"{n / 1e3:.1f} KB" if n < 1e6 else f"{n / 1e6:.1f} MB"
+
+
+@dataclasses.dataclass
+class Summary:
+    """What `inspect-shards` prints, computed from the shards themselves, with the index and
+    manifest beside them as a cross-check and the source of the failed clips."""
+
+    folder: Path
+    shards: list[str]
+    classes: list[str]
+    frames_per_clip: set[int]
+    per_class: dict[str, collections.Counter]
+    """class name -> Counter of split -> clips."""
+    frame_sizes: collections.Counter
+    """(width, height) -> clips."""
+    padded: collections.Counter
+    """split -> padded clips."""
+    shard_bytes: int
+    jpgs_bytes: list[int]
+    index_shards: int | None
+    manifest_status: collections.Counter | None
+    failed: list[tuple[str, str]]
+    warnings: list[str]
+
+    @property
+    def clips(self) -> int:
+        return sum(sum(c.values()) for c in self.per_class.values())
+
+    def split_total(self, split: str) -> int:
+        return sum(c[split] for c in self.per_class.values())
+
+    def render(self) -> str:
+        n, t = self.clips, "/".join(map(str, sorted(self.frames_per_clip))) or "?"
+        of = f" of {self.index_shards}" if self.index_shards is not None and self.index_shards != len(self.shards) else ""
+        lines = [
+            f"{self.folder}: {len(self.shards)}{of} shards, {n} clips (train {self.split_total('train')}, "
+            f"test {self.split_total('test')}), {len(self.classes)} classes, {t} frames a clip, {_kb(self.shard_bytes)}",
+            "frame sizes: " + ", ".join(f"{w}x{h} ({c} clips)" for (w, h), c in self.frame_sizes.most_common()),
+        ]
+        if n:
+            j = self.jpgs_bytes
+            per_frame = sum(j) / len(j) / max(self.frames_per_clip)
+            lines.append(
+                f"bytes per clip: {_kb(self.shard_bytes / n)} on disk; frames {_kb(sum(j) / len(j))} "
+                f"(min {_kb(min(j))}, max {_kb(max(j))}), {_kb(per_frame)} a frame"
+            )
+        lines.append(
+            f"padded clips (fewer source frames than {t}, frames repeat): {sum(self.padded.values())} "
+            f"(train {self.padded['train']}, test {self.padded['test']})"
+        )
+        if self.manifest_status is None:
+            lines.append(f"no {MANIFEST_NAME} beside the shards: failed clips unknown")
+        else:
+            s = self.manifest_status
+            lines.append(
+                f"manifest (whole pack): {sum(s.values())} videos, {s['packed']} packed, {s['failed']} failed, {s['unused']} unused"
+            )
+        width = max([len("class")] + [len(c) for c in self.classes])
+        lines += ["", f"{'class':<{width}}  {'train':>6}  {'test':>6}  {'total':>6}"]
+        for c in self.classes:
+            k = self.per_class[c]
+            lines.append(f"{c:<{width}}  {k['train']:>6}  {k['test']:>6}  {k['train'] + k['test']:>6}")
+        lines.append(f"{'all':<{width}}  {self.split_total('train'):>6}  {self.split_total('test'):>6}  {n:>6}")
+        if self.failed:
+            lines.append("")
+            lines += [f"failed: {src}: {reason}" for src, reason in self.failed[:10]]
+            if len(self.failed) > 10:
+                lines.append(f"... and {len(self.failed) - 10} more failed clips (see {self.folder / MANIFEST_NAME})")
+        if self.warnings:
+            lines.append("")
+            lines += [f"warning: {w}" for w in self.warnings]
+        return "\n".join(lines)
+
+
+def summarize(paths: list[Path], samples: list[SampleEntry]) -> Summary:
+    folder = paths[0].parent
+    index = _index_or_none(folder)
+    manifest = _read_manifest(folder)
+    warnings = []
+    if index is None:
+        warnings.append(f"no {INDEX_NAME} beside the shards: sample counts are not cross-checked")
+    classes = list(index["classes"]) if index else sorted({s.meta.get("class_name", str(s.label)) for s in samples})
+    per_class = {c: collections.Counter() for c in classes}
+    frame_sizes: collections.Counter = collections.Counter()
+    padded: collections.Counter = collections.Counter()
+    per_shard = collections.Counter(s.shard.name for s in samples)
+    for s in samples:
+        name = classes[s.label] if index and 0 <= s.label < len(classes) else s.meta.get("class_name", str(s.label))
+        per_class.setdefault(name, collections.Counter())[s.meta.get("split", "?")] += 1
+        frame_sizes[tuple(s.meta.get("frame_size", ("?", "?")))] += 1
+        padded[s.meta.get("split", "?")] += bool(s.meta.get("padded"))
+    if index:
+        listed = {e["name"]: e["samples"] for split in index["splits"].values() for e in split["shards"]}
+        for p in paths:
+            if p.name not in listed:
+                warnings.append(f"{p.name} is not in {INDEX_NAME}")
+            elif listed[p.name] != per_shard[p.name]:
+                warnings.append(f"{p.name} holds {per_shard[p.name]} samples, {INDEX_NAME} says {listed[p.name]}: run verify-shards {folder}")
+    status = failed = None
+    if manifest is not None:
+        status = collections.Counter(r["status"] for r in manifest)
+        failed = [(r["source"], r["reason"]) for r in manifest if r["status"] == "failed"]
+        packed = collections.Counter(r["shard"] for r in manifest if r["status"] == "packed")
+        for p in paths:
+            if packed[p.name] != per_shard[p.name]:
+                warnings.append(f"{p.name} holds {per_shard[p.name]} samples, {MANIFEST_NAME} lists {packed[p.name]}")
+    return Summary(
+        folder=folder,
+        shards=[p.name for p in paths],
+        classes=list(per_class),
+        frames_per_clip={len(s.meta.get("indices", ())) for s in samples},
+        per_class=per_class,
+        frame_sizes=frame_sizes,
+        padded=padded,
+        shard_bytes=sum(p.stat().st_size for p in paths),
+        jpgs_bytes=[s.jpgs_size for s in samples],
+        index_shards=len(_index_shard_names(index)) if index else None,
+        manifest_status=status,
+        failed=failed or [],
+        warnings=warnings,
+    )
+
+
+# ---------------------------------------------------------------- contact sheet
+
+
+@dataclasses.dataclass(frozen=True)
+class Sheet:
+    image: np.ndarray
+    """(H, W, 3) uint8 RGB: N rows of LABEL_STRIP + frame height pixels; T cells of `cell_width`
+    pixels with GAP between them."""
+    rows: list[SampleEntry]
+    cell_width: int
+    frame_height: int
+
+
+def choose_samples(samples: list[SampleEntry], n: int, seed: int) -> list[SampleEntry]:
+    """`n` samples drawn without replacement (all when there are fewer), in shard order."""
+    rng = np.random.default_rng(seed)
+    picks = rng.choice(len(samples), size=min(n, len(samples)), replace=False)
+    return [samples[i] for i in sorted(picks)]
+
+
+def _label(s: SampleEntry) -> str:
+    name = s.meta.get("class_name", "?")
+    text = f"{name} ({s.label})   {s.key}   {s.shard.name}" + ("   padded" if s.meta.get("padded") else "")
+    return text.encode("ascii", "replace").decode()  # cv2's Hershey fonts draw ASCII only
+
+
+def contact_sheet(rows: list[SampleEntry], frame_height: int = 128) -> Sheet:
+    """One row per sample: a label strip, then its T frames left to right.
+
+    Frames are scaled to `frame_height` pixels high, aspect kept (not touched when already that
+    high). Every cell is as wide as the widest scaled frame; narrower frames sit centred in their
+    cell on the dark background. Sheet size: width T x cell + (T - 1) x GAP, height
+    N x (LABEL_STRIP + frame_height).
+    """
+    import cv2
+
+    clips = []
+    for s in rows:
+        frames = read_frames(s)
+        t, h, w, _ = frames.shape
+        if h != frame_height:
+            size = (max(1, round(w * frame_height / h)), frame_height)
+            interp = cv2.INTER_AREA if frame_height < h else cv2.INTER_LINEAR
+            frames = np.stack([cv2.resize(f, size, interpolation=interp) for f in frames])
+        clips.append(frames)
+    cell = max(c.shape[2] for c in clips)
+    t_max = max(c.shape[0] for c in clips)
+    row_h = LABEL_STRIP + frame_height
+    image = np.empty((len(clips) * row_h, t_max * cell + (t_max - 1) * GAP, 3), np.uint8)
+    image[:] = BACKGROUND
+    for r, (s, frames) in enumerate(zip(rows, clips)):
+        y = r * row_h
+        cv2.putText(image, _label(s), (4, y + 13), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (235, 235, 235), 1, cv2.LINE_AA)
+        w = frames.shape[2]
+        pad = (cell - w) // 2
+        for t, f in enumerate(frames):
+            x = t * (cell + GAP) + pad
+            image[y + LABEL_STRIP : y + row_h, x : x + w] = f
+    return Sheet(image, rows, cell, frame_height)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def write_png(image: np.ndarray, path: Path) -> None:
+    """Write an (H, W, 3) uint8 RGB image as PNG (lossless: the pixels read back exactly)."""
+    import cv2
+
+    if path.is_dir():
+        raise UserError(f"--sheet must name a file, got the folder {path}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ok, png = cv2.imencode(".png", np.ascontiguousarray(image[..., ::-1]), [cv2.IMWRITE_PNG_COMPRESSION, 6])
+        if not ok:
+            raise UserError(f"could not encode a {image.shape[1]}x{image.shape[0]} PNG")
+        _atomic_write(path, png.tobytes())
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror}") from None
+
+
+# ---------------------------------------------------------------- verify
+
+
+@dataclasses.dataclass
+class ShardCheck:
+    name: str
+    samples: int
+    bytes: int
+    keys: list[str]
+    problems: list[str]
+
+
+def check_shard(path: Path, entry: dict, frames: int, classes: int) -> ShardCheck:
+    """Every check of one shard against its index entry; problems as `NAME: what` lines."""
+    name = entry["name"]
+    problems: list[str] = []
+    report = ShardCheck(name, 0, 0, [], problems)
+    if not path.is_file():
+        problems.append(f"{name}: missing (the index lists it with {entry['samples']} samples)")
+        return report
+    size = report.bytes = path.stat().st_size
+    if size != entry["bytes"]:
+        problems.append(f"{name}: {size} bytes, index says {entry['bytes']}")
+    if size == 0:
+        problems.append(f"{name}: empty file")
+        return report
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != entry["sha256"]:
+            problems.append(f"{name}: sha256 mismatch (index {entry['sha256'][:16]}..., file {digest[:16]}...)")
+        try:
+            tar = tarfile.open(fileobj=f, mode="r:")
+        except tarfile.TarError as e:
+            problems.append(f"{name}: not a readable tar file ({e})")
+            return report
+        members = []
+        while True:
+            try:
+                m = tar.next()
+            except tarfile.TarError as e:
+                problems.append(f"{name}: unreadable tar header at byte {tar.offset} ({e}); the members after it are lost")
+                break
+            if m is None:
+                # tarfile stops quietly at a damaged header after the first; a real end is all zeros.
+                if data[tar.offset :].strip(b"\0"):
+                    problems.append(f"{name}: unreadable tar header at byte {tar.offset}; the members after it are lost")
+                break
+            members.append(m)
+
+        def sample_problem(key: str, what: str) -> None:
+            problems.append(f"{name}: sample {key}: {what}")
+
+        groups: list[tuple[str, dict]] = []
+        for m in members:
+            key, ext = split_member_name(m.name)
+            if key is None or not m.isfile():
+                problems.append(f"{name}: member {m.name!r} is not a KEY.ext file")
+                continue
+            if m.offset_data + m.size > size:
+                problems.append(f"{name}: member {m.name} is cut off at the end of the file")
+                continue
+            if not groups or groups[-1][0] != key or ext in groups[-1][1]:
+                groups.append((key, {}))  # webdataset starts a new sample exactly here
+            groups[-1][1][ext] = data[m.offset_data : m.offset_data + m.size]
+        seen = set()
+        for key, parts in groups:
+            report.keys.append(key)
+            if key in seen:
+                sample_problem(key, "key appears twice in this shard")
+            seen.add(key)
+            missing, extra = set(MEMBERS) - set(parts), set(parts) - set(MEMBERS)
+            if missing:
+                sample_problem(key, "no " + ", ".join(f".{e}" for e in sorted(missing)))
+            if extra:
+                sample_problem(key, "unexpected " + ", ".join(f".{e}" for e in sorted(extra)))
+            label = None
+            if "cls" in parts:
+                try:
+                    label = int(parts["cls"].decode("ascii"))
+                except ValueError:
+                    sample_problem(key, f".cls is not a class index: {parts['cls'][:20]!r}")
+                else:
+                    if not 0 <= label < classes:
+                        sample_problem(key, f"label {label} outside 0..{classes - 1}")
+            if "json" in parts:
+                try:
+                    meta = json.loads(parts["json"])
+                    if not isinstance(meta, dict):
+                        raise ValueError("not an object")
+                except ValueError as e:
+                    sample_problem(key, f".json unreadable ({e})")
+                else:
+                    if label is not None and meta.get("label") != label:
+                        sample_problem(key, f"label {label} in .cls but {meta.get('label')!r} in .json")
+            if "jpgs" in parts:
+                try:
+                    t = len(decode_jpegs(parts["jpgs"]))
+                except ShardFormatError as e:
+                    sample_problem(key, f"frames do not decode ({e})")
+                else:
+                    if t != frames:
+                        sample_problem(key, f"{t} frames, index says {frames}")
+        report.samples = len(groups)
+        if len(groups) != entry["samples"]:
+            problems.append(f"{name}: {len(groups)} sample{'' if len(groups) == 1 else 's'}, index says {entry['samples']}")
+        tar.close()
+    if len(problems) > MAX_PROBLEMS_PER_SHARD:
+        more = len(problems) - MAX_PROBLEMS_PER_SHARD
+        problems[MAX_PROBLEMS_PER_SHARD:] = [f"{name}: ... and {more} more problems"]
+    return report
+
+
+def _check_index_and_manifest(folder: Path, index: dict) -> list[str]:
+    problems = []
+    entries = [e for split in index["splits"].values() for e in split["shards"]]
+    for split, s in index["splits"].items():
+        total = sum(e["samples"] for e in s["shards"])
+        if s["samples"] != total:
+            problems.append(f"{INDEX_NAME}: split {split} says {s['samples']} samples, its shards add up to {total}")
+    try:
+        rows = _read_manifest(folder)
+    except UserError as e:
+        return problems + [f"{MANIFEST_NAME}: {e}"]
+    if rows is None:
+        return problems + [f"{MANIFEST_NAME}: missing"]
+    packed = collections.Counter(r["shard"] for r in rows if r["status"] == "packed")
+    for e in entries:
+        if packed[e["name"]] != e["samples"]:
+            problems.append(f"{MANIFEST_NAME}: lists {packed[e['name']]} packed clips in {e['name']}, index says {e['samples']}")
+    return problems
+
+
+@dataclasses.dataclass
+class VerifyReport:
+    folder: Path
+    shards: int
+    samples: int
+    bytes: int
+    seconds: float
+    problems: list[str]
+
+    def summary(self) -> str:
+        rate = self.samples / self.seconds if self.seconds > 0 else 0.0
+        done = f"checked {self.shards} shards, {self.samples} clips, {_kb(self.bytes)} in {self.seconds:.1f} s ({rate:.0f} clips/s)"
+        if not self.problems:
+            return f"{done}: all well"
+        bad = len({p.split(":", 1)[0] for p in self.problems})
+        return f"{done}: {len(self.problems)} problem(s) in {bad} file(s)"
+
+
+def verify_pack(folder: Path, workers: int, quiet: bool = False) -> VerifyReport:
+    """Re-read every shard of a packed folder against its index.json, `workers` shards at a time.
+
+    Processes, not threads: sha256 and JPEG decoding release the GIL, but tar parsing and the
+    per-sample checks do not; on 2 cores the sample pack verified at about 1300 clips/s with two
+    processes against 940 with two threads (and 640 with one).
+    """
+    if not folder.exists():
+        raise UserError(f"folder not found: {folder}")
+    if not folder.is_dir():
+        raise UserError(f"not a folder: {folder}")
+    if workers < 1:
+        raise UserError(f"--workers must be >= 1, got {workers}")
+    index = _index_or_none(folder)
+    if index is None:
+        raise UserError(f"no {INDEX_NAME} in {folder}: not a packed folder (or the pack has not finished)")
+    entries = [e for split in ("train", "test") for e in index["splits"].get(split, {}).get("shards", [])]
+    args = [(folder / e["name"], e, index["frames_per_clip"], len(index["classes"])) for e in entries]
+    t0 = time.monotonic()
+    checks: dict[str, ShardCheck] = {}
+    with progress(sum(e["samples"] for e in entries), "verify", quiet) as bar:
+        if workers == 1 or len(entries) <= 1:
+            for a in args:
+                checks[a[1]["name"]] = check_shard(*a)
+                bar.update(a[1]["samples"])
+        else:
+            with ProcessPoolExecutor(max_workers=min(workers, len(entries))) as pool:
+                futures = {pool.submit(check_shard, *a): a[1] for a in args}
+                for fut in as_completed(futures):
+                    checks[futures[fut]["name"]] = fut.result()
+                    bar.update(futures[fut]["samples"])
+    problems = [p for e in entries for p in checks[e["name"]].problems]
+    owner: dict[str, str] = {}
+    for e in entries:
+        for key in checks[e["name"]].keys:
+            if key in owner and owner[key] != e["name"]:
+                problems.append(f"{e['name']}: sample {key}: key also in {owner[key]}")
+            owner.setdefault(key, e["name"])
+    listed = {e["name"] for e in entries}
+    for p in sorted(folder.glob("*.tar")):
+        if p.name not in listed:
+            problems.append(f"{p.name}: not in {INDEX_NAME} (left over from another pack?)")
+    problems += _check_index_and_manifest(folder, index)
+    return VerifyReport(
+        folder=folder,
+        shards=len(entries),
+        samples=sum(c.samples for c in checks.values()),
+        bytes=sum(c.bytes for c in checks.values()),
+        seconds=time.monotonic() - t0,
+        problems=problems,
+    )
