@@ -147,6 +147,7 @@ def train_stream(
     max_steps: Annotated[int, typer.Option(help="Stop with a checkpoint after this many steps in total (0: no limit).")] = 0,
     audit_keys: Annotated[bool, typer.Option("--audit-keys", help="Write the sample keys each rank consumed, per epoch, to LOG_DIR/audit/.")] = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bar (rank 0 only).")] = True,
+    plot: Annotated[bool, typer.Option("--plot", help="At the end, draw LOG_DIR/curves.png: loss, test accuracy, clips/s and data-wait share over steps (as plot-run does).")] = False,
     nproc_per_node: Annotated[int, typer.Option(help="Start N local processes (gloo on CPU, NCCL on GPU); under torchrun leave at 1.")] = 1,
 ):
     """Stream WebDataset shards into (distributed) training of a video classifier, then evaluate on the test shards."""
@@ -192,6 +193,7 @@ def train_stream(
         max_steps=max_steps,
         audit_keys=audit_keys,
         progress=progress,
+        plot=plot,
         nproc_per_node=nproc_per_node,
     )
     launch(cfg)

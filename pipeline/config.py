@@ -194,6 +194,8 @@ class TrainConfig:
     """Write the sample keys each rank consumed, per epoch, to <log_dir>/audit/."""
     progress: bool = True
     """Show a progress bar (rank 0 only)."""
+    plot: bool = False
+    """At the end, draw <log_dir>/curves.png (loss, accuracy, clips/s, data wait) like plot-run (rank 0)."""
     nproc_per_node: int = 1
     """Start this many local processes (gloo on CPU, NCCL on GPU); 1: run in this process (or as launched by torchrun)."""
 

@@ -560,6 +560,10 @@ def train(cfg: TrainConfig, env: DistEnv) -> dict:
     # --- teardown ---------------------------------------------------------------------------
     if metrics is not None:
         metrics.close()
+        if cfg.plot:
+            from pipeline.plots import plot_run
+
+            say(f"curves: {plot_run(log_dir)}")
     if env.world_size > 1:
         dist.barrier()
         dist.destroy_process_group()

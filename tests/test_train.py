@@ -63,7 +63,9 @@ def test_bad_input_is_one_line_and_exit_2(packed, tmp_path, args, message):
 
 def test_learns_the_fixture_classes_and_writes_metrics(packed, tmp_path):
     log = tmp_path / "run"
-    summary = train.launch(cfg_for(packed, log, epochs=5, log_every=5, lr=1e-2))
+    summary = train.launch(cfg_for(packed, log, epochs=5, log_every=5, lr=1e-2, plot=True))
+    curves = (log / "curves.png").read_bytes()  # --plot draws the run's curves at the end
+    assert curves[:8] == b"\x89PNG\r\n\x1a\n" and len(curves) > 10_000
     recs = records(log)
     steps = [r for r in recs if r["kind"] == "step"]
     evals = [r for r in recs if r["kind"] == "eval"]
