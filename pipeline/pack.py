@@ -13,6 +13,7 @@ import collections
 import dataclasses
 import hashlib
 import io
+import itertools
 import json
 import os
 import re
@@ -20,8 +21,12 @@ import shutil
 import signal
 import sys
 import time
+from concurrent.futures import FIRST_COMPLETED
 from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures import wait as futures_wait
 from pathlib import Path
+
+from pebble import ProcessExpired
 
 from pipeline.config import PackConfig
 from pipeline.errors import UserError
@@ -459,12 +464,24 @@ def _shard_done(out: Path, state: Path, plan: ShardPlan) -> dict | None:
     return None
 
 
+def _outcome(fut, timeout: float) -> dict:
+    """A worker's result, or the reason it has none: one clip never ends the run."""
+    try:
+        return fut.result()
+    except FutureTimeout:
+        return {"error": f"decoding took longer than {timeout:g} s (time-out)"}
+    except ProcessExpired as e:
+        return {"error": f"decoder process died (exit code {e.exitcode})"}
+    except Exception as e:
+        return {"error": f"{type(e).__name__}: {e}"}
+
+
 def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
 def run_pack(cfg: PackConfig, quiet: bool = False, log=_stderr) -> PackReport:
-    from pebble import ProcessExpired, ProcessPool
+    from pebble import ProcessPool
 
     from pipeline.progress import progress
 
@@ -484,42 +501,32 @@ def run_pack(cfg: PackConfig, quiet: bool = False, log=_stderr) -> PackReport:
     index_done = (out / INDEX_NAME).exists() and (out / MANIFEST_NAME).exists()
 
     if todo:
-        jobs = [(p, v) for p in todo for v in p.videos]
-        window = max(4, cfg.workers * 4)  # clips in flight: bounds memory, keeps workers fed
+        jobs = [(p, v) for p in todo for v in p.videos]  # grouped by shard, in plan order
+        shard_ends = list(itertools.accumulate(len(p.videos) for p in todo))
+        # Clips scheduled but not yet written: bounds memory; a shard's worth beyond the workers'
+        # share lets one slow clip at the head of a shard hold up writing, not decoding.
+        window = cfg.workers * 8 + max(len(p.videos) for p in todo)
         bar = progress(len(jobs), "pack", quiet=quiet)
         with ProcessPool(max_workers=cfg.workers, initializer=_worker_init) as pool:
-            pending: collections.deque = collections.deque()
-            feed = iter(jobs)
-            results: dict[str, list[dict]] = collections.defaultdict(list)
+            inflight: dict = {}
+            results: dict[int, dict] = {}
+            scheduled = written = shard = 0
             try:
-                while True:
-                    while len(pending) < window:
-                        job = next(feed, None)
-                        if job is None:
-                            break
-                        p, v = job
-                        fut = pool.schedule(
-                            pack_clip,
-                            args=(str(cfg.data_dir / v.source), cfg.frames, cfg.short_side, cfg.quality, cfg.decoder),
-                            timeout=cfg.timeout,
-                        )
-                        pending.append((p, v, fut))
-                    if not pending:
-                        break
-                    p, v, fut = pending.popleft()
-                    try:
-                        r = fut.result()
-                    except FutureTimeout:
-                        r = {"error": f"decoding took longer than {cfg.timeout:g} s (time-out)"}
-                    except ProcessExpired as e:
-                        r = {"error": f"decoder process died (exit code {e.exitcode})"}
-                    except Exception as e:  # never let one clip end the run
-                        r = {"error": f"{type(e).__name__}: {e}"}
-                    results[p.name].append(r)
-                    bar.update(1)
-                    report.clips_done_now += 1
-                    if len(results[p.name]) == len(p.videos):
-                        data, rows = build_shard(p, results.pop(p.name), catalog, cfg)
+                while written < len(jobs):
+                    while scheduled < len(jobs) and scheduled - written < window:
+                        v = jobs[scheduled][1]
+                        args = (str(cfg.data_dir / v.source), cfg.frames, cfg.short_side, cfg.quality, cfg.decoder)
+                        inflight[pool.schedule(pack_clip, args=args, timeout=cfg.timeout)] = scheduled
+                        scheduled += 1
+                    done, _ = futures_wait(inflight, return_when=FIRST_COMPLETED)
+                    for fut in done:
+                        results[inflight.pop(fut)] = _outcome(fut, cfg.timeout)
+                        bar.update(1)
+                        report.clips_done_now += 1
+                    # Write every shard at the head whose clips are all back, in plan order.
+                    while shard < len(todo) and all(i in results for i in range(written, shard_ends[shard])):
+                        p = todo[shard]
+                        data, rows = build_shard(p, [results.pop(i) for i in range(written, shard_ends[shard])], catalog, cfg)
                         _atomic_write(out / p.name, data)
                         saved = {
                             "name": p.name,
@@ -530,6 +537,7 @@ def run_pack(cfg: PackConfig, quiet: bool = False, log=_stderr) -> PackReport:
                             "rows": rows,
                         }
                         _atomic_write(state / "state" / f"{p.name}.json", _json_bytes(saved))
+                        written, shard = shard_ends[shard], shard + 1
                         report.shards_written += 1
                         _failpoint(f"after-shards:{report.shards_written}")
             except BaseException:
