@@ -187,3 +187,19 @@ def test_pyav_decoder_packs_the_same_frames(small_tree, tmp_path):
         assert a[k]["frames"].shape == b[k]["frames"].shape
         # pyav encodes the decoder's 4:2:0 planes directly; colours agree within JPEG noise
         assert np.abs(a[k]["frames"].astype(int) - b[k]["frames"].astype(int)).mean() < 3.0
+
+
+def test_other_split_frame_count_and_original_size(small_tree, tmp_path):
+    root, truth = small_tree
+    out = tmp_path / "out"
+    result = run_cli(pack_app, root, out, "--quiet", "--shards", "3", "--split", "2", "--frames", "5", "--keep-size")
+    assert result.exit_code == 0, result.output
+    by_source = {f"hmdb51_org/{c.class_name}/{c.file_name}": c for c in truth}
+    train = [s for p in sorted(out.glob("[0-9]*.tar")) for s in read_shard(p)]
+    assert {s["meta"]["source"] for s in train} == {k for k, c in by_source.items() if c.tags[1] == 1}
+    for s in train:
+        c = by_source[s["meta"]["source"]]
+        assert s["frames"].shape == (5, c.size[1], c.size[0], 3)
+        assert [read_code(f)[0] for f in s["frames"]] == clip_indices(c.frames, 5)
+    index = json.loads((out / "index.json").read_text())
+    assert index["frame_size"] == {"original": True} and index["frames_per_clip"] == 5
