@@ -396,7 +396,7 @@ def open_shard(url: str, allow_pipe: bool):
     if scheme == "pipe" and allow_pipe:
         import webdataset as wds
 
-        return wds.gopen.gopen(url)
+        return wds.gopen(url)
     raise ValueError(f"refusing to open {url!r}")
 
 
@@ -483,10 +483,15 @@ def read_samples(shards: Iterable[Shard], allow_pipe: bool, faults: Faults) -> I
                 yield sample
         except Exception as e:
             faults.add(shard.url, f"unreadable after {seen} samples: {e}", max(shard.samples - seen, 0))
+            continue
         finally:
-            stream.close()
-        if shard.samples >= 0 and seen > shard.samples:
-            faults.add(shard.url, f"holds {seen} samples, index says {shard.samples}", 0)
+            try:
+                stream.close()
+            except Exception as e:  # a pipe: command that failed says so here
+                faults.add(shard.url, f"on close: {e}", 0)
+        # tarfile takes a damaged header for the end of the archive: the index tells the difference.
+        if shard.samples >= 0 and seen != shard.samples:
+            faults.add(shard.url, f"holds {seen} samples, index says {shard.samples}", max(shard.samples - seen, 0))
 
 
 def resampled_shards(shards: tuple[Shard, ...], rng: np.random.Generator) -> Iterator[Shard]:
