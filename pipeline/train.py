@@ -408,9 +408,11 @@ def train(cfg: TrainConfig, env: DistEnv) -> dict:
         if start_in_epoch > 0:
             consumed = ckpt["consumed"][env.rank].clone()
         if env.rank < len(ckpt["rng"]["torch"]):
-            torch.set_rng_state(ckpt["rng"]["torch"][env.rank])
+            # A row of the stacked states is a view at an offset; set_rng_state reads from the start of
+            # its storage (rank 1 of a two-rank resume crashed with SIGSEGV), so hand it a copy.
+            torch.set_rng_state(ckpt["rng"]["torch"][env.rank].clone())
             if use_cuda and "cuda" in ckpt["rng"]:
-                torch.cuda.set_rng_state(ckpt["rng"]["cuda"][env.rank])
+                torch.cuda.set_rng_state(ckpt["rng"]["cuda"][env.rank].clone())
         say(f"resumed from {path}: epoch {start_epoch + 1}, step {start_in_epoch} of {steps_per[min(start_epoch, cfg.epochs - 1)]}")
 
     def checkpoint(epoch: int, in_epoch: int, consumed_now: torch.Tensor) -> None:
