@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import signal
 import sys
+import tempfile
 import time
 import uuid
 from contextlib import nullcontext
@@ -145,20 +147,34 @@ def launch(cfg: TrainConfig) -> dict | None:
         monitor_interval=0.2,
         start_method="spawn",
     )
-    try:
-        results = elastic_launch(config, _launched)(cfg)
-    except ChildFailedError as e:
-        ranks = ", ".join(str(r) for r in sorted(e.failures))
-        raise UserError(f"training failed on rank {ranks} (see the messages above)") from None
+    # A rank that stops on a UserError leaves its message in `errors` for this process to print as the
+    # run's one line; torch elastic's own failure reports (a traceback of the launcher) are muted.
+    muted = [logging.getLogger(n) for n in ("torch.distributed.elastic.multiprocessing.api", "torch.multiprocessing.spawn")]
+    levels = [m.level for m in muted]
+    with tempfile.TemporaryDirectory(prefix="clipstream-errors-") as errors:
+        try:
+            for m in muted:
+                m.setLevel(logging.CRITICAL)
+            results = elastic_launch(config, _launched)(cfg, errors)
+        except ChildFailedError as e:
+            messages = sorted(Path(errors).glob("rank-*.txt"))
+            if messages:
+                raise UserError(messages[0].read_text()) from None
+            ranks = ", ".join(f"{r} (exit code {f.exitcode})" for r, f in sorted(e.failures.items()))
+            raise UserError(f"training failed on rank {ranks} (see the messages above)") from None
+        finally:
+            for m, level in zip(muted, levels):
+                m.setLevel(level)
     return results.get(0)
 
 
-def _launched(cfg: TrainConfig) -> dict:
+def _launched(cfg: TrainConfig, errors: str) -> dict:
     """Entry point of each process started by `launch`."""
+    env = DistEnv.from_env()
     try:
-        return train(cfg, DistEnv.from_env())
+        return train(cfg, env)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        (Path(errors) / f"rank-{env.rank}.txt").write_text(str(e))
         raise SystemExit(2) from None
 
 

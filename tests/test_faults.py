@@ -312,3 +312,44 @@ def test_pipe_urls_need_allow_pipe(packed, tmp_path):
     got = epoch_batches(stream.resolve_dataset(broken), broken)
     faults = [f for b in got for f in b["faults"]]
     assert len(got) == 12 and faults and faults[0]["what"] == "pipe:cat /nonexistent/007.tar" and sum(f["samples"] for f in faults) == 6
+
+
+# --- 1. one rank's shards broken, two real processes ------------------------------------------
+
+
+def _two_ranks(copy, log, *extra):
+    import subprocess
+
+    from conftest import cli_command, cli_env
+
+    cmd = cli_command("train_app") + ["--shards", f"{copy}/<000..007>.tar", "--model", "tiny", "--crop", "24", "--batch-size", "4"]
+    cmd += ["--workers", "2", "--epochs", "1", "--eval-every", "0", "--no-progress", "--audit-keys", "--nproc-per-node", "2", "--log-dir", str(log), *extra]
+    return subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_only_one_ranks_shards_broken_two_processes_neither_hangs_nor_loses_count(copy, tmp_path):
+    # epoch 0, seed 0, two ranks: rank 0 reads shards 2, 3, 5, 1 and rank 1 reads 4, 6, 0, 7
+    assert stream.rank_shards(8, 0, 0, 1, 2) == [4, 6, 0, 7]
+    data = (copy / "004.tar").read_bytes()
+    (copy / "004.tar").write_bytes(data[: len(data) // 2])
+    m = read_members(copy / "006.tar")
+    m[f"{shard_keys(copy / '006.tar')[0]}.jpgs"] = b"JPGS garbage"
+    write_members(copy / "006.tar", m)
+    log = tmp_path / "run"
+    done = _two_ranks(copy, log, "--max-bad", "6")
+    assert done.returncode == 0, done.stderr[-3000:]
+    audits = [(log / "audit" / f"epoch-000-rank-{r}.txt").read_text().split() for r in (0, 1)]
+    assert len(audits[0]) == len(audits[1]) == 24  # the same 6 steps on both ranks
+    summary = json.loads((log / "metrics.jsonl").read_text().splitlines()[-1])
+    logged = [json.loads(line) for line in (log / "faults-rank1.jsonl").read_text().splitlines()]
+    assert summary["bad_samples"] == sum(f["samples"] for f in logged) >= 2 and summary["fault_logs"] == ["faults-rank1.jsonl"]
+    assert {f["what"].split("/")[-1].split(":")[0] for f in logged} == {"004.tar", "006.tar"}
+    assert len(set(audits[1])) == 24 - summary["bad_samples"] and not set(audits[0]) & set(audits[1])
+    assert "unreadable clips replaced or skipped" in done.stdout
+    # Above --max-bad on rank 1 only: every rank stops, exit 2, one error line naming the cause.
+    done = _two_ranks(copy, tmp_path / "stop", "--max-bad", "1")
+    assert done.returncode == 2
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "rank 1:" in errors[0] and "more than --max-bad 1" in errors[0], done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
