@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import functools
+import sys
 from pathlib import Path
 from typing import Annotated, Callable, Optional
 
 import typer
+import typer.core
 
 from pipeline.errors import UserError
 
@@ -28,9 +30,28 @@ def one_line_errors(fn: Callable) -> Callable:
     return wrapper
 
 
+class _OneLineUsageErrors(typer.core.TyperCommand):
+    """click's own usage errors (unknown option, bad value, missing argument) as one `error: ...` line
+    and exit code 2, like every other bad argument, instead of a usage box."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except typer.TyperException as e:  # click.UsageError, BadParameter, ...
+            message = " ".join(e.format_message().split())
+            typer.echo(f"error: {message} (see --help)", err=True)
+            sys.exit(2)
+        except typer.Abort:
+            typer.echo("aborted", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 def _app(fn: Callable) -> typer.Typer:
     app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
-    app.command(help=fn.__doc__)(one_line_errors(fn))
+    app.command(help=fn.__doc__, cls=_OneLineUsageErrors)(one_line_errors(fn))
     return app
 
 
@@ -125,7 +146,7 @@ def train_stream(
     resample: Annotated[bool, typer.Option("--resample", help="Draw shards with replacement (allows fewer shards than ranks x workers).")] = False,
     allow_pipe: Annotated[bool, typer.Option("--allow-pipe", help="Allow pipe: shard URLs, which run shell commands.")] = False,
     prefetch: Annotated[int, typer.Option(help="Batches each worker prepares ahead.")] = 2,
-    max_bad_fraction: Annotated[float, typer.Option(help="Stop when more than this share of a worker's samples in an epoch are unreadable.")] = 0.01,
+    max_bad: Annotated[float, typer.Option("--max-bad", "--max-bad-fraction", help="Unreadable training clips allowed per rank and epoch: a fraction of its clips if < 1, else a count; above it the run stops.")] = 0.01,
     optimizer: Annotated[str, typer.Option(help="adamw or sgd (momentum 0.9, Nesterov).")] = "adamw",
     lr: Annotated[Optional[float], typer.Option(help="Peak learning rate [default: 1e-3 for adamw, 0.05 for sgd].", show_default=False)] = None,
     weight_decay: Annotated[float, typer.Option(help="Weight decay.")] = 1e-4,
@@ -166,7 +187,7 @@ def train_stream(
         resample=resample,
         allow_pipe=allow_pipe,
         prefetch=prefetch,
-        max_bad_fraction=max_bad_fraction,
+        max_bad=max_bad,
     )
     cfg = TrainConfig(
         stream=stream_cfg,

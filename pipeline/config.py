@@ -120,8 +120,8 @@ class StreamConfig:
     """Allow `pipe:` shard URLs, which run shell commands."""
     prefetch: int = 2
     """Batches each worker prepares ahead."""
-    max_bad_fraction: float = 0.01
-    """Stop with an error when more than this share of a worker's samples in an epoch are unreadable."""
+    max_bad: float = 0.01
+    """Unreadable training clips allowed per rank and epoch: a fraction of the rank's clips if < 1, else a count. Above it the run stops with an error."""
 
     def __post_init__(self):
         if isinstance(self.shards, str) or isinstance(self.eval_shards, str):
@@ -138,8 +138,8 @@ class StreamConfig:
             raise UserError(f"--crop must be >= 1, got {self.crop}")
         if self.prefetch < 1:
             raise UserError(f"--prefetch must be >= 1, got {self.prefetch}")
-        if not 0.0 <= self.max_bad_fraction <= 1.0:
-            raise UserError(f"--max-bad-fraction must be in [0, 1], got {self.max_bad_fraction}")
+        if not self.max_bad >= 0:
+            raise UserError(f"--max-bad must be >= 0 (a fraction if < 1, else a count), got {self.max_bad}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -234,6 +234,11 @@ class TrainConfig:
             raise UserError(f"--max-steps must be >= 0, got {self.max_steps}")
         if self.nproc_per_node < 1:
             raise UserError(f"--nproc-per-node must be >= 1, got {self.nproc_per_node}")
+
+    def bad_limit(self, planned: int) -> int:
+        """Unreadable clips a rank may meet in an epoch of `planned` clips before the run stops."""
+        m = self.stream.max_bad
+        return int(m * planned) if m < 1 else int(m)
 
     @property
     def peak_lr(self) -> float:

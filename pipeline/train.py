@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
+import signal
 import sys
+import tempfile
 import time
 import uuid
 from contextlib import nullcontext
@@ -85,7 +88,34 @@ def prepare(cfg: TrainConfig, world_size: int, local_world_size: int) -> stream.
         build_model(cfg.model, len(dataset.classes))  # UserError for unknown names
     if cfg.resume and not Path(resolve_checkpoint(cfg.resume)).is_file():
         raise UserError(f"no checkpoint at {cfg.resume!r}")
+    check_log_dir(cfg.log_dir)
     return dataset
+
+
+def check_log_dir(log_dir: str | None) -> None:
+    """The run folder (or the nearest folder above it that exists) must be a writable folder."""
+    if not log_dir:
+        return
+    probe = Path(log_dir)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UserError(f"cannot create the run folder {log_dir}: {probe} is a file")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write the run folder {log_dir}: {probe} is not writable")
+
+
+def _failpoint(name: str, before_kill=None) -> None:
+    """Crash tests, as in pack.py: CLIPSTREAM_FAILPOINT=name kills this process with SIGKILL right
+    here; CLIPSTREAM_FAILPOINT=pause:name holds it here until a test kills it from outside."""
+    point = os.environ.get("CLIPSTREAM_FAILPOINT")
+    if point == name:
+        if before_kill is not None:
+            before_kill()
+        os.kill(os.getpid(), signal.SIGKILL)
+    if point == f"pause:{name}":
+        while True:
+            time.sleep(1)
 
 
 def launch(cfg: TrainConfig) -> dict | None:
@@ -117,20 +147,34 @@ def launch(cfg: TrainConfig) -> dict | None:
         monitor_interval=0.2,
         start_method="spawn",
     )
-    try:
-        results = elastic_launch(config, _launched)(cfg)
-    except ChildFailedError as e:
-        ranks = ", ".join(str(r) for r in sorted(e.failures))
-        raise UserError(f"training failed on rank {ranks} (see the messages above)") from None
+    # A rank that stops on a UserError leaves its message in `errors` for this process to print as the
+    # run's one line; torch elastic's own failure reports (a traceback of the launcher) are muted.
+    muted = [logging.getLogger(n) for n in ("torch.distributed.elastic.multiprocessing.api", "torch.multiprocessing.spawn")]
+    levels = [m.level for m in muted]
+    with tempfile.TemporaryDirectory(prefix="clipstream-errors-") as errors:
+        try:
+            for m in muted:
+                m.setLevel(logging.CRITICAL)
+            results = elastic_launch(config, _launched)(cfg, errors)
+        except ChildFailedError as e:
+            messages = sorted(Path(errors).glob("rank-*.txt"))
+            if messages:
+                raise UserError(messages[0].read_text()) from None
+            ranks = ", ".join(f"{r} (exit code {f.exitcode})" for r, f in sorted(e.failures.items()))
+            raise UserError(f"training failed on rank {ranks} (see the messages above)") from None
+        finally:
+            for m, level in zip(muted, levels):
+                m.setLevel(level)
     return results.get(0)
 
 
-def _launched(cfg: TrainConfig) -> dict:
+def _launched(cfg: TrainConfig, errors: str) -> dict:
     """Entry point of each process started by `launch`."""
+    env = DistEnv.from_env()
     try:
-        return train(cfg, DistEnv.from_env())
+        return train(cfg, env)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        (Path(errors) / f"rank-{env.rank}.txt").write_text(str(e))
         raise SystemExit(2) from None
 
 
@@ -238,18 +282,23 @@ def evaluate(model, dataset: stream.Dataset, cfg: TrainConfig, env: DistEnv, dev
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    """Atomic: written beside, flushed, then renamed over the old one."""
+    """Atomic: written beside, flushed, then renamed over the old one. A crash at any point leaves
+    the previous checkpoint in place (and at worst a stale temporary file, removed next time)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as f:
         torch.save(state, f)
         f.flush()
+        _failpoint(f"checkpoint-mid-write:{state['step']}", lambda: f.truncate(f.tell() // 2))
         os.fsync(f.fileno())
+    _failpoint(f"checkpoint-before-rename:{state['step']}")
     os.replace(tmp, path)
     fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
 
 
 def _gather(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
@@ -375,12 +424,16 @@ def train(cfg: TrainConfig, env: DistEnv) -> dict:
         if start_in_epoch > 0:
             consumed = ckpt["consumed"][env.rank].clone()
         if env.rank < len(ckpt["rng"]["torch"]):
-            torch.set_rng_state(ckpt["rng"]["torch"][env.rank])
+            # A row of the stacked states is a view at an offset; set_rng_state reads from the start of
+            # its storage (rank 1 of a two-rank resume crashed with SIGSEGV), so hand it a copy.
+            torch.set_rng_state(ckpt["rng"]["torch"][env.rank].clone())
             if use_cuda and "cuda" in ckpt["rng"]:
-                torch.cuda.set_rng_state(ckpt["rng"]["cuda"][env.rank])
+                torch.cuda.set_rng_state(ckpt["rng"]["cuda"][env.rank].clone())
         say(f"resumed from {path}: epoch {start_epoch + 1}, step {start_in_epoch} of {steps_per[min(start_epoch, cfg.epochs - 1)]}")
 
     def checkpoint(epoch: int, in_epoch: int, consumed_now: torch.Tensor) -> None:
+        if audit is not None and not audit.closed:
+            audit.flush()  # a resume keeps the audit lines up to this checkpoint: they must be on disk
         all_consumed = _gather(consumed_now.to(device), env).cpu()
         rng = {"torch": _gather(torch.get_rng_state().to(device), env).cpu()}
         if use_cuda:
@@ -413,6 +466,7 @@ def train(cfg: TrainConfig, env: DistEnv) -> dict:
         return stream.rebatch(workers, sc.batch_size)
 
     upcoming = None
+    audit = None
     loss_fn = torch.nn.CrossEntropyLoss()
     total_clips = total_wait = total_step_time = 0.0
     bad_samples = 0
@@ -428,6 +482,7 @@ def train(cfg: TrainConfig, env: DistEnv) -> dict:
         batches = upcoming or open_epoch(epoch, consumed.tolist())
         upcoming = None
         audit = None
+        epoch_bad, bad_limit = 0, cfg.bad_limit(steps_per[epoch] * sc.batch_size)
         if cfg.audit_keys:
             audit_path = log_dir / "audit" / f"epoch-{epoch:03d}-rank-{env.rank}.txt"
             audit_path.parent.mkdir(parents=True, exist_ok=True)
@@ -448,10 +503,17 @@ def train(cfg: TrainConfig, env: DistEnv) -> dict:
                 raise UserError(f"rank {env.rank}: training stream of epoch {epoch + 1} ended after {in_epoch} of {steps_per[epoch]} batches")
             if batch["faults"]:
                 bad_samples += sum(f["samples"] for f in batch["faults"])
+                epoch_bad += sum(f["samples"] for f in batch["faults"])
                 with open(fault_log, "a") as f:
                     for fault in batch["faults"]:
                         f.write(json.dumps({"epoch": epoch, "step": step, **fault}) + "\n")
                         say(f"warning: skipped {fault['what']}: {fault['reason']}")
+                if epoch_bad > bad_limit:
+                    last = batch["faults"][-1]
+                    raise UserError(
+                        f"rank {env.rank}: {epoch_bad} unreadable clips in epoch {epoch + 1}, more than --max-bad {sc.max_bad:g} allows "
+                        f"({bad_limit}); last: {last['what']}: {last['reason']} (all in {fault_log})"
+                    )
             x = to_model_input(batch["video"], device, channels_last)
             y = batch["label"].to(device, non_blocking=True)
             boundary = (in_epoch + 1) % cfg.grad_accum == 0 or in_epoch + 1 == steps_per[epoch]
@@ -472,6 +534,7 @@ def train(cfg: TrainConfig, env: DistEnv) -> dict:
             consumed += torch.bincount(batch["worker"], minlength=n_workers)
             if audit is not None:
                 audit.write("".join(k + "\n" for k in batch["key"]))
+            _failpoint(f"step:{step}")
             t2 = time.perf_counter()
             interval["loss"] += loss.detach()
             interval["steps"] += 1
@@ -548,6 +611,7 @@ def train(cfg: TrainConfig, env: DistEnv) -> dict:
         "steps": step,
         "epochs": epochs_done,
         "bad_samples": int(every[:, 3].sum()),
+        "fault_logs": sorted(p.name for p in log_dir.glob("faults-rank*.jsonl")),
         "stopped_early": stopped_early,
         "world_size": env.world_size,
         "log_dir": str(log_dir),
@@ -555,6 +619,8 @@ def train(cfg: TrainConfig, env: DistEnv) -> dict:
     record("summary", **summary)
     if summary["top1"] is not None:
         say(f"done: test top-1 {summary['top1']:.1%}, top-5 {summary['top5']:.1%}; {summary['clips_per_s']:.1f} clips/s, data wait {summary['data_wait']:.0%}, {summary['wall_s']:.0f} s")
+    if summary["bad_samples"]:
+        say(f"warning: {summary['bad_samples']} unreadable clips replaced or skipped, named in {log_dir}/faults-rank*.jsonl")
     say(f"metrics: {log_dir / 'metrics.jsonl'}")
 
     # --- teardown ---------------------------------------------------------------------------
