@@ -72,3 +72,14 @@ def packed(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("packed")
     make_packed(out)
     return out
+
+
+def assert_one_line_error(result, pattern: str) -> None:
+    """Exit code 2, exactly one `error: ...` line on stderr matching `pattern`, no traceback."""
+    import re
+
+    assert result.exit_code == 2, (result.exit_code, result.output)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert re.search(pattern, lines[0]), lines[0]
+    assert "Traceback" not in result.output

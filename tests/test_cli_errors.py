@@ -1,12 +1,11 @@
 """Every bad argument of every console script: exit code 2, one `error: ...` line on stderr, no traceback.
 click's own usage errors (unknown option, non-integer value, missing argument) included."""
 
-import re
 import subprocess
 
 import pytest
 
-from conftest import cli_command, cli_env, run_cli
+from conftest import assert_one_line_error, cli_command, cli_env, run_cli
 from pipeline import cli
 
 SMALL = ["--model", "tiny", "--crop", "24", "--batch-size", "4", "--workers", "2", "--no-progress"]
@@ -76,12 +75,7 @@ def test_bad_argument_is_one_line_and_exit_2(app, args, message, packed, small_t
     a_file = tmp_path / "file"
     a_file.write_text("x")
     fill = {"tmp": tmp_path, "packed": packed, "tree": small_tree[0], "empty": empty, "file": a_file}
-    result = run_cli(getattr(cli, app), *[a.format(**fill) for a in args])
-    assert result.exit_code == 2, (result.exit_code, result.output)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert re.search(message, lines[0]), lines[0]
-    assert "Traceback" not in result.output
+    assert_one_line_error(run_cli(getattr(cli, app), *[a.format(**fill) for a in args]), message)
 
 
 @pytest.mark.parametrize("args", [["--epochs", "x"], ["--bogus"], []])

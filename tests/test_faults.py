@@ -26,7 +26,7 @@ from pipeline.cli import train_app
 from pipeline.config import StreamConfig, TrainConfig
 from pipeline.errors import UserError
 from pipeline.shardformat import ShardFormatError, pack_jpegs, unpack_jpegs
-from shardmaker import shard_keys, write_tar
+from shardmaker import shard_keys
 
 
 def cfg_for(folder: Path, **kw) -> StreamConfig:

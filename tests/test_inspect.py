@@ -29,7 +29,7 @@ from pipeline.errors import UserError
 from pipeline.plots import plot_run
 from pipeline.progress import progress
 from pipeline.sampledata import read_code
-from tests.conftest import run_cli
+from tests.conftest import assert_one_line_error, run_cli
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -53,14 +53,6 @@ def damaged(pack, tmp_path):
     dst = tmp_path / "pack"
     shutil.copytree(pack, dst)
     return dst
-
-
-def _one_line_error(result, pattern):
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: ") and re.search(pattern, lines[0]), lines[0]
-    assert "Traceback" not in result.output
 
 
 def _index(folder):
@@ -222,7 +214,7 @@ def test_inspect_bad_arguments(pack, tmp_path):
         ((pack, "--sheet", tmp_path / "file.png"), "must name a file"),
     ]
     for args, pattern in cases:
-        _one_line_error(run_cli(inspect_app, *args, "--quiet"), pattern)
+        assert_one_line_error(run_cli(inspect_app, *args, "--quiet"), pattern)
 
 
 # ---------------------------------------------------------------- verify
@@ -368,10 +360,10 @@ def _class_of(pack, key):
 def test_verify_bad_arguments(pack, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
-    _one_line_error(run_cli(verify_app, tmp_path / "missing"), "folder not found")
-    _one_line_error(run_cli(verify_app, empty), "no index.json in")
-    _one_line_error(run_cli(verify_app, pack / "000.tar"), "not a folder")
-    _one_line_error(run_cli(verify_app, pack, "--workers", "0"), "--workers must be >= 1")
+    assert_one_line_error(run_cli(verify_app, tmp_path / "missing"), "folder not found")
+    assert_one_line_error(run_cli(verify_app, empty), "no index.json in")
+    assert_one_line_error(run_cli(verify_app, pack / "000.tar"), "not a folder")
+    assert_one_line_error(run_cli(verify_app, pack, "--workers", "0"), "--workers must be >= 1")
 
 
 # ---------------------------------------------------------------- plot-run
@@ -439,12 +431,12 @@ def test_plot_run_without_evals_and_with_a_line_being_written(tmp_path):
 
 
 def test_plot_run_bad_arguments(tmp_path):
-    _one_line_error(run_cli(plot_app, tmp_path / "missing"), "run folder not found")
-    _one_line_error(run_cli(plot_app, tmp_path), "no metrics.jsonl in")
+    assert_one_line_error(run_cli(plot_app, tmp_path / "missing"), "run folder not found")
+    assert_one_line_error(run_cli(plot_app, tmp_path), "no metrics.jsonl in")
     (tmp_path / "metrics.jsonl").write_text('{"kind": "step", "step": 1}\nnot json\n{"kind": "step"}\n')
-    _one_line_error(run_cli(plot_app, tmp_path), r"metrics\.jsonl:2: not a JSON line")
+    assert_one_line_error(run_cli(plot_app, tmp_path), r"metrics\.jsonl:2: not a JSON line")
     (tmp_path / "metrics.jsonl").write_text("")
-    _one_line_error(run_cli(plot_app, tmp_path), "no step or eval records")
+    assert_one_line_error(run_cli(plot_app, tmp_path), "no step or eval records")
 
 
 # ---------------------------------------------------------------- progress

@@ -8,15 +8,7 @@ import pyarrow.parquet as pq
 
 from pipeline import read_shard
 from pipeline.cli import pack_app, sample_data_app
-from tests.conftest import run_cli
-
-
-def _one_line_error(result, pattern):
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: ") and re.search(pattern, lines[0]), lines[0]
-    assert "Traceback" not in result.output
+from tests.conftest import assert_one_line_error, run_cli
 
 
 def test_bad_arguments_table(tmp_path, small_tree):
@@ -46,9 +38,9 @@ def test_bad_arguments_table(tmp_path, small_tree):
         ((root, tmp_path / "o13", "--splits-dir", tmp_path / "nosplits"), "split folder not found"),
     ]
     for args, pattern in cases:
-        _one_line_error(run_cli(pack_app, *args, "--quiet"), pattern)
-    _one_line_error(run_cli(sample_data_app, a_file), "is a file")
-    _one_line_error(run_cli(sample_data_app, tmp_path / "s", "--classes", "52"), "classes")
+        assert_one_line_error(run_cli(pack_app, *args, "--quiet"), pattern)
+    assert_one_line_error(run_cli(sample_data_app, a_file), "is a file")
+    assert_one_line_error(run_cli(sample_data_app, tmp_path / "s", "--classes", "52"), "classes")
 
 
 def _add_train_clip(root, cls, name, data):
@@ -129,7 +121,7 @@ def test_changed_options_need_overwrite(small_tree, tmp_path):
     root, _ = small_tree
     out = tmp_path / "out"
     assert run_cli(pack_app, root, out, "--quiet", "--shards", "4").exit_code == 0
-    _one_line_error(run_cli(pack_app, root, out, "--quiet", "--shards", "4", "--quality", "80"), r"quality 90 -> 80.*--overwrite")
+    assert_one_line_error(run_cli(pack_app, root, out, "--quiet", "--shards", "4", "--quality", "80"), r"quality 90 -> 80.*--overwrite")
     result = run_cli(pack_app, root, out, "--quiet", "--shards", "3", "--quality", "80", "--overwrite")
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in out.glob("[0-9]*.tar")) == ["000.tar", "001.tar", "002.tar"]
@@ -141,5 +133,5 @@ def test_foreign_files_are_not_clobbered(small_tree, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "000.tar").write_bytes(b"somebody else's")
-    _one_line_error(run_cli(pack_app, root, out, "--quiet", "--shards", "4"), "not written by this pack")
+    assert_one_line_error(run_cli(pack_app, root, out, "--quiet", "--shards", "4"), "not written by this pack")
     assert (out / "000.tar").read_bytes() == b"somebody else's"

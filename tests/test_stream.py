@@ -14,7 +14,7 @@ from pipeline.config import StreamConfig
 from pipeline.errors import UserError
 from pipeline.shardformat import read_shard
 from pipeline.shardformat import pack_jpegs
-from shardmaker import clip_key, make_packed, shard_keys, write_tar
+from shardmaker import shard_keys, write_tar
 
 
 def cfg_for(folder: Path, **kw) -> StreamConfig:
