@@ -500,28 +500,44 @@ def decode_clip(pack: bytes, crop: int, rng: np.random.Generator | None) -> np.n
 
     One crop box and one flip decision for the whole clip, so motion stays coherent.
     """
+    jpegs = unpack_jpegs(pack)
+    height, width = jpeg_size(jpegs[0])
+    top, left, flip = crop_box(height, width, crop, rng)
+    return crop_clip(decode_frames(jpegs, height, width), top, left, crop, flip)
+
+
+def jpeg_size(jpeg) -> tuple[int, int]:
+    """(height, width) from a JPEG header, checked against MAX_JPEG_SIDE before anything is allocated."""
     import simplejpeg
 
-    jpegs = unpack_jpegs(pack)
     try:
-        height, width, _, _ = simplejpeg.decode_jpeg_header(jpegs[0])
+        height, width, _, _ = simplejpeg.decode_jpeg_header(jpeg)
     except ValueError as e:
         raise ShardFormatError(f"unreadable JPEG frame: {e}") from None
     if not (1 <= height <= MAX_JPEG_SIDE and 1 <= width <= MAX_JPEG_SIDE):
         raise ShardFormatError(f"JPEG frame of {width}x{height} pixels exceeds the {MAX_JPEG_SIDE} px limit")
-    top, left, flip = crop_box(height, width, crop, rng)
-    frame = np.empty((height, width, 3), np.uint8)
-    out = np.empty((len(jpegs), crop, crop, 3), np.uint8)
+    return height, width
+
+
+def decode_frames(jpegs: list, height: int, width: int) -> np.ndarray:
+    """Decode T JPEGs of one size straight into one (T, height, width, 3) uint8 RGB array (libjpeg-turbo)."""
+    import simplejpeg
+
+    frames = np.empty((len(jpegs), height, width, 3), np.uint8)
     for t, jpeg in enumerate(jpegs):
         try:
             if simplejpeg.decode_jpeg_header(jpeg)[:2] != (height, width):
                 raise ShardFormatError("frames of one clip differ in size")
-            simplejpeg.decode_jpeg(jpeg, colorspace="RGB", buffer=frame)
+            simplejpeg.decode_jpeg(jpeg, colorspace="RGB", buffer=frames[t])
         except ValueError as e:
             raise ShardFormatError(f"unreadable JPEG frame {t}: {e}") from None
-        window = frame[top : top + crop, left : left + crop]
-        out[t] = window[:, ::-1] if flip else window
-    return out
+    return frames
+
+
+def crop_clip(frames: np.ndarray, top: int, left: int, crop: int, flip: bool) -> np.ndarray:
+    """(T, H, W, 3) -> (T, crop, crop, 3) uint8, contiguous: one window (mirrored if `flip`) for all frames."""
+    window = frames[:, top : top + crop, left : left + crop]
+    return np.ascontiguousarray(window[:, :, ::-1] if flip else window)
 
 
 def parse_label(raw: bytes, num_classes: int) -> int:
@@ -583,8 +599,9 @@ def batches(src: Iterable[dict], batch_size: int, worker: int, faults: Faults) -
     list, 'worker' (B,) int64, 'faults' list. The last batch may be partial (merged by `rebatch`)."""
 
     def emit(clips):
+        video = torch.from_numpy(np.stack([c["video"] for c in clips]))
         return {
-            "video": torch.from_numpy(np.stack([c["video"] for c in clips])),
+            "video": video,
             "label": torch.tensor([c["label"] for c in clips], dtype=torch.int64),
             "key": [c["key"] for c in clips],
             "worker": torch.full((len(clips),), worker, dtype=torch.int64),
