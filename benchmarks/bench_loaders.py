@@ -88,7 +88,7 @@ class RecipeFrames(torch.utils.data.Dataset):
             img = img.crop((left, top, left + CROP, top + CROP)).resize((CROP, CROP), Image.BILINEAR)
             if flip:
                 img = img.transpose(Image.FLIP_LEFT_RIGHT)
-            x = torch.from_numpy(np.asarray(img)).permute(2, 0, 1).float().div(255)
+            x = torch.from_numpy(np.array(img)).permute(2, 0, 1).float().div(255)  # as torchvision ToTensor
             out.append((x - self.mean) / self.std)
         return torch.stack(out, 1), self.labels[i]
 

@@ -337,6 +337,7 @@ def run_bench(cfg: BenchConfig, emit=print) -> list[dict]:
     results: list[dict] = []
     step = build_step(cfg.model, len(dataset.classes), device, cfg.amp, cfg.channels_last) if cfg.model else None
     mode = "end_to_end" if cfg.model else "loader"
+    held: list[dict] | None = None
     for workers in cfg.workers:
         sc = dataclasses.replace(cfg.stream, workers=workers)
         stream.check_enough_shards(dataset, sc, 1)
@@ -365,30 +366,27 @@ def run_bench(cfg: BenchConfig, emit=print) -> list[dict]:
             "worker_processes": len(memory.children),
         }
         results.append(result)
+        if cfg.synthetic:
+            # Same model, same threads as this configuration's trainer, batches from memory.
+            if held is None:
+                held = list(itertools.islice(endless_batches(dataset, dataclasses.replace(cfg.stream, workers=0), False), 4))
+            m = measure(memory_batches(held, cuda), cfg.warmup, cfg.batches, step, None)
+            synthetic_rate = m["clips"] / m["seconds"]
+            result["real_vs_synthetic"] = round(rate / synthetic_rate, 4)
+            synthetic = {
+                **{k: result[k] for k in ("bench", "mode", "batch_size", "model", "device")},
+                "source": "synthetic",
+                "workers": workers,
+                "clips": m["clips"],
+                "seconds": round(m["seconds"], 4),
+                "clips_per_s": round(synthetic_rate, 2),
+                "frames_per_s": round(synthetic_rate * frames, 1),
+                "data_wait": round(m["wait"] / m["seconds"], 4),
+            }
+            results.append(synthetic)
         emit(result)
-    if cfg.synthetic:
-        sc = dataclasses.replace(cfg.stream, workers=0)
-        held = list(itertools.islice(endless_batches(dataset, sc, pin_memory=False), 4))
-        torch.set_num_threads(cfg.threads or cores)
-        m = measure(memory_batches(held, cuda), cfg.warmup, cfg.batches, step, None)
-        rate = m["clips"] / m["seconds"]
-        synthetic = {
-            "bench": "stream",
-            "mode": mode,
-            "source": "synthetic",
-            "workers": None,
-            "batch_size": sc.batch_size,
-            "model": cfg.model,
-            "device": device.type,
-            "clips": m["clips"],
-            "seconds": round(m["seconds"], 4),
-            "clips_per_s": round(rate, 2),
-            "frames_per_s": round(rate * frames, 1),
-            "data_wait": round(m["wait"] / m["seconds"], 4),
-            "real_vs_synthetic": {str(r["workers"]): round(r["clips_per_s"] / rate, 4) for r in results},
-        }
-        results.append(synthetic)
-        emit(synthetic)
+        if cfg.synthetic:
+            emit(synthetic)
     if cfg.stages:
         sc = dataclasses.replace(cfg.stream, workers=0)
         torch.set_num_threads(cfg.threads or cores)
@@ -409,15 +407,14 @@ def table(results: list[dict]) -> str:
     for r in results:
         if r["bench"] != "stream":
             continue
-        workers = "-" if r["workers"] is None else str(r["workers"])
         mb = "-" if r.get("mb_per_s") is None else f"{r['mb_per_s']:.1f}"
         rss = "-" if r.get("peak_rss_mb") is None else f"{r['peak_rss_mb']:.0f}"
         lines.append(
-            f"{r['source']:9} {workers:>7} {r['clips_per_s']:9.1f} {r['frames_per_s']:9.0f} {mb:>7} {r['data_wait']:6.0%} {rss:>11}"
+            f"{r['source']:9} {r['workers']:>7} {r['clips_per_s']:9.1f} {r['frames_per_s']:9.0f} {mb:>7} {r['data_wait']:6.0%} {rss:>11}"
         )
-        if r.get("real_vs_synthetic"):
-            ratios = ", ".join(f"{w} workers {v:.2f}" for w, v in r["real_vs_synthetic"].items())
-            lines.append(f"real / synthetic: {ratios}")
+    ratios = [f"{r['workers']} workers {r['real_vs_synthetic']:.2f}" for r in results if "real_vs_synthetic" in r]
+    if ratios:
+        lines.append("real / synthetic: " + ", ".join(ratios))
     for r in results:
         if r["bench"] == "stream-stages":
             lines.append(f"stages (ms per clip, 0 workers, {r['clips']} clips):")

@@ -38,7 +38,7 @@ def test_end_to_end_with_synthetic_source_and_table(packed):
     assert result.exit_code == 0, result.output
     out = result.stdout
     assert re.search(r"^shards\s+1\s+[\d.]+", out, re.M), out
-    assert re.search(r"^synthetic\s+-\s+[\d.]+", out, re.M), out
+    assert re.search(r"^synthetic\s+1\s+[\d.]+", out, re.M), out
     assert "real / synthetic: 1 workers" in out and "stages" not in out
 
 
