@@ -11,9 +11,11 @@ The per-stage breakdown runs the stream's own stage functions one after another 
 (`decode_frames`), crop and flip (`crop_box` + `crop_clip`), collate (`batches`) and host to
 device (`train.to_model_input`).
 
-Peak memory: the sum of VmHWM (peak resident set, from /proc/<pid>/status) of this process and of
-every loader worker, read while the workers are alive. Forked workers share the parent's pages and
-each counts them, so the sum is an upper bound on what the loader really holds.
+Peak memory: after every batch, VmRSS (from /proc/<pid>/status) of this process plus that of every
+live child (the loader workers, the next epoch's included); the largest such sum is `peak_rss_mb`.
+Forked workers share the parent's pages and each counts them, so the sum is an upper bound on what
+the loader really holds. `peak_rss_main_mb` and `peak_rss_worker_mb` are the VmHWM (kernel-kept
+peak) of this process and of the largest worker.
 """
 
 from __future__ import annotations
@@ -116,14 +118,20 @@ def _children(pid: int) -> list[int]:
 
 
 class PeakMemory:
-    """Peak resident memory of this process and its children (the loader workers), in MB."""
+    """Resident memory of this process and its live children (the loader workers), sampled: the
+    peak of their sum, and the largest peak (VmHWM) of any one worker, in MB."""
 
     def __init__(self):
-        self.children: dict[int, int] = {}
+        self.total_kb = 0
+        self.worker_kb = 0
+        self.workers_seen: set[int] = set()
 
     def sample(self) -> None:
-        for pid in _children(os.getpid()):
-            self.children[pid] = max(self.children.get(pid, 0), _status_kb(pid, "VmHWM"))
+        children = _children(os.getpid())
+        self.workers_seen.update(children)
+        total = _status_kb(os.getpid(), "VmRSS") + sum(_status_kb(pid, "VmRSS") for pid in children)
+        self.total_kb = max(self.total_kb, total)
+        self.worker_kb = max([self.worker_kb, *(_status_kb(pid, "VmHWM") for pid in children)])
 
     @property
     def main_mb(self) -> float:
@@ -131,7 +139,11 @@ class PeakMemory:
 
     @property
     def total_mb(self) -> float:
-        return self.main_mb + sum(self.children.values()) / 1024
+        return self.total_kb / 1024
+
+    @property
+    def worker_mb(self) -> float:
+        return self.worker_kb / 1024
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,7 +241,7 @@ def measure(source: Iterator[dict], warmup: int, batches: int, step: Step | None
         if step is not None:
             step(batch)
         clips += len(batch["key"])
-        if memory is not None and i % 4 == 0:
+        if memory is not None:
             memory.sample()
     if step is not None and step.device.type == "cuda":
         torch.cuda.synchronize(step.device)
@@ -244,8 +256,8 @@ def measure(source: Iterator[dict], warmup: int, batches: int, step: Step | None
 
 
 def stage_breakdown(dataset: stream.Dataset, cfg: StreamConfig, device: torch.device, channels_last: bool, max_clips: int, repeats: int = 3) -> dict:
-    """Milliseconds per clip of each stage on up to `max_clips` clips of the first shards: each stage
-    runs `repeats` times over the same inputs (the first run also warms imports and caches), median kept."""
+    """Milliseconds per clip of each stage on up to `max_clips` clips of the first shards: every stage
+    runs `repeats` times over the same inputs after a warm-up run (imports, caches), median kept."""
     from pipeline.shardformat import unpack_jpegs
     from pipeline.train import to_model_input
 
@@ -267,18 +279,27 @@ def stage_breakdown(dataset: stream.Dataset, cfg: StreamConfig, device: torch.de
     def read():
         return list(itertools.islice(stream.read_samples(dataset.train, cfg.allow_pipe, faults), max_clips))
 
-    def decode():
-        return [stream.decode_frames(p, h, w) for p, (h, w) in zip(packs, sizes)]
-
-    def crop():
-        out = []
-        for position, (f, (h, w)) in enumerate(zip(frames, sizes)):
+    def clip_stages() -> tuple[float, float, float, list[dict]]:
+        # Clip by clip, as the stream runs them (each clip's frames and each batch freed once used, so
+        # memory is reused as in the stream), a timer around each stage call.
+        decode = crop = collate = 0.0
+        held: list[dict] = []
+        built: list[dict] = []
+        for position, (p, (h, w)) in enumerate(zip(packs, sizes)):
+            t0 = time.perf_counter()
+            frames = stream.decode_frames(p, h, w)
+            t1 = time.perf_counter()
             top, left, flip = stream.crop_box(h, w, cfg.crop, stream.clip_rng(cfg.seed, 0, 0, 0, position))
-            out.append({"key": "", "label": 0, "video": stream.crop_clip(f, top, left, cfg.crop, flip)})
-        return out
-
-    def collate():
-        return list(stream.batches(iter(clips), cfg.batch_size, 0, faults))
+            held.append({"key": "", "label": 0, "video": stream.crop_clip(frames, top, left, cfg.crop, flip)})
+            t2 = time.perf_counter()
+            decode, crop = decode + t1 - t0, crop + t2 - t1
+            if len(held) == cfg.batch_size or position == n - 1:
+                t0 = time.perf_counter()
+                built.extend(stream.batches(iter(held), cfg.batch_size, 0, faults))
+                collate += time.perf_counter() - t0
+                del built[:-4]  # batches are consumed and freed as they come; a few kept for host_to_device
+                held = []
+        return decode, crop, collate, built
 
     def to_device():
         for v in videos:
@@ -291,13 +312,14 @@ def stage_breakdown(dataset: stream.Dataset, cfg: StreamConfig, device: torch.de
         raise UserError("the shards hold no readable sample")
     packs = [unpack_jpegs(s["jpgs"]) for s in raw]
     sizes = [stream.jpeg_size(p[0]) for p in packs]
-    timings["jpeg_decode"], frames = timed(decode)
-    timings["crop_augment"], clips = timed(crop)
-    timings["collate"], built = timed(collate)
-    videos = [b["video"].pin_memory() if cuda else b["video"] for b in built]
+    runs = [clip_stages() for _ in range(repeats + 1)][1:]
+    for i, name in enumerate(("jpeg_decode", "crop_augment", "collate")):
+        timings[name] = statistics.median(r[i] for r in runs)
+    videos = [b["video"].pin_memory() if cuda else b["video"] for b in runs[-1][3]]
     timings["host_to_device"], _ = timed(to_device)
 
     ms = {k: round(1000 * v / n, 4) for k, v in timings.items()}
+    ms["host_to_device"] = round(1000 * timings["host_to_device"] / sum(len(v) for v in videos), 4)
     loader_ms = sum(v for k, v in ms.items() if k != "host_to_device")
     return {
         "clips": n,
@@ -363,7 +385,8 @@ def run_bench(cfg: BenchConfig, emit=print) -> list[dict]:
             "data_wait": round(m["wait"] / m["seconds"], 4),
             "peak_rss_mb": round(memory.total_mb, 1),
             "peak_rss_main_mb": round(memory.main_mb, 1),
-            "worker_processes": len(memory.children),
+            "peak_rss_worker_mb": round(memory.worker_mb, 1),
+            "worker_processes": len(memory.workers_seen),
         }
         results.append(result)
         if cfg.synthetic:
