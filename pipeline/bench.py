@@ -26,7 +26,6 @@ import os
 import statistics
 import time
 from contextlib import nullcontext
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
