@@ -28,6 +28,7 @@ test: setup
 
 bench: setup
 	$(BIN)/python benchmarks/bench_pack.py
+	$(BIN)/python benchmarks/bench_loaders.py
 
 clean:
 	rm -rf data runs bench-out

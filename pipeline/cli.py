@@ -275,9 +275,73 @@ def plot_run(
     typer.echo(f"wrote {draw(log_dir, out)}")
 
 
+def bench_stream(
+    shards: Annotated[list[str], typer.Option("--shards", help="Training shards to read: 'shards/<000..031>.tar', '{000..031}' ranges, '::'-separated lists, local paths or http(s):// URLs; repeatable.", show_default=False)],
+    workers: Annotated[str, typer.Option(help="Loader worker counts to measure, comma-separated; one configuration each.")] = "0,1,2",
+    batches: Annotated[int, typer.Option(help="Measured batches per configuration.")] = 20,
+    warmup: Annotated[int, typer.Option(help="Batches taken before the clock starts.")] = 3,
+    model: Annotated[Optional[str], typer.Option(help="End to end: forward + backward of this model (r3d18, r2plus1d18, cnn-lstm, tiny, ...) on --device for every batch, so the data-wait share means something [default: loader only].", show_default=False)] = None,
+    device: Annotated[str, typer.Option(help="auto (CUDA when available), cpu or cuda.")] = "auto",
+    synthetic: Annotated[bool, typer.Option("--synthetic", help="Also run the model on the same batches held in memory (no decoding) and print real / synthetic; needs --model.")] = False,
+    stages: Annotated[bool, typer.Option("--stages/--no-stages", help="Time each stage of the stream in this process (tar read and grouping, JPEG decode, crop, collate, host to device).")] = True,
+    batch_size: Annotated[int, typer.Option(help="Clips per batch.")] = 8,
+    shuffle_buffer: Annotated[int, typer.Option(help="Samples in each worker's shuffle buffer.")] = 256,
+    crop: Annotated[int, typer.Option(help="Side of the random square crop.")] = 112,
+    prefetch: Annotated[int, typer.Option(help="Batches each worker prepares ahead.")] = 2,
+    index: Annotated[Optional[str], typer.Option(help="Path or URL of index.json [default: beside the shards].", show_default=False)] = None,
+    resample: Annotated[bool, typer.Option("--resample", help="Draw shards with replacement (allows fewer shards than workers).")] = False,
+    allow_pipe: Annotated[bool, typer.Option("--allow-pipe", help="Allow pipe: shard URLs, which run shell commands.")] = False,
+    amp: Annotated[bool, typer.Option("--amp/--no-amp", help="bf16 autocast on CUDA.")] = True,
+    channels_last: Annotated[bool, typer.Option("--channels-last/--no-channels-last", help="channels_last_3d on CUDA.")] = True,
+    threads: Annotated[Optional[int], typer.Option(help="Intra-op threads of the main process [default: cores minus workers, at least 1].", show_default=False)] = None,
+    seed: Annotated[int, typer.Option(help="Seed of shard order, shuffle and crops.")] = 0,
+    json_lines: Annotated[bool, typer.Option("--json", help="Print one JSON line per configuration (and one for the stage breakdown) instead of the table.")] = False,
+):
+    """Measure the loading pipeline: clips/s, frames/s, MB/s, data-wait share and peak memory for 0, 1, 2, ... workers, and the time of each stage."""
+    import json
+
+    from pipeline.bench import BenchConfig, parse_workers, run_bench, table
+    from pipeline.config import StreamConfig
+
+    stream_cfg = StreamConfig(
+        shards=tuple(shards),
+        index=index,
+        batch_size=batch_size,
+        shuffle_buffer=shuffle_buffer,
+        crop=crop,
+        seed=seed,
+        resample=resample,
+        allow_pipe=allow_pipe,
+        prefetch=prefetch,
+    )
+    cfg = BenchConfig(
+        stream=stream_cfg,
+        workers=parse_workers(workers),
+        batches=batches,
+        warmup=warmup,
+        model=model,
+        device=device,
+        synthetic=synthetic,
+        stages=stages,
+        amp=amp,
+        channels_last=channels_last,
+        threads=threads,
+    )
+    if model:
+        from pipeline.models import MODEL_NAMES, build_model
+
+        if model not in MODEL_NAMES:
+            build_model(model, 2)  # UserError for unknown names, before any shard is read
+    emit = (lambda r: typer.echo(json.dumps(r))) if json_lines else (lambda r: None)
+    results = run_bench(cfg, emit=emit)
+    if not json_lines:
+        typer.echo(table(results))
+
+
 pack_app = _app(pack_shards)
 sample_data_app = _app(make_sample_data)
 train_app = _app(train_stream)
 inspect_app = _app(inspect_shards)
 verify_app = _app(verify_shards)
 plot_app = _app(plot_run)
+bench_app = _app(bench_stream)

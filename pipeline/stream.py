@@ -16,6 +16,7 @@ import http.client
 import io
 import itertools
 import json
+import math
 import re
 import sys
 import urllib.error
@@ -464,11 +465,8 @@ def read_samples(shards: Iterable[Shard], allow_pipe: bool, faults: Faults) -> I
     """Raw samples {'__key__', 'jpgs', 'cls', ...: bytes} of each shard in turn.
 
     A shard that cannot be opened or breaks off is a fault worth its missing samples (per the index),
-    not the end of the run; webdataset's tar iteration and key grouping do the parsing.
+    not the end of the run; `tar_samples` does the parsing and grouping.
     """
-    import webdataset as wds
-    from webdataset.tariterators import group_by_keys, tar_file_expander
-
     for shard in shards:
         seen = 0
         try:
@@ -477,8 +475,7 @@ def read_samples(shards: Iterable[Shard], allow_pipe: bool, faults: Faults) -> I
             faults.add(shard.url, f"cannot open: {e}", max(shard.samples, 0))
             continue
         try:
-            files = tar_file_expander([{"url": shard.url, "stream": stream}], handler=wds.reraise_exception)
-            for sample in group_by_keys(files, handler=wds.reraise_exception):
+            for sample in tar_samples(stream, shard.url):
                 seen += 1
                 yield sample
         except Exception as e:
@@ -492,6 +489,112 @@ def read_samples(shards: Iterable[Shard], allow_pipe: bool, faults: Faults) -> I
         # tarfile takes a damaged header for the end of the archive: the index tells the difference.
         if shard.samples >= 0 and seen != shard.samples:
             faults.add(shard.url, f"holds {seen} samples, index says {shard.samples}", max(shard.samples - seen, 0))
+
+
+_COMPRESSED = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ", b"\x28\xb5\x2f\xfd")  # gzip, bzip2, xz, zstd
+_TAR_NAME_KEY = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+_TAR_META = re.compile(r"__[^/]*__($|/)")
+
+
+def tar_samples(stream, url: str) -> Iterator[dict]:
+    """Raw samples of one tar stream, grouped by key exactly as webdataset groups them: members are
+    split at the first dot of their base name into key and lower-cased suffix, consecutive members of
+    one key make a sample {'__key__', '__url__', suffix: bytes}; directories, links and `__meta__`
+    members are skipped.
+
+    A lean reader of 512-byte headers: 0.03 ms a sample where webdataset's tarfile-based iteration
+    takes 0.25 ms (a quarter of the JPEG decoding of a 16-frame clip). Compressed tars go through
+    webdataset. Raises ShardFormatError for a truncated or corrupt stream, before yielding the sample
+    it was reading.
+    """
+    head = _read_exactly(stream, 512, "header", allow_eof=True)
+    if head is None:
+        raise ShardFormatError("empty file")
+    if head.startswith(_COMPRESSED):
+        yield from _webdataset_samples(io.BytesIO(head + stream.read()), url)
+        return
+    current: dict | None = None
+    long_name: str | None = None
+    while head is not None and any(head):
+        try:
+            if sum(head[:148]) + 256 + sum(head[156:]) != _tar_number(head[148:156]):
+                raise ShardFormatError(f"corrupt tar header (bad checksum) after {current['__key__'] if current else 'the start'}")
+            size = _tar_number(head[124:136])
+        except ShardFormatError:
+            if current is not None:
+                yield current  # read whole before the damage; a member it lacks is the decoder's fault to count
+            raise
+        kind = head[156:157]
+        body = _read_exactly(stream, size, "member", allow_eof=False)
+        _read_exactly(stream, -size % 512, "padding", allow_eof=False)
+        if kind in (b"x", b"L"):  # PAX extended header / GNU long name: the name of the next member
+            long_name = _pax_path(body) if kind == b"x" else body.rstrip(b"\0").decode("utf-8", "replace")
+        elif kind in (b"0", b"\0"):
+            name = long_name or _ustar_name(head)
+            long_name = None
+            match = _TAR_NAME_KEY.match(name)
+            if match and not ("/" not in name and name.startswith("__") and name.endswith("__")) and not _TAR_META.match(name):
+                key, suffix = match.group(1), match.group(2).lower()
+                if current is None or key != current["__key__"]:
+                    if current is not None:
+                        yield current
+                    current = {"__key__": key, "__url__": url}
+                if suffix in current:
+                    raise ShardFormatError(f"{name}: duplicate file name in tar file")
+                current[suffix] = body
+        else:
+            long_name = None if kind != b"g" else long_name
+        head = _read_exactly(stream, 512, "header", allow_eof=True)
+    if current is not None:
+        yield current
+
+
+def _read_exactly(stream, n: int, what: str, allow_eof: bool) -> bytes | None:
+    data = stream.read(n) if n else b""
+    if len(data) == n:
+        return data
+    if allow_eof and not data:
+        return None
+    raise ShardFormatError(f"unexpected end of data in a tar {what}")
+
+
+def _tar_number(field: bytes) -> int:
+    if field[:1] in (b"\x80", b"\xff"):  # base-256 (GNU), for huge sizes
+        raise ShardFormatError("tar member larger than 8 GiB")
+    text = field.split(b"\0", 1)[0].strip()
+    try:
+        return int(text, 8) if text else 0
+    except ValueError:
+        raise ShardFormatError(f"corrupt tar header (number {field!r})") from None
+
+
+def _ustar_name(head: bytes) -> str:
+    name = head[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
+    if head[257:262] == b"ustar":
+        prefix = head[345:500].split(b"\0", 1)[0].decode("utf-8", "replace")
+        if prefix:
+            return prefix + "/" + name
+    return name
+
+
+def _pax_path(body: bytes) -> str | None:
+    pos = 0
+    while pos < len(body):
+        length = int(body[pos : body.index(b" ", pos)])
+        record = body[pos : pos + length]
+        key, _, value = record[record.index(b" ") + 1 : -1].partition(b"=")
+        if key == b"path":
+            return value.decode("utf-8", "replace")
+        pos += length
+    return None
+
+
+def _webdataset_samples(fileobj, url: str) -> Iterator[dict]:
+    import webdataset as wds
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    files = tar_file_expander([{"url": url, "stream": fileobj}], handler=wds.reraise_exception)
+    yield from group_by_keys(files, handler=wds.reraise_exception)
 
 
 def resampled_shards(shards: tuple[Shard, ...], rng: np.random.Generator) -> Iterator[Shard]:
@@ -553,27 +656,52 @@ def decode_clip(pack: bytes, crop: int, rng: np.random.Generator | None) -> np.n
 
     One crop box and one flip decision for the whole clip, so motion stays coherent.
     """
+    jpegs = unpack_jpegs(pack)
+    height, width = jpeg_size(jpegs[0])
+    top, left, flip = crop_box(height, width, crop, rng)
+    return crop_clip(decode_frames(jpegs, height, width), top, left, crop, flip)
+
+
+def jpeg_size(jpeg) -> tuple[int, int]:
+    """(height, width) from a JPEG header, checked against MAX_JPEG_SIDE before anything is allocated."""
     import simplejpeg
 
-    jpegs = unpack_jpegs(pack)
     try:
-        height, width, _, _ = simplejpeg.decode_jpeg_header(jpegs[0])
+        height, width, _, _ = simplejpeg.decode_jpeg_header(jpeg)
     except ValueError as e:
         raise ShardFormatError(f"unreadable JPEG frame: {e}") from None
     if not (1 <= height <= MAX_JPEG_SIDE and 1 <= width <= MAX_JPEG_SIDE):
         raise ShardFormatError(f"JPEG frame of {width}x{height} pixels exceeds the {MAX_JPEG_SIDE} px limit")
-    top, left, flip = crop_box(height, width, crop, rng)
-    frame = np.empty((height, width, 3), np.uint8)
-    out = np.empty((len(jpegs), crop, crop, 3), np.uint8)
+    return height, width
+
+
+def decode_frames(jpegs: list, height: int, width: int) -> np.ndarray:
+    """Decode T JPEGs of one size straight into one (T, height, width, 3) uint8 RGB array (libjpeg-turbo)."""
+    import simplejpeg
+
+    frames = np.empty((len(jpegs), height, width, 3), np.uint8)
     for t, jpeg in enumerate(jpegs):
         try:
             if simplejpeg.decode_jpeg_header(jpeg)[:2] != (height, width):
                 raise ShardFormatError("frames of one clip differ in size")
-            simplejpeg.decode_jpeg(jpeg, colorspace="RGB", buffer=frame)
+            simplejpeg.decode_jpeg(jpeg, colorspace="RGB", buffer=frames[t])
         except ValueError as e:
             raise ShardFormatError(f"unreadable JPEG frame {t}: {e}") from None
-        window = frame[top : top + crop, left : left + crop]
-        out[t] = window[:, ::-1] if flip else window
+    return frames
+
+
+def crop_clip(frames: np.ndarray, top: int, left: int, crop: int, flip: bool) -> np.ndarray:
+    """(T, H, W, 3) -> (T, crop, crop, 3) uint8, contiguous: one window (mirrored if `flip`) for all frames."""
+    import cv2
+
+    window = frames[:, top : top + crop, left : left + crop]
+    if not flip:
+        return np.ascontiguousarray(window)
+    # numpy copies a reversed axis of 3-byte pixels element by element (1.4 ms a 16-frame clip);
+    # OpenCV's flip does the same mirror in 0.06 ms.
+    out = np.empty((len(frames), crop, crop, frames.shape[3]), np.uint8)
+    for t in range(len(frames)):
+        cv2.flip(window[t], 1, dst=out[t])
     return out
 
 
@@ -630,13 +758,24 @@ def decode_eval(src, crop: int, num_classes: int, faults: Faults) -> Iterator[di
             faults.add(f"{raw.get('__url__', '?')}:{key}", str(e))
 
 
+def batch_buffer(shape: tuple[int, ...]) -> torch.Tensor:
+    """An uninitialised uint8 tensor; inside a loader worker, allocated in shared memory, so that
+    handing it to the trainer moves a file handle instead of copying the batch (as default_collate does)."""
+    if torch.utils.data.get_worker_info() is None:
+        return torch.empty(shape, dtype=torch.uint8)
+    storage = torch.UntypedStorage._new_shared(math.prod(shape))
+    return torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
+
+
 def batches(src: Iterable[dict], batch_size: int, worker: int, faults: Faults) -> Iterator[dict]:
     """Whole batches, built in the worker: 'video' (B, T, H, W, 3) uint8, 'label' (B,) int64, 'key'
     list, 'worker' (B,) int64, 'faults' list. The last batch may be partial (merged by `rebatch`)."""
 
     def emit(clips):
+        video = batch_buffer((len(clips), *clips[0]["video"].shape))
+        np.stack([c["video"] for c in clips], out=video.numpy())
         return {
-            "video": torch.from_numpy(np.stack([c["video"] for c in clips])),
+            "video": video,
             "label": torch.tensor([c["label"] for c in clips], dtype=torch.int64),
             "key": [c["key"] for c in clips],
             "worker": torch.full((len(clips),), worker, dtype=torch.int64),
@@ -750,6 +889,11 @@ def loader(stream, workers: int, pin_memory: bool, prefetch: int) -> torch.utils
     by `--nproc-per-node`): a spawned worker re-imports torch, about 1.5 s each per epoch on 2 cores;
     a forked one starts in milliseconds. Workers never touch CUDA, so forking after CUDA is fine.
     """
+    if workers > 0:
+        # Imported here, once, so that forked workers inherit them instead of each paying ~50 ms a epoch.
+        import cv2  # noqa: F401
+        import simplejpeg  # noqa: F401
+        import webdataset  # noqa: F401
     return torch.utils.data.DataLoader(
         stream,
         batch_size=None,

@@ -108,7 +108,7 @@ def _garbage_tar_header(folder, key):
     "damage, lost, reason",
     [
         (_truncate, None, "unreadable after"),
-        (_garbage_tar_header, 3, "holds 3 samples, index says 6"),
+        (_garbage_tar_header, 3, "unreadable after 3 samples: corrupt tar header"),
         (_garbage_member, 1, "JPEG pack"),
         (_missing_member, 1, "missing member"),
         (_unreadable_jpeg, 1, "unreadable JPEG frame 2"),

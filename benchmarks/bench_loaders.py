@@ -1,0 +1,378 @@
+"""Loader throughput, side by side: clips/s reaching the model from the same clips, same output.
+
+Regenerate docs/bench/loaders.md and docs/bench/loaders.png (one command, ~3 minutes on 2 cores):
+
+    python benchmarks/bench_loaders.py
+
+Every variant delivers the same thing: a normalised float (B, 3, 16, 112, 112) batch ready for the
+model, with one random 112 px crop and one flip decision per clip (the ceiling excepted). Variants:
+
+  recipe     (a) the original recipe: one JPEG file per frame in a folder per clip (the very JPEG
+             bytes stored in our shards), PIL opens each frame, per-frame crop + resize to 112, flip,
+             to-tensor and normalise, frames stacked; torch DataLoader (map-style, shuffled)
+  decord     (b) the common MMAction2 way: decord opens the .avi, `get_batch` of the 16 sampled
+             indices, per-frame resize to shorter side 128 (cv2), crop, flip, float normalise;
+             torch DataLoader
+  ours       (c) our shards through the real training stream (TrainStream -> loader -> rebatch):
+             uint8 batches from the workers, normalised in the main process by `train.to_model_input`
+             on the CPU, into channels_last_3d memory (the layout train.py feeds a 3D CNN; on a GPU
+             this step runs on the device)
+  ours-u8    (c') the same stream, uint8 batches as they reach the device, not normalised
+  ceiling    (d) the same JPEG bytes decoded in a tight loop by the same decoder (simplejpeg,
+             libjpeg-turbo, same flags, into a preallocated frame), nothing else; with N workers,
+             N processes each decoding its share (0 workers: this process)
+
+Workers 0, 1, 2 (0: everything in this process). Warm-up batches, then a measured phase of
+`--batches` batches; runs alternate (repeat, workers, variant), medians of `--repeats`. Prints one
+JSON line per (variant, workers) and writes the Markdown table and the PNG chart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import multiprocessing as mp
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from pipeline import stream  # noqa: E402
+from pipeline.bench import endless_batches  # noqa: E402
+from pipeline.config import PackConfig, StreamConfig  # noqa: E402
+from pipeline.pack import run_pack  # noqa: E402
+from pipeline.sample import clip_indices  # noqa: E402
+from pipeline.sampledata import make_sample_data  # noqa: E402
+from pipeline.shardformat import unpack_jpegs  # noqa: E402
+from pipeline.train import MEAN, STD, to_model_input  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+T, CROP, SHORT = 16, 112, 128
+VARIANTS = ("recipe", "decord", "ours", "ours-u8", "ceiling")
+
+
+# ---------------------------------------------------------------------------------------------
+# (a) and (b): map-style datasets, as the recipes write them
+
+
+class RecipeFrames(torch.utils.data.Dataset):
+    """(a) A folder of JPEG files per clip; PIL and per-frame transforms."""
+
+    def __init__(self, folders: list[Path], labels: list[int]):
+        self.folders, self.labels = folders, labels
+        self.mean = torch.tensor(MEAN).view(3, 1, 1)
+        self.std = torch.tensor(STD).view(3, 1, 1)
+
+    def __len__(self):
+        return len(self.folders)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        paths = sorted(self.folders[i].glob("image_*.jpg"))
+        frames = [Image.open(p).convert("RGB") for p in paths]
+        w, h = frames[0].size
+        top, left = torch.randint(h - CROP + 1, ()).item(), torch.randint(w - CROP + 1, ()).item()
+        flip = torch.rand(()).item() < 0.5
+        out = []
+        for img in frames:  # the recipe's spatial transform runs frame by frame
+            img = img.crop((left, top, left + CROP, top + CROP)).resize((CROP, CROP), Image.BILINEAR)
+            if flip:
+                img = img.transpose(Image.FLIP_LEFT_RIGHT)
+            x = torch.from_numpy(np.array(img)).permute(2, 0, 1).float().div(255)  # as torchvision ToTensor
+            out.append((x - self.mean) / self.std)
+        return torch.stack(out, 1), self.labels[i]
+
+
+class DecordClips(torch.utils.data.Dataset):
+    """(b) decord on the .avi, MMAction2's pipeline: sample, decode, resize, crop, flip, normalise."""
+
+    def __init__(self, videos: list[Path], labels: list[int]):
+        self.videos, self.labels = videos, labels
+        self.mean = np.array(MEAN, np.float32) * 255
+        self.std = np.array(STD, np.float32) * 255
+
+    def __len__(self):
+        return len(self.videos)
+
+    def __getitem__(self, i):
+        import cv2
+        import decord
+
+        vr = decord.VideoReader(str(self.videos[i]), num_threads=1)
+        frames = vr.get_batch(clip_indices(len(vr), T)).asnumpy()
+        h, w = frames.shape[1:3]
+        size = (round(w * SHORT / h), SHORT) if h <= w else (SHORT, round(h * SHORT / w))
+        frames = np.stack([cv2.resize(f, size, interpolation=cv2.INTER_LINEAR) for f in frames])
+        h, w = frames.shape[1:3]
+        top, left = np.random.randint(h - CROP + 1), np.random.randint(w - CROP + 1)
+        frames = frames[:, top : top + CROP, left : left + CROP]
+        if np.random.rand() < 0.5:
+            frames = frames[:, :, ::-1]
+        x = (frames.astype(np.float32) - self.mean) / self.std
+        return torch.from_numpy(np.ascontiguousarray(x.transpose(3, 0, 1, 2))), self.labels[i]
+
+
+def _seed_worker(worker_id: int) -> None:
+    np.random.seed(torch.initial_seed() % 2**32)
+
+
+def endless_loader(dataset, batch: int, workers: int):
+    """Batches of a shuffled map-style dataset, epoch after epoch, workers kept (the recipes' fast path)."""
+    import cv2
+
+    cv2.setNumThreads(1)
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch,
+        shuffle=True,
+        drop_last=True,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        prefetch_factor=2 if workers else None,
+        worker_init_fn=_seed_worker if workers else None,
+        multiprocessing_context="fork" if workers else None,
+    )
+    while True:
+        for x, y in loader:
+            yield {"x": x, "y": y, "n": len(y)}
+
+
+def ours_batches(shards: list[str], batch: int, workers: int, normalise: bool):
+    cfg = StreamConfig(shards=tuple(shards), batch_size=batch, workers=workers)
+    dataset = stream.resolve_dataset(cfg)
+    for b in endless_batches(dataset, cfg, pin_memory=False):
+        x = to_model_input(b["video"], torch.device("cpu"), True) if normalise else b["video"]
+        yield {"x": x, "y": b["label"], "n": len(b["key"])}
+
+
+# ---------------------------------------------------------------------------------------------
+# (d) the decode ceiling
+
+
+def ceiling_rate(packs: list[list[bytes]], clips: int, workers: int) -> float:
+    """Clips/s of decoding `clips` clips' frames in `workers` processes (0: this one), wall clock
+    from the first process's start to the last one's end."""
+    order = [packs[i % len(packs)] for i in range(clips)]
+    if workers == 0:
+        import simplejpeg
+
+        frames = {}
+        t0 = time.perf_counter()
+        for pack in order:
+            for j in pack:
+                h, w, _, _ = simplejpeg.decode_jpeg_header(j)
+                buf = frames.get((h, w))
+                if buf is None:
+                    buf = frames[(h, w)] = np.empty((h, w, 3), np.uint8)
+                simplejpeg.decode_jpeg(j, colorspace="RGB", buffer=buf)
+        return clips / (time.perf_counter() - t0)
+    ctx = mp.get_context("fork")
+    start = ctx.Barrier(workers)
+    results = ctx.Array("d", 2 * workers, lock=False)
+    procs = []
+    for k in range(workers):
+        mine = order[k::workers]
+        share = [j for pack in mine for j in pack]
+        procs.append(ctx.Process(target=_decode_share_sized, args=(share, start, results, k)))
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    starts, ends = results[0::2], results[1::2]
+    return clips / (max(ends) - min(starts))
+
+
+def _decode_share_sized(jpegs: list, start, results, slot: int) -> None:
+    import simplejpeg
+
+    frames: dict = {}
+    sizes = []
+    for j in jpegs:  # one preallocated frame per size, before the clock
+        h, w, _, _ = simplejpeg.decode_jpeg_header(j)
+        sizes.append((h, w))
+        if (h, w) not in frames:
+            frames[(h, w)] = np.empty((h, w, 3), np.uint8)
+    start.wait()
+    t0 = time.perf_counter()
+    for j in jpegs:
+        h, w, _, _ = simplejpeg.decode_jpeg_header(j)
+        simplejpeg.decode_jpeg(j, colorspace="RGB", buffer=frames[(h, w)])
+    results[slot * 2], results[slot * 2 + 1] = t0, time.perf_counter()
+
+
+# ---------------------------------------------------------------------------------------------
+# Set-up and timing
+
+
+def prepare(work: Path, classes: int, clips_per_class: int) -> dict:
+    """Generate clips, pack them, extract the stored JPEGs to folders; returns what the variants read."""
+    data, shards, jpeg = work / "data", work / "shards", work / "jpeg"
+    make_sample_data(data, classes=classes, clips_per_class=clips_per_class, seed=0)
+    run_pack(PackConfig(data_dir=data, out_dir=shards, shards=8, workers=2), quiet=True, log=lambda m: None)
+    urls = [str(shards / f"{i:03d}.tar") for i in range(8)]
+    folders, videos, labels, packs = [], [], [], []
+    for url in urls:
+        for raw in _raw(url):
+            jpegs = [bytes(j) for j in unpack_jpegs(raw["jpgs"])]
+            folder = jpeg / raw["__key__"]
+            folder.mkdir(parents=True)
+            for t, j in enumerate(jpegs):  # the very bytes of the shard, one file per frame
+                (folder / f"image_{t + 1:05d}.jpg").write_bytes(j)
+            folders.append(folder)
+            videos.append(data / json.loads(raw["json"])["source"])
+            labels.append(int(raw["cls"]))
+            packs.append(jpegs)
+    return {"shards": urls, "folders": folders, "videos": videos, "labels": labels, "packs": packs}
+
+
+def _raw(url: str):
+    import webdataset as wds
+
+    return wds.WebDataset(url, shardshuffle=False, empty_check=False)
+
+
+def make_source(variant: str, d: dict, batch: int, workers: int):
+    if variant == "recipe":
+        return endless_loader(RecipeFrames(d["folders"], d["labels"]), batch, workers)
+    if variant == "decord":
+        return endless_loader(DecordClips(d["videos"], d["labels"]), batch, workers)
+    return ours_batches(d["shards"], batch, workers, normalise=variant == "ours")
+
+
+def time_source(variant: str, d: dict, batch: int, workers: int, warmup: int, batches: int) -> float:
+    """Clips/s over `batches` batches after `warmup` ones."""
+    if variant == "ceiling":
+        ceiling_rate(d["packs"], batch * warmup, workers)
+        return ceiling_rate(d["packs"], batch * batches, workers)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the main process shares 2 cores with the workers (train.py does the same)
+    src = make_source(variant, d, batch, workers)
+    try:
+        for _ in range(warmup):
+            b = next(src)
+            shape = tuple(b["x"].shape)
+            want = (batch, 3, T, CROP, CROP) if variant != "ours-u8" else (batch, T, CROP, CROP, 3)
+            assert shape == want, (variant, shape)
+        clips = 0
+        t0 = time.perf_counter()
+        for _ in range(batches):
+            clips += next(src)["n"]
+        return clips / (time.perf_counter() - t0)
+    finally:
+        src.close()
+        torch.set_num_threads(threads)
+
+
+def write_outputs(results: list[dict], out_md: Path, out_png: Path, meta: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    workers = sorted({r["workers"] for r in results})
+    rate = {(r["variant"], r["workers"]): r["clips_per_s"] for r in results}
+    lines = [
+        "# Loader throughput, side by side",
+        "",
+        f"Generated by `python benchmarks/bench_loaders.py` on {meta['machine']}: {meta['clips']} generated clips "
+        f"(HMDB-shaped AVIs, {meta['classes']} classes), batches of {meta['batch']}, {meta['batches']} measured batches "
+        f"after {meta['warmup']} warm-up ones, {meta['repeats']} alternated repeats, medians. Output of every variant but "
+        "`ours-u8` and `ceiling`: a normalised float (B, 3, 16, 112, 112) batch with one random crop and flip per clip.",
+        "",
+        "| variant | workers | clips/s | x recipe (a) | x decord (b) | / ceiling (d) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for v in VARIANTS:
+        for w in workers:
+            r = rate[(v, w)]
+            lines.append(
+                f"| {v} | {w} | {r:.1f} | {r / rate[('recipe', w)]:.1f} | {r / rate[('decord', w)]:.1f} | {r / rate[('ceiling', w)]:.2f} |"
+            )
+    lines += [
+        "",
+        "Per worker: the 0-worker rows are one process doing everything (the trainer included, for `ours`); the",
+        "1-worker rows are one loader process feeding the main one. On this 2-core machine the 2-worker rows share",
+        "the cores with the main process (and with other jobs), so they are not 2x the 1-worker rows.",
+        "",
+        "![clips/s against workers](loaders.png)",
+        "",
+    ]
+    out_md.write_text("\n".join(lines))
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=90)
+    for v in VARIANTS:
+        ax.plot(workers, [rate[(v, w)] for w in workers], marker="o", label=v)
+    ax.set_xlabel("loader workers")
+    ax.set_ylabel("clips/s (log)")
+    ax.set_yscale("log")
+    ax.set_xticks(workers)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    ax.set_title(f"Loader throughput, (B, 3, 16, 112, 112) batches, {meta['machine']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out_png)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--classes", type=int, default=8)
+    ap.add_argument("--clips-per-class", type=int, default=32)
+    ap.add_argument("--workers", default="0,1,2")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--batches", type=int, default=16)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--out", type=Path, default=ROOT / "docs" / "bench", help="folder for loaders.md and loaders.png")
+    ap.add_argument("--machine", default=f"this {os.cpu_count()}-core machine (shared)")
+    args = ap.parse_args()
+    workers = [int(w) for w in args.workers.split(",")]
+    variants = args.variants.split(",")
+
+    work = Path(tempfile.mkdtemp(prefix="bench-loaders-"))
+    try:
+        d = prepare(work, args.classes, args.clips_per_class)
+        runs: dict = {(v, w): [] for v in variants for w in workers}
+        for r in range(args.repeats):
+            for w, v in itertools.product(workers, variants):  # alternated: drift hits every variant alike
+                runs[(v, w)].append(time_source(v, d, args.batch, w, args.warmup, args.batches))
+    finally:
+        shutil.rmtree(work)
+    results = []
+    for (v, w), rates in runs.items():
+        med = statistics.median(rates)
+        results.append({"bench": "loaders", "variant": v, "workers": w, "clips_per_s": round(med, 2), "runs": [round(x, 2) for x in rates]})
+    rate = {(r["variant"], r["workers"]): r["clips_per_s"] for r in results}
+    for r in results:
+        w = r["workers"]
+        for base, key in (("recipe", "vs_recipe"), ("decord", "vs_decord"), ("ceiling", "vs_ceiling")):
+            if (base, w) in rate:
+                r[key] = round(r["clips_per_s"] / rate[(base, w)], 3)
+        print(json.dumps(r), flush=True)
+    if set(variants) == set(VARIANTS):
+        args.out.mkdir(parents=True, exist_ok=True)
+        meta = {
+            "machine": args.machine,
+            "clips": len(d["labels"]),
+            "classes": args.classes,
+            "batch": args.batch,
+            "batches": args.batches,
+            "warmup": args.warmup,
+            "repeats": args.repeats,
+        }
+        write_outputs(results, args.out / "loaders.md", args.out / "loaders.png", meta)
+        print(f"wrote {args.out / 'loaders.md'} and {args.out / 'loaders.png'}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,446 @@
+"""`bench-stream`: how fast the loading pipeline delivers clips, and where the time goes.
+
+For each worker count: the real training stream (`stream.TrainStream` through `stream.loader` and
+`stream.rebatch`, epochs chained the way train.py chains them), a warm-up, then a measured phase.
+Loader-only mode takes batches as fast as they come; with a model, every batch is copied to the
+device, normalised there and run forward and backward (one optimiser step), so the share of wall
+time spent waiting for the next batch is the data-wait share train-stream reports.
+
+The per-stage breakdown runs the stream's own stage functions one after another in this process
+(0 workers), each over the same samples: tar read and grouping (`read_samples`), JPEG decode
+(`decode_frames`), crop and flip (`crop_box` + `crop_clip`), collate (`batches`) and host to
+device (`train.to_model_input`).
+
+Peak memory: after every batch, VmRSS (from /proc/<pid>/status) of this process plus that of every
+live child (the loader workers, the next epoch's included); the largest such sum is `peak_rss_mb`.
+Forked workers share the parent's pages and each counts them, so the sum is an upper bound on what
+the loader really holds. `peak_rss_main_mb` and `peak_rss_worker_mb` are the VmHWM (kernel-kept
+peak) of this process and of the largest worker.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+import statistics
+import time
+from contextlib import nullcontext
+from typing import Iterator
+
+import torch
+
+from pipeline import stream
+from pipeline.config import StreamConfig
+from pipeline.errors import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    """What bench-stream measures."""
+
+    stream: StreamConfig
+    """The data side (workers there is ignored: see `workers`)."""
+    workers: tuple[int, ...] = (0, 1, 2)
+    """Loader worker counts to measure, one configuration each."""
+    batches: int = 20
+    """Measured batches per configuration."""
+    warmup: int = 3
+    """Batches taken before the clock starts (workers started, buffers filled, caches warm)."""
+    model: str | None = None
+    """End-to-end: forward + backward of this model on `device` for every batch; None: loader only."""
+    device: str = "auto"
+    """`auto` (CUDA when available), `cpu` or `cuda`."""
+    synthetic: bool = False
+    """Also time the model on the same batches served from memory (no decoding): real / synthetic."""
+    stages: bool = True
+    """Time the per-stage breakdown."""
+    amp: bool = True
+    """bf16 autocast on CUDA."""
+    channels_last: bool = True
+    """channels_last_3d on CUDA."""
+    threads: int | None = None
+    """Intra-op threads of this process; None: as train-stream picks them (cores minus workers, at least 1)."""
+
+    def __post_init__(self):
+        if not self.workers:
+            raise UserError("--workers must list at least one worker count, e.g. 0,1,2")
+        if any(w < 0 for w in self.workers):
+            raise UserError(f"--workers counts must be >= 0, got {','.join(map(str, self.workers))}")
+        if self.batches < 1:
+            raise UserError(f"--batches must be >= 1, got {self.batches}")
+        if self.warmup < 0:
+            raise UserError(f"--warmup must be >= 0, got {self.warmup}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise UserError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+        if self.synthetic and not self.model:
+            raise UserError("--synthetic compares against a model's step time: give --model too")
+        if self.threads is not None and self.threads < 1:
+            raise UserError(f"--threads must be >= 1, got {self.threads}")
+
+
+def parse_workers(text: str) -> tuple[int, ...]:
+    try:
+        counts = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise UserError(f"--workers must be a comma-separated list of counts like 0,1,2, got {text!r}") from None
+    if not counts:
+        raise UserError(f"--workers must list at least one worker count, got {text!r}")
+    return counts
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory
+
+
+def _status_kb(pid: int, field: str) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                out.extend(int(c) for c in f.read().split())
+    except OSError:
+        pass
+    return out
+
+
+class PeakMemory:
+    """Resident memory of this process and its live children (the loader workers), sampled: the
+    peak of their sum, and the largest peak (VmHWM) of any one worker, in MB."""
+
+    def __init__(self):
+        self.total_kb = 0
+        self.worker_kb = 0
+        self.workers_seen: set[int] = set()
+
+    def sample(self) -> None:
+        children = _children(os.getpid())
+        self.workers_seen.update(children)
+        total = _status_kb(os.getpid(), "VmRSS") + sum(_status_kb(pid, "VmRSS") for pid in children)
+        self.total_kb = max(self.total_kb, total)
+        self.worker_kb = max([self.worker_kb, *(_status_kb(pid, "VmHWM") for pid in children)])
+
+    @property
+    def main_mb(self) -> float:
+        return _status_kb(os.getpid(), "VmHWM") / 1024
+
+    @property
+    def total_mb(self) -> float:
+        return self.total_kb / 1024
+
+    @property
+    def worker_mb(self) -> float:
+        return self.worker_kb / 1024
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources of batches
+
+
+def endless_batches(dataset: stream.Dataset, cfg: StreamConfig, pin_memory: bool) -> Iterator[dict]:
+    """The real training stream of rank 0 of 1, epoch after epoch; the next epoch's workers start
+    while the last batch of the current one is used, as in train.py."""
+    counts = [s.samples for s in dataset.train]
+    workers = cfg.workers or 0
+
+    def open_epoch(epoch: int) -> Iterator[dict]:
+        data = stream.TrainStream(dataset, cfg, epoch, 0, 1)
+        return stream.rebatch(iter(stream.loader(data, workers, pin_memory, cfg.prefetch)), cfg.batch_size)
+
+    upcoming = open_epoch(0)
+    for epoch in itertools.count():
+        current, upcoming = upcoming, None
+        steps = stream.steps_per_epoch(counts, cfg.batch_size, 1, cfg.seed, epoch, cfg.resample)
+        if steps == 0:
+            raise UserError(f"{sum(counts)} clips do not fill one batch of {cfg.batch_size}")
+        for i in range(steps):
+            batch = next(current)
+            if i + 1 == steps:
+                upcoming = open_epoch(epoch + 1)
+            yield batch
+        del current
+
+
+def memory_batches(batches: list[dict], pin_memory: bool) -> Iterator[dict]:
+    """The same few batches again and again, from memory: a source that costs nothing."""
+    held = [{**b, "video": b["video"].pin_memory() if pin_memory else b["video"]} for b in batches]
+    return itertools.cycle(held)
+
+
+# ---------------------------------------------------------------------------------------------
+# One configuration
+
+
+@dataclasses.dataclass
+class Step:
+    """An end-to-end consumer: copy to the device, normalise, forward, backward, optimiser step."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    device: torch.device
+    channels_last: bool
+    autocast: object
+
+    def __call__(self, batch: dict) -> None:
+        from pipeline.train import to_model_input
+
+        x = to_model_input(batch["video"], self.device, self.channels_last)
+        y = batch["label"].to(self.device, non_blocking=True)
+        with self.autocast:
+            loss = torch.nn.functional.cross_entropy(self.model(x).float(), y)
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            loss.item()  # the step is done when its loss is known: no run-ahead hides data wait
+
+
+def build_step(name: str, num_classes: int, device: torch.device, amp: bool, channels_last: bool) -> Step:
+    from pipeline.models import build_model
+    from pipeline.train import model_memory_format
+
+    torch.manual_seed(0)
+    model = build_model(name, num_classes).to(device)
+    cl = channels_last and device.type == "cuda"
+    if cl:
+        model = model.to(memory_format=model_memory_format(model))
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=device.type == "cuda" or None)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and amp else nullcontext()
+    return Step(model, optimizer, device, cl, autocast)
+
+
+def measure(source: Iterator[dict], warmup: int, batches: int, step: Step | None, memory: PeakMemory | None) -> dict:
+    """Time `batches` batches of `source` after `warmup` ones; returns clips, seconds and wait seconds."""
+    for _ in range(warmup):
+        batch = next(source)
+        if step is not None:
+            step(batch)
+    if memory is not None:
+        memory.sample()
+    clips = 0
+    wait = 0.0
+    start = time.perf_counter()
+    for i in range(batches):
+        t0 = time.perf_counter()
+        batch = next(source)
+        wait += time.perf_counter() - t0
+        if step is not None:
+            step(batch)
+        clips += len(batch["key"])
+        if memory is not None:
+            memory.sample()
+    if step is not None and step.device.type == "cuda":
+        torch.cuda.synchronize(step.device)
+    seconds = time.perf_counter() - start
+    if memory is not None:
+        memory.sample()
+    return {"clips": clips, "seconds": seconds, "wait": wait}
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-stage breakdown (0 workers, this process, the stream's own stage functions)
+
+
+def stage_breakdown(dataset: stream.Dataset, cfg: StreamConfig, device: torch.device, channels_last: bool, max_clips: int, repeats: int = 3) -> dict:
+    """Milliseconds per clip of each stage on up to `max_clips` clips of the first shards: every stage
+    runs `repeats` times over the same inputs after a warm-up run (imports, caches), median kept."""
+    from pipeline.shardformat import unpack_jpegs
+    from pipeline.train import to_model_input
+
+    faults = stream.Faults()
+    cuda = device.type == "cuda"
+
+    def timed(fn):
+        times, result = [], None
+        for _ in range(repeats + 1):
+            if cuda:
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            result = fn()
+            if cuda:
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times[1:]), result
+
+    def read():
+        return list(itertools.islice(stream.read_samples(dataset.train, cfg.allow_pipe, faults), max_clips))
+
+    def clip_stages() -> tuple[float, float, float, list[dict]]:
+        # Clip by clip, as the stream runs them (each clip's frames and each batch freed once used, so
+        # memory is reused as in the stream), a timer around each stage call.
+        decode = crop = collate = 0.0
+        held: list[dict] = []
+        built: list[dict] = []
+        for position, (p, (h, w)) in enumerate(zip(packs, sizes)):
+            t0 = time.perf_counter()
+            frames = stream.decode_frames(p, h, w)
+            t1 = time.perf_counter()
+            top, left, flip = stream.crop_box(h, w, cfg.crop, stream.clip_rng(cfg.seed, 0, 0, 0, position))
+            held.append({"key": "", "label": 0, "video": stream.crop_clip(frames, top, left, cfg.crop, flip)})
+            t2 = time.perf_counter()
+            decode, crop = decode + t1 - t0, crop + t2 - t1
+            if len(held) == cfg.batch_size or position == n - 1:
+                t0 = time.perf_counter()
+                built.extend(stream.batches(iter(held), cfg.batch_size, 0, faults))
+                collate += time.perf_counter() - t0
+                del built[:-4]  # batches are consumed and freed as they come; a few kept for host_to_device
+                held = []
+        return decode, crop, collate, built
+
+    def to_device():
+        for v in videos:
+            to_model_input(v, device, channels_last)
+
+    timings: dict[str, float] = {}
+    timings["tar_read_group"], raw = timed(read)
+    n = len(raw)
+    if n == 0:
+        raise UserError("the shards hold no readable sample")
+    packs = [unpack_jpegs(s["jpgs"]) for s in raw]
+    sizes = [stream.jpeg_size(p[0]) for p in packs]
+    runs = [clip_stages() for _ in range(repeats + 1)][1:]
+    for i, name in enumerate(("jpeg_decode", "crop_augment", "collate")):
+        timings[name] = statistics.median(r[i] for r in runs)
+    videos = [b["video"].pin_memory() if cuda else b["video"] for b in runs[-1][3]]
+    timings["host_to_device"], _ = timed(to_device)
+
+    ms = {k: round(1000 * v / n, 4) for k, v in timings.items()}
+    ms["host_to_device"] = round(1000 * timings["host_to_device"] / sum(len(v) for v in videos), 4)
+    loader_ms = sum(v for k, v in ms.items() if k != "host_to_device")
+    return {
+        "clips": n,
+        "repeats": repeats,
+        "ms_per_clip": ms,
+        "share": {k: round(v / loader_ms, 4) for k, v in ms.items() if k != "host_to_device"},
+        # what the issue's target bounds: everything but decoding, against decoding
+        "overhead_vs_decode": round((loader_ms - ms["jpeg_decode"]) / ms["jpeg_decode"], 4),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# The command
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda but no CUDA device is available")
+    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def run_bench(cfg: BenchConfig, emit=print) -> list[dict]:
+    """Measure every worker count; `emit` gets one result dict per configuration (and the breakdown)."""
+    dataset = stream.resolve_dataset(cfg.stream)
+    device = pick_device(cfg.device)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+    frames = dataset.frames
+    local = [stream._local_path(s.url) for s in dataset.train]
+    bytes_per_clip = (
+        sum(p.stat().st_size for p in local) / max(1, dataset.train_samples) if all(p is not None for p in local) else None
+    )
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    results: list[dict] = []
+    step = build_step(cfg.model, len(dataset.classes), device, cfg.amp, cfg.channels_last) if cfg.model else None
+    mode = "end_to_end" if cfg.model else "loader"
+    held: list[dict] | None = None
+    for workers in cfg.workers:
+        sc = dataclasses.replace(cfg.stream, workers=workers)
+        stream.check_enough_shards(dataset, sc, 1)
+        torch.set_num_threads(cfg.threads or max(1, cores - workers))
+        memory = PeakMemory()
+        source = endless_batches(dataset, sc, pin_memory=cuda)
+        m = measure(source, cfg.warmup, cfg.batches, step, memory)
+        source.close()
+        rate = m["clips"] / m["seconds"]
+        result = {
+            "bench": "stream",
+            "mode": mode,
+            "source": "shards",
+            "workers": workers,
+            "batch_size": sc.batch_size,
+            "model": cfg.model,
+            "device": device.type,
+            "clips": m["clips"],
+            "seconds": round(m["seconds"], 4),
+            "clips_per_s": round(rate, 2),
+            "frames_per_s": round(rate * frames, 1),
+            "mb_per_s": round(rate * bytes_per_clip / 1e6, 2) if bytes_per_clip else None,
+            "data_wait": round(m["wait"] / m["seconds"], 4),
+            "peak_rss_mb": round(memory.total_mb, 1),
+            "peak_rss_main_mb": round(memory.main_mb, 1),
+            "peak_rss_worker_mb": round(memory.worker_mb, 1),
+            "worker_processes": len(memory.workers_seen),
+        }
+        results.append(result)
+        if cfg.synthetic:
+            # Same model, same threads as this configuration's trainer, batches from memory.
+            if held is None:
+                held = list(itertools.islice(endless_batches(dataset, dataclasses.replace(cfg.stream, workers=0), False), 4))
+            m = measure(memory_batches(held, cuda), cfg.warmup, cfg.batches, step, None)
+            synthetic_rate = m["clips"] / m["seconds"]
+            result["real_vs_synthetic"] = round(rate / synthetic_rate, 4)
+            synthetic = {
+                **{k: result[k] for k in ("bench", "mode", "batch_size", "model", "device")},
+                "source": "synthetic",
+                "workers": workers,
+                "clips": m["clips"],
+                "seconds": round(m["seconds"], 4),
+                "clips_per_s": round(synthetic_rate, 2),
+                "frames_per_s": round(synthetic_rate * frames, 1),
+                "data_wait": round(m["wait"] / m["seconds"], 4),
+            }
+            results.append(synthetic)
+        emit(result)
+        if cfg.synthetic:
+            emit(synthetic)
+    if cfg.stages:
+        sc = dataclasses.replace(cfg.stream, workers=0)
+        torch.set_num_threads(cfg.threads or cores)
+        breakdown = {
+            "bench": "stream-stages",
+            "workers": 0,
+            "device": device.type,
+            **stage_breakdown(dataset, sc, device, cfg.channels_last and cuda, max_clips=max(cfg.batches, 1) * sc.batch_size),
+        }
+        results.append(breakdown)
+        emit(breakdown)
+    return results
+
+
+def table(results: list[dict]) -> str:
+    """The human-readable summary of `run_bench`'s results."""
+    lines = [f"{'source':9} {'workers':>7} {'clips/s':>9} {'frames/s':>9} {'MB/s':>7} {'wait':>6} {'peak RSS MB':>11}"]
+    for r in results:
+        if r["bench"] != "stream":
+            continue
+        mb = "-" if r.get("mb_per_s") is None else f"{r['mb_per_s']:.1f}"
+        rss = "-" if r.get("peak_rss_mb") is None else f"{r['peak_rss_mb']:.0f}"
+        lines.append(
+            f"{r['source']:9} {r['workers']:>7} {r['clips_per_s']:9.1f} {r['frames_per_s']:9.0f} {mb:>7} {r['data_wait']:6.0%} {rss:>11}"
+        )
+    ratios = [f"{r['workers']} workers {r['real_vs_synthetic']:.2f}" for r in results if "real_vs_synthetic" in r]
+    if ratios:
+        lines.append("real / synthetic: " + ", ".join(ratios))
+    for r in results:
+        if r["bench"] == "stream-stages":
+            lines.append(f"stages (ms per clip, 0 workers, {r['clips']} clips):")
+            for k, v in r["ms_per_clip"].items():
+                share = r["share"].get(k)
+                lines.append(f"  {k:15} {v:8.3f}" + (f"  {share:5.1%} of loading" if share is not None else ""))
+            lines.append(f"  everything but decoding costs {r['overhead_vs_decode']:.0%} of decoding")
+    return "\n".join(lines)
