@@ -7,9 +7,11 @@ Regenerate docs/bench/loaders.md and docs/bench/loaders.png (one command, ~3 min
 Every variant delivers the same thing: a normalised float (B, 3, 16, 112, 112) batch ready for the
 model, with one random 112 px crop and one flip decision per clip (the ceiling excepted). Variants:
 
-  recipe     (a) the original recipe: one JPEG file per frame in a folder per clip (the very JPEG
-             bytes stored in our shards), PIL opens each frame, per-frame crop + resize to 112, flip,
-             to-tensor and normalise, frames stacked; torch DataLoader (map-style, shuffled)
+  recipe     (a) the original recipe: one JPEG file per frame in a folder per clip, at the source
+             size as the recipe's ffmpeg extraction writes them (the same 16 source frames our
+             shards hold, JPEG quality 90); PIL opens each frame, per-frame resize to shorter side
+             128, crop 112, flip, to-tensor and normalise, frames stacked; torch DataLoader
+             (map-style, shuffled)
   decord     (b) the common MMAction2 way: decord opens the .avi, `get_batch` of the 16 sampled
              indices, per-frame resize to shorter side 128 (cv2), crop, flip, float normalise;
              torch DataLoader
@@ -44,13 +46,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
+import simplejpeg  # noqa: E402
 import torch  # noqa: E402
 
 from pipeline import stream  # noqa: E402
 from pipeline.bench import endless_batches  # noqa: E402
 from pipeline.config import PackConfig, StreamConfig  # noqa: E402
 from pipeline.pack import run_pack  # noqa: E402
-from pipeline.sample import clip_indices  # noqa: E402
+from pipeline.sample import clip_indices, decode_clip, resized_size  # noqa: E402
 from pipeline.sampledata import make_sample_data  # noqa: E402
 from pipeline.shardformat import unpack_jpegs  # noqa: E402
 from pipeline.train import MEAN, STD, to_model_input  # noqa: E402
@@ -79,7 +82,10 @@ class RecipeFrames(torch.utils.data.Dataset):
         from PIL import Image
 
         paths = sorted(self.folders[i].glob("image_*.jpg"))
-        frames = [Image.open(p).convert("RGB") for p in paths]
+        frames = []
+        for p in paths:  # the recipe's Scale(128): shorter side to 128, frame by frame
+            img = Image.open(p).convert("RGB")
+            frames.append(img.resize(resized_size(*img.size, SHORT), Image.BILINEAR))
         w, h = frames[0].size
         top, left = torch.randint(h - CROP + 1, ()).item(), torch.randint(w - CROP + 1, ()).item()
         flip = torch.rand(()).item() < 0.5
@@ -224,12 +230,16 @@ def prepare(work: Path, classes: int, clips_per_class: int) -> dict:
     for url in urls:
         for raw in _raw(url):
             jpegs = [bytes(j) for j in unpack_jpegs(raw["jpgs"])]
+            meta = json.loads(raw["json"])
             folder = jpeg / raw["__key__"]
             folder.mkdir(parents=True)
-            for t, j in enumerate(jpegs):  # the very bytes of the shard, one file per frame
-                (folder / f"image_{t + 1:05d}.jpg").write_bytes(j)
+            # The recipe's folders: the same 16 source frames, at the source size, one file each.
+            source = decode_clip(data / meta["source"], T, "pyav")
+            assert source.indices == meta["indices"]
+            for t, frame in enumerate(source.frames):
+                (folder / f"image_{t + 1:05d}.jpg").write_bytes(simplejpeg.encode_jpeg(frame, quality=90))
             folders.append(folder)
-            videos.append(data / json.loads(raw["json"])["source"])
+            videos.append(data / meta["source"])
             labels.append(int(raw["cls"]))
             packs.append(jpegs)
     return {"shards": urls, "folders": folders, "videos": videos, "labels": labels, "packs": packs}
