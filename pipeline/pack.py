@@ -18,7 +18,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED
@@ -29,6 +28,7 @@ from pathlib import Path
 from pebble import ProcessExpired
 
 from pipeline.config import PackConfig
+from pipeline.durable import failpoint, publish
 from pipeline.errors import UserError
 from pipeline.shardformat import FORMAT_VERSION, INDEX_NAME, MANIFEST_NAME, pack_jpegs
 
@@ -288,27 +288,16 @@ def pack_clip(path: str, frames: int, short_side: int | None, quality: int, deco
 # ---------------------------------------------------------------- writing
 
 
-def _failpoint(name: str) -> None:
-    """Crash tests: CLIPSTREAM_FAILPOINT=name makes the packer kill -9 itself right here."""
-    if os.environ.get("CLIPSTREAM_FAILPOINT") == name:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 def _atomic_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.partial")
     with open(tmp, "wb") as f:
         f.write(data[: len(data) // 2])
         f.flush()
-        _failpoint(f"mid-write:{path.name}")
+        failpoint(f"mid-write:{path.name}")
         f.write(data[len(data) // 2 :])
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    publish(tmp, path)
 
 
 def _json_bytes(obj) -> bytes:
@@ -539,7 +528,7 @@ def run_pack(cfg: PackConfig, quiet: bool = False, log=_stderr) -> PackReport:
                         _atomic_write(state / "state" / f"{p.name}.json", _json_bytes(saved))
                         written, shard = shard_ends[shard], shard + 1
                         report.shards_written += 1
-                        _failpoint(f"after-shards:{report.shards_written}")
+                        failpoint(f"after-shards:{report.shards_written}")
             except BaseException:
                 pool.stop()
                 raise
@@ -596,7 +585,7 @@ def _assemble(cfg: PackConfig, catalog: Catalog, plans: list[ShardPlan], saved: 
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="zstd")
     _atomic_write(cfg.out_dir / MANIFEST_NAME, sink.getvalue().to_pybytes())
-    _failpoint("before-index")
+    failpoint("before-index")
 
     splits = {}
     for split in ("train", "test"):

@@ -14,7 +14,6 @@ import json
 import logging
 import math
 import os
-import signal
 import sys
 import tempfile
 import time
@@ -27,6 +26,7 @@ import torch.distributed as dist
 
 from pipeline import stream
 from pipeline.config import TrainConfig
+from pipeline.durable import failpoint, publish
 from pipeline.errors import UserError
 
 # Kinetics-400 statistics, the usual normalisation of the r3d / r(2+1)d recipes.
@@ -102,19 +102,6 @@ def check_log_dir(log_dir: str | None) -> None:
         raise UserError(f"cannot create the run folder {log_dir}: {probe} is a file")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise UserError(f"cannot write the run folder {log_dir}: {probe} is not writable")
-
-
-def _failpoint(name: str, before_kill=None) -> None:
-    """Crash tests, as in pack.py: CLIPSTREAM_FAILPOINT=name kills this process with SIGKILL right
-    here; CLIPSTREAM_FAILPOINT=pause:name holds it here until a test kills it from outside."""
-    point = os.environ.get("CLIPSTREAM_FAILPOINT")
-    if point == name:
-        if before_kill is not None:
-            before_kill()
-        os.kill(os.getpid(), signal.SIGKILL)
-    if point == f"pause:{name}":
-        while True:
-            time.sleep(1)
 
 
 def launch(cfg: TrainConfig) -> dict | None:
@@ -288,15 +275,10 @@ def save_checkpoint(path: Path, state: dict) -> None:
     with open(tmp, "wb") as f:
         torch.save(state, f)
         f.flush()
-        _failpoint(f"checkpoint-mid-write:{state['step']}", lambda: f.truncate(f.tell() // 2))
+        failpoint(f"checkpoint-mid-write:{state['step']}", lambda: f.truncate(f.tell() // 2))
         os.fsync(f.fileno())
-    _failpoint(f"checkpoint-before-rename:{state['step']}")
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    failpoint(f"checkpoint-before-rename:{state['step']}")
+    publish(tmp, path)
     for stale in path.parent.glob(f".{path.name}.*.tmp"):
         stale.unlink(missing_ok=True)
 
@@ -534,7 +516,7 @@ def train(cfg: TrainConfig, env: DistEnv) -> dict:
             consumed += torch.bincount(batch["worker"], minlength=n_workers)
             if audit is not None:
                 audit.write("".join(k + "\n" for k in batch["key"]))
-            _failpoint(f"step:{step}")
+            failpoint(f"step:{step}")
             t2 = time.perf_counter()
             interval["loss"] += loss.detach()
             interval["steps"] += 1
