@@ -60,18 +60,26 @@ def unpack_jpegs(data: bytes | memoryview) -> list[memoryview]:
     return out
 
 
+def jpeg_size(jpeg) -> tuple[int, int]:
+    """(height, width) from a JPEG header, checked against MAX_JPEG_SIDE before anything is allocated."""
+    import simplejpeg
+
+    try:
+        height, width, _, _ = simplejpeg.decode_jpeg_header(jpeg)
+    except ValueError as e:
+        raise ShardFormatError(f"unreadable JPEG frame: {e}") from None
+    if not (1 <= height <= MAX_JPEG_SIDE and 1 <= width <= MAX_JPEG_SIDE):
+        raise ShardFormatError(f"JPEG frame of {width}x{height} pixels exceeds the {MAX_JPEG_SIDE} px limit")
+    return height, width
+
+
 def decode_jpegs(data: bytes | memoryview) -> np.ndarray:
     """Decode a `.jpgs` member to (T, H, W, 3) uint8 RGB with libjpeg-turbo."""
     import simplejpeg
 
     frames = []
     for jpeg in unpack_jpegs(data):
-        try:
-            h, w, _, _ = simplejpeg.decode_jpeg_header(jpeg)
-        except ValueError as e:
-            raise ShardFormatError(f"unreadable JPEG frame: {e}") from None
-        if not (1 <= h <= MAX_JPEG_SIDE and 1 <= w <= MAX_JPEG_SIDE):
-            raise ShardFormatError(f"JPEG frame of {w}x{h} pixels exceeds the {MAX_JPEG_SIDE} px limit")
+        jpeg_size(jpeg)  # bounded before anything is allocated
         try:
             frames.append(simplejpeg.decode_jpeg(jpeg, colorspace="RGB"))
         except ValueError as e:

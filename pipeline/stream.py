@@ -31,7 +31,7 @@ import torch
 
 from pipeline.config import StreamConfig
 from pipeline.errors import UserError
-from pipeline.shardformat import FORMAT_VERSION, INDEX_NAME, MAX_JPEG_SIDE, ShardFormatError, unpack_jpegs
+from pipeline.shardformat import FORMAT_VERSION, INDEX_NAME, ShardFormatError, jpeg_size, unpack_jpegs
 
 _ANGLE_RANGE = re.compile(r"<([^<>]*)>")
 _NUMERIC_RANGE = re.compile(r"^\d+\.\.\d+$")
@@ -662,19 +662,6 @@ def decode_clip(pack: bytes, crop: int, rng: np.random.Generator | None) -> np.n
     return crop_clip(decode_frames(jpegs, height, width), top, left, crop, flip)
 
 
-def jpeg_size(jpeg) -> tuple[int, int]:
-    """(height, width) from a JPEG header, checked against MAX_JPEG_SIDE before anything is allocated."""
-    import simplejpeg
-
-    try:
-        height, width, _, _ = simplejpeg.decode_jpeg_header(jpeg)
-    except ValueError as e:
-        raise ShardFormatError(f"unreadable JPEG frame: {e}") from None
-    if not (1 <= height <= MAX_JPEG_SIDE and 1 <= width <= MAX_JPEG_SIDE):
-        raise ShardFormatError(f"JPEG frame of {width}x{height} pixels exceeds the {MAX_JPEG_SIDE} px limit")
-    return height, width
-
-
 def decode_frames(jpegs: list, height: int, width: int) -> np.ndarray:
     """Decode T JPEGs of one size straight into one (T, height, width, 3) uint8 RGB array (libjpeg-turbo)."""
     import simplejpeg
@@ -824,7 +811,7 @@ class TrainStream(torch.utils.data.IterableDataset):
         return wds.DataPipeline(
             # this worker's shards for the epoch (resampling: drawn with replacement, endless)
             lambda: iter(shards),
-            # raw samples: webdataset tar iteration and grouping of KEY.jpgs / KEY.cls / KEY.json
+            # raw samples: tar headers read and grouped into KEY.jpgs / KEY.cls / KEY.json (as webdataset groups)
             lambda src: read_samples(src, cfg.allow_pipe, faults),
             # sample shuffle buffer, seeded by (seed, epoch, rank, worker)
             lambda src: shuffle(src, cfg.shuffle_buffer, np.random.default_rng([cfg.seed, epoch, rank, worker, 1])),
