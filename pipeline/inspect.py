@@ -13,7 +13,6 @@ import hashlib
 import json
 import mmap
 import os
-import re
 import tarfile
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -23,7 +22,8 @@ import numpy as np
 
 from pipeline.errors import UserError
 from pipeline.progress import progress
-from pipeline.shardformat import INDEX_NAME, MANIFEST_NAME, ShardFormatError, decode_jpegs, load_index
+from pipeline.shardformat import INDEX_NAME, MANIFEST_NAME, ShardFormatError, decode_jpegs, load_index, split_member_name
+from pipeline.shardformat import expand_pattern as expand_shard_pattern
 
 MEMBERS = ("cls", "jpgs", "json")
 LABEL_STRIP = 18
@@ -33,20 +33,8 @@ GAP = 2
 BACKGROUND = (24, 24, 24)
 MAX_PROBLEMS_PER_SHARD = 10
 
-_MEMBER_NAME = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
-"""webdataset.tariterators.base_plus_ext's split of a member name into key and extension (at the
-first dot of the base name); copied because importing webdataset imports torch (1.5 s)."""
-_ANGLE_RANGE = re.compile(r"<([^<>]*)>")
-_NUMERIC_RANGE = re.compile(r"^\d+\.\.\d+$")
-
 
 # ---------------------------------------------------------------- which shards
-
-
-def split_member_name(name: str) -> tuple[str | None, str | None]:
-    """(key, extension) of a tar member name, as webdataset groups members into samples."""
-    m = _MEMBER_NAME.match(name)
-    return (m.group(1), m.group(2)) if m else (None, None)
 
 
 def _index_or_none(folder: Path) -> dict | None:
@@ -69,27 +57,16 @@ def expand_pattern(pattern: str) -> list[Path]:
     forms webdataset expands), one file, or a packed folder: every shard its index.json lists,
     training shards first.
     """
-    import braceexpand
-
     folder = Path(pattern)
     if folder.is_dir():
         index = _index_or_none(folder)
         if index is None:
             raise UserError(f"no {INDEX_NAME} in {folder}: give a packed folder or a shard pattern such as '{folder}/<000..031>.tar'")
         return [folder / n for n in _index_shard_names(index)]
-    paths: list[Path] = []
-    for part in pattern.split("::"):
-        for inner in _ANGLE_RANGE.findall(part):
-            if not _NUMERIC_RANGE.match(inner):
-                raise UserError(f"malformed range <{inner}> in {pattern!r} (expected <000..031>)")
-        braced = _ANGLE_RANGE.sub(r"{\1}", part)
-        try:
-            expanded = list(braceexpand.braceexpand(braced))
-        except braceexpand.UnbalancedBracesError:
-            raise UserError(f"malformed range in {pattern!r}: unbalanced braces") from None
-        if any(c in u for u in expanded for c in "{}<>"):
-            raise UserError(f"malformed range in {pattern!r}")
-        paths += [Path(u) for u in expanded if u]
+    try:
+        paths = [Path(u) for u in expand_shard_pattern(pattern)]
+    except ValueError as e:
+        raise UserError(str(e)) from None
     missing = [p for p in paths if not p.is_file()]
     if not paths or len(missing) == len(paths):
         raise UserError(f"no shards match {pattern!r}")

@@ -27,6 +27,12 @@ MAX_JPEG_SIDE = 8192
 """Readers reject frames larger than this per side before allocating anything."""
 
 _KEY_OK = re.compile(r"^[A-Za-z0-9_-]+$")
+_MEMBER_NAME = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+"""webdataset's split of a member name into key and extension, at the first dot of the base name
+(kept here so that readers which must not import torch, as webdataset does, group the same way)."""
+_ANGLE_RANGE = re.compile(r"<([^<>]*)>")
+_NUMERIC_RANGE = re.compile(r"^\d+\.\.\d+$")
+_BRACE = re.compile(r"\{([^{}]*)\}")
 
 
 class ShardFormatError(ValueError):
@@ -105,6 +111,45 @@ def load_index(out_dir: str | Path) -> dict:
     if index.get("format") != "clipstream" or index.get("version") != FORMAT_VERSION:
         raise ValueError(f"{path} is not a clipstream v{FORMAT_VERSION} index")
     return index
+
+
+def split_member_name(name: str) -> tuple[str | None, str | None]:
+    """(key, extension) of a tar member name, as webdataset groups members into samples."""
+    m = _MEMBER_NAME.match(name)
+    return (m.group(1), m.group(2)) if m else (None, None)
+
+
+def expand_pattern(pattern: str) -> list[str]:
+    """Expand one shard pattern into URLs, in order.
+
+    `{000..031}` and `<000..031>` are numeric ranges (zero padding kept), `{a,b}` alternatives, and
+    `::` separates list entries, as in webdataset. Raises ValueError naming the bad part.
+    """
+    import braceexpand
+
+    urls: list[str] = []
+    for part in pattern.split("::"):
+        part = part.strip()
+        if not part:
+            raise ValueError(f"empty entry in shard list {pattern!r}")
+        for inner in _ANGLE_RANGE.findall(part):
+            if not _NUMERIC_RANGE.match(inner):
+                raise ValueError(f"malformed range <{inner}> in {pattern!r} (expected <000..031>)")
+        braced = _ANGLE_RANGE.sub(r"{\1}", part)
+        if "<" in braced or ">" in braced:
+            raise ValueError(f"malformed range in {pattern!r}: unbalanced '<' or '>'")
+        for inner in _BRACE.findall(braced):
+            if ".." in inner and not _NUMERIC_RANGE.match(inner) and not re.match(r"^[A-Za-z]\.\.[A-Za-z]$", inner):
+                raise ValueError(f"malformed range {{{inner}}} in {pattern!r} (expected {{000..031}})")
+        try:
+            expanded = list(braceexpand.braceexpand(braced))
+        except braceexpand.UnbalancedBracesError:
+            raise ValueError(f"malformed range in {pattern!r}: unbalanced braces") from None
+        for url in expanded:
+            if "{" in url or "}" in url:
+                raise ValueError(f"malformed range in {pattern!r}")
+        urls.extend(expanded)
+    return urls
 
 
 def read_shard(url: str | Path) -> Iterator[dict]:

@@ -31,11 +31,9 @@ import torch
 
 from pipeline.config import StreamConfig
 from pipeline.errors import UserError
-from pipeline.shardformat import FORMAT_VERSION, INDEX_NAME, ShardFormatError, jpeg_size, unpack_jpegs
+from pipeline import shardformat
+from pipeline.shardformat import FORMAT_VERSION, INDEX_NAME, ShardFormatError, jpeg_size, split_member_name, unpack_jpegs
 
-_ANGLE_RANGE = re.compile(r"<([^<>]*)>")
-_NUMERIC_RANGE = re.compile(r"^\d+\.\.\d+$")
-_BRACE = re.compile(r"\{([^{}]*)\}")
 HTTP_TIMEOUT_S = 60
 HTTP_ATTEMPTS = 3
 
@@ -68,36 +66,11 @@ class Dataset:
 
 
 def expand_pattern(pattern: str) -> list[str]:
-    """Expand one shard pattern into URLs, in order.
-
-    `{000..031}` and `<000..031>` are numeric ranges (zero padding kept), `{a,b}` alternatives, and
-    `::` separates list entries, as in webdataset.
-    """
-    import braceexpand
-
-    urls: list[str] = []
-    for part in pattern.split("::"):
-        part = part.strip()
-        if not part:
-            raise UserError(f"empty entry in shard list {pattern!r}")
-        for inner in _ANGLE_RANGE.findall(part):
-            if not _NUMERIC_RANGE.match(inner):
-                raise UserError(f"malformed range <{inner}> in {pattern!r} (expected <000..031>)")
-        braced = _ANGLE_RANGE.sub(r"{\1}", part)
-        if "<" in braced or ">" in braced:
-            raise UserError(f"malformed range in {pattern!r}: unbalanced '<' or '>'")
-        for inner in _BRACE.findall(braced):
-            if ".." in inner and not _NUMERIC_RANGE.match(inner) and not re.match(r"^[A-Za-z]\.\.[A-Za-z]$", inner):
-                raise UserError(f"malformed range {{{inner}}} in {pattern!r} (expected {{000..031}})")
-        try:
-            expanded = list(braceexpand.braceexpand(braced))
-        except braceexpand.UnbalancedBracesError:
-            raise UserError(f"malformed range in {pattern!r}: unbalanced braces") from None
-        for url in expanded:
-            if "{" in url or "}" in url:
-                raise UserError(f"malformed range in {pattern!r}")
-        urls.extend(expanded)
-    return urls
+    """Expand one shard pattern into URLs, in order (see shardformat.expand_pattern)."""
+    try:
+        return shardformat.expand_pattern(pattern)
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
 
 def _scheme(url: str) -> str:
@@ -492,7 +465,6 @@ def read_samples(shards: Iterable[Shard], allow_pipe: bool, faults: Faults) -> I
 
 
 _COMPRESSED = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ", b"\x28\xb5\x2f\xfd")  # gzip, bzip2, xz, zstd
-_TAR_NAME_KEY = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 _TAR_META = re.compile(r"__[^/]*__($|/)")
 
 
@@ -532,9 +504,9 @@ def tar_samples(stream, url: str) -> Iterator[dict]:
         elif kind in (b"0", b"\0"):
             name = long_name or _ustar_name(head)
             long_name = None
-            match = _TAR_NAME_KEY.match(name)
-            if match and not ("/" not in name and name.startswith("__") and name.endswith("__")) and not _TAR_META.match(name):
-                key, suffix = match.group(1), match.group(2).lower()
+            key, suffix = split_member_name(name)
+            if key is not None and not ("/" not in name and name.startswith("__") and name.endswith("__")) and not _TAR_META.match(name):
+                suffix = suffix.lower()
                 if current is None or key != current["__key__"]:
                     if current is not None:
                         yield current
