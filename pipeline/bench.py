@@ -1,15 +1,16 @@
 """`bench-stream`: how fast the loading pipeline delivers clips, and where the time goes.
 
-For each worker count: the real training stream (`stream.TrainStream` through `stream.loader` and
-`stream.rebatch`, epochs chained the way train.py chains them), a warm-up, then a measured phase.
+For each worker count: the real training stream (`stream.TrainLoader`, one set of workers running
+epoch after epoch as in train.py), a warm-up, then a measured phase.
 Loader-only mode takes batches as fast as they come; with a model, every batch is copied to the
 device, normalised there and run forward and backward (one optimiser step), so the share of wall
 time spent waiting for the next batch is the data-wait share train-stream reports.
 
 The per-stage breakdown runs the stream's own stage functions one after another in this process
 (0 workers), each over the same samples: tar read and grouping (`read_samples`), JPEG decode
-(`decode_frames`), crop and flip (`crop_box` + `crop_clip`), collate (`batches`) and host to
-device (`train.to_model_input`).
+(`decode_frames`, into a reused frames buffer), crop and flip (`crop_box` + `crop_clip`, straight
+into a row of a reused batch slot, as the workers do), collate (the batch's label and worker
+tensors: the pixels are already in place) and host to device (`train.to_model_input`).
 
 Peak memory: after every batch, VmRSS (from /proc/<pid>/status) of this process plus that of every
 live child (the loader workers, the next epoch's included); the largest such sum is `peak_rss_mb`.
@@ -28,6 +29,7 @@ import time
 from contextlib import nullcontext
 from typing import Iterator
 
+import numpy as np
 import torch
 
 from pipeline import stream
@@ -148,28 +150,16 @@ class PeakMemory:
 # Sources of batches
 
 
-def endless_batches(dataset: stream.Dataset, cfg: StreamConfig, pin_memory: bool) -> Iterator[dict]:
-    """The real training stream of rank 0 of 1, epoch after epoch; the next epoch's workers start
-    while the last batch of the current one is used, as in train.py."""
+def endless_batches(dataset: stream.Dataset, cfg: StreamConfig, pin_memory: bool, copy: bool = False) -> Iterator[dict]:
+    """The real training stream of rank 0 of 1, epoch after epoch, from one set of loader workers
+    (stream.TrainLoader, as train.py uses it). Each batch is valid until the next is asked for,
+    unless `copy`."""
     counts = [s.samples for s in dataset.train]
-    workers = cfg.workers or 0
-
-    def open_epoch(epoch: int) -> Iterator[dict]:
-        data = stream.TrainStream(dataset, cfg, epoch, 0, 1)
-        return stream.rebatch(iter(stream.loader(data, workers, pin_memory, cfg.prefetch)), cfg.batch_size)
-
-    upcoming = open_epoch(0)
-    for epoch in itertools.count():
-        current, upcoming = upcoming, None
-        steps = stream.steps_per_epoch(counts, cfg.batch_size, 1, cfg.seed, epoch, cfg.resample)
-        if steps == 0:
-            raise UserError(f"{sum(counts)} clips do not fill one batch of {cfg.batch_size}")
-        for i in range(steps):
-            batch = next(current)
-            if i + 1 == steps:
-                upcoming = open_epoch(epoch + 1)
-            yield batch
-        del current
+    if stream.steps_per_epoch(counts, cfg.batch_size, 1, cfg.seed, 0, cfg.resample) == 0:
+        raise UserError(f"{sum(counts)} clips do not fill one batch of {cfg.batch_size}")
+    with stream.TrainLoader(dataset, cfg, 0, 1, pin_memory=pin_memory, copy=copy) as loader:
+        for epoch in itertools.count():
+            yield from loader.epoch(epoch)
 
 
 def memory_batches(batches: list[dict], pin_memory: bool) -> Iterator[dict]:
@@ -277,27 +267,37 @@ def stage_breakdown(dataset: stream.Dataset, cfg: StreamConfig, device: torch.de
     def read():
         return list(itertools.islice(stream.read_samples(dataset.train, cfg.allow_pipe, faults), max_clips))
 
-    def clip_stages() -> tuple[float, float, float, list[dict]]:
-        # Clip by clip, as the stream runs them (each clip's frames and each batch freed once used, so
-        # memory is reused as in the stream), a timer around each stage call.
+    def clip_stages() -> tuple[float, float, float, list[torch.Tensor]]:
+        # Clip by clip, as a loader worker runs them: decode into a reused frames buffer, crop and
+        # flip straight into a row of a reused batch slot, then the batch's small fields (collate).
         decode = crop = collate = 0.0
-        held: list[dict] = []
-        built: list[dict] = []
+        slot = np.empty((cfg.batch_size, dataset.frames, cfg.crop, cfg.crop, 3), np.uint8)
+        scratch: dict = {}
+        labels: list[int] = []
+        kept: list[torch.Tensor] = []
         for position, (p, (h, w)) in enumerate(zip(packs, sizes)):
+            frames = scratch.get((len(p), h, w))
+            if frames is None:
+                frames = scratch[(len(p), h, w)] = np.empty((len(p), h, w, 3), np.uint8)
             t0 = time.perf_counter()
-            frames = stream.decode_frames(p, h, w)
+            stream.decode_frames(p, h, w, frames)
             t1 = time.perf_counter()
             top, left, flip = stream.crop_box(h, w, cfg.crop, stream.clip_rng(cfg.seed, 0, 0, 0, position))
-            held.append({"key": "", "label": 0, "video": stream.crop_clip(frames, top, left, cfg.crop, flip)})
+            stream.crop_clip(frames, top, left, cfg.crop, flip, slot[len(labels)])
+            labels.append(0)
             t2 = time.perf_counter()
             decode, crop = decode + t1 - t0, crop + t2 - t1
-            if len(held) == cfg.batch_size or position == n - 1:
+            if len(labels) == cfg.batch_size or position == n - 1:
                 t0 = time.perf_counter()
-                built.extend(stream.batches(iter(held), cfg.batch_size, 0, faults))
+                batch = {
+                    "video": torch.from_numpy(slot[: len(labels)]),
+                    "label": torch.tensor(labels, dtype=torch.int64),
+                    "worker": torch.zeros(len(labels), dtype=torch.int64),
+                }
                 collate += time.perf_counter() - t0
-                del built[:-4]  # batches are consumed and freed as they come; a few kept for host_to_device
-                held = []
-        return decode, crop, collate, built
+                kept = [*kept[-3:], batch["video"].clone()]  # a few kept for host_to_device
+                labels = []
+        return decode, crop, collate, kept
 
     def to_device():
         for v in videos:
@@ -313,7 +313,7 @@ def stage_breakdown(dataset: stream.Dataset, cfg: StreamConfig, device: torch.de
     runs = [clip_stages() for _ in range(repeats + 1)][1:]
     for i, name in enumerate(("jpeg_decode", "crop_augment", "collate")):
         timings[name] = statistics.median(r[i] for r in runs)
-    videos = [b["video"].pin_memory() if cuda else b["video"] for b in runs[-1][3]]
+    videos = [v.pin_memory() if cuda else v for v in runs[-1][3]]
     timings["host_to_device"], _ = timed(to_device)
 
     ms = {k: round(1000 * v / n, 4) for k, v in timings.items()}
@@ -390,7 +390,7 @@ def run_bench(cfg: BenchConfig, emit=print) -> list[dict]:
         if cfg.synthetic:
             # Same model, same threads as this configuration's trainer, batches from memory.
             if held is None:
-                held = list(itertools.islice(endless_batches(dataset, dataclasses.replace(cfg.stream, workers=0), False), 4))
+                held = list(itertools.islice(endless_batches(dataset, dataclasses.replace(cfg.stream, workers=0), False, copy=True), 4))
             m = measure(memory_batches(held, cuda), cfg.warmup, cfg.batches, step, None)
             synthetic_rate = m["clips"] / m["seconds"]
             result["real_vs_synthetic"] = round(rate / synthetic_rate, 4)

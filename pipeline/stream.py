@@ -16,9 +16,7 @@ import http.client
 import io
 import itertools
 import json
-import math
 import re
-import sys
 import urllib.error
 import urllib.request
 import zlib
@@ -294,26 +292,53 @@ class WorkerPlan:
     """In reading order (resampling: the pool drawn from)."""
     quota: int
     """Samples it delivers (surplus dropped, shortfall from bad shards filled with repeats)."""
-    skip: int
-    """Leading samples already consumed before a resume; dropped before decoding."""
 
 
-def train_plan(dataset: Dataset, cfg: StreamConfig, epoch: int, rank: int, world_size: int, skip: list[int] | None = None) -> list[WorkerPlan]:
+def train_plan(dataset: Dataset, cfg: StreamConfig, epoch: int, rank: int, world_size: int) -> list[WorkerPlan]:
     """One WorkerPlan per worker (one for workers=0) of `rank` in `epoch`."""
     counts = [s.samples for s in dataset.train]
     steps = steps_per_epoch(counts, cfg.batch_size, world_size, cfg.seed, epoch, cfg.resample)
     n_workers = max(1, cfg.workers or 0)
-    skip = skip or [0] * n_workers
-    if len(skip) != n_workers:
-        raise ValueError(f"skip has {len(skip)} entries for {n_workers} workers")
     total = steps * cfg.batch_size
     if cfg.resample:
         quotas = [total // n_workers + (w < total % n_workers) for w in range(n_workers)]
-        return [WorkerPlan(dataset.train, quotas[w], skip[w]) for w in range(n_workers)]
+        return [WorkerPlan(dataset.train, quotas[w]) for w in range(n_workers)]
     mine = [dataset.train[i] for i in rank_shards(len(counts), cfg.seed, epoch, rank, world_size)]
     per_worker = [tuple(mine[w::n_workers]) for w in range(n_workers)]
     quotas = worker_quotas([sum(s.samples for s in shards) for shards in per_worker], total)
-    return [WorkerPlan(per_worker[w], quotas[w], skip[w]) for w in range(n_workers)]
+    return [WorkerPlan(per_worker[w], quotas[w]) for w in range(n_workers)]
+
+
+def step_schedule(quotas: list[int], batch_size: int) -> list[list[tuple[int, int]]]:
+    """Which worker's clips make each step of an epoch: a list of steps, each a list of (worker, clips).
+
+    First the whole batches, one per worker in turn (round robin over the workers that have whole
+    batches left); then the workers' remainders, in worker order, cut into steps. A pure function of
+    the quotas: every step's clips are known before any is read, so a resume at step s carries on
+    with exactly the steps an uninterrupted run would have taken.
+    """
+    full = [q // batch_size for q in quotas]
+    steps = [[(w, batch_size)] for k in range(max(full, default=0)) for w in range(len(quotas)) if full[w] > k]
+    current: list[tuple[int, int]] = []
+    room = batch_size
+    for w, q in enumerate(quotas):
+        left = q % batch_size
+        while left:
+            take = min(left, room)
+            current.append((w, take))
+            left, room = left - take, room - take
+            if room == 0:
+                steps.append(current)
+                current, room = [], batch_size
+    if current:
+        raise ValueError(f"quotas {quotas} do not fill whole batches of {batch_size}")
+    return steps
+
+
+def worker_parts(schedule: list[list[tuple[int, int]]], worker: int, start_step: int) -> tuple[int, list[int]]:
+    """(clips `worker` delivered before step `start_step`, the sizes of its parts from there on)."""
+    done = sum(n for step in schedule[:start_step] for w, n in step if w == worker)
+    return done, [n for step in schedule[start_step:] for w, n in step if w == worker]
 
 
 def eval_plan(dataset: Dataset, workers: int, rank: int, world_size: int) -> tuple[list[tuple[Shard, ...]], bool]:
@@ -351,12 +376,6 @@ class Faults:
     def take(self) -> list[dict]:
         out, self.pending = self.pending, []
         return out
-
-
-def worker_identity() -> tuple[int, int]:
-    """(worker id, number of workers) inside a DataLoader worker, (0, 1) in the main process."""
-    info = torch.utils.data.get_worker_info()
-    return (0, 1) if info is None else (info.id, info.num_workers)
 
 
 def open_shard(url: str, allow_pipe: bool):
@@ -623,22 +642,32 @@ def crop_box(height: int, width: int, crop: int, rng: np.random.Generator | None
     return top, left, bool(rng.integers(2))
 
 
-def decode_clip(pack: bytes, crop: int, rng: np.random.Generator | None) -> np.ndarray:
-    """Decode a `.jpgs` pack and cut one crop (and flip) out of every frame: (T, crop, crop, 3) uint8.
+def decode_clip(pack: bytes, crop: int, rng: np.random.Generator | None, out: np.ndarray | None = None, scratch: dict | None = None) -> np.ndarray:
+    """Decode a `.jpgs` pack and cut one crop (and flip) out of every frame: (T, crop, crop, 3) uint8,
+    written into `out` when given (a row of a batch slot: no allocation, no copy afterwards).
 
-    One crop box and one flip decision for the whole clip, so motion stays coherent.
+    One crop box and one flip decision for the whole clip, so motion stays coherent. `scratch`, a
+    dict kept by the caller, holds the full-size frames buffer for reuse from clip to clip.
     """
     jpegs = unpack_jpegs(pack)
+    if out is not None and len(jpegs) != len(out):
+        raise ShardFormatError(f"clip has {len(jpegs)} frames, the index says {len(out)}")
     height, width = jpeg_size(jpegs[0])
     top, left, flip = crop_box(height, width, crop, rng)
-    return crop_clip(decode_frames(jpegs, height, width), top, left, crop, flip)
+    frames = None
+    if scratch is not None:
+        frames = scratch.get((len(jpegs), height, width))
+        if frames is None:
+            scratch.clear()  # one size at a time: clips of one dataset share it
+            frames = scratch[(len(jpegs), height, width)] = np.empty((len(jpegs), height, width, 3), np.uint8)
+    return crop_clip(decode_frames(jpegs, height, width, frames), top, left, crop, flip, out)
 
 
-def decode_frames(jpegs: list, height: int, width: int) -> np.ndarray:
+def decode_frames(jpegs: list, height: int, width: int, out: np.ndarray | None = None) -> np.ndarray:
     """Decode T JPEGs of one size straight into one (T, height, width, 3) uint8 RGB array (libjpeg-turbo)."""
     import simplejpeg
 
-    frames = np.empty((len(jpegs), height, width, 3), np.uint8)
+    frames = np.empty((len(jpegs), height, width, 3), np.uint8) if out is None else out
     for t, jpeg in enumerate(jpegs):
         try:
             if simplejpeg.decode_jpeg_header(jpeg)[:2] != (height, width):
@@ -649,16 +678,19 @@ def decode_frames(jpegs: list, height: int, width: int) -> np.ndarray:
     return frames
 
 
-def crop_clip(frames: np.ndarray, top: int, left: int, crop: int, flip: bool) -> np.ndarray:
-    """(T, H, W, 3) -> (T, crop, crop, 3) uint8, contiguous: one window (mirrored if `flip`) for all frames."""
+def crop_clip(frames: np.ndarray, top: int, left: int, crop: int, flip: bool, out: np.ndarray | None = None) -> np.ndarray:
+    """(T, H, W, 3) -> (T, crop, crop, 3) uint8, contiguous: one window (mirrored if `flip`) for all
+    frames, written into `out` when given."""
     import cv2
 
     window = frames[:, top : top + crop, left : left + crop]
+    if out is None:
+        out = np.empty((len(frames), crop, crop, frames.shape[3]), np.uint8)
     if not flip:
-        return np.ascontiguousarray(window)
+        np.copyto(out, window)
+        return out
     # numpy copies a reversed axis of 3-byte pixels element by element (1.4 ms a 16-frame clip);
-    # OpenCV's flip does the same mirror in 0.06 ms.
-    out = np.empty((len(frames), crop, crop, frames.shape[3]), np.uint8)
+    # OpenCV's flip does the same mirror in 0.04 ms.
     for t in range(len(frames)):
         cv2.flip(window[t], 1, dst=out[t])
     return out
@@ -674,244 +706,295 @@ def parse_label(raw: bytes, num_classes: int) -> int:
     return label
 
 
-def decode_train(src, crop: int, num_classes: int, seeds: tuple[int, int, int, int], faults: Faults) -> Iterator[dict]:
-    """Raw (position, sample) -> {'key', 'label', 'video' (T, crop, crop, 3) uint8, 'worker'}.
+def _check_members(raw: dict) -> None:
+    if "jpgs" not in raw or "cls" not in raw:
+        raise ShardFormatError(f"missing member(s): has {sorted(k for k in raw if not k.startswith('__'))}")
 
-    An unreadable sample is replaced by the worker's previous good clip (or the next one, if none yet)
-    so the count stays as planned; every replacement is a named fault.
+
+class TrainClips:
+    """Decodes training clips straight into the rows of batch slots, in stream order.
+
+    `src` gives (position, raw sample) pairs; a clip's crop and flip come from its position. An
+    unreadable clip's row gets the worker's previous good clip instead (decoded again: the same
+    crop), or, before any good clip, the next good one; every replacement is a named fault, and the
+    count stays as planned.
     """
-    seed, epoch, rank, worker = seeds
-    last_good: dict | None = None
-    owed = 0
-    for position, raw in src:
-        key = raw.get("__key__", "?")
-        try:
-            if "jpgs" not in raw or "cls" not in raw:
-                raise ShardFormatError(f"missing member(s): has {sorted(k for k in raw if not k.startswith('__'))}")
-            clip = {
-                "key": key,
-                "label": parse_label(raw["cls"], num_classes),
-                "video": decode_clip(raw["jpgs"], crop, clip_rng(seed, epoch, rank, worker, position)),
-            }
-        except ShardFormatError as e:
-            # The trainer counts faults against --max-bad for the whole rank (see train.py).
-            faults.add(f"{raw.get('__url__', '?')}:{key}", str(e))
-            if last_good is None:
-                owed += 1
+
+    def __init__(self, src: Iterable[tuple[int, dict]], crop: int, num_classes: int, seeds: tuple[int, int, int, int], faults: Faults):
+        self.src, self.crop, self.num_classes, self.seeds, self.faults = iter(src), crop, num_classes, seeds, faults
+        self.scratch: dict = {}
+        self.last_good: tuple[int, dict, int] | None = None  # (position, raw, label)
+        self.repeat: tuple[np.ndarray, str, int, int] | None = None  # (clip, key, label, rows still owed)
+
+    def _decode(self, position: int, raw: dict, row: np.ndarray) -> int:
+        _check_members(raw)
+        label = parse_label(raw["cls"], self.num_classes)
+        decode_clip(raw["jpgs"], self.crop, clip_rng(*self.seeds, position), row, self.scratch)
+        return label
+
+    def fill(self, rows: np.ndarray) -> tuple[list[str], list[int]]:
+        """Write len(rows) clips into `rows`; returns their keys and labels."""
+        keys: list[str] = []
+        labels: list[int] = []
+        for row in rows:
+            if self.repeat is not None:
+                clip, key, label, owed = self.repeat
+                row[...] = clip
+                self.repeat = (clip, key, label, owed - 1) if owed > 1 else None
+                keys.append(key)
+                labels.append(label)
                 continue
-            clip = last_good
-        for _ in range(owed + 1):
-            yield clip
-        owed, last_good = 0, clip
-
-
-def decode_eval(src, crop: int, num_classes: int, faults: Faults) -> Iterator[dict]:
-    """Raw samples -> centre-cropped clips; unreadable ones are skipped (and counted), never repeated."""
-    for raw in src:
-        key = raw.get("__key__", "?")
-        try:
-            if "jpgs" not in raw or "cls" not in raw:
-                raise ShardFormatError("missing member(s)")
-            yield {"key": key, "label": parse_label(raw["cls"], num_classes), "video": decode_clip(raw["jpgs"], crop, None)}
-        except ShardFormatError as e:
-            faults.add(f"{raw.get('__url__', '?')}:{key}", str(e))
-
-
-def batch_buffer(shape: tuple[int, ...]) -> torch.Tensor:
-    """An uninitialised uint8 tensor; inside a loader worker, allocated in shared memory, so that
-    handing it to the trainer moves a file handle instead of copying the batch (as default_collate does)."""
-    if torch.utils.data.get_worker_info() is None:
-        return torch.empty(shape, dtype=torch.uint8)
-    storage = torch.UntypedStorage._new_shared(math.prod(shape))
-    return torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
-
-
-def batches(src: Iterable[dict], batch_size: int, worker: int, faults: Faults) -> Iterator[dict]:
-    """Whole batches, built in the worker: 'video' (B, T, H, W, 3) uint8, 'label' (B,) int64, 'key'
-    list, 'worker' (B,) int64, 'faults' list. The last batch may be partial (merged by `rebatch`)."""
-
-    def emit(clips):
-        video = batch_buffer((len(clips), *clips[0]["video"].shape))
-        np.stack([c["video"] for c in clips], out=video.numpy())
-        return {
-            "video": video,
-            "label": torch.tensor([c["label"] for c in clips], dtype=torch.int64),
-            "key": [c["key"] for c in clips],
-            "worker": torch.full((len(clips),), worker, dtype=torch.int64),
-            "faults": faults.take(),
-        }
-
-    held: list[dict] = []
-    for clip in src:
-        held.append(clip)
-        if len(held) == batch_size:
-            yield emit(held)
-            held = []
-    if held:
-        yield emit(held)
-    elif faults.pending:
-        yield {"video": None, "label": None, "key": [], "worker": None, "faults": faults.take()}
+            owed = 0
+            for position, raw in self.src:
+                key = raw.get("__key__", "?")
+                try:
+                    label = self._decode(position, raw, row)
+                    self.last_good = (position, raw, label)
+                except ShardFormatError as e:
+                    # The trainer counts faults against --max-bad for the whole rank (see train.py).
+                    self.faults.add(f"{raw.get('__url__', '?')}:{key}", str(e))
+                    if self.last_good is None:
+                        owed += 1
+                        continue
+                    position, raw, label = self.last_good
+                    key = raw["__key__"]
+                    self._decode(position, raw, row)
+                break
+            else:
+                raise UserError(f"every clip of a loader worker's shards is unreadable ({self.faults.bad} bad); see the faults log")
+            if owed:
+                self.repeat = (row.copy(), key, label, owed)
+            keys.append(key)
+            labels.append(label)
+        return keys, labels
 
 
 # ---------------------------------------------------------------------------------------------
-# Datasets and loaders
+# Producers (what a loader worker runs) and the loaders the trainer iterates
 
 
-class TrainStream(torch.utils.data.IterableDataset):
-    """The training stream of one rank in one epoch: whole uint8 batches (see `batches`).
+@dataclasses.dataclass(frozen=True)
+class TrainProducer:
+    """What loader worker `w` of one rank runs: epoch after epoch, its parts of every step of the
+    schedule, each decoded into a free slot of its ring. Picklable (plain fields)."""
 
-    Picklable (plain fields), so it works with any worker start method.
+    dataset: Dataset
+    cfg: StreamConfig
+    rank: int
+    world_size: int
+    start_epoch: int = 0
+    start_step: int = 0
+    epochs: int | None = None
+    """Stop after this epoch number; None: for ever."""
+
+    def schedule(self, epoch: int) -> tuple[list[WorkerPlan], list[list[tuple[int, int]]]]:
+        plans = train_plan(self.dataset, self.cfg, epoch, self.rank, self.world_size)
+        return plans, step_schedule([p.quota for p in plans], self.cfg.batch_size)
+
+    def first_step(self, epoch: int) -> int:
+        return self.start_step if epoch == self.start_epoch else 0
+
+    def raw_samples(self, plan: WorkerPlan, epoch: int, worker: int, faults: Faults) -> Iterator[tuple[int, dict]]:
+        """(position, raw sample) pairs of this worker's epoch: shards read in plan order (or drawn,
+        resampling), tar members grouped, shuffled in a buffer, cut or padded to the quota."""
+        cfg, rank = self.cfg, self.rank
+        shards = resampled_shards(plan.shards, np.random.default_rng([cfg.seed, epoch, rank, worker, 0])) if cfg.resample else plan.shards
+        raw = read_samples(shards, cfg.allow_pipe, faults)
+        mixed = shuffle(raw, cfg.shuffle_buffer, np.random.default_rng([cfg.seed, epoch, rank, worker, 1]))
+        return fit_to_quota(mixed, plan.quota)
+
+    def __call__(self, worker: int, ring) -> Iterator[dict]:
+        epochs = itertools.count(self.start_epoch) if self.epochs is None else range(self.start_epoch, self.epochs)
+        try:
+            for epoch in epochs:
+                plans, schedule = self.schedule(epoch)
+                skip, sizes = worker_parts(schedule, worker, self.first_step(epoch))
+                if not sizes:
+                    continue
+                faults = Faults()
+                # On resume: drop what was already trained on, before decoding it.
+                src = skip_consumed(self.raw_samples(plans[worker], epoch, worker, faults), skip)
+                clips = TrainClips(src, self.cfg.crop, len(self.dataset.classes), (self.cfg.seed, epoch, self.rank, worker), faults)
+                for n in sizes:
+                    slot, rows = ring.take()
+                    keys, labels = clips.fill(rows[:n])
+                    yield {"slot": slot, "n": n, "epoch": epoch, "key": keys, "label": labels, "faults": faults.take()}
+        except UserError as e:
+            yield {"fatal": str(e)}
+
+
+class TrainLoader:
+    """The training batches of one rank, epoch after epoch, from loader workers that live for the
+    whole run (see pipeline/loader.py): no re-forking and no refilled shuffle buffers at epoch
+    boundaries; the workers run into the next epoch as soon as their slots free up.
+
+    `epoch(e)` yields the batches of epoch e in schedule order: 'video' (B, T, crop, crop, 3) uint8,
+    'label' (B,) int64, 'key' list, 'worker' (B,) int64 (which worker read each clip), 'faults' list.
+    A batch's video is a view of a worker's slot, valid until the next batch is asked for (`copy=True`
+    clones it); with `pin_memory`, a background thread copies each batch into pinned memory.
+    Epochs must be asked for in order, from `start_epoch`; `start_step` resumes inside it.
     """
 
-    def __init__(self, dataset: Dataset, cfg: StreamConfig, epoch: int, rank: int, world_size: int, skip: list[int] | None = None):
-        self.dataset, self.cfg, self.epoch, self.rank, self.world_size = dataset, cfg, epoch, rank, world_size
-        self.plans = train_plan(dataset, cfg, epoch, rank, world_size, skip)
+    def __init__(
+        self,
+        dataset: Dataset,
+        cfg: StreamConfig,
+        rank: int,
+        world_size: int,
+        start_epoch: int = 0,
+        start_step: int = 0,
+        epochs: int | None = None,
+        pin_memory: bool = False,
+        copy: bool = False,
+        start_method: str | None = None,
+    ):
+        from pipeline.loader import WorkerPool
 
-    def __iter__(self):
-        worker, n_workers = worker_identity()
-        if n_workers != len(self.plans):
-            raise RuntimeError(f"planned for {len(self.plans)} workers, running in {n_workers}")
-        return _fatal_as_batch(self.pipeline(worker))
+        self.producer = TrainProducer(dataset, cfg, rank, world_size, start_epoch, start_step, epochs)
+        self.cfg, self.pin_memory, self.copy = cfg, pin_memory, copy
+        self.next_epoch = start_epoch
+        shape = (cfg.batch_size, dataset.frames, cfg.crop, cfg.crop, 3)
+        _preload_decoders()
+        self.pool = WorkerPool(self.producer, cfg.workers or 0, shape, cfg.prefetch + 1, start_method)
 
-    def pipeline(self, worker: int):
-        import webdataset as wds
+    def epoch(self, epoch: int) -> Iterator[dict]:
+        if epoch != self.next_epoch:
+            raise ValueError(f"epoch {epoch} asked for; the workers are at epoch {self.next_epoch}")
+        self.next_epoch += 1
+        batches = self._batches(epoch)
+        if self.pin_memory:
+            from pipeline.loader import threaded
 
-        cfg, epoch, rank, plan = self.cfg, self.epoch, self.rank, self.plans[worker]
-        faults = Faults()
-        shard_rng = np.random.default_rng([cfg.seed, epoch, rank, worker, 0])
-        shards = resampled_shards(plan.shards, shard_rng) if cfg.resample else plan.shards
-        return wds.DataPipeline(
-            # this worker's shards for the epoch (resampling: drawn with replacement, endless)
-            lambda: iter(shards),
-            # raw samples: tar headers read and grouped into KEY.jpgs / KEY.cls / KEY.json (as webdataset groups)
-            lambda src: read_samples(src, cfg.allow_pipe, faults),
-            # sample shuffle buffer, seeded by (seed, epoch, rank, worker)
-            lambda src: shuffle(src, cfg.shuffle_buffer, np.random.default_rng([cfg.seed, epoch, rank, worker, 1])),
-            # exactly the planned number of samples, numbered
-            lambda src: fit_to_quota(src, plan.quota),
-            # on resume: drop what was already trained on, before decoding
-            lambda src: skip_consumed(src, plan.skip),
-            # decode with libjpeg-turbo, one random crop and flip per clip
-            lambda src: decode_train(src, cfg.crop, len(self.dataset.classes), (cfg.seed, epoch, rank, worker), faults),
-            # whole uint8 batches
-            lambda src: batches(src, cfg.batch_size, worker, faults),
-        )
+            return threaded(batches, _pinned)
+        return batches
 
+    def _batches(self, epoch: int) -> Iterator[dict]:
+        _, schedule = self.producer.schedule(epoch)
+        held: list[tuple[int, dict]] = []
+        try:
+            for parts in schedule[self.producer.first_step(epoch) :]:
+                got = [(w, self._get(w, epoch, n)) for w, n in parts]
+                if len(got) == 1:
+                    video = got[0][1]["video"]
+                    video = video.clone() if self.copy else video
+                    held = got
+                else:  # the workers' remainders, at the end of the epoch: one copy
+                    video = torch.cat([m["video"] for _, m in got])
+                    for w, m in got:
+                        self.pool.release(w, m)
+                yield {
+                    "video": video,
+                    "label": torch.tensor([label for _, m in got for label in m["label"]], dtype=torch.int64),
+                    "key": [k for _, m in got for k in m["key"]],
+                    "worker": torch.tensor([w for w, m in got for _ in range(m["n"])], dtype=torch.int64),
+                    "faults": [f for _, m in got for f in m["faults"]],
+                }
+                for w, m in held:
+                    self.pool.release(w, m)
+                held = []
+        finally:
+            for w, m in held:
+                self.pool.release(w, m)
 
-class EvalStream(torch.utils.data.IterableDataset):
-    """This rank's share of the test set, centre-cropped, as uint8 batches; `workers` is how many
-    loader workers it splits into (at most one per test shard)."""
+    def _get(self, worker: int, epoch: int, n: int) -> dict:
+        message = self.pool.get(worker)
+        if "fatal" in message:
+            raise UserError(message["fatal"])
+        if message.get("epoch") != epoch or message.get("n") != n:
+            raise RuntimeError(f"loader worker {worker} sent {message.get('n')} clips of epoch {message.get('epoch')}; expected {n} of epoch {epoch}")
+        return message
 
-    def __init__(self, dataset: Dataset, cfg: StreamConfig, rank: int, world_size: int):
-        self.dataset, self.cfg, self.rank, self.world_size = dataset, cfg, rank, world_size
-        self.per_worker, self.by_key = eval_plan(dataset, cfg.workers, rank, world_size)
-        self.workers = len(self.per_worker) if cfg.workers else 0
+    def pids(self) -> list[int]:
+        return self.pool.pids()
 
-    def __iter__(self):
-        worker, n_workers = worker_identity()
-        if n_workers != len(self.per_worker):
-            raise RuntimeError(f"planned for {len(self.per_worker)} workers, running in {n_workers}")
-        return _fatal_as_batch(self.pipeline(worker))
+    def close(self) -> None:
+        self.pool.close()
 
-    def pipeline(self, worker: int):
-        import webdataset as wds
+    def __enter__(self) -> "TrainLoader":
+        return self
 
-        cfg, rank, world_size, by_key = self.cfg, self.rank, self.world_size, self.by_key
-        faults = Faults()
-        return wds.DataPipeline(
-            # this worker's test shards, in order
-            lambda: iter(self.per_worker[worker]),
-            # raw samples
-            lambda src: read_samples(src, cfg.allow_pipe, faults),
-            # with fewer test shards than ranks: only this rank's keys
-            lambda src: (s for s in src if not by_key or key_rank(s.get("__key__", ""), world_size) == rank),
-            # decode, centre crop
-            lambda src: decode_eval(src, cfg.crop, len(self.dataset.classes), faults),
-            # whole uint8 batches
-            lambda src: batches(src, cfg.batch_size, worker, faults),
-        )
-
-
-def _fatal_as_batch(src: Iterable[dict]) -> Iterator[dict]:
-    """A UserError in a worker ends its stream with a batch carrying the message, so the trainer can
-    stop with one line instead of a worker traceback."""
-    try:
-        yield from src
-    except UserError as e:
-        yield {"video": None, "label": None, "key": [], "worker": None, "faults": [], "fatal": str(e)}
-
-
-def loader(stream, workers: int, pin_memory: bool, prefetch: int) -> torch.utils.data.DataLoader:
-    """A plain DataLoader passing the workers' whole batches through.
-
-    Workers are forked on Linux even where the process's default is spawn (as in processes started
-    by `--nproc-per-node`): a spawned worker re-imports torch, about 1.5 s each per epoch on 2 cores;
-    a forked one starts in milliseconds. Workers never touch CUDA, so forking after CUDA is fine.
-    """
-    if workers > 0:
-        # Imported here, once, so that forked workers inherit them instead of each paying ~50 ms a epoch.
-        import cv2  # noqa: F401
-        import simplejpeg  # noqa: F401
-        import webdataset  # noqa: F401
-    return torch.utils.data.DataLoader(
-        stream,
-        batch_size=None,
-        num_workers=workers,
-        pin_memory=pin_memory,
-        prefetch_factor=prefetch if workers > 0 else None,
-        persistent_workers=False,
-        multiprocessing_context="fork" if workers > 0 and sys.platform == "linux" else None,
-    )
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
-def rebatch(src: Iterable[dict], batch_size: int) -> Iterator[dict]:
-    """Full batches from the workers' stream: workers' final partial batches are merged here.
+@dataclasses.dataclass(frozen=True)
+class EvalProducer:
+    """What evaluation worker `w` runs: its test shards once, centre-cropped clips in batch slots;
+    unreadable clips are skipped (and counted), never repeated."""
 
-    Faults ride along on the next batch yielded (or on an empty batch at the end).
-    """
-    parts: list[dict] = []
-    faults: list[dict] = []
-    held = 0
-    for batch in src:
-        if batch.get("fatal"):
-            raise UserError(batch["fatal"])
-        faults.extend(batch["faults"])
-        if batch["video"] is None:
-            continue
-        n = len(batch["key"])
-        if n == batch_size and not parts:
-            yield {**batch, "faults": faults}
-            faults = []
-            continue
-        parts.append(batch)
-        held += n
-        while held >= batch_size:
-            merged = _cat(parts)
-            yield {**_slice(merged, 0, batch_size), "faults": faults}
-            faults = []
-            rest = _slice(merged, batch_size, held)
-            held -= batch_size
-            parts = [rest] if held else []
-    if held or faults:
-        out = _cat(parts) if parts else {"video": None, "label": None, "key": [], "worker": None}
-        yield {**out, "faults": faults}
+    dataset: Dataset
+    cfg: StreamConfig
+    rank: int
+    world_size: int
+    per_worker: tuple[tuple[Shard, ...], ...]
+    by_key: bool
 
-
-def _cat(parts: list[dict]) -> dict:
-    if len(parts) == 1:
-        return parts[0]
-    return {
-        "video": torch.cat([p["video"] for p in parts]),
-        "label": torch.cat([p["label"] for p in parts]),
-        "key": [k for p in parts for k in p["key"]],
-        "worker": torch.cat([p["worker"] for p in parts]),
-    }
+    def __call__(self, worker: int, ring) -> Iterator[dict]:
+        cfg, faults, scratch = self.cfg, Faults(), {}
+        raw = read_samples(self.per_worker[worker], cfg.allow_pipe, faults)
+        if self.by_key:  # fewer test shards than ranks: only this rank's keys
+            raw = (s for s in raw if key_rank(s.get("__key__", ""), self.world_size) == self.rank)
+        num_classes = len(self.dataset.classes)
+        slot, rows, keys, labels = None, None, [], []
+        for sample in raw:
+            key = sample.get("__key__", "?")
+            if slot is None:
+                slot, rows = ring.take()
+            try:
+                _check_members(sample)
+                label = parse_label(sample["cls"], num_classes)
+                decode_clip(sample["jpgs"], cfg.crop, None, rows[len(keys)], scratch)
+            except ShardFormatError as e:
+                faults.add(f"{sample.get('__url__', '?')}:{key}", str(e))
+                continue
+            keys.append(key)
+            labels.append(label)
+            if len(keys) == len(rows):
+                yield {"slot": slot, "n": len(keys), "key": keys, "label": labels, "faults": faults.take()}
+                slot, keys, labels = None, [], []
+        if keys:
+            yield {"slot": slot, "n": len(keys), "key": keys, "label": labels, "faults": faults.take()}
+        elif faults.pending:
+            yield {"n": 0, "key": [], "label": [], "faults": faults.take()}
 
 
-def _slice(batch: dict, start: int, stop: int) -> dict:
-    return {
-        "video": batch["video"][start:stop],
-        "label": batch["label"][start:stop],
-        "key": batch["key"][start:stop],
-        "worker": batch["worker"][start:stop],
-    }
+def eval_batches(dataset: Dataset, cfg: StreamConfig, rank: int, world_size: int, pin_memory: bool = False, copy: bool = False) -> Iterator[dict]:
+    """This rank's share of the test set, centre-cropped, as uint8 batches (the last of each worker
+    may be partial; a batch of only faults has 'video' None). Workers: one per test shard at most."""
+    from pipeline.loader import WorkerPool, threaded
+
+    per_worker, by_key = eval_plan(dataset, cfg.workers, rank, world_size)
+    workers = len(per_worker) if cfg.workers else 0
+    producer = EvalProducer(dataset, cfg, rank, world_size, tuple(per_worker), by_key)
+    shape = (cfg.batch_size, dataset.frames, cfg.crop, cfg.crop, 3)
+
+    def batches() -> Iterator[dict]:
+        _preload_decoders()
+        with WorkerPool(producer, workers, shape, cfg.prefetch + 1) as pool:
+            active = list(range(max(1, workers)))
+            while active:
+                for w in list(active):
+                    message = pool.get(w)
+                    if "done" in message:
+                        active.remove(w)
+                        continue
+                    video = message.get("video")
+                    yield {
+                        "video": video.clone() if copy and video is not None else video,
+                        "label": torch.tensor(message["label"], dtype=torch.int64) if message["n"] else None,
+                        "key": message["key"],
+                        "faults": message["faults"],
+                    }
+                    pool.release(w, message)
+
+    return threaded(batches(), _pinned) if pin_memory else batches()
+
+
+def _pinned(batch: dict) -> dict:
+    return batch if batch["video"] is None else {**batch, "video": batch["video"].pin_memory()}
+
+
+def _preload_decoders() -> None:
+    """Import the decoders once in the parent, so that forked workers inherit them (~50 ms each otherwise)."""
+    import cv2  # noqa: F401
+    import simplejpeg  # noqa: F401

@@ -232,11 +232,10 @@ def evaluate(model, dataset: stream.Dataset, cfg: TrainConfig, env: DistEnv, dev
     # rows: clips, top-1 hits, top-5 hits; columns: true class
     counts = torch.zeros(3, num_classes, dtype=torch.float64, device=device)
     skipped = 0
-    evaluation = stream.EvalStream(dataset, cfg.stream, env.rank, env.world_size)
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        for batch in stream.loader(evaluation, evaluation.workers, device.type == "cuda", cfg.stream.prefetch):
+        for batch in stream.eval_batches(dataset, cfg.stream, env.rank, env.world_size, pin_memory=device.type == "cuda"):
             skipped += sum(f["samples"] for f in batch["faults"])
             if batch["video"] is None:
                 continue
@@ -405,6 +404,12 @@ def train(cfg: TrainConfig, env: DistEnv) -> dict:
         start_epoch, start_in_epoch = ckpt["epoch"], ckpt["step_in_epoch"]
         if start_in_epoch > 0:
             consumed = ckpt["consumed"][env.rank].clone()
+            # The step schedule says which worker's clips every step took; the counts must agree.
+            plans = stream.train_plan(dataset, sc, start_epoch, env.rank, env.world_size)
+            schedule = stream.step_schedule([p.quota for p in plans], sc.batch_size)
+            expected = [stream.worker_parts(schedule, w, start_in_epoch)[0] for w in range(n_workers)]
+            if consumed.tolist() != expected:
+                raise UserError(f"checkpoint {path!r} was written by another version of the loader; it can only be resumed from an epoch's end")
         if env.rank < len(ckpt["rng"]["torch"]):
             # A row of the stacked states is a view at an offset; set_rng_state reads from the start of
             # its storage (rank 1 of a two-rank resume crashed with SIGSEGV), so hand it a copy.
@@ -442,12 +447,10 @@ def train(cfg: TrainConfig, env: DistEnv) -> dict:
     )
 
     # --- loop -------------------------------------------------------------------------------
-    def open_epoch(epoch: int, skip: list[int] | None):
-        """Start the epoch's loader workers now (iter() forks them); batches come through rebatch."""
-        workers = iter(stream.loader(stream.TrainStream(dataset, sc, epoch, env.rank, env.world_size, skip), sc.workers, use_cuda, sc.prefetch))
-        return stream.rebatch(workers, sc.batch_size)
-
-    upcoming = None
+    # One set of loader workers for the whole run: they run from epoch to epoch without a restart.
+    train_loader = stream.TrainLoader(
+        dataset, sc, env.rank, env.world_size, start_epoch, start_in_epoch, epochs=cfg.epochs, pin_memory=use_cuda
+    )
     audit = None
     loss_fn = torch.nn.CrossEntropyLoss()
     total_clips = total_wait = total_step_time = 0.0
@@ -457,129 +460,128 @@ def train(cfg: TrainConfig, env: DistEnv) -> dict:
     stopped_early = False
     last_checkpoint = step
     net.train()
-    for epoch in range(start_epoch, cfg.epochs):
-        first = start_in_epoch if epoch == start_epoch else 0
-        if first == 0:
-            consumed = torch.zeros(n_workers, dtype=torch.int64)
-        batches = upcoming or open_epoch(epoch, consumed.tolist())
-        upcoming = None
-        audit = None
-        epoch_bad, bad_limit = 0, cfg.bad_limit(steps_per[epoch] * sc.batch_size)
-        if cfg.audit_keys:
-            audit_path = log_dir / "audit" / f"epoch-{epoch:03d}-rank-{env.rank}.txt"
-            audit_path.parent.mkdir(parents=True, exist_ok=True)
-            kept = audit_path.read_text().splitlines()[: first * sc.batch_size] if first and audit_path.exists() else []
-            audit = open(audit_path, "w")
-            audit.write("".join(k + "\n" for k in kept))
-        bar = progress(steps_per[epoch], f"epoch {epoch + 1}/{cfg.epochs}", quiet=env.rank != 0 or not cfg.progress, unit="step")
-        bar.update(first)
-        interval = {"loss": torch.zeros((), device=device), "steps": 0, "clips": 0, "wait": 0.0, "start": time.perf_counter()}
-        for in_epoch in range(first, steps_per[epoch]):
-            t0 = time.perf_counter()
-            batch = next(batches, None)
-            t1 = time.perf_counter()
-            if in_epoch + 1 == steps_per[epoch] and epoch + 1 < cfg.epochs:
-                # The next epoch's workers start now and fill their buffers while this one ends and evaluates.
-                upcoming = open_epoch(epoch + 1, None)
-            if batch is None or batch["video"] is None or len(batch["key"]) != sc.batch_size:
-                raise UserError(f"rank {env.rank}: training stream of epoch {epoch + 1} ended after {in_epoch} of {steps_per[epoch]} batches")
-            if batch["faults"]:
-                bad_samples += sum(f["samples"] for f in batch["faults"])
-                epoch_bad += sum(f["samples"] for f in batch["faults"])
-                with open(fault_log, "a") as f:
-                    for fault in batch["faults"]:
-                        f.write(json.dumps({"epoch": epoch, "step": step, **fault}) + "\n")
-                        say(f"warning: skipped {fault['what']}: {fault['reason']}")
-                if epoch_bad > bad_limit:
-                    last = batch["faults"][-1]
-                    raise UserError(
-                        f"rank {env.rank}: {epoch_bad} unreadable clips in epoch {epoch + 1}, more than --max-bad {sc.max_bad:g} allows "
-                        f"({bad_limit}); last: {last['what']}: {last['reason']} (all in {fault_log})"
-                    )
-            x = to_model_input(batch["video"], device, channels_last)
-            y = batch["label"].to(device, non_blocking=True)
-            boundary = (in_epoch + 1) % cfg.grad_accum == 0 or in_epoch + 1 == steps_per[epoch]
-            group = cfg.grad_accum if (in_epoch // cfg.grad_accum + 1) * cfg.grad_accum <= steps_per[epoch] else steps_per[epoch] % cfg.grad_accum
-            sync = nullcontext() if boundary or env.world_size == 1 else net.no_sync()
-            with sync:
-                with autocast:
-                    loss = loss_fn(forward(x).float(), y)
-                (loss / group).backward()
-            if boundary:
-                lr = learning_rate(cfg, opt_step, sum(opt_steps_per), epoch)
-                for g in optimizer.param_groups:
-                    g["lr"] = lr
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                opt_step += 1
-            step += 1
-            consumed += torch.bincount(batch["worker"], minlength=n_workers)
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            first = start_in_epoch if epoch == start_epoch else 0
+            if first == 0:
+                consumed = torch.zeros(n_workers, dtype=torch.int64)
+            batches = train_loader.epoch(epoch)
+            audit = None
+            epoch_bad, bad_limit = 0, cfg.bad_limit(steps_per[epoch] * sc.batch_size)
+            if cfg.audit_keys:
+                audit_path = log_dir / "audit" / f"epoch-{epoch:03d}-rank-{env.rank}.txt"
+                audit_path.parent.mkdir(parents=True, exist_ok=True)
+                kept = audit_path.read_text().splitlines()[: first * sc.batch_size] if first and audit_path.exists() else []
+                audit = open(audit_path, "w")
+                audit.write("".join(k + "\n" for k in kept))
+            bar = progress(steps_per[epoch], f"epoch {epoch + 1}/{cfg.epochs}", quiet=env.rank != 0 or not cfg.progress, unit="step")
+            bar.update(first)
+            interval = {"loss": torch.zeros((), device=device), "steps": 0, "clips": 0, "wait": 0.0, "start": time.perf_counter()}
+            for in_epoch in range(first, steps_per[epoch]):
+                t0 = time.perf_counter()
+                batch = next(batches, None)
+                t1 = time.perf_counter()
+                if batch is None or batch["video"] is None or len(batch["key"]) != sc.batch_size:
+                    raise UserError(f"rank {env.rank}: training stream of epoch {epoch + 1} ended after {in_epoch} of {steps_per[epoch]} batches")
+                if batch["faults"]:
+                    bad_samples += sum(f["samples"] for f in batch["faults"])
+                    epoch_bad += sum(f["samples"] for f in batch["faults"])
+                    with open(fault_log, "a") as f:
+                        for fault in batch["faults"]:
+                            f.write(json.dumps({"epoch": epoch, "step": step, **fault}) + "\n")
+                            say(f"warning: skipped {fault['what']}: {fault['reason']}")
+                    if epoch_bad > bad_limit:
+                        last = batch["faults"][-1]
+                        raise UserError(
+                            f"rank {env.rank}: {epoch_bad} unreadable clips in epoch {epoch + 1}, more than --max-bad {sc.max_bad:g} allows "
+                            f"({bad_limit}); last: {last['what']}: {last['reason']} (all in {fault_log})"
+                        )
+                x = to_model_input(batch["video"], device, channels_last)
+                y = batch["label"].to(device, non_blocking=True)
+                boundary = (in_epoch + 1) % cfg.grad_accum == 0 or in_epoch + 1 == steps_per[epoch]
+                group = cfg.grad_accum if (in_epoch // cfg.grad_accum + 1) * cfg.grad_accum <= steps_per[epoch] else steps_per[epoch] % cfg.grad_accum
+                sync = nullcontext() if boundary or env.world_size == 1 else net.no_sync()
+                with sync:
+                    with autocast:
+                        loss = loss_fn(forward(x).float(), y)
+                    (loss / group).backward()
+                if boundary:
+                    lr = learning_rate(cfg, opt_step, sum(opt_steps_per), epoch)
+                    for g in optimizer.param_groups:
+                        g["lr"] = lr
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    opt_step += 1
+                step += 1
+                consumed += torch.bincount(batch["worker"], minlength=n_workers)
+                if audit is not None:
+                    audit.write("".join(k + "\n" for k in batch["key"]))
+                failpoint(f"step:{step}")
+                t2 = time.perf_counter()
+                interval["loss"] += loss.detach()
+                interval["steps"] += 1
+                interval["clips"] += sc.batch_size
+                interval["wait"] += t1 - t0
+                total_wait += t1 - t0
+                total_step_time += t2 - t0
+                total_clips += sc.batch_size
+                bar.update(1)
+
+                if step % cfg.log_every == 0 or in_epoch + 1 == steps_per[epoch]:
+                    wall = time.perf_counter() - interval["start"]
+                    mine = torch.tensor([interval["loss"].item(), interval["steps"], interval["clips"], interval["wait"], wall], dtype=torch.float64, device=device)
+                    every = _gather(mine, env).cpu()
+                    per_rank = (every[:, 2] / every[:, 4]).tolist()
+                    lr_now = optimizer.param_groups[0]["lr"]
+                    rec = {
+                        "step": step,
+                        "epoch": epoch + 1,
+                        "loss": float(every[:, 0].sum() / every[:, 1].sum()),
+                        "lr": lr_now,
+                        "clips_per_s": sum(per_rank),
+                        "clips_per_s_rank": per_rank,
+                        "data_wait": float((every[:, 3] / every[:, 4]).mean()),
+                        "step_time": float((every[:, 4] / every[:, 1]).mean()),
+                    }
+                    record("step", **rec)
+                    bar.set_postfix(loss=f"{rec['loss']:.3f}", clips_s=f"{rec['clips_per_s']:.1f}", wait=f"{rec['data_wait']:.0%}")
+                    interval = {"loss": torch.zeros((), device=device), "steps": 0, "clips": 0, "wait": 0.0, "start": time.perf_counter()}
+
+                last_of_epoch = in_epoch + 1 == steps_per[epoch]
+                if boundary and not last_of_epoch:
+                    if cfg.max_steps and step >= cfg.max_steps:
+                        checkpoint(epoch, in_epoch + 1, consumed)
+                        stopped_early = True
+                        break
+                    if cfg.checkpoint_every and step - last_checkpoint >= cfg.checkpoint_every:
+                        checkpoint(epoch, in_epoch + 1, consumed)
+                        last_checkpoint = step
+            bar.close()
+            del batches
             if audit is not None:
-                audit.write("".join(k + "\n" for k in batch["key"]))
-            failpoint(f"step:{step}")
-            t2 = time.perf_counter()
-            interval["loss"] += loss.detach()
-            interval["steps"] += 1
-            interval["clips"] += sc.batch_size
-            interval["wait"] += t1 - t0
-            total_wait += t1 - t0
-            total_step_time += t2 - t0
-            total_clips += sc.batch_size
-            bar.update(1)
+                audit.close()
+            if stopped_early:
+                say(f"stopped after step {step} (--max-steps); continue with --resume {log_dir}")
+                break
 
-            if step % cfg.log_every == 0 or in_epoch + 1 == steps_per[epoch]:
-                wall = time.perf_counter() - interval["start"]
-                mine = torch.tensor([interval["loss"].item(), interval["steps"], interval["clips"], interval["wait"], wall], dtype=torch.float64, device=device)
-                every = _gather(mine, env).cpu()
-                per_rank = (every[:, 2] / every[:, 4]).tolist()
-                lr_now = optimizer.param_groups[0]["lr"]
-                rec = {
-                    "step": step,
-                    "epoch": epoch + 1,
-                    "loss": float(every[:, 0].sum() / every[:, 1].sum()),
-                    "lr": lr_now,
-                    "clips_per_s": sum(per_rank),
-                    "clips_per_s_rank": per_rank,
-                    "data_wait": float((every[:, 3] / every[:, 4]).mean()),
-                    "step_time": float((every[:, 4] / every[:, 1]).mean()),
-                }
-                record("step", **rec)
-                bar.set_postfix(loss=f"{rec['loss']:.3f}", clips_s=f"{rec['clips_per_s']:.1f}", wait=f"{rec['data_wait']:.0%}")
-                interval = {"loss": torch.zeros((), device=device), "steps": 0, "clips": 0, "wait": 0.0, "start": time.perf_counter()}
-
-            last_of_epoch = in_epoch + 1 == steps_per[epoch]
-            if boundary and not last_of_epoch:
-                if cfg.max_steps and step >= cfg.max_steps:
-                    checkpoint(epoch, in_epoch + 1, consumed)
-                    stopped_early = True
-                    break
-                if cfg.checkpoint_every and step - last_checkpoint >= cfg.checkpoint_every:
-                    checkpoint(epoch, in_epoch + 1, consumed)
-                    last_checkpoint = step
-        bar.close()
-        del batches
-        if audit is not None:
-            audit.close()
-        if stopped_early:
-            say(f"stopped after step {step} (--max-steps); continue with --resume {log_dir}")
-            break
-
-        # --- evaluation -------------------------------------------------------------------------
-        epochs_done = epoch + 1
-        if dataset.test and (epochs_done == cfg.epochs or (cfg.eval_every and epochs_done % cfg.eval_every == 0)):
-            last_eval = evaluate(model, dataset, cfg, env, device, channels_last, autocast)
-            record("eval", step=step, epoch=epochs_done, **last_eval)
-            if last_eval["clips"]:
-                per_class = ", ".join(f"{n} {a:.0%}" for n, a in last_eval["per_class"].items() if a is not None)
-                say(
-                    f"epoch {epochs_done}: test top-1 {last_eval['top1']:.1%}, top-5 {last_eval['top5']:.1%} "
-                    f"on {last_eval['clips']} clips; per class: {per_class}"
-                )
-        checkpoint(epochs_done, 0, torch.zeros(n_workers, dtype=torch.int64))
-        if cfg.max_steps and step >= cfg.max_steps and epochs_done < cfg.epochs:
-            say(f"stopped after step {step} (--max-steps); continue with --resume {log_dir}")
-            stopped_early = True
-            break
+            # --- evaluation -------------------------------------------------------------------------
+            epochs_done = epoch + 1
+            if dataset.test and (epochs_done == cfg.epochs or (cfg.eval_every and epochs_done % cfg.eval_every == 0)):
+                last_eval = evaluate(model, dataset, cfg, env, device, channels_last, autocast)
+                record("eval", step=step, epoch=epochs_done, **last_eval)
+                if last_eval["clips"]:
+                    per_class = ", ".join(f"{n} {a:.0%}" for n, a in last_eval["per_class"].items() if a is not None)
+                    say(
+                        f"epoch {epochs_done}: test top-1 {last_eval['top1']:.1%}, top-5 {last_eval['top5']:.1%} "
+                        f"on {last_eval['clips']} clips; per class: {per_class}"
+                    )
+            checkpoint(epochs_done, 0, torch.zeros(n_workers, dtype=torch.int64))
+            if cfg.max_steps and step >= cfg.max_steps and epochs_done < cfg.epochs:
+                say(f"stopped after step {step} (--max-steps); continue with --resume {log_dir}")
+                stopped_early = True
+                break
+    finally:
+        train_loader.close()
 
     # --- summary ----------------------------------------------------------------------------
     totals = torch.tensor([total_clips, total_wait, total_step_time, bad_samples], dtype=torch.float64, device=device)

@@ -67,9 +67,10 @@ def test_endless_batches_crosses_epochs_with_the_stream_s_own_batches(packed):
     cfg = StreamConfig(shards=(f"{packed}/<000..007>.tar",), batch_size=4, workers=0, crop=24, shuffle_buffer=8)
     dataset = stream.resolve_dataset(cfg)
     steps = stream.steps_per_epoch([s.samples for s in dataset.train], 4, 1, 0, 0, False)
-    source = bench.endless_batches(dataset, cfg, pin_memory=False)
+    source = bench.endless_batches(dataset, cfg, pin_memory=False, copy=True)
     got = [next(source) for _ in range(steps + 2)]
-    first_epoch = list(stream.rebatch(iter(stream.loader(stream.TrainStream(dataset, cfg, 0, 0, 1), 0, False, 2)), 4))
+    with stream.TrainLoader(dataset, cfg, 0, 1, epochs=1, copy=True) as loader:
+        first_epoch = list(loader.epoch(0))
     for a, b in zip(got, first_epoch):
         assert a["key"] == b["key"] and np.array_equal(a["video"].numpy(), b["video"].numpy())
     assert tuple(got[-1]["video"].shape) == (4, 4, 24, 24, 3)  # the second epoch goes on

@@ -40,8 +40,8 @@ def train_cfg(folder: Path, log_dir: Path, **kw) -> TrainConfig:
 
 
 def epoch_batches(ds, cfg, epoch=0, rank=0, world=1):
-    src = stream.loader(stream.TrainStream(ds, cfg, epoch, rank, world), cfg.workers, False, 2)
-    return list(stream.rebatch(src, cfg.batch_size))
+    with stream.TrainLoader(ds, cfg, rank, world, epoch, epochs=epoch + 1, copy=True) as loader:
+        return list(loader.epoch(epoch))
 
 
 def read_members(path: Path) -> dict[str, bytes]:

@@ -22,10 +22,10 @@ def cfg_for(folder: Path, **kw) -> StreamConfig:
     return StreamConfig(shards=(f"{folder}/<000..007>.tar",), **kw)
 
 
-def epoch_batches(ds, cfg, epoch, rank, world, skip=None, workers=None):
-    workers = cfg.workers if workers is None else workers
-    src = stream.loader(stream.TrainStream(ds, cfg, epoch, rank, world, skip), workers, False, 2)
-    return list(stream.rebatch(src, cfg.batch_size))
+def epoch_batches(ds, cfg, epoch, rank, world, start_step=0, start_method=None):
+    """One epoch of one rank from a fresh TrainLoader (batches copied out of the workers' slots)."""
+    with stream.TrainLoader(ds, cfg, rank, world, epoch, start_step, epochs=epoch + 1, copy=True, start_method=start_method) as loader:
+        return list(loader.epoch(epoch))
 
 
 # --- patterns ---------------------------------------------------------------------------------
@@ -187,21 +187,23 @@ def test_labels_match_frames_and_epochs_differ(packed):
     assert [b["video"] for b in epoch_batches(ds, cfg, 0, 0, 1)][0].equal(e0[0]["video"])
 
 
-def test_skip_resumes_without_repeating_or_losing_clips(packed):
-    cfg = cfg_for(packed, workers=2)
+@pytest.mark.parametrize("workers, batch_size, start", [(2, 4, 3), (3, 5, 1), (3, 5, 3), (0, 4, 5)])
+def test_a_resume_at_step_s_gives_exactly_the_remaining_steps(packed, workers, batch_size, start):
+    """Resuming at step s yields the uninterrupted epoch's steps s.. : same keys, same crops, same
+    order, including the steps merged from several workers' remainders (batch 5: 24 clips a rank)."""
+    cfg = cfg_for(packed, workers=workers, batch_size=batch_size)
     ds = stream.resolve_dataset(cfg)
     full = epoch_batches(ds, cfg, 1, 0, 2)
-    consumed = full[:3]
-    per_worker = [sum(int((b["worker"] == w).sum()) for b in consumed) for w in range(2)]
-    rest = epoch_batches(ds, cfg, 1, 0, 2, skip=per_worker)
-    assert len(rest) == len(full) - 3
-    seen = [k for b in consumed + rest for k in b["key"]]
-    assert sorted(seen) == sorted(k for b in full for k in b["key"])
-    # the resumed clips get the same crops they would have had
-    clips = {k: v for b in full for k, v in zip(b["key"], b["video"])}
-    for b in rest:
-        for k, v in zip(b["key"], b["video"]):
-            assert v.equal(clips[k])
+    rest = epoch_batches(ds, cfg, 1, 0, 2, start_step=start)
+    assert len(rest) == len(full) - start
+    for a, b in zip(full[start:], rest):
+        assert a["key"] == b["key"] and a["worker"].equal(b["worker"]) and a["video"].equal(b["video"])
+    # the schedule's count of what each worker delivered before step s is what the batches say
+    plans = stream.train_plan(ds, cfg, 1, 0, 2)
+    schedule = stream.step_schedule([p.quota for p in plans], batch_size)
+    for w in range(max(1, workers)):
+        delivered = sum(int((b["worker"] == w).sum()) for b in full[:start])
+        assert stream.worker_parts(schedule, w, start)[0] == delivered
 
 
 def test_resample_gives_the_planned_steps_even_with_one_shard(packed):
@@ -285,8 +287,7 @@ def test_eval_counts_every_test_clip_once(packed, world):
     ds = stream.resolve_dataset(cfg)
     keys = []
     for rank in range(world):
-        ev = stream.EvalStream(ds, cfg, rank, world)
-        for b in stream.loader(ev, ev.workers, False, 2):
+        for b in stream.eval_batches(ds, cfg, rank, world):
             keys.extend(b["key"])
     expected = sorted(k for s in ds.test for k in shard_keys(Path(s.url)))
     assert sorted(keys) == expected and len(expected) == 16
