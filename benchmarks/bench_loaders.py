@@ -15,7 +15,7 @@ model, with one random 112 px crop and one flip decision per clip (the ceiling e
   decord     (b) the common MMAction2 way: decord opens the .avi, `get_batch` of the 16 sampled
              indices, per-frame resize to shorter side 128 (cv2), crop, flip, float normalise;
              torch DataLoader
-  ours       (c) our shards through the real training stream (TrainStream -> loader -> rebatch):
+  ours       (c) our shards through the real training stream (stream.TrainLoader, as train.py):
              uint8 batches from the workers, normalised in the main process by `train.to_model_input`
              on the CPU, into channels_last_3d memory (the layout train.py feeds a 3D CNN; on a GPU
              this step runs on the device)

@@ -282,7 +282,7 @@ def stage_breakdown(dataset: stream.Dataset, cfg: StreamConfig, device: torch.de
             t0 = time.perf_counter()
             stream.decode_frames(p, h, w, frames)
             t1 = time.perf_counter()
-            top, left, flip = stream.crop_box(h, w, cfg.crop, stream.clip_rng(cfg.seed, 0, 0, 0, position))
+            top, left, flip = stream.crop_box(h, w, cfg.crop, stream.clip_draw(cfg.seed, 0, 0, 0, position))
             stream.crop_clip(frames, top, left, cfg.crop, flip, slot[len(labels)])
             labels.append(0)
             t2 = time.perf_counter()

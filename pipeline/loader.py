@@ -32,6 +32,8 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
+from pipeline.errors import UserError
+
 Producer = Callable[[int, "object"], Iterator[dict]]
 
 # The parent's ends of every worker pipe of this process. A forked worker closes its copies first
@@ -41,7 +43,13 @@ _PARENT_ENDS: set = set()
 
 
 class LoaderError(RuntimeError):
-    """A loader worker died or failed; the message says which and why."""
+    """A loader worker failed with an exception (a bug): the message carries its traceback."""
+
+
+class WorkerDied(UserError):
+    """A loader worker was killed (out of memory, a signal): one line, exit code 1."""
+
+    exit_code = 1
 
 
 class _Stop(Exception):
@@ -167,12 +175,12 @@ class WorkerPool:
         conn, proc = self.conns[worker], self.procs[worker]
         while not conn.poll(0.5):
             if not proc.is_alive() and not conn.poll():
-                raise LoaderError(f"loader worker {worker} died ({_exit_reason(proc.exitcode)})")
+                raise WorkerDied(_died(worker, proc.exitcode))
         try:
             return conn.recv()
         except (EOFError, OSError):
             proc.join(1)
-            raise LoaderError(f"loader worker {worker} died ({_exit_reason(proc.exitcode)})") from None
+            raise WorkerDied(_died(worker, proc.exitcode)) from None
 
     def release(self, worker: int, message: dict) -> None:
         """Hand the message's slot back to its worker (after its rows were used or copied)."""
@@ -229,15 +237,18 @@ class WorkerPool:
             pass
 
 
-def _exit_reason(code: int | None) -> str:
+def _died(worker: int, code: int | None) -> str:
     if code is None:
-        return "still running but its pipe closed"
-    if code < 0:
+        reason = "its pipe closed"
+    elif code < 0:
         try:
-            return f"killed by {signal.Signals(-code).name}"
+            reason = f"killed by {signal.Signals(-code).name}"
         except ValueError:
-            return f"killed by signal {-code}"
-    return f"exit code {code}"
+            reason = f"killed by signal {-code}"
+    else:
+        reason = f"exit code {code}"
+    hint = " (out of memory? see dmesg)" if code == -signal.SIGKILL else ""
+    return f"loader worker {worker} died: {reason}{hint}"
 
 
 def threaded(source: Iterator[dict], transform: Callable[[dict], dict], depth: int = 2) -> Iterator[dict]:

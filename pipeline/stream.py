@@ -11,12 +11,15 @@ rank runs the same number of steps and collectives never wait for a rank whose s
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import hashlib
 import http.client
 import io
 import itertools
 import json
 import re
+import struct
 import urllib.error
 import urllib.request
 import zlib
@@ -608,16 +611,23 @@ def shuffle(src: Iterable, buffer: int, rng: np.random.Generator) -> Iterator:
         yield held.pop(int(rng.integers(len(held))))
 
 
+REFILL_KEPT = 256
+"""Raw samples a worker keeps to fill a shortfall with (about 150 KB each)."""
+
+
 def fit_to_quota(src: Iterable[dict], quota: int) -> Iterator[tuple[int, dict]]:
     """Exactly `quota` (position, raw sample) pairs: surplus cut; a shortfall (lost shards) filled by
-    cycling over the samples already delivered, so the rank still runs its planned steps."""
-    delivered: list[dict] = []
+    cycling over the last REFILL_KEPT samples delivered, so the rank still runs its planned steps
+    (and a worker's memory does not grow with its share of the epoch)."""
+    recent: collections.deque = collections.deque(maxlen=REFILL_KEPT)
+    delivered = 0
     for position, sample in zip(range(quota), src):
-        delivered.append(sample)
+        recent.append(sample)
+        delivered += 1
         yield position, sample
-    if len(delivered) == quota or not delivered:
+    if delivered == quota or not recent:
         return
-    for position, sample in zip(range(len(delivered), quota), itertools.cycle(delivered)):
+    for position, sample in zip(range(delivered, quota), itertools.cycle(list(recent))):
         yield position, sample
 
 
@@ -626,23 +636,26 @@ def skip_consumed(src: Iterable[tuple[int, dict]], skip: int) -> Iterator[tuple[
     return itertools.islice(src, skip, None)
 
 
-def clip_rng(seed: int, epoch: int, rank: int, worker: int, position: int) -> np.random.Generator:
-    """The generator of one clip's augmentation: the same clip position always gets the same crop."""
-    return np.random.default_rng([seed, epoch, rank, worker, position])
+def clip_draw(seed: int, epoch: int, rank: int, worker: int, position: int) -> int:
+    """One clip's 64 random bits for its augmentation: the same clip position always gets the same
+    crop. A keyed hash (1 us) rather than a seeded numpy Generator (25 us a clip, 2 % of decoding)."""
+    digest = hashlib.blake2b(struct.pack("<5q", seed, epoch, rank, worker, position), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
 
 
-def crop_box(height: int, width: int, crop: int, rng: np.random.Generator | None) -> tuple[int, int, bool]:
-    """(top, left, flip) of the clip's crop: random with `rng`, centred without."""
+def crop_box(height: int, width: int, crop: int, draw: int | None) -> tuple[int, int, bool]:
+    """(top, left, flip) of the clip's crop: from the 64 random bits `draw` (top from the low 24
+    bits, left from the next 24, flip from bit 48), centred without."""
     if height < crop or width < crop:
         raise ShardFormatError(f"frames of {width}x{height} are smaller than the {crop} px crop")
-    if rng is None:
+    if draw is None:
         return (height - crop) // 2, (width - crop) // 2, False
-    top = int(rng.integers(height - crop + 1))
-    left = int(rng.integers(width - crop + 1))
-    return top, left, bool(rng.integers(2))
+    top = (draw & 0xFFFFFF) % (height - crop + 1)
+    left = ((draw >> 24) & 0xFFFFFF) % (width - crop + 1)
+    return top, left, bool((draw >> 48) & 1)
 
 
-def decode_clip(pack: bytes, crop: int, rng: np.random.Generator | None, out: np.ndarray | None = None, scratch: dict | None = None) -> np.ndarray:
+def decode_clip(pack: bytes, crop: int, draw: int | None, out: np.ndarray | None = None, scratch: dict | None = None) -> np.ndarray:
     """Decode a `.jpgs` pack and cut one crop (and flip) out of every frame: (T, crop, crop, 3) uint8,
     written into `out` when given (a row of a batch slot: no allocation, no copy afterwards).
 
@@ -653,7 +666,7 @@ def decode_clip(pack: bytes, crop: int, rng: np.random.Generator | None, out: np
     if out is not None and len(jpegs) != len(out):
         raise ShardFormatError(f"clip has {len(jpegs)} frames, the index says {len(out)}")
     height, width = jpeg_size(jpegs[0])
-    top, left, flip = crop_box(height, width, crop, rng)
+    top, left, flip = crop_box(height, width, crop, draw)
     frames = None
     if scratch is not None:
         frames = scratch.get((len(jpegs), height, width))
@@ -729,7 +742,7 @@ class TrainClips:
     def _decode(self, position: int, raw: dict, row: np.ndarray) -> int:
         _check_members(raw)
         label = parse_label(raw["cls"], self.num_classes)
-        decode_clip(raw["jpgs"], self.crop, clip_rng(*self.seeds, position), row, self.scratch)
+        decode_clip(raw["jpgs"], self.crop, clip_draw(*self.seeds, position), row, self.scratch)
         return label
 
     def fill(self, rows: np.ndarray) -> tuple[list[str], list[int]]:

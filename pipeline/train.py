@@ -217,12 +217,21 @@ def to_model_input(video: torch.Tensor, device: torch.device, channels_last: boo
     The copy travels as uint8 (4x less than float); the per-pixel work happens on the device.
     (B, T, H, W, 3) is exactly channels_last_3d memory for (B, 3, T, H, W), so no transpose is paid there.
     """
-    x = video.to(device, non_blocking=True).permute(0, 4, 1, 2, 3)
-    scale = torch.tensor([1 / (255 * s) for s in STD], device=device).view(1, 3, 1, 1, 1)
-    shift = torch.tensor([-m / s for m, s in zip(MEAN, STD)], device=device).view(1, 3, 1, 1, 1)
-    # One pass, uint8 in, float out: x * scale - shift (half the time of .float(), *, - on a CPU).
-    x = torch.addcmul(shift, x, scale)
-    return x.contiguous(memory_format=torch.channels_last_3d) if channels_last else x.contiguous()
+    x = video.to(device, non_blocking=True)
+    batch, frames, height, width, channels = x.shape
+    scale = torch.tensor([1 / (255 * s) for s in STD], device=device)
+    shift = torch.tensor([-m / s for m, s in zip(MEAN, STD)], device=device)
+    if channels_last:
+        # Normalise the memory as rows of width x 3 values against a per-row pattern of scales: long
+        # inner loops (a 3-long channel loop is 1.8x slower on a CPU), and the result is already
+        # channels_last_3d memory for (B, 3, T, H, W).
+        rows = x.reshape(-1, width * channels).to(torch.float32)
+        torch.addcmul(shift.repeat(width), rows, scale.repeat(width), out=rows)
+        return rows.view(batch, frames, height, width, channels).permute(0, 4, 1, 2, 3)
+    # One pass, uint8 in, float out, written straight in contiguous layout: x * scale - shift
+    # (on a CPU a third of the time of .float(), *, -, then a layout copy).
+    out = torch.empty((batch, channels, frames, height, width), dtype=torch.float32, device=device)
+    return torch.addcmul(shift.view(1, 3, 1, 1, 1), x.permute(0, 4, 1, 2, 3), scale.view(1, 3, 1, 1, 1), out=out)
 
 
 def evaluate(model, dataset: stream.Dataset, cfg: TrainConfig, env: DistEnv, device, channels_last: bool, autocast) -> dict:

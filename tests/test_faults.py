@@ -283,7 +283,7 @@ def test_frame_and_frame_count_claims_are_bounded_before_allocating(copy):
     giant = pack_jpegs([_jpeg_claiming(65500, 65500)] * 4)
     tracemalloc.start()
     started = time.monotonic()
-    for crop_rng in (None, np.random.default_rng(0)):
+    for crop_rng in (None, 12345):
         with pytest.raises(ShardFormatError, match="65500x65500 pixels exceeds the 8192 px limit"):
             stream.decode_clip(giant, 24, crop_rng)
     with pytest.raises(ShardFormatError, match="claims 1000000000 frames"):

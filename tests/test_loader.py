@@ -1,0 +1,264 @@
+"""The loader: one set of worker processes for the whole run, batches in reused shared-memory slots,
+the step schedule that makes a resume exact, and what happens when a worker or the parent dies."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO
+from pipeline import stream
+from pipeline.config import StreamConfig
+from pipeline.loader import LocalRing, WorkerDied, WorkerPool, threaded
+from pipeline.train import MEAN, STD, to_model_input
+
+
+def cfg_for(folder, **kw) -> StreamConfig:
+    kw = {"batch_size": 4, "workers": 2, "crop": 24, "shuffle_buffer": 8, **kw}
+    return StreamConfig(shards=(f"{folder}/<000..007>.tar",), **kw)
+
+
+# --- the step schedule ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "quotas, batch, expected",
+    [
+        ([8, 8], 4, [[(0, 4)], [(1, 4)], [(0, 4)], [(1, 4)]]),
+        ([10, 6], 4, [[(0, 4)], [(1, 4)], [(0, 4)], [(0, 2), (1, 2)]]),
+        ([7, 7, 6], 5, [[(0, 5)], [(1, 5)], [(2, 5)], [(0, 2), (1, 2), (2, 1)]]),
+        ([3, 3, 3, 3], 4, [[(0, 3), (1, 1)], [(1, 2), (2, 2)], [(2, 1), (3, 3)]]),
+        ([12], 4, [[(0, 4)], [(0, 4)], [(0, 4)]]),
+        ([0, 8], 4, [[(1, 4)], [(1, 4)]]),
+    ],
+)
+def test_step_schedule_table(quotas, batch, expected):
+    schedule = stream.step_schedule(quotas, batch)
+    assert schedule == expected
+    assert all(sum(n for _, n in step) == batch for step in schedule)
+    for w, q in enumerate(quotas):
+        assert stream.worker_parts(schedule, w, 0) == (0, [n for step in schedule for v, n in step if v == w])
+        assert sum(stream.worker_parts(schedule, w, 0)[1]) == q
+        for s in range(len(schedule) + 1):
+            done, rest = stream.worker_parts(schedule, w, s)
+            assert done + sum(rest) == q
+
+
+def test_step_schedule_refuses_quotas_that_do_not_fill_whole_batches():
+    with pytest.raises(ValueError, match="whole batches"):
+        stream.step_schedule([5, 2], 4)
+
+
+# --- one set of workers for the whole run -----------------------------------------------------
+
+
+def test_one_set_of_workers_serves_every_epoch_with_each_epoch_s_own_batches(packed):
+    """Three epochs from one TrainLoader: the same worker processes throughout, and every epoch's
+    batches (keys, crops, order) equal those of a loader started fresh at that epoch."""
+    cfg = cfg_for(packed)
+    ds = stream.resolve_dataset(cfg)
+    with stream.TrainLoader(ds, cfg, 0, 1, epochs=3, copy=True) as loader:
+        pids = loader.pids()
+        assert len(pids) == 2
+        epochs = []
+        for epoch in range(3):
+            epochs.append(list(loader.epoch(epoch)))
+            assert loader.pids() == pids and all(_alive(p) for p in pids)
+    for epoch in range(3):
+        with stream.TrainLoader(ds, cfg, 0, 1, epoch, epochs=epoch + 1, copy=True) as fresh:
+            alone = list(fresh.epoch(epoch))
+        assert [b["key"] for b in alone] == [b["key"] for b in epochs[epoch]]
+        assert all(a["video"].equal(b["video"]) for a, b in zip(alone, epochs[epoch]))
+    assert [b["key"] for b in epochs[0]] != [b["key"] for b in epochs[1]]
+
+
+def test_epochs_must_be_asked_for_in_order(packed):
+    cfg = cfg_for(packed, workers=0)
+    ds = stream.resolve_dataset(cfg)
+    with stream.TrainLoader(ds, cfg, 0, 1, epochs=3) as loader:
+        with pytest.raises(ValueError, match="epoch 1 asked for; the workers are at epoch 0"):
+            loader.epoch(1)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_batches_live_in_a_few_reused_slots(packed, workers):
+    """Over three epochs (36 batches) every batch's pixels sit in one of the workers' slots: the
+    same few buffers again and again, none allocated per batch."""
+    cfg = cfg_for(packed, workers=workers, prefetch=2)
+    ds = stream.resolve_dataset(cfg)
+    addresses = set()
+    with stream.TrainLoader(ds, cfg, 0, 1, epochs=3) as loader:
+        for epoch in range(3):
+            for batch in loader.epoch(epoch):
+                addresses.add(batch["video"].data_ptr())
+    assert len(addresses) <= max(1, workers) * (cfg.prefetch + 1)
+
+
+def test_a_batch_is_valid_until_the_next_one_and_copy_keeps_it(packed):
+    cfg = cfg_for(packed, workers=0, prefetch=1)
+    ds = stream.resolve_dataset(cfg)
+    with stream.TrainLoader(ds, cfg, 0, 1, epochs=1, copy=True) as loader:
+        kept = list(loader.epoch(0))
+    with stream.TrainLoader(ds, cfg, 0, 1, epochs=1) as loader:
+        for got, want in zip(loader.epoch(0), kept):
+            assert got["key"] == want["key"] and got["video"].equal(want["video"])
+
+
+def test_spawned_workers_give_the_same_batches_as_forked_ones(packed):
+    """Where fork is not the start method (macOS, Windows) the ring is a torch shared-memory tensor."""
+    cfg = cfg_for(packed)
+    ds = stream.resolve_dataset(cfg)
+    got = {}
+    for method in ("fork", "spawn"):
+        with stream.TrainLoader(ds, cfg, 0, 1, epochs=1, copy=True, start_method=method) as loader:
+            got[method] = list(loader.epoch(0))
+    assert [b["key"] for b in got["fork"]] == [b["key"] for b in got["spawn"]]
+    assert all(a["video"].equal(b["video"]) for a, b in zip(got["fork"], got["spawn"]))
+
+
+# --- dying workers, dying parents -------------------------------------------------------------
+
+
+def test_a_killed_worker_is_a_one_line_error_not_a_hang(packed):
+    cfg = cfg_for(packed)
+    ds = stream.resolve_dataset(cfg)
+    with stream.TrainLoader(ds, cfg, 0, 1, epochs=2) as loader:
+        batches = loader.epoch(0)
+        next(batches)
+        os.kill(loader.pids()[1], signal.SIGKILL)
+        started = time.monotonic()
+        with pytest.raises(WorkerDied, match=r"loader worker 1 died: killed by SIGKILL \(out of memory\? see dmesg\)"):
+            for _ in batches:
+                pass
+        assert time.monotonic() - started < 10
+
+
+def test_workers_exit_when_the_parent_is_killed(packed, tmp_path):
+    """kill -9 of the training process must not leave its loader workers behind (each one holds
+    the others' pipes open unless it closes them, and would wait for ever)."""
+    script = (
+        "import sys, time\n"
+        "from pipeline import stream\n"
+        "from pipeline.config import StreamConfig\n"
+        f"cfg = StreamConfig(shards=('{packed}/<000..007>.tar',), batch_size=4, workers=3, crop=24, shuffle_buffer=8)\n"
+        "ds = stream.resolve_dataset(cfg)\n"
+        "loader = stream.TrainLoader(ds, cfg, 0, 1)\n"
+        "next(loader.epoch(0))\n"
+        "print(*loader.pids(), flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    pids = []
+    try:
+        pids = [int(p) for p in proc.stdout.readline().split()]
+        assert len(pids) == 3 and all(_alive(p) for p in pids)
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + 20
+        while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(_alive(p) for p in pids), "loader workers outlived their parent"
+    finally:
+        proc.kill()
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+# --- the pool and the transfer thread, on their own -------------------------------------------
+
+
+def _counting(worker, ring):
+    """A producer writing its worker number and a counter into each slot; fails at 99 if asked."""
+    for i in range(6):
+        slot, rows = ring.take()
+        rows[:2] = worker * 100 + i
+        yield {"slot": slot, "n": 2, "i": i}
+
+
+def test_pool_hands_slots_back_and_forth():
+    with WorkerPool(_counting, 2, (3, 4), slots=2) as pool:
+        for i in range(6):
+            for w in range(2):
+                message = pool.get(w)
+                assert message["i"] == i and message["video"].shape == (2, 4)
+                assert (message["video"] == w * 100 + i).all()
+                pool.release(w, message)
+        assert "done" in pool.get(0) and "done" in pool.get(1)
+
+
+def _failing(worker, ring):
+    slot, rows = ring.take()
+    yield {"slot": slot, "n": 1}
+    raise ZeroDivisionError("a bug in a producer")
+
+
+def test_a_producer_bug_reaches_the_parent_with_its_traceback():
+    from pipeline.loader import LoaderError
+
+    with WorkerPool(_failing, 1, (2,), slots=2) as pool:
+        pool.release(0, pool.get(0))
+        with pytest.raises(LoaderError, match="(?s)loader worker 0 failed:.*ZeroDivisionError: a bug in a producer"):
+            pool.get(0)
+
+
+def test_in_process_ring_refuses_a_slot_the_consumer_still_holds():
+    ring = LocalRing(np.zeros((2, 3), np.uint8))
+    ring.take()
+    ring.take()
+    with pytest.raises(RuntimeError, match="no free batch slot"):
+        ring.take()
+
+
+def test_transfer_thread_keeps_order_runs_ahead_and_passes_errors_on():
+    pulled = []
+
+    def source():
+        for i in range(5):
+            pulled.append(i)
+            yield {"i": i}
+        raise KeyError("broken source")
+
+    got = threaded(source(), lambda item: {**item, "copied": True}, depth=2)
+    first = next(got)
+    assert first == {"i": 0, "copied": True}
+    time.sleep(0.2)
+    assert len(pulled) >= 3  # ran ahead of the consumer, by at most depth + 1 items
+    assert [item["i"] for item in got_until_error(got)] == [1, 2, 3, 4]
+
+
+def got_until_error(got):
+    out = []
+    with pytest.raises(KeyError, match="broken source"):
+        for item in got:
+            out.append(item)
+    return out
+
+
+# --- to_model_input ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_model_input_is_the_normalised_batch_in_the_asked_layout(channels_last):
+    video = torch.randint(0, 256, (3, 4, 10, 14, 3), dtype=torch.uint8)
+    want = (video.permute(0, 4, 1, 2, 3).double() / 255 - torch.tensor(MEAN).view(1, 3, 1, 1, 1).double()) / torch.tensor(STD).view(1, 3, 1, 1, 1).double()
+    got = to_model_input(video, torch.device("cpu"), channels_last)
+    assert got.shape == (3, 3, 4, 10, 14) and got.dtype == torch.float32
+    assert (got.double() - want).abs().max() < 1e-5
+    layout = torch.channels_last_3d if channels_last else torch.contiguous_format
+    assert got.is_contiguous(memory_format=layout)
