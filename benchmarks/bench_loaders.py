@@ -16,7 +16,7 @@ model, with one random 112 px crop and one flip decision per clip (the ceiling e
              indices, per-frame resize to shorter side 128 (cv2), crop, flip, float normalise;
              torch DataLoader
   ours       (c) our shards through the real training stream (stream.TrainLoader, as train.py):
-             uint8 batches from the workers, normalised in the main process by `train.to_model_input`
+             uint8 batches from the workers, normalised in the main process by `train.ModelInput`
              on the CPU, into channels_last_3d memory (the layout train.py feeds a 3D CNN; on a GPU
              this step runs on the device)
   ours-u8    (c') the same stream, uint8 batches as they reach the device, not normalised
@@ -56,7 +56,7 @@ from pipeline.pack import run_pack  # noqa: E402
 from pipeline.sample import clip_indices, decode_clip, resized_size  # noqa: E402
 from pipeline.sampledata import make_sample_data  # noqa: E402
 from pipeline.shardformat import unpack_jpegs  # noqa: E402
-from pipeline.train import MEAN, STD, to_model_input  # noqa: E402
+from pipeline.train import MEAN, STD, ModelInput  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 T, CROP, SHORT = 16, 112, 128
@@ -156,8 +156,9 @@ def endless_loader(dataset, batch: int, workers: int):
 def ours_batches(shards: list[str], batch: int, workers: int, normalise: bool):
     cfg = StreamConfig(shards=tuple(shards), batch_size=batch, workers=workers)
     dataset = stream.resolve_dataset(cfg)
+    model_input = ModelInput(torch.device("cpu"), channels_last=True)
     for b in endless_batches(dataset, cfg, pin_memory=False):
-        x = to_model_input(b["video"], torch.device("cpu"), True) if normalise else b["video"]
+        x = model_input(b["video"]) if normalise else b["video"]
         yield {"x": x, "y": b["label"], "n": len(b["key"])}
 
 

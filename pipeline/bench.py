@@ -10,7 +10,7 @@ The per-stage breakdown runs the stream's own stage functions one after another 
 (0 workers), each over the same samples: tar read and grouping (`read_samples`), JPEG decode
 (`decode_frames`, into a reused frames buffer), crop and flip (`crop_box` + `crop_clip`, straight
 into a row of a reused batch slot, as the workers do), collate (the batch's label and worker
-tensors: the pixels are already in place) and host to device (`train.to_model_input`).
+tensors: the pixels are already in place) and host to device with normalisation (`train.ModelInput`, as the trainer does).
 
 Peak memory: after every batch, VmRSS (from /proc/<pid>/status) of this process plus that of every
 live child (the loader workers, the next epoch's included); the largest such sum is `peak_rss_mb`.
@@ -181,11 +181,14 @@ class Step:
     device: torch.device
     channels_last: bool
     autocast: object
+    model_input: object = None
 
     def __call__(self, batch: dict) -> None:
-        from pipeline.train import to_model_input
+        from pipeline.train import ModelInput
 
-        x = to_model_input(batch["video"], self.device, self.channels_last)
+        if self.model_input is None:
+            self.model_input = ModelInput(self.device, self.channels_last)
+        x = self.model_input(batch["video"])
         y = batch["label"].to(self.device, non_blocking=True)
         with self.autocast:
             loss = torch.nn.functional.cross_entropy(self.model(x).float(), y)
@@ -247,7 +250,7 @@ def stage_breakdown(dataset: stream.Dataset, cfg: StreamConfig, device: torch.de
     """Milliseconds per clip of each stage on up to `max_clips` clips of the first shards: every stage
     runs `repeats` times over the same inputs after a warm-up run (imports, caches), median kept."""
     from pipeline.shardformat import unpack_jpegs
-    from pipeline.train import to_model_input
+    from pipeline.train import ModelInput
 
     faults = stream.Faults()
     cuda = device.type == "cuda"
@@ -300,8 +303,9 @@ def stage_breakdown(dataset: stream.Dataset, cfg: StreamConfig, device: torch.de
         return decode, crop, collate, kept
 
     def to_device():
+        model_input = ModelInput(device, channels_last)
         for v in videos:
-            to_model_input(v, device, channels_last)
+            model_input(v)
 
     timings: dict[str, float] = {}
     timings["tar_read_group"], raw = timed(read)

@@ -262,3 +262,15 @@ def test_model_input_is_the_normalised_batch_in_the_asked_layout(channels_last):
     assert (got.double() - want).abs().max() < 1e-5
     layout = torch.channels_last_3d if channels_last else torch.contiguous_format
     assert got.is_contiguous(memory_format=layout)
+
+
+def test_model_input_reuses_its_buffer_and_matches_the_function():
+    from pipeline.train import ModelInput
+
+    model_input = ModelInput(torch.device("cpu"), channels_last=True)
+    a = torch.randint(0, 256, (2, 4, 8, 8, 3), dtype=torch.uint8)
+    b = torch.randint(0, 256, (2, 4, 8, 8, 3), dtype=torch.uint8)
+    first = model_input(a)
+    assert first.equal(to_model_input(a, torch.device("cpu"), True))
+    second = model_input(b)
+    assert second.data_ptr() == first.data_ptr() and second.equal(to_model_input(b, torch.device("cpu"), True))
