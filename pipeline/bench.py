@@ -63,6 +63,8 @@ class BenchConfig:
     """channels_last_3d on CUDA."""
     threads: int | None = None
     """Intra-op threads of this process; None: as train-stream picks them (cores minus workers, at least 1)."""
+    step_ms: float | None = None
+    """Simulated accelerator: every batch is consumed by waiting this long without using the CPU."""
 
     def __post_init__(self):
         if not self.workers:
@@ -75,8 +77,10 @@ class BenchConfig:
             raise UserError(f"--warmup must be >= 0, got {self.warmup}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise UserError(f"--device must be auto, cpu or cuda, got {self.device!r}")
-        if self.synthetic and not self.model:
-            raise UserError("--synthetic compares against a model's step time: give --model too")
+        if self.step_ms is not None and (self.step_ms <= 0 or self.model):
+            raise UserError("--step-ms must be > 0 and cannot be combined with --model")
+        if self.synthetic and not (self.model or self.step_ms):
+            raise UserError("--synthetic compares against a model's step time: give --model (or --step-ms) too")
         if self.threads is not None and self.threads < 1:
             raise UserError(f"--threads must be >= 1, got {self.threads}")
 
@@ -118,15 +122,22 @@ def _children(pid: int) -> list[int]:
 
 
 class PeakMemory:
-    """Resident memory of this process and its live children (the loader workers), sampled: the
-    peak of their sum, and the largest peak (VmHWM) of any one worker, in MB."""
+    """Resident memory of this process and its live children (the loader workers), sampled at most
+    every `interval` seconds (reading /proc after every batch cost up to 10 % of the throughput it
+    measures): the peak of their sum, and the largest peak (VmHWM, kept by the kernel, so no peak
+    is missed) of any one worker, in MB."""
 
-    def __init__(self):
+    def __init__(self, interval: float = 0.25):
         self.total_kb = 0
         self.worker_kb = 0
         self.workers_seen: set[int] = set()
+        self.interval, self.last = interval, -float("inf")
 
-    def sample(self) -> None:
+    def sample(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self.last < self.interval:
+            return
+        self.last = now
         children = _children(os.getpid())
         self.workers_seen.update(children)
         total = _status_kb(os.getpid(), "VmRSS") + sum(_status_kb(pid, "VmRSS") for pid in children)
@@ -199,6 +210,19 @@ class Step:
             loss.item()  # the step is done when its loss is known: no run-ahead hides data wait
 
 
+@dataclasses.dataclass
+class SleepStep:
+    """A simulated accelerator: each batch takes `ms` of waiting that leaves the CPU to the loader,
+    as a GPU step does. Shows whether the loader keeps up at a given step time, epoch boundaries
+    included, on a machine without a GPU."""
+
+    ms: float
+    device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
+
+    def __call__(self, batch: dict) -> None:
+        time.sleep(self.ms / 1000)
+
+
 def build_step(name: str, num_classes: int, device: torch.device, amp: bool, channels_last: bool) -> Step:
     from pipeline.models import build_model
     from pipeline.train import model_memory_format
@@ -221,7 +245,7 @@ def measure(source: Iterator[dict], warmup: int, batches: int, step: Step | None
         if step is not None:
             step(batch)
     if memory is not None:
-        memory.sample()
+        memory.sample(force=True)
     clips = 0
     wait = 0.0
     start = time.perf_counter()
@@ -238,7 +262,7 @@ def measure(source: Iterator[dict], warmup: int, batches: int, step: Step | None
         torch.cuda.synchronize(step.device)
     seconds = time.perf_counter() - start
     if memory is not None:
-        memory.sample()
+        memory.sample(force=True)
     return {"clips": clips, "seconds": seconds, "wait": wait}
 
 
@@ -359,8 +383,12 @@ def run_bench(cfg: BenchConfig, emit=print) -> list[dict]:
     )
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     results: list[dict] = []
-    step = build_step(cfg.model, len(dataset.classes), device, cfg.amp, cfg.channels_last) if cfg.model else None
-    mode = "end_to_end" if cfg.model else "loader"
+    if cfg.model:
+        step, mode = build_step(cfg.model, len(dataset.classes), device, cfg.amp, cfg.channels_last), "end_to_end"
+    elif cfg.step_ms:
+        step, mode = SleepStep(cfg.step_ms), "simulated_accelerator"
+    else:
+        step, mode = None, "loader"
     held: list[dict] | None = None
     for workers in cfg.workers:
         sc = dataclasses.replace(cfg.stream, workers=workers)

@@ -294,6 +294,7 @@ def bench_stream(
     amp: Annotated[bool, typer.Option("--amp/--no-amp", help="bf16 autocast on CUDA.")] = True,
     channels_last: Annotated[bool, typer.Option("--channels-last/--no-channels-last", help="channels_last_3d on CUDA.")] = True,
     threads: Annotated[Optional[int], typer.Option(help="Intra-op threads of the main process [default: cores minus workers, at least 1].", show_default=False)] = None,
+    step_ms: Annotated[Optional[float], typer.Option(help="Simulate an accelerator instead of --model: each batch is consumed by waiting this many ms without using the CPU, as a GPU step would; with --synthetic, real / synthetic shows whether the loader keeps up, epoch boundaries included.", show_default=False)] = None,
     seed: Annotated[int, typer.Option(help="Seed of shard order, shuffle and crops.")] = 0,
     json_lines: Annotated[bool, typer.Option("--json", help="Print one JSON line per configuration (and one for the stage breakdown) instead of the table.")] = False,
 ):
@@ -326,6 +327,7 @@ def bench_stream(
         amp=amp,
         channels_last=channels_last,
         threads=threads,
+        step_ms=step_ms,
     )
     if model:
         from pipeline.models import MODEL_NAMES, build_model
