@@ -29,6 +29,7 @@ test: setup
 bench: setup
 	$(BIN)/python benchmarks/bench_pack.py
 	$(BIN)/python benchmarks/bench_loaders.py
+	$(BIN)/python benchmarks/bench_boundaries.py
 
 clean:
 	rm -rf data runs bench-out

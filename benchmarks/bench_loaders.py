@@ -1,6 +1,6 @@
 """Loader throughput, side by side: clips/s reaching the model from the same clips, same output.
 
-Regenerate docs/bench/loaders.md and docs/bench/loaders.png (one command, ~3 minutes on 2 cores):
+Regenerate docs/bench/loaders.md and docs/bench/loaders.png (one command, ~5 minutes on 2 cores):
 
     python benchmarks/bench_loaders.py
 
@@ -340,9 +340,9 @@ def main() -> None:
     ap.add_argument("--clips-per-class", type=int, default=32)
     ap.add_argument("--workers", default="0,1,2")
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--batches", type=int, default=16)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--batches", type=int, default=40)
+    ap.add_argument("--warmup", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "bench", help="folder for loaders.md and loaders.png")
     ap.add_argument("--machine", default=f"this {os.cpu_count()}-core machine (shared)")
