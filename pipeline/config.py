@@ -107,7 +107,7 @@ class StreamConfig:
     batch_size: int = 8
     """Clips per batch on each rank (the global batch is batch_size x world size x grad_accum)."""
     workers: int | None = None
-    """DataLoader worker processes per rank, each reading its own shards and building whole batches; None: one per core left to the rank, at most 8 and at most shards / ranks."""
+    """Loader worker processes per rank (started once for the run), each reading its own shards and building whole batches; None: one per core left to the rank, at most 8 and at most shards / ranks."""
     shuffle_buffer: int = 256
     """Samples held in each worker's shuffle buffer (raw JPEG bytes, about 150 KB a clip)."""
     crop: int = 112
@@ -119,7 +119,7 @@ class StreamConfig:
     allow_pipe: bool = False
     """Allow `pipe:` shard URLs, which run shell commands."""
     prefetch: int = 2
-    """Batches each worker prepares ahead."""
+    """Batches each worker prepares ahead (each worker holds prefetch + 1 batch buffers)."""
     max_bad: float = 0.01
     """Unreadable training clips allowed per rank and epoch: a fraction of the rank's clips if < 1, else a count. Above it the run stops with an error."""
 
