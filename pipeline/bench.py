@@ -8,8 +8,8 @@ time spent waiting for the next batch is the data-wait share train-stream report
 
 The per-stage breakdown runs the stream's own stage functions one after another in this process
 (0 workers), each over the same samples: tar read and grouping (`read_samples`), JPEG decode
-(`decode_frames`, into a reused frames buffer), crop and flip (`crop_box` + `crop_clip`, straight
-into a row of a reused batch slot, as the workers do), collate (the batch's label and worker
+(`decode_frame`, frame by frame into a reused one-frame buffer), crop and flip (`crop_box` +
+`crop_frame`, straight into a row of a reused batch slot, as the workers do), collate (the batch's label and worker
 tensors: the pixels are already in place) and host to device with normalisation (`train.ModelInput`, as the trainer does).
 
 Peak memory: after every batch, VmRSS (from /proc/<pid>/status) of this process plus that of every
@@ -295,33 +295,37 @@ def stage_breakdown(dataset: stream.Dataset, cfg: StreamConfig, device: torch.de
         return list(itertools.islice(stream.read_samples(dataset.train, cfg.allow_pipe, faults), max_clips))
 
     def clip_stages() -> tuple[float, float, float, list[torch.Tensor]]:
-        # Clip by clip, as a loader worker runs them: decode into a reused frames buffer, crop and
-        # flip straight into a row of a reused batch slot, then the batch's small fields (collate).
+        # Clip by clip and frame by frame, as a loader worker runs them: decode each frame into a
+        # reused one-frame buffer, crop and flip it straight into a row of a reused batch slot, then
+        # the batch's small fields (collate).
         decode = crop = collate = 0.0
         slot = np.empty((cfg.batch_size, dataset.frames, cfg.crop, cfg.crop, 3), np.uint8)
         scratch: dict = {}
         labels: list[int] = []
         kept: list[torch.Tensor] = []
+        clock = time.perf_counter
         for position, (p, (h, w)) in enumerate(zip(packs, sizes)):
-            frames = scratch.get((len(p), h, w))
-            if frames is None:
-                frames = scratch[(len(p), h, w)] = np.empty((len(p), h, w, 3), np.uint8)
-            t0 = time.perf_counter()
-            stream.decode_frames(p, h, w, frames)
-            t1 = time.perf_counter()
+            frame = stream.frame_buffer(h, w, scratch)
+            row = slot[len(labels)]
+            t0 = clock()
             top, left, flip = stream.crop_box(h, w, cfg.crop, stream.clip_draw(cfg.seed, 0, 0, 0, position))
-            stream.crop_clip(frames, top, left, cfg.crop, flip, slot[len(labels)])
+            crop += clock() - t0
+            for t, jpeg in enumerate(p):
+                t0 = clock()
+                stream.decode_frame(jpeg, t, frame)
+                t1 = clock()
+                stream.crop_frame(frame, top, left, cfg.crop, flip, row[t])
+                t2 = clock()
+                decode, crop = decode + t1 - t0, crop + t2 - t1
             labels.append(0)
-            t2 = time.perf_counter()
-            decode, crop = decode + t1 - t0, crop + t2 - t1
             if len(labels) == cfg.batch_size or position == n - 1:
-                t0 = time.perf_counter()
+                t0 = clock()
                 batch = {
                     "video": torch.from_numpy(slot[: len(labels)]),
                     "label": torch.tensor(labels, dtype=torch.int64),
                     "worker": torch.zeros(len(labels), dtype=torch.int64),
                 }
-                collate += time.perf_counter() - t0
+                collate += clock() - t0
                 kept = [*kept[-3:], batch["video"].clone()]  # a few kept for host_to_device
                 labels = []
         return decode, crop, collate, kept

@@ -352,3 +352,15 @@ def test_a_truncated_shard_costs_its_missing_clips_not_the_epoch(tmp_path, packe
     assert len(faults) == 1 and faults[0]["what"].endswith("005.tar") and 1 <= faults[0]["samples"] <= 6
     keys = [k for b in got for k in b["key"]]
     assert len(set(keys)) == 48 - faults[0]["samples"]
+
+
+@pytest.mark.parametrize("other", [(32, 48), (48, 72)])
+def test_a_frame_of_another_size_is_a_fault_not_garbage(other):
+    """A smaller frame would fit the clip's buffer and a larger one would not: both are named."""
+    from pipeline.shardformat import ShardFormatError
+
+    rng = np.random.default_rng(0)
+    frames = [simplejpeg.encode_jpeg(rng.integers(0, 256, (40, 60, 3), dtype=np.uint8), colorspace="RGB") for _ in range(4)]
+    frames[2] = simplejpeg.encode_jpeg(rng.integers(0, 256, (*other, 3), dtype=np.uint8), colorspace="RGB")
+    with pytest.raises(ShardFormatError, match="frames of one clip differ in size"):
+        stream.decode_clip(pack_jpegs(frames), 24, None)
