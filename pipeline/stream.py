@@ -877,6 +877,7 @@ class TrainLoader:
         self.producer = TrainProducer(dataset, cfg, rank, world_size, start_epoch, start_step, epochs)
         self.cfg, self.pin_memory, self.copy = cfg, pin_memory, copy
         self.next_epoch = start_epoch
+        self.merged: torch.Tensor | None = None
         shape = (cfg.batch_size, dataset.frames, cfg.crop, cfg.crop, 3)
         _preload_decoders()
         self.pool = WorkerPool(self.producer, cfg.workers or 0, shape, cfg.prefetch + 1, start_method)
@@ -902,8 +903,11 @@ class TrainLoader:
                     video = got[0][1]["video"]
                     video = video.clone() if self.copy else video
                     held = got
-                else:  # the workers' remainders, at the end of the epoch: one copy
-                    video = torch.cat([m["video"] for _, m in got])
+                else:  # the workers' remainders, at the end of the epoch: one copy, into a reused buffer
+                    if self.merged is None:
+                        self.merged = torch.empty(self.pool.slot_shape, dtype=torch.uint8)
+                    video = torch.cat([m["video"] for _, m in got], out=self.merged)
+                    video = video.clone() if self.copy else video
                     for w, m in got:
                         self.pool.release(w, m)
                 yield {
