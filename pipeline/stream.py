@@ -114,13 +114,25 @@ def expand_shards(patterns: Iterable[str], allow_pipe: bool) -> list[str]:
     return urls
 
 
+def shard_name(url: str) -> str:
+    """The file name a shard has in the index: the last path segment, without a URL's query string
+    (pre-signed URLs carry their signature there)."""
+    if _scheme(url) in ("http", "https"):
+        url = urlparse(url).path
+    return url.rsplit("/", 1)[-1]
+
+
+def _without_query(url: str) -> str:
+    return urlparse(url)._replace(query="", fragment="").geturl() if _scheme(url) in ("http", "https") else url
+
+
 def index_location(shard_url: str) -> str:
     """Where the index of a shard lives: `index.json` in its folder or beside it under the same base URL."""
     local = _local_path(shard_url)
     if local is not None:
         return str(local.parent / INDEX_NAME)
     if _scheme(shard_url) in ("http", "https"):
-        return shard_url.rsplit("/", 1)[0] + "/" + INDEX_NAME
+        return _without_query(shard_url).rsplit("/", 1)[0] + "/" + INDEX_NAME
     raise UserError(f"cannot tell where the index of {shard_url!r} is; pass --index")
 
 
@@ -195,7 +207,7 @@ def resolve_dataset(cfg: StreamConfig) -> Dataset:
     train: list[Shard] = []
     for url in train_urls:
         location, index = index_for(url)
-        name = url.rsplit("/", 1)[-1]
+        name = shard_name(url)
         counts = _counts(index, "train")
         if name not in counts:
             where = "a test shard in" if name in _counts(index, "test") else "not a training shard of"
@@ -210,7 +222,7 @@ def resolve_dataset(cfg: StreamConfig) -> Dataset:
         known: dict[str, int] = {}
         for index in indexes.values():
             known.update(_counts(index, "test"))
-        test = [Shard(url, known.get(url.rsplit("/", 1)[-1], -1)) for url in expand_shards(cfg.eval_shards, cfg.allow_pipe)]
+        test = [Shard(url, known.get(shard_name(url), -1)) for url in expand_shards(cfg.eval_shards, cfg.allow_pipe)]
     else:
         test = [Shard(_sibling(first_location, name), n) for name, n in _counts(first, "test").items()]
     return Dataset(tuple(train), tuple(test), classes, frames)

@@ -407,7 +407,7 @@ def train(cfg: TrainConfig, env: DistEnv) -> dict:
         "grad_accum": cfg.grad_accum,
         "model": cfg.model,
         "classes": list(dataset.classes),
-        "shards": [s.url.rsplit("/", 1)[-1] for s in dataset.train],
+        "shards": [stream.shard_name(s.url) for s in dataset.train],
         "resample": sc.resample,
     }
     step = opt_step = start_epoch = start_in_epoch = 0

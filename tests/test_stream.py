@@ -364,3 +364,35 @@ def test_a_frame_of_another_size_is_a_fault_not_garbage(other):
     frames[2] = simplejpeg.encode_jpeg(rng.integers(0, 256, (*other, 3), dtype=np.uint8), colorspace="RGB")
     with pytest.raises(ShardFormatError, match="frames of one clip differ in size"):
         stream.decode_clip(pack_jpegs(frames), 24, None)
+
+
+def test_pre_signed_urls_are_matched_to_the_index_by_their_path(packed):
+    """Pre-signed object-store URLs carry their signature in the query string: the shard's name in
+    the index is its path's last segment, and index.json is looked for beside the path."""
+
+    class Signed(SimpleHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            if self.path.split("?")[0].endswith(".tar") and "sig=" not in self.path:
+                self.send_error(403, "unsigned")
+                return
+            super().do_GET()
+
+        def log_message(self, *a, **k):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(Signed, directory=str(packed)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        cfg = StreamConfig(shards=(f"{base}/<000..007>.tar?sig=a%2Fb&X-Expires=60",), batch_size=4, workers=2, crop=24)
+        assert stream.index_location(cfg.shards[0]) == f"{base}/index.json"
+        ds = stream.resolve_dataset(cfg)
+        assert [s.samples for s in ds.train] == [6] * 8
+        signed = epoch_batches(ds, cfg, 0, 0, 1)
+        assert not [f for b in signed for f in b["faults"]]
+        local_cfg = cfg_for(packed, shuffle_buffer=256)
+        local = epoch_batches(stream.resolve_dataset(local_cfg), local_cfg, 0, 0, 1)
+        assert [b["key"] for b in signed] == [b["key"] for b in local]
+        assert all(a["video"].equal(b["video"]) for a, b in zip(signed, local))
+    finally:
+        server.shutdown()
