@@ -24,6 +24,9 @@ INDEX_NAME = "index.json"
 MANIFEST_NAME = "manifest.parquet"
 MAX_FRAMES_PER_CLIP = 4096
 MAX_JPEG_SIDE = 8192
+MAX_MEMBER_BYTES = 1 << 30
+"""Largest tar member the stream reads (a member is read into memory whole): 1 GiB, far above any
+clip's JPEG pack, so a damaged or hostile size field cannot make a worker allocate gigabytes."""
 """Readers reject frames larger than this per side before allocating anything."""
 
 _KEY_OK = re.compile(r"^[A-Za-z0-9_-]+$")

@@ -526,6 +526,8 @@ def tar_samples(stream, url: str) -> Iterator[dict]:
             if sum(head[:148]) + 256 + sum(head[156:]) != _tar_number(head[148:156]):
                 raise ShardFormatError(f"corrupt tar header (bad checksum) after {current['__key__'] if current else 'the start'}")
             size = _tar_number(head[124:136])
+            if size > shardformat.MAX_MEMBER_BYTES:
+                raise ShardFormatError(f"tar member of {size} bytes exceeds the {shardformat.MAX_MEMBER_BYTES} byte limit")
         except ShardFormatError:
             if current is not None:
                 yield current  # read whole before the damage; a member it lacks is the decoder's fault to count

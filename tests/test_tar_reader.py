@@ -66,3 +66,27 @@ def test_truncated_or_garbage_stream_raises(packed, cut):
         lean_samples(data)
     with pytest.raises(ShardFormatError, match="corrupt tar header"):
         lean_samples(b"garbage!" * 100)
+
+
+def test_a_member_claiming_gigabytes_is_refused_before_it_is_read(tmp_path):
+    """A valid header whose size field claims 2 GiB: the samples before it are delivered, then one
+    error names the limit; nothing near that size is allocated."""
+    import tracemalloc
+
+    raw = b""
+    for name, data in (("a.cls", b"1"), ("a.jpgs", b"x" * 100)):
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        raw += info.tobuf(format=tarfile.USTAR_FORMAT) + data + b"\0" * (-len(data) % 512)
+    huge = tarfile.TarInfo("b.jpgs")
+    huge.size = 2 << 30
+    shard = tmp_path / "huge.tar"
+    shard.write_bytes(raw + huge.tobuf(format=tarfile.USTAR_FORMAT) + b"y" * 4096)
+    tracemalloc.start()
+    got = []
+    with open(shard, "rb") as f, pytest.raises(ShardFormatError, match=r"tar member of 2147483648 bytes exceeds the 1073741824 byte limit"):
+        for sample in stream.tar_samples(f, str(shard)):
+            got.append(sample["__key__"])
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert got == ["a"] and peak < 10 * 2**20
