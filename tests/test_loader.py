@@ -62,7 +62,7 @@ def test_one_set_of_workers_serves_every_epoch_with_each_epoch_s_own_batches(pac
     batches (keys, crops, order) equal those of a loader started fresh at that epoch."""
     cfg = cfg_for(packed)
     ds = stream.resolve_dataset(cfg)
-    with stream.TrainLoader(ds, cfg, 0, 1, epochs=3, copy=True) as loader:
+    with stream.TrainLoader(ds, cfg, 0, 1, epochs=4, copy=True) as loader:  # workers leave after their last epoch
         pids = loader.pids()
         assert len(pids) == 2
         epochs = []
