@@ -96,7 +96,7 @@ def test_batches_live_in_a_few_reused_slots(packed, workers):
         for epoch in range(3):
             for batch in loader.epoch(epoch):
                 addresses.add(batch["video"].data_ptr())
-    assert len(addresses) <= max(1, workers) * (cfg.prefetch + 1)
+    assert len(addresses) <= max(1, workers) * (cfg.prefetch + 1) + 1  # + the buffer end-of-epoch remainders merge into
 
 
 def test_a_batch_is_valid_until_the_next_one_and_copy_keeps_it(packed):
