@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import mmap
 import os
-import multiprocessing
 import queue
 import signal
 import sys
@@ -301,6 +300,3 @@ def threaded(source: Iterator[dict], transform: Callable[[dict], dict], depth: i
         stop.set()
         thread.join(5)
 
-
-def start_method_available(method: str) -> bool:
-    return method in multiprocessing.get_all_start_methods()

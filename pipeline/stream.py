@@ -1,9 +1,11 @@
 """The loading pipeline: shard patterns -> per-epoch, per-rank, per-worker shard lists -> uint8 batches.
 
 Everything here is deterministic in (seed, epoch, rank, worker): the shard order of an epoch, which
-shards a rank and a worker read, the shuffle buffer, and each clip's crop and flip. That is what makes
-a mid-epoch resume exact: a worker re-reads its stream, drops the samples already consumed before
-decoding them, and carries on with the same crops it would have drawn.
+shards a rank and a worker read, the shuffle buffer, each clip's crop and flip, and which worker's
+clips make each step (`step_schedule`). That is what makes a mid-epoch resume exact: a worker
+re-reads its stream, drops the samples the schedule says it delivered before decoding them, and
+carries on with the same steps and crops it would have produced. The worker processes and their
+batch buffers are pipeline/loader.py's.
 
 How many steps a rank runs in an epoch comes from the index alone (see `steps_per_epoch`), so every
 rank runs the same number of steps and collectives never wait for a rank whose stream ran dry.
