@@ -259,9 +259,10 @@ def _died(worker: int, code: int | None) -> str:
     return f"loader worker {worker} died: {reason}{hint}"
 
 
-def threaded(source: Iterator[dict], transform: Callable[[dict], dict], depth: int = 2) -> Iterator[dict]:
+def threaded(source: Iterator[dict], transform: Callable[[dict], dict], depth: int = 2, init: Callable[[], None] | None = None) -> Iterator[dict]:
     """Run `source` and `transform` (e.g. copying a batch into pinned memory) in a background thread,
-    `depth` items ahead of the consumer; exceptions reach the consumer in order.
+    `depth` items ahead of the consumer; exceptions reach the consumer in order. `init` runs first in
+    the thread (e.g. selecting the rank's GPU, without which pinning would open a CUDA context on GPU 0).
 
     The source is advanced only by the thread, so a slot it frees on its next step is freed after
     `transform` has copied out of it.
@@ -272,6 +273,8 @@ def threaded(source: Iterator[dict], transform: Callable[[dict], dict], depth: i
 
     def run() -> None:
         try:
+            if init is not None:
+                init()
             for item in source:
                 out = transform(item)
                 while not stop.is_set():

@@ -903,11 +903,7 @@ class TrainLoader:
             raise ValueError(f"epoch {epoch} asked for; the workers are at epoch {self.next_epoch}")
         self.next_epoch += 1
         batches = self._batches(epoch)
-        if self.pin_memory:
-            from pipeline.loader import threaded
-
-            return threaded(batches, _pinned)
-        return batches
+        return _pinning(batches) if self.pin_memory else batches
 
     def _batches(self, epoch: int) -> Iterator[dict]:
         _, schedule = self.producer.schedule(epoch)
@@ -1005,7 +1001,7 @@ class EvalProducer:
 def eval_batches(dataset: Dataset, cfg: StreamConfig, rank: int, world_size: int, pin_memory: bool = False, copy: bool = False) -> Iterator[dict]:
     """This rank's share of the test set, centre-cropped, as uint8 batches (the last of each worker
     may be partial; a batch of only faults has 'video' None). Workers: one per test shard at most."""
-    from pipeline.loader import WorkerPool, threaded
+    from pipeline.loader import WorkerPool
 
     per_worker, by_key = eval_plan(dataset, cfg.workers, rank, world_size)
     workers = len(per_worker) if cfg.workers else 0
@@ -1031,7 +1027,16 @@ def eval_batches(dataset: Dataset, cfg: StreamConfig, rank: int, world_size: int
                     }
                     pool.release(w, message)
 
-    return threaded(batches(), _pinned) if pin_memory else batches()
+    return _pinning(batches()) if pin_memory else batches()
+
+
+def _pinning(batches: Iterator[dict]) -> Iterator[dict]:
+    """`batches` with each video copied into pinned memory by a background thread (for non-blocking
+    copies to this rank's GPU), which releases the worker's slot as soon as the copy is made."""
+    from pipeline.loader import threaded
+
+    device = torch.cuda.current_device()
+    return threaded(batches, _pinned, init=lambda: torch.cuda.set_device(device))
 
 
 def _pinned(batch: dict) -> dict:

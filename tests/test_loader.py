@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -234,8 +235,10 @@ def test_transfer_thread_keeps_order_runs_ahead_and_passes_errors_on():
             yield {"i": i}
         raise KeyError("broken source")
 
-    got = threaded(source(), lambda item: {**item, "copied": True}, depth=2)
+    ran_in = []
+    got = threaded(source(), lambda item: {**item, "copied": True}, depth=2, init=lambda: ran_in.append(threading.current_thread()))
     first = next(got)
+    assert ran_in and ran_in[0] is not threading.main_thread()
     assert first == {"i": 0, "copied": True}
     time.sleep(0.2)
     assert len(pulled) >= 3  # ran ahead of the consumer, by at most depth + 1 items
