@@ -211,45 +211,50 @@ def model_memory_format(model: torch.nn.Module) -> torch.memory_format:
     return torch.contiguous_format
 
 
-def to_model_input(video: torch.Tensor, device: torch.device, channels_last: bool, out: torch.Tensor | None = None) -> torch.Tensor:
-    """(B, T, H, W, 3) uint8 on the host -> normalised (B, 3, T, H, W) float on `device`.
-
-    The copy travels as uint8 (4x less than float); the per-pixel work happens on the device.
-    (B, T, H, W, 3) is exactly channels_last_3d memory for (B, 3, T, H, W), so no transpose is paid there.
-    `out`, a float32 buffer of B*T*H*W*3 elements on `device`, receives the result (see ModelInput).
-    """
-    x = video.to(device, non_blocking=True)
-    batch, frames, height, width, channels = x.shape
-    scale = torch.tensor([1 / (255 * s) for s in STD], device=device)
-    shift = torch.tensor([-m / s for m, s in zip(MEAN, STD)], device=device)
-    if out is None:
-        out = torch.empty(x.numel(), dtype=torch.float32, device=device)
-    if channels_last:
-        # Normalise the memory as rows of width x 3 values against a per-row pattern of scales: long
-        # inner loops (a 3-long channel loop is 1.8x slower on a CPU), and the result is already
-        # channels_last_3d memory for (B, 3, T, H, W).
-        rows = out.view(-1, width * channels)
-        rows.copy_(x.reshape(-1, width * channels))
-        torch.addcmul(shift.repeat(width), rows, scale.repeat(width), out=rows)
-        return rows.view(batch, frames, height, width, channels).permute(0, 4, 1, 2, 3)
-    # One pass, uint8 in, float out, written straight in contiguous layout: x * scale - shift.
-    dense = out.view(batch, channels, frames, height, width)
-    return torch.addcmul(shift.view(1, 3, 1, 1, 1), x.permute(0, 4, 1, 2, 3), scale.view(1, 3, 1, 1, 1), out=dense)
+def to_model_input(video: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    """(B, T, H, W, 3) uint8 on the host -> normalised (B, 3, T, H, W) float on `device` (a fresh
+    buffer each call; the training loop uses a ModelInput, which reuses one)."""
+    return ModelInput(device, channels_last)(video)
 
 
 class ModelInput:
-    """`to_model_input` into one float buffer reused from batch to batch: on a CPU a fresh 19 MB
-    buffer per batch is mostly page faults (normalising took 2.8x as long). Each result is valid
-    until the next call, which is all a training step needs (its graph is freed by backward)."""
+    """(B, T, H, W, 3) uint8 batches on the host -> normalised (B, 3, T, H, W) float on `device`.
+
+    The copy travels as uint8 (4x less than float); the per-pixel work happens on the device.
+    (B, T, H, W, 3) is exactly channels_last_3d memory for (B, 3, T, H, W), so no transpose is paid
+    there. The result is written into one float buffer reused from batch to batch (on a CPU a fresh
+    19 MB buffer per batch is mostly page faults: normalising took 2.8x as long), so each result is
+    valid until the next call, which is all a training step needs (backward frees its graph). The
+    mean and std live on the device from the start: building them per batch from a Python list was
+    a blocking host-to-device copy every step.
+    """
 
     def __init__(self, device: torch.device, channels_last: bool):
         self.device, self.channels_last = device, channels_last
+        self.scale = torch.tensor([1 / (255 * s) for s in STD], device=device)
+        self.shift = torch.tensor([-m / s for m, s in zip(MEAN, STD)], device=device)
+        self.rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.buffer: torch.Tensor | None = None
 
     def __call__(self, video: torch.Tensor) -> torch.Tensor:
-        if self.buffer is None or self.buffer.numel() != video.numel():
-            self.buffer = torch.empty(video.numel(), dtype=torch.float32, device=self.device)
-        return to_model_input(video, self.device, self.channels_last, self.buffer)
+        x = video.to(self.device, non_blocking=True)
+        batch, frames, height, width, channels = x.shape
+        if self.buffer is None or self.buffer.numel() != x.numel():
+            self.buffer = torch.empty(x.numel(), dtype=torch.float32, device=self.device)
+        if self.channels_last:
+            # Normalise the memory as rows of width x 3 values against a per-row pattern of scales:
+            # long inner loops (a 3-long channel loop is 1.8x slower on a CPU), and the result is
+            # already channels_last_3d memory for (B, 3, T, H, W).
+            if width not in self.rows:
+                self.rows[width] = (self.scale.repeat(width), self.shift.repeat(width))
+            scale, shift = self.rows[width]
+            rows = self.buffer.view(-1, width * channels)
+            rows.copy_(x.reshape(-1, width * channels))
+            torch.addcmul(shift, rows, scale, out=rows)
+            return rows.view(batch, frames, height, width, channels).permute(0, 4, 1, 2, 3)
+        # One pass, uint8 in, float out, written straight in contiguous layout: x * scale - shift.
+        dense = self.buffer.view(batch, channels, frames, height, width)
+        return torch.addcmul(self.shift.view(1, 3, 1, 1, 1), x.permute(0, 4, 1, 2, 3), self.scale.view(1, 3, 1, 1, 1), out=dense)
 
 
 def evaluate(model, dataset: stream.Dataset, cfg: TrainConfig, env: DistEnv, device, channels_last: bool, autocast) -> dict:
