@@ -2,6 +2,7 @@
 the step schedule that makes a resume exact, and what happens when a worker or the parent dies."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -277,3 +278,49 @@ def test_model_input_reuses_its_buffer_and_matches_the_function():
     assert first.equal(to_model_input(a, torch.device("cpu"), True))
     second = model_input(b)
     assert second.data_ptr() == first.data_ptr() and second.equal(to_model_input(b, torch.device("cpu"), True))
+
+
+def test_train_stream_stops_with_one_line_when_a_loader_worker_is_killed(packed, tmp_path):
+    """The out-of-memory killer taking a loader worker: train-stream says which one died and how,
+    on one line, exits 1, and leaves no process behind."""
+    from conftest import cli_command, cli_env
+
+    args = ["--shards", f"{packed}/<000..007>.tar", "--model", "tiny", "--crop", "24", "--batch-size", "4", "--workers", "2"]
+    args += ["--shuffle-buffer", "8", "--no-progress", "--epochs", "500", "--eval-every", "0", "--log-every", "1", "--threads", "1"]
+    proc = subprocess.Popen(
+        cli_command("train_app") + args + ["--log-dir", str(tmp_path / "run")],
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        workers = []
+        while len(workers) < 2 and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.communicate()[1]
+            workers = _children(proc.pid)
+            time.sleep(0.2)
+        assert len(workers) == 2, workers
+        metrics = tmp_path / "run" / "metrics.jsonl"
+        while not (metrics.exists() and metrics.read_text().count('"step"') >= 2) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        os.kill(workers[1], signal.SIGKILL)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    lines = err.strip().splitlines()
+    assert proc.returncode == 1, err
+    assert len(lines) == 1 and re.match(r"error: loader worker [01] died: killed by SIGKILL", lines[0]), err
+    time.sleep(1)
+    assert not any(_alive(p) for p in workers)
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/children") as f:
+            out.extend(int(c) for c in f.read().split())
+    return sorted(out)
