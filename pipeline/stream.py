@@ -145,12 +145,12 @@ def _sibling(index_url: str, name: str) -> str:
     return index_url.rsplit("/", 1)[0] + "/" + name
 
 
-def _http_get(url: str) -> bytes:
+def _with_retries(call):
+    """`call()` with HTTP_ATTEMPTS tries for connection errors, time-outs and 5xx answers (4xx fail at once)."""
     last: Exception | None = None
     for _ in range(HTTP_ATTEMPTS):
         try:
-            with urllib.request.urlopen(url, timeout=HTTP_TIMEOUT_S) as response:
-                return response.read()
+            return call()
         except urllib.error.HTTPError as e:
             if e.code < 500:
                 raise
@@ -159,6 +159,14 @@ def _http_get(url: str) -> bytes:
             last = e
     assert last is not None
     raise last
+
+
+def _http_get(url: str) -> bytes:
+    def get() -> bytes:
+        with urllib.request.urlopen(url, timeout=HTTP_TIMEOUT_S) as response:
+            return response.read()
+
+    return _with_retries(get)
 
 
 def read_index(location: str) -> dict:
@@ -411,18 +419,8 @@ def open_shard(url: str, allow_pipe: bool):
 
 
 def _urlopen(request: urllib.request.Request):
-    """urlopen with HTTP_ATTEMPTS tries for connection errors and 5xx answers (4xx fail at once)."""
-    last: Exception | None = None
-    for _ in range(HTTP_ATTEMPTS):
-        try:
-            return urllib.request.urlopen(request, timeout=HTTP_TIMEOUT_S)
-        except urllib.error.HTTPError as e:
-            if e.code < 500:
-                raise
-            last = e
-        except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
-            last = e
-    raise last  # type: ignore[misc]
+    """urlopen with retries (see _with_retries)."""
+    return _with_retries(lambda: urllib.request.urlopen(request, timeout=HTTP_TIMEOUT_S))
 
 
 class _ResumingHTTPBody(io.RawIOBase):
