@@ -309,12 +309,13 @@ def stage_breakdown(dataset: stream.Dataset, cfg: StreamConfig, device: torch.de
             row = slot[len(labels)]
             t0 = clock()
             top, left, flip = stream.crop_box(h, w, cfg.crop, stream.clip_draw(cfg.seed, 0, 0, 0, position))
+            window = frame[top : top + cfg.crop, left : left + cfg.crop]
             crop += clock() - t0
             for t, jpeg in enumerate(p):
                 t0 = clock()
                 stream.decode_frame(jpeg, t, frame)
                 t1 = clock()
-                stream.crop_frame(frame, top, left, cfg.crop, flip, row[t])
+                stream.crop_frame(window, flip, row[t])
                 t2 = clock()
                 decode, crop = decode + t1 - t0, crop + t2 - t1
             labels.append(0)
