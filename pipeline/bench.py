@@ -190,15 +190,11 @@ class Step:
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     device: torch.device
-    channels_last: bool
+    model_input: object
+    """train.ModelInput: host to device and normalisation, as the trainer does it."""
     autocast: object
-    model_input: object = None
 
     def __call__(self, batch: dict) -> None:
-        from pipeline.train import ModelInput
-
-        if self.model_input is None:
-            self.model_input = ModelInput(self.device, self.channels_last)
         x = self.model_input(batch["video"])
         y = batch["label"].to(self.device, non_blocking=True)
         with self.autocast:
@@ -225,7 +221,7 @@ class SleepStep:
 
 def build_step(name: str, num_classes: int, device: torch.device, amp: bool, channels_last: bool) -> Step:
     from pipeline.models import build_model
-    from pipeline.train import model_memory_format
+    from pipeline.train import ModelInput, model_memory_format
 
     torch.manual_seed(0)
     model = build_model(name, num_classes).to(device)
@@ -235,7 +231,7 @@ def build_step(name: str, num_classes: int, device: torch.device, amp: bool, cha
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=device.type == "cuda" or None)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and amp else nullcontext()
-    return Step(model, optimizer, device, cl, autocast)
+    return Step(model, optimizer, device, ModelInput(device, cl), autocast)
 
 
 def measure(source: Iterator[dict], warmup: int, batches: int, step: Step | None, memory: PeakMemory | None) -> dict:

@@ -743,9 +743,14 @@ def parse_label(raw: bytes, num_classes: int) -> int:
     return label
 
 
-def _check_members(raw: dict) -> None:
+def decode_sample(raw: dict, crop: int, num_classes: int, draw: int | None, row: np.ndarray, scratch: dict) -> int:
+    """Check a raw sample's members and label, decode its clip into `row` (see decode_clip); returns
+    the label. Anything unreadable is a ShardFormatError."""
     if "jpgs" not in raw or "cls" not in raw:
         raise ShardFormatError(f"missing member(s): has {sorted(k for k in raw if not k.startswith('__'))}")
+    label = parse_label(raw["cls"], num_classes)
+    decode_clip(raw["jpgs"], crop, draw, row, scratch)
+    return label
 
 
 class TrainClips:
@@ -764,10 +769,7 @@ class TrainClips:
         self.repeat: tuple[np.ndarray, str, int, int] | None = None  # (clip, key, label, rows still owed)
 
     def _decode(self, position: int, raw: dict, row: np.ndarray) -> int:
-        _check_members(raw)
-        label = parse_label(raw["cls"], self.num_classes)
-        decode_clip(raw["jpgs"], self.crop, clip_draw(*self.seeds, position), row, self.scratch)
-        return label
+        return decode_sample(raw, self.crop, self.num_classes, clip_draw(*self.seeds, position), row, self.scratch)
 
     def fill(self, rows: np.ndarray) -> tuple[list[str], list[int]]:
         """Write len(rows) clips into `rows`; returns their keys and labels."""
@@ -978,9 +980,7 @@ class EvalProducer:
             if slot is None:
                 slot, rows = ring.take()
             try:
-                _check_members(sample)
-                label = parse_label(sample["cls"], num_classes)
-                decode_clip(sample["jpgs"], cfg.crop, None, rows[len(keys)], scratch)
+                label = decode_sample(sample, cfg.crop, num_classes, None, rows[len(keys)], scratch)
             except ShardFormatError as e:
                 faults.add(f"{sample.get('__url__', '?')}:{key}", str(e))
                 continue
@@ -1041,6 +1041,6 @@ def _pinned(batch: dict) -> dict:
 
 
 def _preload_decoders() -> None:
-    """Import the decoders once in the parent, so that forked workers inherit them (~50 ms each otherwise)."""
-    import cv2  # noqa: F401
+    """Import simplejpeg once in the parent, so that forked workers inherit it (cv2 is imported with
+    this module)."""
     import simplejpeg  # noqa: F401
