@@ -110,15 +110,21 @@ def _status_kb(pid: int, field: str) -> int:
     return 0
 
 
-def _children(pid: int) -> list[int]:
+def child_pids(pid: int) -> list[int]:
+    """The live children of `pid`, sorted. Each is listed under the thread that forked it, and any
+    thread (torch's, the transfer thread) may exit between listing and reading: skip it, not the rest."""
     out: list[int] = []
     try:
-        for tid in os.listdir(f"/proc/{pid}/task"):
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
             with open(f"/proc/{pid}/task/{tid}/children") as f:
                 out.extend(int(c) for c in f.read().split())
-    except OSError:
-        pass
-    return out
+        except OSError:
+            continue
+    return sorted(out)
 
 
 class PeakMemory:
@@ -138,7 +144,7 @@ class PeakMemory:
         if not force and now - self.last < self.interval:
             return
         self.last = now
-        children = _children(os.getpid())
+        children = child_pids(os.getpid())
         self.workers_seen.update(children)
         total = _status_kb(os.getpid(), "VmRSS") + sum(_status_kb(pid, "VmRSS") for pid in children)
         self.total_kb = max(self.total_kb, total)

@@ -15,6 +15,7 @@ import torch
 
 from conftest import REPO
 from pipeline import stream
+from pipeline.bench import child_pids
 from pipeline.config import StreamConfig
 from pipeline.loader import LocalRing, WorkerDied, WorkerPool, threaded
 from pipeline.train import MEAN, STD, to_model_input
@@ -300,7 +301,7 @@ def test_train_stream_stops_with_one_line_when_a_loader_worker_is_killed(packed,
         workers = []
         while len(workers) < 2 and time.monotonic() < deadline:
             assert proc.poll() is None, proc.communicate()[1]
-            workers = _children(proc.pid)
+            workers = child_pids(proc.pid)
             time.sleep(0.2)
         assert len(workers) == 2, workers
         metrics = tmp_path / "run" / "metrics.jsonl"
@@ -316,11 +317,3 @@ def test_train_stream_stops_with_one_line_when_a_loader_worker_is_killed(packed,
     assert len(lines) == 1 and re.match(r"error: loader worker [01] died: killed by SIGKILL", lines[0]), err
     time.sleep(1)
     assert not any(_alive(p) for p in workers)
-
-
-def _children(pid: int) -> list[int]:
-    out = []
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{tid}/children") as f:
-            out.extend(int(c) for c in f.read().split())
-    return sorted(out)
