@@ -271,23 +271,26 @@ def threaded(source: Iterator[dict], transform: Callable[[dict], dict], depth: i
     stop = threading.Event()
     end = object()
 
+    def put(item) -> bool:
+        """Queue `item` unless the consumer has gone (then a full queue would block for ever)."""
+        while not stop.is_set():
+            try:
+                items.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def run() -> None:
         try:
             if init is not None:
                 init()
             for item in source:
-                out = transform(item)
-                while not stop.is_set():
-                    try:
-                        items.put(out, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not put(transform(item)):
                     return
-            items.put(end)
+            put(end)
         except BaseException as e:  # noqa: BLE001 - handed to the consumer
-            items.put(e)
+            put(e)
 
     thread = threading.Thread(target=run, daemon=True, name="clipstream-transfer")
     thread.start()

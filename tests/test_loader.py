@@ -247,6 +247,18 @@ def test_transfer_thread_keeps_order_runs_ahead_and_passes_errors_on():
     assert [item["i"] for item in got_until_error(got)] == [1, 2, 3, 4]
 
 
+def test_transfer_thread_ends_at_once_when_the_consumer_stops_early():
+    """A consumer that stops while the queue is full (a step budget reached): the thread, waiting to
+    queue the end of its source, must end with it, not hold the consumer in close()."""
+    got = threaded(iter([{"i": i} for i in range(3)]), lambda item: item, depth=2)
+    next(got)
+    time.sleep(0.2)  # the thread queues 1 and 2, then waits to queue the end
+    (thread,) = [t for t in threading.enumerate() if t.name == "clipstream-transfer"]
+    started = time.monotonic()
+    got.close()
+    assert time.monotonic() - started < 1 and not thread.is_alive()
+
+
 def got_until_error(got):
     out = []
     with pytest.raises(KeyError, match="broken source"):
