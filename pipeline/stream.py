@@ -912,15 +912,15 @@ class TrainLoader:
                 got = [(w, self._get(w, epoch, n)) for w, n in parts]
                 if len(got) == 1:
                     video = got[0][1]["video"]
-                    video = video.clone() if self.copy else video
                     held = got
                 else:  # the workers' remainders, at the end of the epoch: one copy, into a reused buffer
                     if self.merged is None:
                         self.merged = torch.empty(self.pool.slot_shape, dtype=torch.uint8)
                     video = torch.cat([m["video"] for _, m in got], out=self.merged)
-                    video = video.clone() if self.copy else video
                     for w, m in got:
                         self.pool.release(w, m)
+                if self.copy:
+                    video = video.clone()
                 yield {
                     "video": video,
                     "label": torch.tensor([label for _, m in got for label in m["label"]], dtype=torch.int64),
