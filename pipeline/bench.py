@@ -1,6 +1,6 @@
 """`bench-stream`: how fast the loading pipeline delivers clips, and where the time goes.
 
-For each worker count: the real training stream (`stream.TrainLoader`, one set of workers running
+For each worker count: the real training stream (`ClipLoader`, one set of workers running
 epoch after epoch as in train.py), a warm-up, then a measured phase.
 Loader-only mode takes batches as fast as they come; with a model, every batch is copied to the
 device, normalised there and run forward and backward (one optimiser step), so the share of wall
@@ -10,7 +10,7 @@ The per-stage breakdown runs the stream's own stage functions one after another 
 (0 workers), each over the same samples: tar read and grouping (`read_samples`), JPEG decode
 (`decode_frame`, frame by frame into a reused one-frame buffer), crop and flip (`crop_box` +
 `crop_frame`, straight into a row of a reused batch slot, as the workers do), collate (the batch's label and worker
-tensors: the pixels are already in place) and host to device with normalisation (`train.ModelInput`, as the trainer does).
+tensors: the pixels are already in place) and host to device with normalisation (`ModelInput`, as the trainer does).
 
 Peak memory: after every batch, VmRSS (from /proc/<pid>/status) of this process plus that of every
 live child (the loader workers, the next epoch's included); the largest such sum is `peak_rss_mb`.
@@ -32,8 +32,14 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from pipeline import stream
 from pipeline.config import StreamConfig
+from pipeline.device import ModelInput, cores_per_rank, model_memory_format, pick_device
+from pipeline.shardformat import jpeg_size, unpack_jpegs
+from pipeline.stream.clips import clip_draw, crop_box, crop_frame, decode_frame, frame_buffer
+from pipeline.stream.loader import ClipLoader
+from pipeline.stream.plan import check_enough_shards, steps_per_epoch
+from pipeline.stream.samples import Faults, read_samples
+from pipeline.stream.sources import ShardSet, local_path, resolve
 from pipeline.errors import UserError
 
 
@@ -167,21 +173,20 @@ class PeakMemory:
 # Sources of batches
 
 
-def endless_batches(dataset: stream.Dataset, cfg: StreamConfig, pin_memory: bool, copy: bool = False) -> Iterator[dict]:
+def endless_batches(source: ShardSet, cfg: StreamConfig, pin_memory: bool, copy: bool = False) -> Iterator[dict]:
     """The real training stream of rank 0 of 1, epoch after epoch, from one set of loader workers
-    (stream.TrainLoader, as train.py uses it). Each batch is valid until the next is asked for,
-    unless `copy`."""
-    counts = [s.samples for s in dataset.train]
-    if stream.steps_per_epoch(counts, cfg.batch_size, 1, cfg.seed, 0, cfg.resample) == 0:
+    (ClipLoader, as train.py uses it). Each batch is valid until the next is asked for, unless `copy`."""
+    counts = [s.samples for s in source.shards]
+    if steps_per_epoch(counts, cfg.batch_size, 1, cfg.seed, 0, cfg.resample) == 0:
         raise UserError(f"{sum(counts)} clips do not fill one batch of {cfg.batch_size}")
-    with stream.TrainLoader(dataset, cfg, 0, 1, pin_memory=pin_memory, copy=copy) as loader:
+    with ClipLoader.from_config(source, cfg, 0, 1, pin_memory=pin_memory, copy=copy) as loader:
         for epoch in itertools.count():
             yield from loader.epoch(epoch)
 
 
 def memory_batches(batches: list[dict], pin_memory: bool) -> Iterator[dict]:
     """The same few batches again and again, from memory: a source that costs nothing."""
-    held = [{**b, "video": b["video"].pin_memory() if pin_memory else b["video"]} for b in batches]
+    held = [{**b, "frames": b["frames"].pin_memory() if pin_memory else b["frames"]} for b in batches]
     return itertools.cycle(held)
 
 
@@ -196,12 +201,12 @@ class Step:
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     device: torch.device
-    model_input: object
-    """train.ModelInput: host to device and normalisation, as the trainer does it."""
+    model_input: ModelInput
+    """Host to device and normalisation, as the trainer does it."""
     autocast: object
 
     def __call__(self, batch: dict) -> None:
-        x = self.model_input(batch["video"])
+        x = self.model_input(batch["frames"])
         y = batch["label"].to(self.device, non_blocking=True)
         with self.autocast:
             loss = torch.nn.functional.cross_entropy(self.model(x).float(), y)
@@ -227,7 +232,6 @@ class SleepStep:
 
 def build_step(name: str, num_classes: int, device: torch.device, amp: bool, channels_last: bool) -> Step:
     from pipeline.models import build_model
-    from pipeline.train import ModelInput, model_memory_format
 
     torch.manual_seed(0)
     model = build_model(name, num_classes).to(device)
@@ -272,13 +276,10 @@ def measure(source: Iterator[dict], warmup: int, batches: int, step: Step | None
 # Per-stage breakdown (0 workers, this process, the stream's own stage functions)
 
 
-def stage_breakdown(dataset: stream.Dataset, cfg: StreamConfig, device: torch.device, channels_last: bool, max_clips: int, repeats: int = 3) -> dict:
+def stage_breakdown(source: ShardSet, cfg: StreamConfig, device: torch.device, channels_last: bool, max_clips: int, repeats: int = 3) -> dict:
     """Milliseconds per clip of each stage on up to `max_clips` clips of the first shards: every stage
     runs `repeats` times over the same inputs after a warm-up run (imports, caches), median kept."""
-    from pipeline.shardformat import unpack_jpegs
-    from pipeline.train import ModelInput
-
-    faults = stream.Faults()
+    faults = Faults()
     cuda = device.type == "cuda"
 
     def timed(fn):
@@ -294,42 +295,42 @@ def stage_breakdown(dataset: stream.Dataset, cfg: StreamConfig, device: torch.de
         return statistics.median(times[1:]), result
 
     def read():
-        return list(itertools.islice(stream.read_samples(dataset.train, cfg.allow_pipe, faults), max_clips))
+        return list(itertools.islice(read_samples(source.shards, cfg.allow_pipe, faults), max_clips))
 
     def clip_stages() -> tuple[float, float, float, list[torch.Tensor]]:
         # Clip by clip and frame by frame, as a loader worker runs them: decode each frame into a
         # reused one-frame buffer, crop and flip it straight into a row of a reused batch slot, then
         # the batch's small fields (collate).
         decode = crop = collate = 0.0
-        slot = np.empty((cfg.batch_size, dataset.frames, cfg.crop, cfg.crop, 3), np.uint8)
+        slot = np.empty((cfg.batch_size, source.frames, cfg.crop, cfg.crop, 3), np.uint8)
         scratch: dict = {}
         labels: list[int] = []
         kept: list[torch.Tensor] = []
         clock = time.perf_counter
-        for position, (p, (h, w)) in enumerate(zip(packs, sizes)):
-            frame = stream.frame_buffer(h, w, scratch)
+        for position, (key, p, (h, w)) in enumerate(zip(keys, packs, sizes)):
+            frame = frame_buffer(h, w, scratch)
             row = slot[len(labels)]
             t0 = clock()
-            top, left, flip = stream.crop_box(h, w, cfg.crop, stream.clip_draw(cfg.seed, 0, 0, 0, position))
+            top, left, flip = crop_box(h, w, cfg.crop, clip_draw(cfg.seed, 0, key))
             window = frame[top : top + cfg.crop, left : left + cfg.crop]
             crop += clock() - t0
             for t, jpeg in enumerate(p):
                 t0 = clock()
-                stream.decode_frame(jpeg, t, frame)
+                decode_frame(jpeg, t, frame)
                 t1 = clock()
-                stream.crop_frame(window, flip, row[t])
+                crop_frame(window, flip, row[t])
                 t2 = clock()
                 decode, crop = decode + t1 - t0, crop + t2 - t1
             labels.append(0)
             if len(labels) == cfg.batch_size or position == n - 1:
                 t0 = clock()
                 batch = {
-                    "video": torch.from_numpy(slot[: len(labels)]),
+                    "frames": torch.from_numpy(slot[: len(labels)]),
                     "label": torch.tensor(labels, dtype=torch.int64),
                     "worker": torch.zeros(len(labels), dtype=torch.int64),
                 }
                 collate += clock() - t0
-                kept = [*kept[-3:], batch["video"].clone()]  # a few kept for host_to_device
+                kept = [*kept[-3:], batch["frames"].clone()]  # a few kept for host_to_device
                 labels = []
         return decode, crop, collate, kept
 
@@ -343,8 +344,9 @@ def stage_breakdown(dataset: stream.Dataset, cfg: StreamConfig, device: torch.de
     n = len(raw)
     if n == 0:
         raise UserError("the shards hold no readable sample")
+    keys = [s["__key__"] for s in raw]
     packs = [unpack_jpegs(s["jpgs"]) for s in raw]
-    sizes = [stream.jpeg_size(p[0]) for p in packs]
+    sizes = [jpeg_size(p[0]) for p in packs]
     runs = [clip_stages() for _ in range(repeats + 1)][1:]
     for i, name in enumerate(("jpeg_decode", "crop_augment", "collate")):
         timings[name] = statistics.median(r[i] for r in runs)
@@ -368,30 +370,22 @@ def stage_breakdown(dataset: stream.Dataset, cfg: StreamConfig, device: torch.de
 # The command
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda but no CUDA device is available")
-    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda")
-    return torch.device("cpu")
-
-
 def run_bench(cfg: BenchConfig, emit=print) -> list[dict]:
     """Measure every worker count; `emit` gets one result dict per configuration (and the breakdown)."""
-    dataset = stream.resolve_dataset(cfg.stream)
+    shards = resolve(cfg.stream.shards, "train", cfg.stream.index, cfg.stream.allow_pipe)
     device = pick_device(cfg.device)
     cuda = device.type == "cuda"
     if cuda:
         torch.backends.cudnn.benchmark = True
-    frames = dataset.frames
-    local = [stream._local_path(s.url) for s in dataset.train]
+    frames = shards.frames
+    local = [local_path(s.url) for s in shards.shards]
     bytes_per_clip = (
-        sum(p.stat().st_size for p in local) / max(1, dataset.train_samples) if all(p is not None for p in local) else None
+        sum(p.stat().st_size for p in local) / max(1, shards.samples) if all(p is not None for p in local) else None
     )
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = cores_per_rank()
     results: list[dict] = []
     if cfg.model:
-        step, mode = build_step(cfg.model, len(dataset.classes), device, cfg.amp, cfg.channels_last), "end_to_end"
+        step, mode = build_step(cfg.model, len(shards.classes), device, cfg.amp, cfg.channels_last), "end_to_end"
     elif cfg.step_ms:
         step, mode = SleepStep(cfg.step_ms), "simulated_accelerator"
     else:
@@ -399,10 +393,10 @@ def run_bench(cfg: BenchConfig, emit=print) -> list[dict]:
     held: list[dict] | None = None
     for workers in cfg.workers:
         sc = dataclasses.replace(cfg.stream, workers=workers)
-        stream.check_enough_shards(dataset, sc, 1)
+        check_enough_shards(shards.shards, sc, 1, workers)
         torch.set_num_threads(cfg.threads or max(1, cores - workers))
         memory = PeakMemory()
-        source = endless_batches(dataset, sc, pin_memory=cuda)
+        source = endless_batches(shards, sc, pin_memory=cuda)
         m = measure(source, cfg.warmup, cfg.batches, step, memory)
         source.close()
         rate = m["clips"] / m["seconds"]
@@ -429,7 +423,7 @@ def run_bench(cfg: BenchConfig, emit=print) -> list[dict]:
         if cfg.synthetic:
             # Same model, same threads as this configuration's trainer, batches from memory.
             if held is None:
-                held = list(itertools.islice(endless_batches(dataset, dataclasses.replace(cfg.stream, workers=0), False, copy=True), 4))
+                held = list(itertools.islice(endless_batches(shards, dataclasses.replace(cfg.stream, workers=0), False, copy=True), 4))
             m = measure(memory_batches(held, cuda), cfg.warmup, cfg.batches, step, None)
             synthetic_rate = m["clips"] / m["seconds"]
             result["real_vs_synthetic"] = round(rate / synthetic_rate, 4)
@@ -454,7 +448,7 @@ def run_bench(cfg: BenchConfig, emit=print) -> list[dict]:
             "bench": "stream-stages",
             "workers": 0,
             "device": device.type,
-            **stage_breakdown(dataset, sc, device, cfg.channels_last and cuda, max_clips=max(cfg.batches, 1) * sc.batch_size),
+            **stage_breakdown(shards, sc, device, cfg.channels_last and cuda, max_clips=max(cfg.batches, 1) * sc.batch_size),
         }
         results.append(breakdown)
         emit(breakdown)

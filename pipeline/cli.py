@@ -10,7 +10,7 @@ from typing import Annotated, Callable, Optional
 import typer
 import typer.core
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, as_options
 
 
 def one_line_errors(fn: Callable) -> Callable:
@@ -21,7 +21,7 @@ def one_line_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except UserError as e:
-            typer.echo(f"error: {e}", err=True)
+            typer.echo(f"error: {as_options(str(e))}", err=True)
             raise typer.Exit(getattr(e, "exit_code", 2)) from None
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)

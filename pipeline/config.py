@@ -127,19 +127,19 @@ class StreamConfig:
         if isinstance(self.shards, str) or isinstance(self.eval_shards, str):
             raise TypeError("shards and eval_shards are tuples of patterns, not strings")
         if not self.shards or not all(s.strip() for s in self.shards):
-            raise UserError(f"--shards must name at least one pattern, got {self.shards!r}")
+            raise UserError(f"`shards` must name at least one pattern, got {self.shards!r}")
         if self.batch_size < 1:
-            raise UserError(f"--batch-size must be >= 1, got {self.batch_size}")
+            raise UserError(f"`batch_size` must be >= 1, got {self.batch_size}")
         if self.workers is not None and self.workers < 0:
-            raise UserError(f"--workers must be >= 0, got {self.workers}")
+            raise UserError(f"`workers` must be >= 0, got {self.workers}")
         if self.shuffle_buffer < 1:
-            raise UserError(f"--shuffle-buffer must be >= 1 (1 = no shuffle), got {self.shuffle_buffer}")
+            raise UserError(f"`shuffle_buffer` must be >= 1 (1 = no shuffle), got {self.shuffle_buffer}")
         if self.crop < 1:
-            raise UserError(f"--crop must be >= 1, got {self.crop}")
+            raise UserError(f"`crop` must be >= 1, got {self.crop}")
         if self.prefetch < 1:
-            raise UserError(f"--prefetch must be >= 1, got {self.prefetch}")
+            raise UserError(f"`prefetch` must be >= 1, got {self.prefetch}")
         if not self.max_bad >= 0:
-            raise UserError(f"--max-bad must be >= 0 (a fraction if < 1, else a count), got {self.max_bad}")
+            raise UserError(f"`max_bad` must be >= 0 (a fraction if < 1, else a count), got {self.max_bad}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,39 +201,39 @@ class TrainConfig:
 
     def __post_init__(self):
         if not self.model:
-            raise UserError("--model must name a model")
+            raise UserError("`model` must name a model")
         if self.epochs < 1:
-            raise UserError(f"--epochs must be >= 1, got {self.epochs}")
+            raise UserError(f"`epochs` must be >= 1, got {self.epochs}")
         if self.optimizer not in OPTIMIZERS:
-            raise UserError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+            raise UserError(f"`optimizer` must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.lr is not None and not self.lr > 0:
-            raise UserError(f"--lr must be > 0, got {self.lr}")
+            raise UserError(f"`lr` must be > 0, got {self.lr}")
         if self.weight_decay < 0:
-            raise UserError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+            raise UserError(f"`weight_decay` must be >= 0, got {self.weight_decay}")
         if self.schedule not in SCHEDULES:
-            raise UserError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+            raise UserError(f"`schedule` must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if self.warmup_steps < 0:
-            raise UserError(f"--warmup-steps must be >= 0, got {self.warmup_steps}")
+            raise UserError(f"`warmup_steps` must be >= 0, got {self.warmup_steps}")
         if self.lr_step_epochs < 1:
-            raise UserError(f"--lr-step-epochs must be >= 1, got {self.lr_step_epochs}")
+            raise UserError(f"`lr_step_epochs` must be >= 1, got {self.lr_step_epochs}")
         if not 0 < self.lr_gamma <= 1:
-            raise UserError(f"--lr-gamma must be in (0, 1], got {self.lr_gamma}")
+            raise UserError(f"`lr_gamma` must be in (0, 1], got {self.lr_gamma}")
         if self.grad_accum < 1:
-            raise UserError(f"--grad-accum must be >= 1, got {self.grad_accum}")
+            raise UserError(f"`grad_accum` must be >= 1, got {self.grad_accum}")
         if self.device not in DEVICES:
-            raise UserError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+            raise UserError(f"`device` must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.threads is not None and self.threads < 1:
-            raise UserError(f"--threads must be >= 1, got {self.threads}")
+            raise UserError(f"`threads` must be >= 1, got {self.threads}")
         if self.eval_every < 0:
-            raise UserError(f"--eval-every must be >= 0, got {self.eval_every}")
+            raise UserError(f"`eval_every` must be >= 0, got {self.eval_every}")
         if self.log_every < 1:
-            raise UserError(f"--log-every must be >= 1, got {self.log_every}")
+            raise UserError(f"`log_every` must be >= 1, got {self.log_every}")
         if self.checkpoint_every < 0:
-            raise UserError(f"--checkpoint-every must be >= 0, got {self.checkpoint_every}")
+            raise UserError(f"`checkpoint_every` must be >= 0, got {self.checkpoint_every}")
         if self.max_steps < 0:
-            raise UserError(f"--max-steps must be >= 0, got {self.max_steps}")
+            raise UserError(f"`max_steps` must be >= 0, got {self.max_steps}")
         if self.nproc_per_node < 1:
-            raise UserError(f"--nproc-per-node must be >= 1, got {self.nproc_per_node}")
+            raise UserError(f"`nproc_per_node` must be >= 1, got {self.nproc_per_node}")
 
     def bad_limit(self, planned: int) -> int:
         """Unreadable clips a rank may meet in an epoch of `planned` clips before the run stops."""

@@ -13,7 +13,6 @@ import hashlib
 import json
 import mmap
 import os
-import tarfile
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
@@ -22,8 +21,9 @@ import numpy as np
 
 from pipeline.errors import UserError
 from pipeline.progress import progress
-from pipeline.shardformat import INDEX_NAME, MANIFEST_NAME, ShardFormatError, decode_jpegs, load_index, split_member_name
-from pipeline.shardformat import expand_pattern as expand_shard_pattern
+from pipeline.shardformat import INDEX_NAME, MANIFEST_NAME, ShardFormatError, decode_jpegs
+from pipeline.stream.sources import expand_shards, local_path, read_index
+from pipeline.stream.tar import Member, group_samples, tar_members
 
 MEMBERS = ("cls", "jpgs", "json")
 LABEL_STRIP = 18
@@ -38,12 +38,8 @@ MAX_PROBLEMS_PER_SHARD = 10
 
 
 def _index_or_none(folder: Path) -> dict | None:
-    try:
-        return load_index(folder)
-    except FileNotFoundError:
-        return None
-    except ValueError as e:
-        raise UserError(str(e)) from None
+    path = folder / INDEX_NAME
+    return read_index(str(path)) if path.exists() else None
 
 
 def _index_shard_names(index: dict) -> list[str]:
@@ -63,17 +59,10 @@ def expand_pattern(pattern: str) -> list[Path]:
         if index is None:
             raise UserError(f"no {INDEX_NAME} in {folder}: give a packed folder or a shard pattern such as '{folder}/<000..031>.tar'")
         return [folder / n for n in _index_shard_names(index)]
-    try:
-        paths = [Path(u) for u in expand_shard_pattern(pattern)]
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    missing = [p for p in paths if not p.is_file()]
-    if not paths or len(missing) == len(paths):
-        raise UserError(f"no shards match {pattern!r}")
-    if missing:
-        raise UserError(f"{len(missing)} of {len(paths)} shards of {pattern!r} do not exist, e.g. {str(missing[0])!r}")
-    if len(set(paths)) != len(paths):
-        raise UserError(f"a shard is listed twice in {pattern!r}")
+    urls = expand_shards([pattern], allow_pipe=False)
+    paths = [local_path(u) for u in urls]
+    if any(p is None for p in paths):
+        raise UserError(f"inspect-shards reads local shards only; {pattern!r} names remote ones")
     if len({p.parent for p in paths}) > 1:
         raise UserError(f"the shards of {pattern!r} lie in several folders: inspect one pack at a time")
     return paths
@@ -96,29 +85,34 @@ class SampleEntry:
 
 
 def scan_shard(path: Path) -> list[SampleEntry]:
-    """Every sample of a shard from its tar headers and small members; frames are not read."""
-    found: dict[str, dict] = {}
-    try:
-        with tarfile.open(path, mode="r:") as tar:
-            for m in tar:
-                key, ext = split_member_name(m.name)
-                if key is None or not m.isfile() or ext not in MEMBERS:
-                    continue
-                parts = found.setdefault(key, {})
-                parts[ext] = (m.offset_data, m.size) if ext == "jpgs" else tar.extractfile(m).read()
-    except (tarfile.TarError, OSError) as e:
-        raise UserError(f"cannot read {path}: {e} (verify-shards {path.parent} lists what is wrong)") from None
+    """Every sample of a shard from its tar headers and small members (the one tar reader, seeking
+    over the frames); frames are not read."""
     out = []
-    for key, parts in found.items():
-        try:
-            if set(parts) != set(MEMBERS):
-                raise ValueError(f"has {', '.join(sorted(parts))}, expected {', '.join(MEMBERS)}")
-            meta = json.loads(parts["json"])
-            label = int(parts["cls"])
-        except ValueError as e:
-            raise UserError(f"{path}: sample {key} is damaged ({e}); verify-shards {path.parent} lists what is wrong") from None
-        out.append(SampleEntry(path, key, label, meta, *parts["jpgs"]))
+    try:
+        with open(path, "rb") as f:
+            for parts in group_samples(tar_members(f, skip=lambda name: name.lower().endswith(".jpgs")), str(path)):
+                key = parts["__key__"]
+                try:
+                    missing = sorted(set(MEMBERS) - set(parts))
+                    if missing:
+                        raise ValueError(f"has no {', '.join('.' + m for m in missing)}")
+                    meta = json.loads(parts["json"])
+                    if not isinstance(meta, dict):
+                        raise ValueError("its .json is not an object")
+                    label = int(parts["cls"])
+                except (ValueError, RecursionError) as e:
+                    raise UserError(f"{path}: sample {_printable(key)} is damaged ({_printable(str(e))}); verify-shards {path.parent} lists what is wrong") from None
+                jpgs: Member = parts["jpgs"]
+                out.append(SampleEntry(path, key, label, meta, jpgs.offset, jpgs.size))
+    except (ShardFormatError, OSError) as e:
+        raise UserError(f"cannot read {path}: {_printable(str(e))} (verify-shards {path.parent} lists what is wrong)") from None
     return out
+
+
+def _printable(text: str) -> str:
+    """`text` safe for a terminal: control characters (escape sequences in a hostile member name)
+    shown as escapes, not sent raw."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def scan_shards(paths: list[Path], quiet: bool = False) -> list[SampleEntry]:
@@ -392,84 +386,66 @@ def check_shard(path: Path, entry: dict, frames: int, classes: int) -> ShardChec
         return report
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
         digest = hashlib.sha256(data).hexdigest()
-        if digest != entry["sha256"]:
-            problems.append(f"{name}: sha256 mismatch (index {entry['sha256'][:16]}..., file {digest[:16]}...)")
+    if digest != entry["sha256"]:
+        problems.append(f"{name}: sha256 mismatch (index {entry['sha256'][:16]}..., file {digest[:16]}...)")
+
+    def sample_problem(key: str, what: str) -> None:
+        problems.append(f"{name}: sample {_printable(key)}: {what}")
+
+    def ignored(member: str, why: str) -> None:
+        problems.append(f"{name}: member {_printable(member)!r} is ignored by every reader ({why})")
+
+    # The one tar reader, exactly as the stream reads the shard: what it cannot read, no tool can.
+    groups: list[dict] = []
+    with open(path, "rb") as f:
         try:
-            tar = tarfile.open(fileobj=f, mode="r:")
-        except tarfile.TarError as e:
-            problems.append(f"{name}: not a readable tar file ({e})")
-            return report
-        members = []
-        while True:
+            for parts in group_samples(tar_members(f), str(path), ignored):
+                groups.append(parts)
+        except ShardFormatError as e:
+            problems.append(f"{name}: unreadable after {len(groups)} samples ({_printable(str(e))}); readers lose the rest of the shard")
+    seen = set()
+    for parts in groups:
+        key = parts["__key__"]
+        report.keys.append(key)
+        if key in seen:
+            sample_problem(key, "key appears twice in this shard")
+        seen.add(key)
+        found = {k for k in parts if not k.startswith("__")}
+        missing, extra = set(MEMBERS) - found, found - set(MEMBERS)
+        if missing:
+            sample_problem(key, "no " + ", ".join(f".{e}" for e in sorted(missing)))
+        if extra:
+            sample_problem(key, "unexpected " + ", ".join(f".{_printable(e)}" for e in sorted(extra)))
+        label = None
+        if "cls" in parts:
             try:
-                m = tar.next()
-            except tarfile.TarError as e:
-                problems.append(f"{name}: unreadable tar header at byte {tar.offset} ({e}); the members after it are lost")
-                break
-            if m is None:
-                # tarfile stops quietly at a damaged header after the first; a real end is all zeros.
-                if data[tar.offset :].strip(b"\0"):
-                    problems.append(f"{name}: unreadable tar header at byte {tar.offset}; the members after it are lost")
-                break
-            members.append(m)
-
-        def sample_problem(key: str, what: str) -> None:
-            problems.append(f"{name}: sample {key}: {what}")
-
-        groups: list[tuple[str, dict]] = []
-        for m in members:
-            key, ext = split_member_name(m.name)
-            if key is None or not m.isfile():
-                problems.append(f"{name}: member {m.name!r} is not a KEY.ext file")
-                continue
-            if m.offset_data + m.size > size:
-                problems.append(f"{name}: member {m.name} is cut off at the end of the file")
-                continue
-            if not groups or groups[-1][0] != key or ext in groups[-1][1]:
-                groups.append((key, {}))  # webdataset starts a new sample exactly here
-            groups[-1][1][ext] = data[m.offset_data : m.offset_data + m.size]
-        seen = set()
-        for key, parts in groups:
-            report.keys.append(key)
-            if key in seen:
-                sample_problem(key, "key appears twice in this shard")
-            seen.add(key)
-            missing, extra = set(MEMBERS) - set(parts), set(parts) - set(MEMBERS)
-            if missing:
-                sample_problem(key, "no " + ", ".join(f".{e}" for e in sorted(missing)))
-            if extra:
-                sample_problem(key, "unexpected " + ", ".join(f".{e}" for e in sorted(extra)))
-            label = None
-            if "cls" in parts:
-                try:
-                    label = int(parts["cls"].decode("ascii"))
-                except ValueError:
-                    sample_problem(key, f".cls is not a class index: {parts['cls'][:20]!r}")
-                else:
-                    if not 0 <= label < classes:
-                        sample_problem(key, f"label {label} outside 0..{classes - 1}")
-            if "json" in parts:
-                try:
-                    meta = json.loads(parts["json"])
-                    if not isinstance(meta, dict):
-                        raise ValueError("not an object")
-                except ValueError as e:
-                    sample_problem(key, f".json unreadable ({e})")
-                else:
-                    if label is not None and meta.get("label") != label:
-                        sample_problem(key, f"label {label} in .cls but {meta.get('label')!r} in .json")
-            if "jpgs" in parts:
-                try:
-                    t = len(decode_jpegs(parts["jpgs"]))
-                except ShardFormatError as e:
-                    sample_problem(key, f"frames do not decode ({e})")
-                else:
-                    if t != frames:
-                        sample_problem(key, f"{t} frames, index says {frames}")
-        report.samples = len(groups)
-        if len(groups) != entry["samples"]:
-            problems.append(f"{name}: {len(groups)} sample{'' if len(groups) == 1 else 's'}, index says {entry['samples']}")
-        tar.close()
+                label = int(parts["cls"].decode("ascii"))
+            except ValueError:
+                sample_problem(key, f".cls is not a class index: {parts['cls'][:20]!r}")
+            else:
+                if not 0 <= label < classes:
+                    sample_problem(key, f"label {label} outside 0..{classes - 1}")
+        if "json" in parts:
+            try:
+                meta = json.loads(parts["json"])
+                if not isinstance(meta, dict):
+                    raise ValueError("not an object")
+            except (ValueError, RecursionError) as e:
+                sample_problem(key, f".json unreadable ({_printable(str(e))[:200]})")
+            else:
+                if label is not None and meta.get("label") != label:
+                    sample_problem(key, f"label {label} in .cls but {_printable(repr(meta.get('label')))[:40]} in .json")
+        if "jpgs" in parts:
+            try:
+                t = len(decode_jpegs(parts["jpgs"]))
+            except ShardFormatError as e:
+                sample_problem(key, f"frames do not decode ({e})")
+            else:
+                if t != frames:
+                    sample_problem(key, f"{t} frames, index says {frames}")
+    report.samples = len(groups)
+    if len(groups) != entry["samples"]:
+        problems.append(f"{name}: {len(groups)} sample{'' if len(groups) == 1 else 's'}, index says {entry['samples']}")
     if len(problems) > MAX_PROBLEMS_PER_SHARD:
         more = len(problems) - MAX_PROBLEMS_PER_SHARD
         problems[MAX_PROBLEMS_PER_SHARD:] = [f"{name}: ... and {more} more problems"]

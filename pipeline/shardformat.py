@@ -13,9 +13,6 @@ from __future__ import annotations
 import json
 import re
 import struct
-from pathlib import Path
-from typing import Iterator
-
 import numpy as np
 
 FORMAT_VERSION = 1
@@ -102,18 +99,72 @@ def is_valid_key(key: str) -> bool:
     return bool(_KEY_OK.match(key))
 
 
-def load_index(out_dir: str | Path) -> dict:
-    """Read and check `index.json` of a packed folder."""
-    path = Path(out_dir) / INDEX_NAME
+MAX_SHARDS = 1_000_000
+"""Most shards an index may list per split (a full Kinetics-700 pack at 32 clips a shard is 20,000)."""
+MAX_SAMPLES_PER_SHARD = 10_000_000
+"""Most samples an index may claim for one shard: counts are bounded before any plan is computed."""
+MAX_CLASSES = 100_000
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def parse_index(raw: bytes, where: str) -> dict:
+    """THE index reader: check an `index.json` read from `where` (a path or URL, for messages) and
+    return it. Every field the readers use is checked for type and bounds before anything is sized
+    from it, so a damaged or hostile index is one clear UserError, never a traceback or a huge
+    allocation."""
+    from pipeline.errors import UserError
+
     try:
-        index = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"no {INDEX_NAME} in {out_dir}") from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"unreadable index {path}: {e}") from None
-    if index.get("format") != "clipstream" or index.get("version") != FORMAT_VERSION:
-        raise ValueError(f"{path} is not a clipstream v{FORMAT_VERSION} index")
+        index = json.loads(raw)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise UserError(f"unreadable index {where}: {_short(e)}") from None
+    if not isinstance(index, dict) or index.get("format") != "clipstream" or index.get("version") != FORMAT_VERSION:
+        raise UserError(f"{where} is not a clipstream v{FORMAT_VERSION} index")
+
+    def bad(what: str) -> UserError:
+        return UserError(f"unreadable index {where}: {what}")
+
+    classes = index.get("classes")
+    if not isinstance(classes, list) or not 1 <= len(classes) <= MAX_CLASSES or not all(isinstance(c, str) and c for c in classes):
+        raise bad(f"'classes' must be a list of 1 to {MAX_CLASSES} names")
+    frames = index.get("frames_per_clip")
+    if not _is_int(frames) or not 1 <= frames <= MAX_FRAMES_PER_CLIP:
+        raise bad(f"'frames_per_clip' must be a whole number in 1..{MAX_FRAMES_PER_CLIP}, got {_short(frames)}")
+    splits = index.get("splits")
+    if not isinstance(splits, dict) or not isinstance(splits.get("train", {}), dict):
+        raise bad("'splits' must map 'train' and 'test' to their shards")
+    for split in ("train", "test"):
+        entry = splits.get(split, {"samples": 0, "shards": []})
+        if not isinstance(entry, dict) or not isinstance(entry.get("shards"), list) or len(entry["shards"]) > MAX_SHARDS:
+            raise bad(f"'splits.{split}.shards' must be a list of at most {MAX_SHARDS} shards")
+        names = set()
+        for shard in entry["shards"]:
+            if not isinstance(shard, dict):
+                raise bad(f"a shard of split {split} is {_short(shard)}, not an object")
+            name, samples = shard.get("name"), shard.get("samples")
+            if not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", "..") or len(name) > 255:
+                raise bad(f"shard name {_short(name)} of split {split} is not a plain file name")
+            if name in names:
+                raise bad(f"shard {name!r} is listed twice in split {split}")
+            names.add(name)
+            if not _is_int(samples) or not 0 <= samples <= MAX_SAMPLES_PER_SHARD:
+                raise bad(f"shard {name!r} claims {_short(samples)} samples (0..{MAX_SAMPLES_PER_SHARD})")
+            if not _is_int(shard.get("bytes")) or shard["bytes"] < 0:
+                raise bad(f"shard {name!r} has no valid 'bytes'")
+            if not isinstance(shard.get("sha256"), str) or not _SHA256.match(shard["sha256"]):
+                raise bad(f"shard {name!r} has no valid 'sha256'")
+        if not _is_int(entry.get("samples")) or entry["samples"] < 0:
+            raise bad(f"'splits.{split}.samples' must be a whole number >= 0")
     return index
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _short(value) -> str:
+    text = repr(value) if not isinstance(value, BaseException) else str(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def split_member_name(name: str) -> tuple[str | None, str | None]:
@@ -153,21 +204,3 @@ def expand_pattern(pattern: str) -> list[str]:
                 raise ValueError(f"malformed range in {pattern!r}")
         urls.extend(expanded)
     return urls
-
-
-def read_shard(url: str | Path) -> Iterator[dict]:
-    """Yield every sample of one shard as {'key', 'frames' (T, H, W, 3) uint8, 'label' int, 'meta' dict}.
-
-    `url` is a local path or anything webdataset can open (http(s)://...). Members are read as
-    bytes and decoded here; nothing is unpickled.
-    """
-    import webdataset as wds
-
-    for raw in wds.WebDataset(str(url), shardshuffle=False, empty_check=False):
-        key = raw["__key__"]
-        yield {
-            "key": key,
-            "frames": decode_jpegs(raw["jpgs"]),
-            "label": int(raw["cls"]),
-            "meta": json.loads(raw["json"]),
-        }

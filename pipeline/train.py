@@ -24,71 +24,55 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from pipeline import stream
-from pipeline.config import TrainConfig
+from pipeline.config import StreamConfig, TrainConfig
+from pipeline.device import DistEnv, ModelInput, cores_per_rank, model_memory_format, pick_device
+from pipeline.stream.loader import ClipLoader
+from pipeline.stream.plan import auto_workers, check_enough_shards
+from pipeline.stream.sources import ShardSet, resolve, shard_name, test_beside
 from pipeline.durable import failpoint, publish
 from pipeline.errors import UserError
 
-# Kinetics-400 statistics, the usual normalisation of the r3d / r(2+1)d recipes.
-MEAN = (0.43216, 0.394666, 0.37645)
-STD = (0.22803, 0.22145, 0.216989)
 CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_VERSION = 1
 
 
 @dataclasses.dataclass(frozen=True)
-class DistEnv:
-    """Where this process sits in the job."""
+class RunData:
+    """The shards a run trains and evaluates on."""
 
-    rank: int = 0
-    """Global rank."""
-    world_size: int = 1
-    """Number of processes in the job."""
-    local_rank: int = 0
-    """Rank on this machine (picks the GPU)."""
-    local_world_size: int = 1
-    """Processes on this machine (share its CPU cores)."""
-
-    def __post_init__(self):
-        if not 0 <= self.rank < self.world_size:
-            raise ValueError(f"rank {self.rank} outside world of {self.world_size}")
-
-    @classmethod
-    def from_env(cls) -> "DistEnv":
-        """The torchrun variables, or a single process when they are absent."""
-        env = os.environ
-        if "WORLD_SIZE" not in env:
-            return cls()
-        local_world = int(env.get("LOCAL_WORLD_SIZE", env["WORLD_SIZE"]))
-        return cls(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)), local_world)
+    train: ShardSet
+    test: ShardSet
+    """Empty when the index lists no test shards and none are given."""
 
 
-def cores_per_rank(local_world_size: int) -> int:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // local_world_size)
+def resolve_data(sc: StreamConfig) -> RunData:
+    """--shards, and --eval-shards or the test shards the training index lists beside them."""
+    train = resolve(sc.shards, "train", sc.index, sc.allow_pipe)
+    test = resolve(sc.eval_shards, "test", sc.index or train.index, sc.allow_pipe) if sc.eval_shards else test_beside(train)
+    return RunData(train, test)
 
 
 def with_workers(cfg: TrainConfig, n_shards: int, world_size: int, local_world_size: int) -> TrainConfig:
-    """`cfg` with the number of loader workers decided (see stream.auto_workers)."""
+    """`cfg` with the number of loader workers decided (see plan.auto_workers)."""
     if cfg.stream.workers is not None:
         return cfg
-    workers = stream.auto_workers(n_shards, world_size, cores_per_rank(local_world_size), cfg.stream.resample)
+    workers = auto_workers(n_shards, world_size, cores_per_rank(local_world_size), cfg.stream.resample)
     return dataclasses.replace(cfg, stream=dataclasses.replace(cfg.stream, workers=workers))
 
 
-def prepare(cfg: TrainConfig, world_size: int, local_world_size: int) -> stream.Dataset:
+def prepare(cfg: TrainConfig, world_size: int, local_world_size: int) -> RunData:
     """Check everything a user can get wrong before any process starts: shards, index, model name."""
-    dataset = stream.resolve_dataset(cfg.stream)
-    cfg = with_workers(cfg, len(dataset.train), world_size, local_world_size)
-    stream.check_enough_shards(dataset, cfg.stream, world_size)
+    data = resolve_data(cfg.stream)
+    cfg = with_workers(cfg, len(data.train.shards), world_size, local_world_size)
+    check_enough_shards(data.train.shards, cfg.stream, world_size, cfg.stream.workers)
     from pipeline.models import MODEL_NAMES, build_model
 
     if cfg.model not in MODEL_NAMES:
-        build_model(cfg.model, len(dataset.classes))  # UserError for unknown names
+        build_model(cfg.model, len(data.train.classes))  # UserError for unknown names
     if cfg.resume and not Path(resolve_checkpoint(cfg.resume)).is_file():
         raise UserError(f"no checkpoint at {cfg.resume!r}")
     check_log_dir(cfg.log_dir)
-    return dataset
+    return data
 
 
 def check_log_dir(log_dir: str | None) -> None:
@@ -201,65 +185,9 @@ def learning_rate(cfg: TrainConfig, opt_step: int, total_opt_steps: int, epoch: 
     return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def model_memory_format(model: torch.nn.Module) -> torch.memory_format:
-    """channels_last_3d for 3D conv nets, channels_last for 2D ones (cnn-lstm: its frames, cut from a
-    channels_last_3d clip batch by transpose + reshape, arrive channels_last without a copy)."""
-    if any(isinstance(m, torch.nn.Conv3d) for m in model.modules()):
-        return torch.channels_last_3d
-    if any(isinstance(m, torch.nn.Conv2d) for m in model.modules()):
-        return torch.channels_last
-    return torch.contiguous_format
-
-
-def to_model_input(video: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
-    """(B, T, H, W, 3) uint8 on the host -> normalised (B, 3, T, H, W) float on `device` (a fresh
-    buffer each call; the training loop uses a ModelInput, which reuses one)."""
-    return ModelInput(device, channels_last)(video)
-
-
-class ModelInput:
-    """(B, T, H, W, 3) uint8 batches on the host -> normalised (B, 3, T, H, W) float on `device`.
-
-    The copy travels as uint8 (4x less than float); the per-pixel work happens on the device.
-    (B, T, H, W, 3) is exactly channels_last_3d memory for (B, 3, T, H, W), so no transpose is paid
-    there. The result is written into one float buffer reused from batch to batch (on a CPU a fresh
-    19 MB buffer per batch is mostly page faults: normalising took 2.8x as long), so each result is
-    valid until the next call, which is all a training step needs (backward frees its graph). The
-    mean and std live on the device from the start: building them per batch from a Python list was
-    a blocking host-to-device copy every step.
-    """
-
-    def __init__(self, device: torch.device, channels_last: bool):
-        self.device, self.channels_last = device, channels_last
-        self.scale = torch.tensor([1 / (255 * s) for s in STD], device=device)
-        self.shift = torch.tensor([-m / s for m, s in zip(MEAN, STD)], device=device)
-        self.rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.buffer: torch.Tensor | None = None
-
-    def __call__(self, video: torch.Tensor) -> torch.Tensor:
-        x = video.to(self.device, non_blocking=True)
-        batch, frames, height, width, channels = x.shape
-        if self.buffer is None or self.buffer.numel() != x.numel():
-            self.buffer = torch.empty(x.numel(), dtype=torch.float32, device=self.device)
-        if self.channels_last:
-            # Normalise the memory as rows of width x 3 values against a per-row pattern of scales:
-            # long inner loops (a 3-long channel loop is 1.8x slower on a CPU), and the result is
-            # already channels_last_3d memory for (B, 3, T, H, W).
-            if width not in self.rows:
-                self.rows[width] = (self.scale.repeat(width), self.shift.repeat(width))
-            scale, shift = self.rows[width]
-            rows = self.buffer.view(-1, width * channels)
-            rows.copy_(x.reshape(-1, width * channels))
-            torch.addcmul(shift, rows, scale, out=rows)
-            return rows.view(batch, frames, height, width, channels).permute(0, 4, 1, 2, 3)
-        # One pass, uint8 in, float out, written straight in contiguous layout: x * scale - shift.
-        dense = self.buffer.view(batch, channels, frames, height, width)
-        return torch.addcmul(self.shift.view(1, 3, 1, 1, 1), x.permute(0, 4, 1, 2, 3), self.scale.view(1, 3, 1, 1, 1), out=dense)
-
-
-def evaluate(model, dataset: stream.Dataset, cfg: TrainConfig, env: DistEnv, device, channels_last: bool, autocast) -> dict:
+def evaluate(model, test: ShardSet, cfg: TrainConfig, env: DistEnv, device, channels_last: bool, autocast) -> dict:
     """Top-1, top-5 and per-class accuracy on the test shards; each test clip counted once across ranks."""
-    num_classes = len(dataset.classes)
+    num_classes = len(test.classes)
     k = min(5, num_classes)
     # rows: clips, top-1 hits, top-5 hits; columns: true class
     counts = torch.zeros(3, num_classes, dtype=torch.float64, device=device)
@@ -268,13 +196,14 @@ def evaluate(model, dataset: stream.Dataset, cfg: TrainConfig, env: DistEnv, dev
     model_input = ModelInput(device, channels_last)
     model.eval()
     with torch.no_grad():
-        for batch in stream.eval_batches(dataset, cfg.stream, env.rank, env.world_size, pin_memory=device.type == "cuda"):
+        loader = ClipLoader.from_config(test, cfg.stream, env.rank, env.world_size, split="test", pin_memory=device.type == "cuda", copy=False)
+        for batch in loader.epoch(0):
             skipped += sum(f["samples"] for f in batch["faults"])
-            if batch["video"] is None:
+            if batch["frames"] is None:
                 continue
             labels = batch["label"].to(device, non_blocking=True)
             with autocast:
-                logits = model(model_input(batch["video"]))
+                logits = model(model_input(batch["frames"]))
             top = logits.float().topk(k, dim=1).indices
             hit1 = (top[:, 0] == labels).double()
             hit5 = (top == labels[:, None]).any(dim=1).double()
@@ -289,7 +218,7 @@ def evaluate(model, dataset: stream.Dataset, cfg: TrainConfig, env: DistEnv, dev
     total = counts.sum(dim=1).tolist()
     clips = int(total[0])
     per_class = {
-        name: (counts[1, c].item() / counts[0, c].item() if counts[0, c] > 0 else None) for c, name in enumerate(dataset.classes)
+        name: (counts[1, c].item() / counts[0, c].item() if counts[0, c] > 0 else None) for c, name in enumerate(test.classes)
     }
     return {
         "top1": total[1] / clips if clips else None,
@@ -335,6 +264,100 @@ def _broadcast_text(text: str, env: DistEnv, device) -> str:
     return bytes(buf.cpu().tolist()).rstrip(b"\0").decode()
 
 
+def load_resume(path: str, run_identity: dict, model, optimizer, env: DistEnv, use_cuda: bool) -> dict:
+    """Load a checkpoint into `model` and `optimizer` (and this rank's RNG state); returns its
+    position {'step', 'opt_step', 'epoch', 'step_in_epoch'}. Nothing is unpickled (weights_only)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"cannot load checkpoint {path!r}: {e}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("version") != CHECKPOINT_VERSION:
+        raise UserError(f"{path!r} is not a clipstream v{CHECKPOINT_VERSION} checkpoint")
+    saved = ckpt["run"]
+    if saved["model"] != run_identity["model"] or saved["classes"] != run_identity["classes"]:
+        raise UserError(f"checkpoint {path!r} is of model {saved['model']!r} on {len(saved['classes'])} classes")
+    if ckpt["step_in_epoch"] > 0 and saved != run_identity:
+        changed = sorted(k for k in saved if saved[k] != run_identity.get(k))
+        raise UserError(f"checkpoint {path!r} stopped mid-epoch; resuming it needs the same {', '.join(changed)}")
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if env.rank < len(ckpt["rng"]["torch"]):
+        # A row of the stacked states is a view at an offset; set_rng_state reads from the start of
+        # its storage (rank 1 of a two-rank resume crashed with SIGSEGV), so hand it a copy.
+        torch.set_rng_state(ckpt["rng"]["torch"][env.rank].clone())
+        if use_cuda and "cuda" in ckpt["rng"]:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"][env.rank].clone())
+    return {k: ckpt[k] for k in ("step", "opt_step", "epoch", "step_in_epoch")}
+
+
+class BadClipBudget:
+    """Unreadable clips of one rank: each written to the rank's faults log and warned about, the
+    epoch's count held against --max-bad (above it the run stops with one line)."""
+
+    def __init__(self, cfg: TrainConfig, log: Path, rank: int, say):
+        self.cfg, self.log, self.rank, self.say = cfg, log, rank, say
+        self.total = self.epoch_bad = self.limit = 0
+
+    def new_epoch(self, planned_clips: int) -> None:
+        self.epoch_bad, self.limit = 0, self.cfg.bad_limit(planned_clips)
+
+    def add(self, faults: list[dict], epoch: int, step: int) -> None:
+        if not faults:
+            return
+        bad = sum(f["samples"] for f in faults)
+        self.total += bad
+        self.epoch_bad += bad
+        with open(self.log, "a") as f:
+            for fault in faults:
+                f.write(json.dumps({"epoch": epoch, "step": step, **fault}) + "\n")
+                self.say(f"warning: skipped {fault['what']}: {fault['reason']}")
+        if self.epoch_bad > self.limit:
+            last = faults[-1]
+            raise UserError(
+                f"rank {self.rank}: {self.epoch_bad} unreadable clips in epoch {epoch + 1}, more than --max-bad {self.cfg.stream.max_bad:g} allows "
+                f"({self.limit}); last: {last['what']}: {last['reason']} (all in {self.log})"
+            )
+
+
+class Meter:
+    """Loss, clips, data wait and wall time since the last step record, summed over every rank when
+    the record is made; plus the run's totals for the summary."""
+
+    def __init__(self, device: torch.device, env: DistEnv):
+        self.device, self.env = device, env
+        self.clips = self.wait = self.step_time = 0.0
+        self.reset()
+
+    def reset(self) -> None:
+        self.interval = {"loss": torch.zeros((), device=self.device), "steps": 0, "clips": 0, "wait": 0.0, "start": time.perf_counter()}
+
+    def add(self, loss: torch.Tensor, clips: int, wait: float, step_time: float) -> None:
+        i = self.interval
+        i["loss"] += loss.detach()
+        i["steps"] += 1
+        i["clips"] += clips
+        i["wait"] += wait
+        self.clips += clips
+        self.wait += wait
+        self.step_time += step_time
+
+    def record(self) -> dict:
+        """The interval's figures over all ranks (a collective: every rank calls it), then a new interval."""
+        i = self.interval
+        wall = time.perf_counter() - i["start"]
+        mine = torch.tensor([i["loss"].item(), i["steps"], i["clips"], i["wait"], wall], dtype=torch.float64, device=self.device)
+        every = _gather(mine, self.env).cpu()
+        per_rank = (every[:, 2] / every[:, 4]).tolist()
+        self.reset()
+        return {
+            "loss": float(every[:, 0].sum() / every[:, 1].sum()),
+            "clips_per_s": sum(per_rank),
+            "clips_per_s_rank": per_rank,
+            "data_wait": float((every[:, 3] / every[:, 4]).mean()),
+            "step_time": float((every[:, 4] / every[:, 1]).mean()),
+        }
+
+
 def train(cfg: TrainConfig, env: DistEnv) -> dict:
     """Train and evaluate; returns the summary record (on every rank)."""
     from tqdm import tqdm
@@ -346,10 +369,8 @@ def train(cfg: TrainConfig, env: DistEnv) -> dict:
     say = (lambda msg: tqdm.write(msg, file=sys.stdout)) if env.rank == 0 else (lambda msg: None)
 
     # --- process group ----------------------------------------------------------------------
-    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-    if use_cuda and not torch.cuda.is_available():
-        raise UserError("--device cuda but no CUDA device is available")
-    device = torch.device("cuda", env.local_rank) if use_cuda else torch.device("cpu")
+    device = pick_device(cfg.device, env.local_rank)
+    use_cuda = device.type == "cuda"
     if use_cuda:
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True
@@ -359,21 +380,21 @@ def train(cfg: TrainConfig, env: DistEnv) -> dict:
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_cuda and cfg.amp else nullcontext()
 
     # --- data -------------------------------------------------------------------------------
-    dataset = stream.resolve_dataset(cfg.stream)
+    data = resolve_data(cfg.stream)
     if cfg.stream.workers is None:
-        # Every rank must split its shards the same way (checkpoints hold a count per worker).
-        mine = with_workers(cfg, len(dataset.train), env.world_size, env.local_world_size).stream.workers
+        # Every rank must split its shards the same way (a mid-epoch resume needs the same plan).
+        mine = with_workers(cfg, len(data.train.shards), env.world_size, env.local_world_size).stream.workers
         agreed = torch.tensor([mine], device=device)
         if env.world_size > 1:
             dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
         cfg = dataclasses.replace(cfg, stream=dataclasses.replace(cfg.stream, workers=int(agreed.item())))
-    stream.check_enough_shards(dataset, cfg.stream, env.world_size)
     torch.set_num_threads(cpu_threads(cfg, env))
     sc = cfg.stream
-    counts = [s.samples for s in dataset.train]
-    steps_per = [stream.steps_per_epoch(counts, sc.batch_size, env.world_size, sc.seed, e, sc.resample) for e in range(cfg.epochs)]
+    # One set of loader workers for the whole run (started with the first epoch asked for).
+    train_loader = ClipLoader.from_config(data.train, sc, env.rank, env.world_size, epochs=cfg.epochs, pin_memory=use_cuda, copy=False)
+    steps_per = [train_loader.steps(e) for e in range(cfg.epochs)]
     opt_steps_per = [math.ceil(s / cfg.grad_accum) for s in steps_per]
-    n_workers = max(1, sc.workers)
+    classes = data.train.classes
 
     # --- run folder -------------------------------------------------------------------------
     log_dir = Path(_broadcast_text(default_log_dir(cfg), env, device))
@@ -382,7 +403,7 @@ def train(cfg: TrainConfig, env: DistEnv) -> dict:
     if env.world_size > 1:
         dist.barrier()
     metrics = open(log_dir / "metrics.jsonl", "a") if env.rank == 0 else None
-    fault_log = log_dir / f"faults-rank{env.rank}.jsonl"
+    bad_clips = BadClipBudget(cfg, log_dir / f"faults-rank{env.rank}.jsonl", env.rank, say)
 
     def record(kind: str, **fields) -> None:
         if metrics is not None:
@@ -391,7 +412,7 @@ def train(cfg: TrainConfig, env: DistEnv) -> dict:
 
     # --- model ------------------------------------------------------------------------------
     torch.manual_seed(sc.seed)
-    model = build_model(cfg.model, len(dataset.classes)).to(device)
+    model = build_model(cfg.model, len(classes)).to(device)
     if channels_last:
         model = model.to(memory_format=model_memory_format(model))
     net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if use_cuda else None) if env.world_size > 1 else model
@@ -407,54 +428,26 @@ def train(cfg: TrainConfig, env: DistEnv) -> dict:
     run_identity = {
         "seed": sc.seed,
         "world_size": env.world_size,
-        "workers": n_workers,
+        "workers": train_loader.n_workers,
         "batch_size": sc.batch_size,
         "grad_accum": cfg.grad_accum,
         "model": cfg.model,
-        "classes": list(dataset.classes),
-        "shards": [stream.shard_name(s.url) for s in dataset.train],
+        "classes": list(classes),
+        "shards": [shard_name(s.url) for s in data.train.shards],
         "resample": sc.resample,
     }
     step = opt_step = start_epoch = start_in_epoch = 0
-    consumed = torch.zeros(n_workers, dtype=torch.int64)  # this rank's samples per worker, this epoch
     if cfg.resume:
         path = resolve_checkpoint(cfg.resume)
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise UserError(f"cannot load checkpoint {path!r}: {e}") from None
-        if ckpt.get("version") != CHECKPOINT_VERSION:
-            raise UserError(f"{path!r} is not a clipstream v{CHECKPOINT_VERSION} checkpoint")
-        saved = ckpt["run"]
-        if saved["model"] != cfg.model or saved["classes"] != run_identity["classes"]:
-            raise UserError(f"checkpoint {path!r} is of model {saved['model']!r} on {len(saved['classes'])} classes")
-        if ckpt["step_in_epoch"] > 0 and saved != run_identity:
-            changed = sorted(k for k in saved if saved[k] != run_identity[k])
-            raise UserError(f"checkpoint {path!r} stopped mid-epoch; resuming it needs the same {', '.join(changed)}")
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        step, opt_step = ckpt["step"], ckpt["opt_step"]
-        start_epoch, start_in_epoch = ckpt["epoch"], ckpt["step_in_epoch"]
-        if start_in_epoch > 0:
-            consumed = ckpt["consumed"][env.rank].clone()
-            # The step schedule says which worker's clips every step took; the counts must agree.
-            plans = stream.train_plan(dataset, sc, start_epoch, env.rank, env.world_size)
-            schedule = stream.step_schedule([p.quota for p in plans], sc.batch_size)
-            expected = [stream.worker_parts(schedule, w, start_in_epoch)[0] for w in range(n_workers)]
-            if consumed.tolist() != expected:
-                raise UserError(f"checkpoint {path!r} was written by another version of the loader; it can only be resumed from an epoch's end")
-        if env.rank < len(ckpt["rng"]["torch"]):
-            # A row of the stacked states is a view at an offset; set_rng_state reads from the start of
-            # its storage (rank 1 of a two-rank resume crashed with SIGSEGV), so hand it a copy.
-            torch.set_rng_state(ckpt["rng"]["torch"][env.rank].clone())
-            if use_cuda and "cuda" in ckpt["rng"]:
-                torch.cuda.set_rng_state(ckpt["rng"]["cuda"][env.rank].clone())
+        at = load_resume(path, run_identity, model, optimizer, env, use_cuda)
+        step, opt_step, start_epoch, start_in_epoch = at["step"], at["opt_step"], at["epoch"], at["step_in_epoch"]
+        state = train_loader.state_dict()
+        train_loader.load_state_dict({**state, "epoch": start_epoch, "step": start_in_epoch})
         say(f"resumed from {path}: epoch {start_epoch + 1}, step {start_in_epoch} of {steps_per[min(start_epoch, cfg.epochs - 1)]}")
 
-    def checkpoint(epoch: int, in_epoch: int, consumed_now: torch.Tensor) -> None:
+    def checkpoint(epoch: int, in_epoch: int) -> None:
         if audit is not None and not audit.closed:
             audit.flush()  # a resume keeps the audit lines up to this checkpoint: they must be on disk
-        all_consumed = _gather(consumed_now.to(device), env).cpu()
         rng = {"torch": _gather(torch.get_rng_state().to(device), env).cpu()}
         if use_cuda:
             rng["cuda"] = _gather(torch.cuda.get_rng_state().to(device), env).cpu()
@@ -468,27 +461,21 @@ def train(cfg: TrainConfig, env: DistEnv) -> dict:
                 "opt_step": opt_step,
                 "epoch": epoch,
                 "step_in_epoch": in_epoch,
-                "consumed": all_consumed,
                 "rng": rng,
                 "run": run_identity,
             }
             save_checkpoint(log_dir / CHECKPOINT_NAME, state)
 
     say(
-        f"training {cfg.model} on {dataset.train_samples} clips ({len(dataset.train)} shards), {len(dataset.classes)} classes; "
-        f"{env.world_size} rank(s) x {n_workers} worker(s) on {device.type}; {steps_per[0]} steps/epoch of {sc.batch_size} clips per rank"
+        f"training {cfg.model} on {data.train.samples} clips ({len(data.train.shards)} shards), {len(classes)} classes; "
+        f"{env.world_size} rank(s) x {train_loader.n_workers} worker(s) on {device.type}; {steps_per[0]} steps/epoch of {sc.batch_size} clips per rank"
     )
 
     # --- loop -------------------------------------------------------------------------------
-    # One set of loader workers for the whole run: they run from epoch to epoch without a restart.
-    train_loader = stream.TrainLoader(
-        dataset, sc, env.rank, env.world_size, start_epoch, start_in_epoch, epochs=cfg.epochs, pin_memory=use_cuda
-    )
     audit = None
     model_input = ModelInput(device, channels_last)
     loss_fn = torch.nn.CrossEntropyLoss()
-    total_clips = total_wait = total_step_time = 0.0
-    bad_samples = 0
+    meter = Meter(device, env)
     last_eval: dict | None = None
     epochs_done = start_epoch
     stopped_early = False
@@ -497,11 +484,9 @@ def train(cfg: TrainConfig, env: DistEnv) -> dict:
     try:
         for epoch in range(start_epoch, cfg.epochs):
             first = start_in_epoch if epoch == start_epoch else 0
-            if first == 0:
-                consumed = torch.zeros(n_workers, dtype=torch.int64)
             batches = train_loader.epoch(epoch)
             audit = None
-            epoch_bad, bad_limit = 0, cfg.bad_limit(steps_per[epoch] * sc.batch_size)
+            bad_clips.new_epoch(steps_per[epoch] * sc.batch_size)
             if cfg.audit_keys:
                 audit_path = log_dir / "audit" / f"epoch-{epoch:03d}-rank-{env.rank}.txt"
                 audit_path.parent.mkdir(parents=True, exist_ok=True)
@@ -510,27 +495,15 @@ def train(cfg: TrainConfig, env: DistEnv) -> dict:
                 audit.write("".join(k + "\n" for k in kept))
             bar = progress(steps_per[epoch], f"epoch {epoch + 1}/{cfg.epochs}", quiet=env.rank != 0 or not cfg.progress, unit="step")
             bar.update(first)
-            interval = {"loss": torch.zeros((), device=device), "steps": 0, "clips": 0, "wait": 0.0, "start": time.perf_counter()}
+            meter.reset()
             for in_epoch in range(first, steps_per[epoch]):
                 t0 = time.perf_counter()
                 batch = next(batches, None)
                 t1 = time.perf_counter()
-                if batch is None or batch["video"] is None or len(batch["key"]) != sc.batch_size:
+                if batch is None or batch["frames"] is None or len(batch["key"]) != sc.batch_size:
                     raise UserError(f"rank {env.rank}: training stream of epoch {epoch + 1} ended after {in_epoch} of {steps_per[epoch]} batches")
-                if batch["faults"]:
-                    bad_samples += sum(f["samples"] for f in batch["faults"])
-                    epoch_bad += sum(f["samples"] for f in batch["faults"])
-                    with open(fault_log, "a") as f:
-                        for fault in batch["faults"]:
-                            f.write(json.dumps({"epoch": epoch, "step": step, **fault}) + "\n")
-                            say(f"warning: skipped {fault['what']}: {fault['reason']}")
-                    if epoch_bad > bad_limit:
-                        last = batch["faults"][-1]
-                        raise UserError(
-                            f"rank {env.rank}: {epoch_bad} unreadable clips in epoch {epoch + 1}, more than --max-bad {sc.max_bad:g} allows "
-                            f"({bad_limit}); last: {last['what']}: {last['reason']} (all in {fault_log})"
-                        )
-                x = model_input(batch["video"])
+                bad_clips.add(batch["faults"], epoch, step)
+                x = model_input(batch["frames"])
                 y = batch["label"].to(device, non_blocking=True)
                 boundary = (in_epoch + 1) % cfg.grad_accum == 0 or in_epoch + 1 == steps_per[epoch]
                 group = cfg.grad_accum if (in_epoch // cfg.grad_accum + 1) * cfg.grad_accum <= steps_per[epoch] else steps_per[epoch] % cfg.grad_accum
@@ -547,48 +520,25 @@ def train(cfg: TrainConfig, env: DistEnv) -> dict:
                     optimizer.zero_grad(set_to_none=True)
                     opt_step += 1
                 step += 1
-                consumed += torch.bincount(batch["worker"], minlength=n_workers)
                 if audit is not None:
                     audit.write("".join(k + "\n" for k in batch["key"]))
                 failpoint(f"step:{step}")
-                t2 = time.perf_counter()
-                interval["loss"] += loss.detach()
-                interval["steps"] += 1
-                interval["clips"] += sc.batch_size
-                interval["wait"] += t1 - t0
-                total_wait += t1 - t0
-                total_step_time += t2 - t0
-                total_clips += sc.batch_size
+                meter.add(loss, sc.batch_size, t1 - t0, time.perf_counter() - t0)
                 bar.update(1)
 
                 if step % cfg.log_every == 0 or in_epoch + 1 == steps_per[epoch]:
-                    wall = time.perf_counter() - interval["start"]
-                    mine = torch.tensor([interval["loss"].item(), interval["steps"], interval["clips"], interval["wait"], wall], dtype=torch.float64, device=device)
-                    every = _gather(mine, env).cpu()
-                    per_rank = (every[:, 2] / every[:, 4]).tolist()
-                    lr_now = optimizer.param_groups[0]["lr"]
-                    rec = {
-                        "step": step,
-                        "epoch": epoch + 1,
-                        "loss": float(every[:, 0].sum() / every[:, 1].sum()),
-                        "lr": lr_now,
-                        "clips_per_s": sum(per_rank),
-                        "clips_per_s_rank": per_rank,
-                        "data_wait": float((every[:, 3] / every[:, 4]).mean()),
-                        "step_time": float((every[:, 4] / every[:, 1]).mean()),
-                    }
+                    rec = {"step": step, "epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], **meter.record()}
                     record("step", **rec)
                     bar.set_postfix(loss=f"{rec['loss']:.3f}", clips_s=f"{rec['clips_per_s']:.1f}", wait=f"{rec['data_wait']:.0%}")
-                    interval = {"loss": torch.zeros((), device=device), "steps": 0, "clips": 0, "wait": 0.0, "start": time.perf_counter()}
 
                 last_of_epoch = in_epoch + 1 == steps_per[epoch]
                 if boundary and not last_of_epoch:
                     if cfg.max_steps and step >= cfg.max_steps:
-                        checkpoint(epoch, in_epoch + 1, consumed)
+                        checkpoint(epoch, in_epoch + 1)
                         stopped_early = True
                         break
                     if cfg.checkpoint_every and step - last_checkpoint >= cfg.checkpoint_every:
-                        checkpoint(epoch, in_epoch + 1, consumed)
+                        checkpoint(epoch, in_epoch + 1)
                         last_checkpoint = step
             bar.close()
             del batches
@@ -600,8 +550,8 @@ def train(cfg: TrainConfig, env: DistEnv) -> dict:
 
             # --- evaluation -------------------------------------------------------------------------
             epochs_done = epoch + 1
-            if dataset.test and (epochs_done == cfg.epochs or (cfg.eval_every and epochs_done % cfg.eval_every == 0)):
-                last_eval = evaluate(model, dataset, cfg, env, device, channels_last, autocast)
+            if data.test.shards and (epochs_done == cfg.epochs or (cfg.eval_every and epochs_done % cfg.eval_every == 0)):
+                last_eval = evaluate(model, data.test, cfg, env, device, channels_last, autocast)
                 record("eval", step=step, epoch=epochs_done, **last_eval)
                 if last_eval["clips"]:
                     per_class = ", ".join(f"{n} {a:.0%}" for n, a in last_eval["per_class"].items() if a is not None)
@@ -609,7 +559,7 @@ def train(cfg: TrainConfig, env: DistEnv) -> dict:
                         f"epoch {epochs_done}: test top-1 {last_eval['top1']:.1%}, top-5 {last_eval['top5']:.1%} "
                         f"on {last_eval['clips']} clips; per class: {per_class}"
                     )
-            checkpoint(epochs_done, 0, torch.zeros(n_workers, dtype=torch.int64))
+            checkpoint(epochs_done, 0)
             if cfg.max_steps and step >= cfg.max_steps and epochs_done < cfg.epochs:
                 say(f"stopped after step {step} (--max-steps); continue with --resume {log_dir}")
                 stopped_early = True
@@ -618,7 +568,7 @@ def train(cfg: TrainConfig, env: DistEnv) -> dict:
         train_loader.close()
 
     # --- summary ----------------------------------------------------------------------------
-    totals = torch.tensor([total_clips, total_wait, total_step_time, bad_samples], dtype=torch.float64, device=device)
+    totals = torch.tensor([meter.clips, meter.wait, meter.step_time, bad_clips.total], dtype=torch.float64, device=device)
     every = _gather(totals, env).cpu()
     summary = {
         "top1": last_eval["top1"] if last_eval else None,

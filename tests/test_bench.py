@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from conftest import run_cli
-from pipeline import bench, stream
+from pipeline.stream import plan
+import streamkit
+from pipeline import bench
 from pipeline.cli import bench_app
 from pipeline.config import StreamConfig
 
@@ -65,12 +67,12 @@ def test_bad_input_is_one_line_and_exit_2(packed, args, message):
 
 def test_endless_batches_crosses_epochs_with_the_stream_s_own_batches(packed):
     cfg = StreamConfig(shards=(f"{packed}/<000..007>.tar",), batch_size=4, workers=0, crop=24, shuffle_buffer=8)
-    dataset = stream.resolve_dataset(cfg)
-    steps = stream.steps_per_epoch([s.samples for s in dataset.train], 4, 1, 0, 0, False)
-    source = bench.endless_batches(dataset, cfg, pin_memory=False, copy=True)
+    dataset = streamkit.resolve(cfg)
+    steps = plan.steps_per_epoch([s.samples for s in dataset.train.shards], 4, 1, 0, 0, False)
+    source = bench.endless_batches(dataset.train, cfg, pin_memory=False, copy=True)
     got = [next(source) for _ in range(steps + 2)]
-    with stream.TrainLoader(dataset, cfg, 0, 1, epochs=1, copy=True) as loader:
+    with streamkit.train_loader(dataset, cfg, 0, 1, epochs=1, copy=True) as loader:
         first_epoch = list(loader.epoch(0))
     for a, b in zip(got, first_epoch):
-        assert a["key"] == b["key"] and np.array_equal(a["video"].numpy(), b["video"].numpy())
-    assert tuple(got[-1]["video"].shape) == (4, 4, 24, 24, 3)  # the second epoch goes on
+        assert a["key"] == b["key"] and np.array_equal(a["frames"].numpy(), b["frames"].numpy())
+    assert tuple(got[-1]["frames"].shape) == (4, 4, 24, 24, 3)  # the second epoch goes on

@@ -21,7 +21,9 @@ import simplejpeg
 import torch
 
 from conftest import run_cli
-from pipeline import read_shard, stream, train
+from pipeline.stream import clips, plan, sources, tar
+import streamkit
+from pipeline import read_shard, train
 from pipeline.cli import train_app
 from pipeline.config import StreamConfig, TrainConfig
 from pipeline.errors import UserError
@@ -40,7 +42,7 @@ def train_cfg(folder: Path, log_dir: Path, **kw) -> TrainConfig:
 
 
 def epoch_batches(ds, cfg, epoch=0, rank=0, world=1):
-    with stream.TrainLoader(ds, cfg, rank, world, epoch, epochs=epoch + 1, copy=True) as loader:
+    with streamkit.train_loader(ds, cfg, rank, world, epoch, epochs=epoch + 1, copy=True) as loader:
         return list(loader.epoch(epoch))
 
 
@@ -116,7 +118,7 @@ def _garbage_tar_header(folder, key):
     ],
 )
 def test_broken_shard_is_skipped_counted_named_and_the_epoch_keeps_its_steps(copy, damage, lost, reason):
-    ds = stream.resolve_dataset(cfg_for(copy))  # before the damage: a shard may vanish after the start
+    ds = streamkit.resolve(cfg_for(copy))  # before the damage: a shard may vanish after the start
     victim = shard_keys(copy / "003.tar")[0]
     damage(copy, victim)
     got = epoch_batches(ds, cfg_for(copy))
@@ -198,18 +200,18 @@ def _keys(batches):
 
 @pytest.mark.parametrize("drop, faults", [(None, 0), ("once", 0), ("always", 1)])
 def test_http_shards_stream_like_local_files_and_survive_dropped_connections(packed, drop, faults):
-    local = epoch_batches(stream.resolve_dataset(cfg_for(packed)), cfg_for(packed))
+    local = epoch_batches(streamkit.resolve(cfg_for(packed)), cfg_for(packed))
     size = (packed / "002.tar").stat().st_size
     with _Server(packed, drop=("002.tar", size // 2, drop) if drop else None) as base:
         cfg = StreamConfig(shards=(f"{base}/<000..007>.tar",), batch_size=4, workers=2, crop=24, shuffle_buffer=8)
         started = time.monotonic()
-        got = epoch_batches(stream.resolve_dataset(cfg), cfg)
+        got = epoch_batches(streamkit.resolve(cfg), cfg)
         assert time.monotonic() - started < 60
     found = [f for b in got for f in b["faults"]]
     assert len(found) == faults and len(got) == 12
     if drop != "always":
         assert _keys(got) == _keys(local)  # the same samples in the same order, the same crops
-        assert all(a["video"].equal(b["video"]) for a, b in zip(got, local))
+        assert all(a["frames"].equal(b["frames"]) for a, b in zip(got, local))
     else:
         assert found[0]["what"].endswith("/002.tar") and "connection" in found[0]["reason"]
         assert len(set(_keys(got))) == 48 - found[0]["samples"]
@@ -218,11 +220,11 @@ def test_http_shards_stream_like_local_files_and_survive_dropped_connections(pac
 def test_a_dropped_connection_is_retried_from_where_it_broke(packed):
     data = (packed / "004.tar").read_bytes()
     with _Server(packed, drop=("004.tar", 3000, "once")) as base:
-        with stream.open_shard(f"{base}/004.tar", False) as f:
+        with sources.open_shard(f"{base}/004.tar", False) as f:
             assert f.read() == data
     with _Server(packed, drop=("004.tar", 3000, "always")) as base:
         with pytest.raises(ConnectionError, match="3 connections tried"):
-            with stream.open_shard(f"{base}/004.tar", False) as f:
+            with sources.open_shard(f"{base}/004.tar", False) as f:
                 f.read()
 
 
@@ -251,7 +253,7 @@ def test_pickle_members_are_never_unpickled(copy, tmp_path):
         key = name.split(".")[0]
         hostile[f"{key}.pickle"] = hostile[f"{key}.pyd"] = payload
     write_members(copy / "001.tar", hostile)
-    got = epoch_batches(stream.resolve_dataset(cfg_for(copy)), cfg_for(copy))
+    got = epoch_batches(streamkit.resolve(cfg_for(copy)), cfg_for(copy))
     assert not [f for b in got for f in b["faults"]]
     assert set(keys) <= set(_keys(got))  # used, without their pickles
     assert sorted(s["key"] for s in read_shard(copy / "001.tar")) == keys
@@ -285,14 +287,14 @@ def test_frame_and_frame_count_claims_are_bounded_before_allocating(copy):
     started = time.monotonic()
     for crop_rng in (None, 12345):
         with pytest.raises(ShardFormatError, match="65500x65500 pixels exceeds the 8192 px limit"):
-            stream.decode_clip(giant, 24, crop_rng)
+            clips.decode_clip(giant, 24, crop_rng)
     with pytest.raises(ShardFormatError, match="claims 1000000000 frames"):
         unpack_jpegs(b"JPGS" + (10**9).to_bytes(4, "little") + b"\0" * 64)
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert peak < 10 * 2**20 and time.monotonic() - started < 5
     # in a shard: counted as one bad clip, the epoch goes on
-    ds = stream.resolve_dataset(cfg_for(copy))
+    ds = streamkit.resolve(cfg_for(copy))
     m = read_members(copy / "005.tar")
     victim = shard_keys(copy / "005.tar")[2]
     m[f"{victim}.jpgs"] = giant
@@ -306,10 +308,10 @@ def test_pipe_urls_need_allow_pipe(packed, tmp_path):
     result = run_cli(train_app, "--shards", f"pipe:cat {packed}/000.tar", "--log-dir", tmp_path / "run")
     assert result.exit_code == 2 and result.stderr.strip().count("\n") == 0 and "--allow-pipe" in result.stderr
     cfg = StreamConfig(shards=(f"pipe:cat {packed}/<000..007>.tar",), index=str(packed / "index.json"), batch_size=4, workers=2, crop=24, shuffle_buffer=8, allow_pipe=True)
-    ds = stream.resolve_dataset(cfg)
+    ds = streamkit.resolve(cfg)
     assert len(epoch_batches(ds, cfg)) == 12  # allowed explicitly, it works
     broken = dataclasses.replace(cfg, shards=(f"pipe:cat {packed}/<000..006>.tar::pipe:cat /nonexistent/007.tar",))
-    got = epoch_batches(stream.resolve_dataset(broken), broken)
+    got = epoch_batches(streamkit.resolve(broken), broken)
     faults = [f for b in got for f in b["faults"]]
     assert len(got) == 12 and faults and faults[0]["what"] == "pipe:cat /nonexistent/007.tar" and sum(f["samples"] for f in faults) == 6
 
@@ -330,7 +332,7 @@ def _two_ranks(copy, log, *extra):
 @pytest.mark.slow
 def test_only_one_ranks_shards_broken_two_processes_neither_hangs_nor_loses_count(copy, tmp_path):
     # epoch 0, seed 0, two ranks: rank 0 reads shards 2, 3, 5, 1 and rank 1 reads 4, 6, 0, 7
-    assert stream.rank_shards(8, 0, 0, 1, 2) == [4, 6, 0, 7]
+    assert plan.rank_shards(8, 0, 0, 1, 2) == [4, 6, 0, 7]
     data = (copy / "004.tar").read_bytes()
     (copy / "004.tar").write_bytes(data[: len(data) // 2])
     m = read_members(copy / "006.tar")

@@ -22,9 +22,9 @@ from pipeline.inspect import (
     contact_sheet,
     expand_pattern,
     scan_shards,
-    split_member_name,
     write_png,
 )
+from pipeline.shardformat import split_member_name
 from pipeline.errors import UserError
 from pipeline.plots import plot_run
 from pipeline.progress import progress
@@ -272,7 +272,7 @@ def test_verify_names_the_shard_after_a_byte_flip_in_a_tar_header(damaged):
     problems, _ = _problems(result)
     assert all(p.startswith("002.tar: ") for p in problems), problems
     assert any("sha256 mismatch" in p for p in problems)
-    assert f"002.tar: unreadable tar header at byte {m.offset}; the members after it are lost" in problems
+    assert f"002.tar: unreadable after 1 samples (corrupt tar header (bad checksum) at byte {m.offset}); readers lose the rest of the shard" in problems
     assert any(re.fullmatch(r"002\.tar: 1 sample, index says \d+", p) for p in problems)
 
 

@@ -14,11 +14,12 @@ import pytest
 import torch
 
 from conftest import REPO
-from pipeline import stream
+from pipeline.stream import plan
+import streamkit
 from pipeline.bench import child_pids
 from pipeline.config import StreamConfig
-from pipeline.loader import LocalRing, WorkerDied, WorkerPool, threaded
-from pipeline.train import MEAN, STD, to_model_input
+from pipeline.stream.workers import LocalRing, WorkerDied, WorkerPool, threaded
+from pipeline.device import MEAN, STD, to_model_input
 
 
 def cfg_for(folder, **kw) -> StreamConfig:
@@ -41,20 +42,20 @@ def cfg_for(folder, **kw) -> StreamConfig:
     ],
 )
 def test_step_schedule_table(quotas, batch, expected):
-    schedule = stream.step_schedule(quotas, batch)
+    schedule = plan.step_schedule(quotas, batch)
     assert schedule == expected
     assert all(sum(n for _, n in step) == batch for step in schedule)
     for w, q in enumerate(quotas):
-        assert stream.worker_parts(schedule, w, 0) == (0, [n for step in schedule for v, n in step if v == w])
-        assert sum(stream.worker_parts(schedule, w, 0)[1]) == q
+        assert plan.worker_parts(schedule, w, 0) == (0, [n for step in schedule for v, n in step if v == w])
+        assert sum(plan.worker_parts(schedule, w, 0)[1]) == q
         for s in range(len(schedule) + 1):
-            done, rest = stream.worker_parts(schedule, w, s)
+            done, rest = plan.worker_parts(schedule, w, s)
             assert done + sum(rest) == q
 
 
 def test_step_schedule_refuses_quotas_that_do_not_fill_whole_batches():
     with pytest.raises(ValueError, match="whole batches"):
-        stream.step_schedule([5, 2], 4)
+        plan.step_schedule([5, 2], 4)
 
 
 # --- one set of workers for the whole run -----------------------------------------------------
@@ -64,27 +65,28 @@ def test_one_set_of_workers_serves_every_epoch_with_each_epoch_s_own_batches(pac
     """Three epochs from one TrainLoader: the same worker processes throughout, and every epoch's
     batches (keys, crops, order) equal those of a loader started fresh at that epoch."""
     cfg = cfg_for(packed)
-    ds = stream.resolve_dataset(cfg)
-    with stream.TrainLoader(ds, cfg, 0, 1, epochs=4, copy=True) as loader:  # workers leave after their last epoch
+    ds = streamkit.resolve(cfg)
+    with streamkit.train_loader(ds, cfg, 0, 1, epochs=4, copy=True) as loader:  # workers leave after their last epoch
+        assert loader.pids() == []  # workers start with the first epoch asked for
+        epochs = [list(loader.epoch(0))]
         pids = loader.pids()
         assert len(pids) == 2
-        epochs = []
-        for epoch in range(3):
+        for epoch in range(1, 3):
             epochs.append(list(loader.epoch(epoch)))
             assert loader.pids() == pids and all(_alive(p) for p in pids)
     for epoch in range(3):
-        with stream.TrainLoader(ds, cfg, 0, 1, epoch, epochs=epoch + 1, copy=True) as fresh:
+        with streamkit.train_loader(ds, cfg, 0, 1, epoch, epochs=epoch + 1, copy=True) as fresh:
             alone = list(fresh.epoch(epoch))
         assert [b["key"] for b in alone] == [b["key"] for b in epochs[epoch]]
-        assert all(a["video"].equal(b["video"]) for a, b in zip(alone, epochs[epoch]))
+        assert all(a["frames"].equal(b["frames"]) for a, b in zip(alone, epochs[epoch]))
     assert [b["key"] for b in epochs[0]] != [b["key"] for b in epochs[1]]
 
 
 def test_epochs_must_be_asked_for_in_order(packed):
     cfg = cfg_for(packed, workers=0)
-    ds = stream.resolve_dataset(cfg)
-    with stream.TrainLoader(ds, cfg, 0, 1, epochs=3) as loader:
-        with pytest.raises(ValueError, match="epoch 1 asked for; the workers are at epoch 0"):
+    ds = streamkit.resolve(cfg)
+    with streamkit.train_loader(ds, cfg, 0, 1, epochs=3) as loader:
+        with pytest.raises(ValueError, match="epoch 1 asked for; the loader is at epoch 0"):
             loader.epoch(1)
 
 
@@ -93,35 +95,35 @@ def test_batches_live_in_a_few_reused_slots(packed, workers):
     """Over three epochs (36 batches) every batch's pixels sit in one of the workers' slots: the
     same few buffers again and again, none allocated per batch."""
     cfg = cfg_for(packed, workers=workers, prefetch=2)
-    ds = stream.resolve_dataset(cfg)
+    ds = streamkit.resolve(cfg)
     addresses = set()
-    with stream.TrainLoader(ds, cfg, 0, 1, epochs=3) as loader:
+    with streamkit.train_loader(ds, cfg, 0, 1, epochs=3) as loader:
         for epoch in range(3):
             for batch in loader.epoch(epoch):
-                addresses.add(batch["video"].data_ptr())
+                addresses.add(batch["frames"].data_ptr())
     assert len(addresses) <= max(1, workers) * (cfg.prefetch + 1) + 1  # + the buffer end-of-epoch remainders merge into
 
 
 def test_a_batch_is_valid_until_the_next_one_and_copy_keeps_it(packed):
     cfg = cfg_for(packed, workers=0, prefetch=1)
-    ds = stream.resolve_dataset(cfg)
-    with stream.TrainLoader(ds, cfg, 0, 1, epochs=1, copy=True) as loader:
+    ds = streamkit.resolve(cfg)
+    with streamkit.train_loader(ds, cfg, 0, 1, epochs=1, copy=True) as loader:
         kept = list(loader.epoch(0))
-    with stream.TrainLoader(ds, cfg, 0, 1, epochs=1) as loader:
+    with streamkit.train_loader(ds, cfg, 0, 1, epochs=1) as loader:
         for got, want in zip(loader.epoch(0), kept):
-            assert got["key"] == want["key"] and got["video"].equal(want["video"])
+            assert got["key"] == want["key"] and got["frames"].equal(want["frames"])
 
 
 def test_spawned_workers_give_the_same_batches_as_forked_ones(packed):
     """Where fork is not the start method (macOS, Windows) the ring is a torch shared-memory tensor."""
     cfg = cfg_for(packed)
-    ds = stream.resolve_dataset(cfg)
+    ds = streamkit.resolve(cfg)
     got = {}
     for method in ("fork", "spawn"):
-        with stream.TrainLoader(ds, cfg, 0, 1, epochs=1, copy=True, start_method=method) as loader:
+        with streamkit.train_loader(ds, cfg, 0, 1, epochs=1, copy=True, start_method=method) as loader:
             got[method] = list(loader.epoch(0))
     assert [b["key"] for b in got["fork"]] == [b["key"] for b in got["spawn"]]
-    assert all(a["video"].equal(b["video"]) for a, b in zip(got["fork"], got["spawn"]))
+    assert all(a["frames"].equal(b["frames"]) for a, b in zip(got["fork"], got["spawn"]))
 
 
 # --- dying workers, dying parents -------------------------------------------------------------
@@ -129,8 +131,8 @@ def test_spawned_workers_give_the_same_batches_as_forked_ones(packed):
 
 def test_a_killed_worker_is_a_one_line_error_not_a_hang(packed):
     cfg = cfg_for(packed)
-    ds = stream.resolve_dataset(cfg)
-    with stream.TrainLoader(ds, cfg, 0, 1, epochs=2) as loader:
+    ds = streamkit.resolve(cfg)
+    with streamkit.train_loader(ds, cfg, 0, 1, epochs=2) as loader:
         batches = loader.epoch(0)
         next(batches)
         os.kill(loader.pids()[1], signal.SIGKILL)
@@ -146,11 +148,8 @@ def test_workers_exit_when_the_parent_is_killed(packed, tmp_path):
     the others' pipes open unless it closes them, and would wait for ever)."""
     script = (
         "import sys, time\n"
-        "from pipeline import stream\n"
-        "from pipeline.config import StreamConfig\n"
-        f"cfg = StreamConfig(shards=('{packed}/<000..007>.tar',), batch_size=4, workers=3, crop=24, shuffle_buffer=8)\n"
-        "ds = stream.resolve_dataset(cfg)\n"
-        "loader = stream.TrainLoader(ds, cfg, 0, 1)\n"
+        "from pipeline import ClipLoader\n"
+        f"loader = ClipLoader('{packed}/<000..007>.tar', batch_size=4, workers=3, crop=24, shuffle_buffer=8)\n"
         "next(loader.epoch(0))\n"
         "print(*loader.pids(), flush=True)\n"
         "time.sleep(600)\n"
@@ -199,8 +198,8 @@ def test_pool_hands_slots_back_and_forth():
         for i in range(6):
             for w in range(2):
                 message = pool.get(w)
-                assert message["i"] == i and message["video"].shape == (2, 4)
-                assert (message["video"] == w * 100 + i).all()
+                assert message["i"] == i and message["frames"].shape == (2, 4)
+                assert (message["frames"] == w * 100 + i).all()
                 pool.release(w, message)
         assert "done" in pool.get(0) and "done" in pool.get(1)
 
@@ -212,7 +211,7 @@ def _failing(worker, ring):
 
 
 def test_a_producer_bug_reaches_the_parent_with_its_traceback():
-    from pipeline.loader import LoaderError
+    from pipeline.stream.workers import LoaderError
 
     with WorkerPool(_failing, 1, (2,), slots=2) as pool:
         pool.release(0, pool.get(0))
@@ -282,7 +281,7 @@ def test_model_input_is_the_normalised_batch_in_the_asked_layout(channels_last):
 
 
 def test_model_input_reuses_its_buffer_and_matches_the_function():
-    from pipeline.train import ModelInput
+    from pipeline.device import ModelInput
 
     model_input = ModelInput(torch.device("cpu"), channels_last=True)
     a = torch.randint(0, 256, (2, 4, 8, 8, 3), dtype=torch.uint8)

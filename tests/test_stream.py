@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import simplejpeg
 
-from pipeline import stream
+from pipeline.stream import clips, plan, samples, sources, tar
+import streamkit
 from pipeline.config import StreamConfig
 from pipeline.errors import UserError
-from pipeline.shardformat import read_shard
+from pipeline import read_shard
 from pipeline.shardformat import pack_jpegs
 from shardmaker import shard_keys, write_tar
 
@@ -24,7 +25,7 @@ def cfg_for(folder: Path, **kw) -> StreamConfig:
 
 def epoch_batches(ds, cfg, epoch, rank, world, start_step=0, start_method=None):
     """One epoch of one rank from a fresh TrainLoader (batches copied out of the workers' slots)."""
-    with stream.TrainLoader(ds, cfg, rank, world, epoch, start_step, epochs=epoch + 1, copy=True, start_method=start_method) as loader:
+    with streamkit.train_loader(ds, cfg, rank, world, epoch, start_step, epochs=epoch + 1, copy=True, start_method=start_method) as loader:
         return list(loader.epoch(epoch))
 
 
@@ -43,37 +44,37 @@ def epoch_batches(ds, cfg, epoch, rank, world, start_step=0, start_method=None):
     ],
 )
 def test_expand_pattern(pattern, expected):
-    assert stream.expand_pattern(pattern) == expected
+    assert sources.expand_pattern(pattern) == expected
 
 
 @pytest.mark.parametrize("pattern", ["s/<000..03x>.tar", "s/{000..}.tar", "s/<0..3.tar", "s/{0..3.tar", "s/0..3>.tar", "a.tar::"])
 def test_malformed_patterns_are_user_errors(pattern):
     with pytest.raises(UserError, match="malformed|empty entry"):
-        stream.expand_pattern(pattern)
+        sources.expand_pattern(pattern)
 
 
 def test_expand_shards_checks_existence_pipes_and_duplicates(packed):
     with pytest.raises(UserError, match="no shards match"):
-        stream.expand_shards([f"{packed}/<100..103>.tar"], allow_pipe=False)
+        sources.expand_shards([f"{packed}/<100..103>.tar"], allow_pipe=False)
     with pytest.raises(UserError, match=r"1 of 9 shards .* do not exist, e.g. '.*008.tar'"):
-        stream.expand_shards([f"{packed}/<000..008>.tar"], allow_pipe=False)
-    with pytest.raises(UserError, match="--allow-pipe"):
-        stream.expand_shards(["pipe:cat 000.tar"], allow_pipe=False)
-    assert stream.expand_shards(["pipe:cat 000.tar"], allow_pipe=True) == ["pipe:cat 000.tar"]
+        sources.expand_shards([f"{packed}/<000..008>.tar"], allow_pipe=False)
+    with pytest.raises(UserError, match="`allow_pipe`"):
+        sources.expand_shards(["pipe:cat 000.tar"], allow_pipe=False)
+    assert sources.expand_shards(["pipe:cat 000.tar"], allow_pipe=True) == ["pipe:cat 000.tar"]
     with pytest.raises(UserError, match="listed twice"):
-        stream.expand_shards([f"{packed}/000.tar::{packed}/000.tar"], allow_pipe=False)
+        sources.expand_shards([f"{packed}/000.tar::{packed}/000.tar"], allow_pipe=False)
 
 
 def test_resolve_dataset_reads_counts_and_test_shards_from_the_index(packed):
-    ds = stream.resolve_dataset(cfg_for(packed))
+    ds = streamkit.resolve(cfg_for(packed))
     index = json.loads((packed / "index.json").read_text())
-    assert [s.samples for s in ds.train] == [e["samples"] for e in index["splits"]["train"]["shards"]]
-    assert ds.train_samples == 48 and ds.frames == 4 and len(ds.classes) == 4
-    assert [Path(s.url).name for s in ds.test] == ["test-000.tar", "test-001.tar"]
-    assert [s.samples for s in ds.test] == [8, 8]
+    assert [s.samples for s in ds.train.shards] == [e["samples"] for e in index["splits"]["train"]["shards"]]
+    assert ds.train.samples == 48 and ds.train.frames == 4 and len(ds.train.classes) == 4
+    assert [Path(s.url).name for s in ds.test.shards] == ["test-000.tar", "test-001.tar"]
+    assert [s.samples for s in ds.test.shards] == [8, 8]
     # given explicitly
-    ds = stream.resolve_dataset(cfg_for(packed, eval_shards=(f"{packed}/test-000.tar",)))
-    assert [Path(s.url).name for s in ds.test] == ["test-000.tar"]
+    ds = streamkit.resolve(cfg_for(packed, eval_shards=(f"{packed}/test-000.tar",)))
+    assert [Path(s.url).name for s in ds.test.shards] == ["test-000.tar"]
 
 
 def test_index_problems_are_user_errors(tmp_path, packed):
@@ -81,24 +82,24 @@ def test_index_problems_are_user_errors(tmp_path, packed):
     shutil.copytree(packed, folder)
     (folder / "index.json").write_text("{not json")
     with pytest.raises(UserError, match="unreadable index"):
-        stream.resolve_dataset(cfg_for(folder))
+        streamkit.resolve(cfg_for(folder))
     (folder / "index.json").unlink()
     with pytest.raises(UserError, match="cannot read index"):
-        stream.resolve_dataset(cfg_for(folder))
+        streamkit.resolve(cfg_for(folder))
     index = json.loads((packed / "index.json").read_text())
     index["splits"]["train"]["shards"] = index["splits"]["train"]["shards"][:7]
     (folder / "index.json").write_text(json.dumps(index))
     with pytest.raises(UserError, match="007.tar' is not a training shard"):
-        stream.resolve_dataset(cfg_for(folder))
+        streamkit.resolve(cfg_for(folder))
 
 
 def test_too_few_shards_for_ranks_and_workers(packed):
     cfg = cfg_for(packed, workers=3)
-    ds = stream.resolve_dataset(cfg)
-    stream.check_enough_shards(ds, cfg, world_size=2)
+    ds = streamkit.resolve(cfg)
+    plan.check_enough_shards(ds.train.shards, cfg, 2, max(1, cfg.workers or 0))
     with pytest.raises(UserError, match="8 training shards for 3 ranks x 3 workers = 9 readers"):
-        stream.check_enough_shards(ds, cfg, world_size=3)
-    stream.check_enough_shards(ds, cfg_for(packed, workers=3, resample=True), world_size=3)
+        plan.check_enough_shards(ds.train.shards, cfg, 3, max(1, cfg.workers or 0))
+    plan.check_enough_shards(ds.train.shards, cfg_for(packed, workers=3, resample=True), 3, 3)
 
 
 # --- plan math --------------------------------------------------------------------------------
@@ -107,14 +108,14 @@ def test_too_few_shards_for_ranks_and_workers(packed):
 def test_steps_per_epoch_table():
     # 8 shards of 6: 48 samples
     even = [6] * 8
-    assert stream.steps_per_epoch(even, 4, 1, 0, 0, False) == 12
-    assert stream.steps_per_epoch(even, 4, 2, 0, 0, False) == 6
-    assert stream.steps_per_epoch(even, 5, 2, 0, 0, False) == 4  # 24 per rank -> 4 batches, 4 clips left
-    assert stream.steps_per_epoch(even, 4, 3, 0, 0, False) == 3  # ranks get 3, 3, 2 shards -> min 12 samples
-    assert stream.steps_per_epoch(even, 4, 3, 0, 0, True) == 4  # resampling: 48 // 12
+    assert plan.steps_per_epoch(even, 4, 1, 0, 0, False) == 12
+    assert plan.steps_per_epoch(even, 4, 2, 0, 0, False) == 6
+    assert plan.steps_per_epoch(even, 5, 2, 0, 0, False) == 4  # 24 per rank -> 4 batches, 4 clips left
+    assert plan.steps_per_epoch(even, 4, 3, 0, 0, False) == 3  # ranks get 3, 3, 2 shards -> min 12 samples
+    assert plan.steps_per_epoch(even, 4, 3, 0, 0, True) == 4  # resampling: 48 // 12
     # uneven shard sizes: depends on which shards a rank draws this epoch
     uneven = [10, 1, 1, 1, 1]  # rank 0 reads 3 shards, rank 1 reads 2
-    per_epoch = {stream.steps_per_epoch(uneven, 1, 2, 0, e, False) for e in range(20)}
+    per_epoch = {plan.steps_per_epoch(uneven, 1, 2, 0, e, False) for e in range(20)}
     assert per_epoch == {2, 3}  # rank 0 without the big shard holds 3, with it rank 1 holds 2
 
 
@@ -130,17 +131,17 @@ def test_steps_per_epoch_table():
     ],
 )
 def test_worker_quotas_table(have, total, expected):
-    assert stream.worker_quotas(have, total) == expected
+    assert plan.worker_quotas(have, total) == expected
     assert sum(expected) == total
 
 
 def test_shard_split_is_disjoint_and_changes_by_epoch():
     for world in (1, 2, 3, 5):
         for epoch in range(3):
-            parts = [stream.rank_shards(32, 7, epoch, r, world) for r in range(world)]
+            parts = [plan.rank_shards(32, 7, epoch, r, world) for r in range(world)]
             assert sorted(i for p in parts for i in p) == list(range(32))
-    assert stream.epoch_permutation(32, 7, 0) != stream.epoch_permutation(32, 7, 1)
-    assert stream.epoch_permutation(32, 7, 0) == stream.epoch_permutation(32, 7, 0)
+    assert plan.epoch_permutation(32, 7, 0) != plan.epoch_permutation(32, 7, 1)
+    assert plan.epoch_permutation(32, 7, 0) == plan.epoch_permutation(32, 7, 0)
 
 
 # --- the stream, with injected rank and world size ---------------------------------------------
@@ -149,14 +150,14 @@ def test_shard_split_is_disjoint_and_changes_by_epoch():
 @pytest.mark.parametrize("world, workers", [(1, 2), (2, 2), (2, 0), (4, 2)])
 def test_ranks_read_disjoint_keys_covering_the_epoch(packed, world, workers):
     cfg = cfg_for(packed, workers=workers)
-    ds = stream.resolve_dataset(cfg)
-    all_keys = sorted(k for s in ds.train for k in shard_keys(Path(s.url)))
-    steps = stream.steps_per_epoch([s.samples for s in ds.train], 4, world, cfg.seed, 0, False)
+    ds = streamkit.resolve(cfg)
+    all_keys = sorted(k for s in ds.train.shards for k in shard_keys(Path(s.url)))
+    steps = plan.steps_per_epoch([s.samples for s in ds.train.shards], 4, world, cfg.seed, 0, False)
     per_rank = []
     for rank in range(world):
         got = epoch_batches(ds, cfg, 0, rank, world)
         assert len(got) == steps
-        assert all(b["video"].shape == (4, 4, 24, 24, 3) and str(b["video"].dtype) == "torch.uint8" for b in got)
+        assert all(b["frames"].shape == (4, 4, 24, 24, 3) and str(b["frames"].dtype) == "torch.uint8" for b in got)
         per_rank.append([k for b in got for k in b["key"]])
     flat = [k for keys in per_rank for k in keys]
     assert len(flat) == len(set(flat)), "a key was read twice"
@@ -165,7 +166,7 @@ def test_ranks_read_disjoint_keys_covering_the_epoch(packed, world, workers):
 
 def test_uneven_split_uses_the_smallest_ranks_steps(packed):
     cfg = cfg_for(packed, workers=1)
-    ds = stream.resolve_dataset(cfg)
+    ds = streamkit.resolve(cfg)
     keys = [[k for b in epoch_batches(ds, cfg, 0, r, 3) for k in b["key"]] for r in range(3)]
     assert [len(k) for k in keys] == [12, 12, 12]  # ranks hold 18, 18, 12 samples
     flat = [k for ks in keys for k in ks]
@@ -174,17 +175,17 @@ def test_uneven_split_uses_the_smallest_ranks_steps(packed):
 
 def test_labels_match_frames_and_epochs_differ(packed):
     cfg = cfg_for(packed)
-    ds = stream.resolve_dataset(cfg)
+    ds = streamkit.resolve(cfg)
     e0 = epoch_batches(ds, cfg, 0, 0, 1)
     for b in e0:
         for key, label in zip(b["key"], b["label"].tolist()):
-            assert key.startswith(ds.classes[label] + "_clip")
+            assert key.startswith(ds.train.classes[label] + "_clip")
     order0 = [k for b in e0 for k in b["key"]]
     order0_again = [k for b in epoch_batches(ds, cfg, 0, 0, 1) for k in b["key"]]
     order1 = [k for b in epoch_batches(ds, cfg, 1, 0, 1) for k in b["key"]]
     assert order0 == order0_again
     assert order1 != order0 and sorted(order1) == sorted(order0)
-    assert [b["video"] for b in epoch_batches(ds, cfg, 0, 0, 1)][0].equal(e0[0]["video"])
+    assert [b["frames"] for b in epoch_batches(ds, cfg, 0, 0, 1)][0].equal(e0[0]["frames"])
 
 
 @pytest.mark.parametrize("workers, batch_size, start", [(2, 4, 3), (3, 5, 1), (3, 5, 3), (0, 4, 5)])
@@ -192,23 +193,23 @@ def test_a_resume_at_step_s_gives_exactly_the_remaining_steps(packed, workers, b
     """Resuming at step s yields the uninterrupted epoch's steps s.. : same keys, same crops, same
     order, including the steps merged from several workers' remainders (batch 5: 24 clips a rank)."""
     cfg = cfg_for(packed, workers=workers, batch_size=batch_size)
-    ds = stream.resolve_dataset(cfg)
+    ds = streamkit.resolve(cfg)
     full = epoch_batches(ds, cfg, 1, 0, 2)
     rest = epoch_batches(ds, cfg, 1, 0, 2, start_step=start)
     assert len(rest) == len(full) - start
     for a, b in zip(full[start:], rest):
-        assert a["key"] == b["key"] and a["worker"].equal(b["worker"]) and a["video"].equal(b["video"])
+        assert a["key"] == b["key"] and a["worker"].equal(b["worker"]) and a["frames"].equal(b["frames"])
     # the schedule's count of what each worker delivered before step s is what the batches say
-    plans = stream.train_plan(ds, cfg, 1, 0, 2)
-    schedule = stream.step_schedule([p.quota for p in plans], batch_size)
+    plans = plan.train_plan(ds.train.shards, cfg, 1, 0, 2, max(1, cfg.workers or 0))
+    schedule = plan.step_schedule([p.quota for p in plans], batch_size)
     for w in range(max(1, workers)):
         delivered = sum(int((b["worker"] == w).sum()) for b in full[:start])
-        assert stream.worker_parts(schedule, w, start)[0] == delivered
+        assert plan.worker_parts(schedule, w, start)[0] == delivered
 
 
 def test_resample_gives_the_planned_steps_even_with_one_shard(packed):
     cfg = StreamConfig(shards=(f"{packed}/000.tar",), batch_size=2, workers=2, crop=24, resample=True)
-    ds = stream.resolve_dataset(cfg)
+    ds = streamkit.resolve(cfg)
     for rank in range(2):
         got = epoch_batches(ds, cfg, 0, rank, 2)
         assert len(got) == 6 // (2 * 2) == 1
@@ -235,8 +236,8 @@ def test_one_crop_and_one_flip_per_clip():
     pack, full = _still_clip()
     boxes = set()
     for seed in range(40):
-        clip = stream.decode_clip(pack, 24, stream.clip_draw(seed, 0, 0, 0, 0))
-        top, left, flip = stream.crop_box(40, 60, 24, stream.clip_draw(seed, 0, 0, 0, 0))
+        clip = clips.decode_clip(pack, 24, clips.clip_draw(seed, 0, "k"))
+        top, left, flip = clips.crop_box(40, 60, 24, clips.clip_draw(seed, 0, "k"))
         boxes.add((top, left, flip))
         expected = full[top : top + 24, left : left + 24]
         expected = expected[:, ::-1] if flip else expected
@@ -247,17 +248,17 @@ def test_one_crop_and_one_flip_per_clip():
 
 def test_eval_crop_is_centred_and_unflipped():
     pack, full = _still_clip()
-    clip = stream.decode_clip(pack, 24, None)
+    clip = clips.decode_clip(pack, 24, None)
     assert all(np.array_equal(f, full[8:32, 18:42]) for f in clip)
 
 
 def test_streamed_clips_are_the_source_frames_in_order_under_one_crop(packed):
     cfg = cfg_for(packed)
-    ds = stream.resolve_dataset(cfg)
-    source = {s["key"]: s for shard in ds.train for s in read_shard(shard.url)}
+    ds = streamkit.resolve(cfg)
+    source = {s["key"]: s for shard in ds.train.shards for s in read_shard(shard.url)}
     checked = 0
     for b in epoch_batches(ds, cfg, 0, 0, 1)[:3]:
-        for key, clip, label in zip(b["key"], b["video"].numpy(), b["label"].tolist()):
+        for key, clip, label in zip(b["key"], b["frames"].numpy(), b["label"].tolist()):
             frames = source[key]["frames"]
             assert label == source[key]["label"]
             t, h, w, _ = frames.shape
@@ -284,12 +285,12 @@ def _crop(frames, top, left, flip):
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_eval_counts_every_test_clip_once(packed, world):
     cfg = cfg_for(packed)
-    ds = stream.resolve_dataset(cfg)
+    ds = streamkit.resolve(cfg)
     keys = []
     for rank in range(world):
-        for b in stream.eval_batches(ds, cfg, rank, world):
+        for b in streamkit.eval_batches(ds, cfg, rank, world):
             keys.extend(b["key"])
-    expected = sorted(k for s in ds.test for k in shard_keys(Path(s.url)))
+    expected = sorted(k for s in ds.test.shards for k in shard_keys(Path(s.url)))
     assert sorted(keys) == expected and len(expected) == 16
 
 
@@ -310,7 +311,7 @@ def test_a_corrupt_sample_is_replaced_counted_and_named(tmp_path, packed):
         samples.append({"key": key, "label": int(members[f"{key}.cls"]), "jpgs": jpgs, "meta": {}})
     write_tar(folder / "003.tar", samples)
     cfg = cfg_for(folder, max_bad=0.5)
-    ds = stream.resolve_dataset(cfg)
+    ds = streamkit.resolve(cfg)
     got = epoch_batches(ds, cfg, 0, 0, 1)
     assert len(got) == 12
     faults = [f for b in got for f in b["faults"]]
@@ -327,14 +328,14 @@ def test_streams_over_http(packed):
     try:
         base = f"http://127.0.0.1:{server.server_address[1]}"
         cfg = StreamConfig(shards=(f"{base}/<000..007>.tar",), batch_size=4, workers=2, crop=24)
-        ds = stream.resolve_dataset(cfg)
-        assert ds.test[0].url == f"{base}/test-000.tar"
+        ds = streamkit.resolve(cfg)
+        assert ds.test.shards[0].url == f"{base}/test-000.tar"
         remote = [k for b in epoch_batches(ds, cfg, 0, 0, 1) for k in b["key"]]
-        local_ds = stream.resolve_dataset(cfg_for(packed, shuffle_buffer=256))
+        local_ds = streamkit.resolve(cfg_for(packed, shuffle_buffer=256))
         local = [k for b in epoch_batches(local_ds, cfg_for(packed, shuffle_buffer=256), 0, 0, 1) for k in b["key"]]
         assert remote == local
         with pytest.raises(UserError, match="cannot read index"):
-            stream.resolve_dataset(StreamConfig(shards=(f"{base}/nothere/000.tar",)))
+            streamkit.resolve(StreamConfig(shards=(f"{base}/nothere/000.tar",)))
     finally:
         server.shutdown()
 
@@ -345,7 +346,7 @@ def test_a_truncated_shard_costs_its_missing_clips_not_the_epoch(tmp_path, packe
     data = (folder / "005.tar").read_bytes()
     (folder / "005.tar").write_bytes(data[: len(data) // 2])
     cfg = cfg_for(folder, max_bad=0.5)
-    ds = stream.resolve_dataset(cfg)
+    ds = streamkit.resolve(cfg)
     got = epoch_batches(ds, cfg, 0, 0, 1)
     assert len(got) == 12 and all(len(b["key"]) == 4 for b in got)
     faults = [f for b in got for f in b["faults"]]
@@ -363,7 +364,7 @@ def test_a_frame_of_another_size_is_a_fault_not_garbage(other):
     frames = [simplejpeg.encode_jpeg(rng.integers(0, 256, (40, 60, 3), dtype=np.uint8), colorspace="RGB") for _ in range(4)]
     frames[2] = simplejpeg.encode_jpeg(rng.integers(0, 256, (*other, 3), dtype=np.uint8), colorspace="RGB")
     with pytest.raises(ShardFormatError, match="frames of one clip differ in size"):
-        stream.decode_clip(pack_jpegs(frames), 24, None)
+        clips.decode_clip(pack_jpegs(frames), 24, None)
 
 
 def test_pre_signed_urls_are_matched_to_the_index_by_their_path(packed):
@@ -385,14 +386,14 @@ def test_pre_signed_urls_are_matched_to_the_index_by_their_path(packed):
     try:
         base = f"http://127.0.0.1:{server.server_address[1]}"
         cfg = StreamConfig(shards=(f"{base}/<000..007>.tar?sig=a%2Fb&X-Expires=60",), batch_size=4, workers=2, crop=24)
-        assert stream.index_location(cfg.shards[0]) == f"{base}/index.json"
-        ds = stream.resolve_dataset(cfg)
-        assert [s.samples for s in ds.train] == [6] * 8
+        assert sources.index_location(cfg.shards[0]) == f"{base}/index.json"
+        ds = streamkit.resolve(cfg)
+        assert [s.samples for s in ds.train.shards] == [6] * 8
         signed = epoch_batches(ds, cfg, 0, 0, 1)
         assert not [f for b in signed for f in b["faults"]]
         local_cfg = cfg_for(packed, shuffle_buffer=256)
-        local = epoch_batches(stream.resolve_dataset(local_cfg), local_cfg, 0, 0, 1)
+        local = epoch_batches(streamkit.resolve(local_cfg), local_cfg, 0, 0, 1)
         assert [b["key"] for b in signed] == [b["key"] for b in local]
-        assert all(a["video"].equal(b["video"]) for a, b in zip(signed, local))
+        assert all(a["frames"].equal(b["frames"]) for a, b in zip(signed, local))
     finally:
         server.shutdown()

@@ -9,7 +9,7 @@ import pytest
 import webdataset as wds
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from pipeline import stream
+from pipeline.stream import tar
 from pipeline.shardformat import ShardFormatError
 
 
@@ -19,7 +19,7 @@ def webdataset_samples(data: bytes) -> list[dict]:
 
 
 def lean_samples(data: bytes) -> list[dict]:
-    return list(stream.tar_samples(io.BytesIO(data), "u"))
+    return list(tar.tar_samples(io.BytesIO(data), "u"))
 
 
 def test_same_samples_as_webdataset_on_packed_shards(packed):
@@ -85,7 +85,7 @@ def test_a_member_claiming_gigabytes_is_refused_before_it_is_read(tmp_path):
     tracemalloc.start()
     got = []
     with open(shard, "rb") as f, pytest.raises(ShardFormatError, match=r"tar member of 2147483648 bytes exceeds the 1073741824 byte limit"):
-        for sample in stream.tar_samples(f, str(shard)):
+        for sample in tar.tar_samples(f, str(shard)):
             got.append(sample["__key__"])
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()

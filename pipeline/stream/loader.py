@@ -1,0 +1,437 @@
+"""`ClipLoader`: the fast loader, one rank's batches from persistent worker processes.
+
+The workers (pipeline/stream/workers.py) live for the whole run: no re-forking and no refilled
+shuffle buffers at epoch boundaries; they run into the next epoch as soon as their slots free up,
+and decode every clip straight into a shared-memory batch slot. Which worker's clips make each step
+is the plan's `step_schedule`, so `state_dict()` is two numbers and a resume is exact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+
+from pipeline.config import StreamConfig
+from pipeline.device import cores_per_rank, rank_and_world
+from pipeline.errors import UserError
+from pipeline.shardformat import ShardFormatError
+from pipeline.stream.clips import TrainClips, decode_sample
+from pipeline.stream.plan import WorkerPlan, auto_workers, check_enough_shards, eval_plan, key_rank, step_schedule, train_plan, worker_parts
+from pipeline.stream.samples import Faults, fit_to_quota, read_samples, resampled_shards, shuffle, skip_consumed
+from pipeline.stream.sources import ShardSet, resolve, shard_name
+
+
+def stream_config(shards, *, batch_size, crop, seed, resample, allow_pipe, shuffle_buffer=256, workers=None, prefetch=2) -> StreamConfig:
+    """The library's keyword arguments as a checked StreamConfig (errors name the parameters)."""
+    patterns = (str(shards),) if isinstance(shards, (str, Path)) else tuple(map(str, shards))
+    return StreamConfig(
+        shards=patterns,
+        batch_size=batch_size,
+        crop=crop,
+        seed=seed,
+        resample=resample,
+        allow_pipe=allow_pipe,
+        shuffle_buffer=shuffle_buffer,
+        workers=workers,
+        prefetch=prefetch,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# What a worker runs
+
+
+def worker_samples(source: ShardSet, cfg: StreamConfig, plan: WorkerPlan, epoch: int, rank: int, worker: int, faults: Faults) -> Iterator[dict]:
+    """The raw samples one worker delivers in one epoch, read top to bottom."""
+    rng = lambda stream: np.random.default_rng([cfg.seed, epoch, rank, worker, stream])  # noqa: E731
+    # this epoch's shards, in plan order (resampling: drawn with replacement)
+    shards = resampled_shards(plan.shards, rng(0)) if cfg.resample else plan.shards
+    # raw samples: our tar reader, a broken shard a counted fault
+    raw = read_samples(shards, cfg.allow_pipe, faults)
+    # shuffled in a seeded buffer
+    mixed = shuffle(raw, cfg.shuffle_buffer, rng(1))
+    # exactly the planned number (surplus cut, lost samples made up with repeats)
+    return fit_to_quota(mixed, plan.quota)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainProducer:
+    """What loader worker `w` of one rank runs: epoch after epoch, its parts of every step of the
+    schedule, each decoded into a free slot of its ring. Picklable (plain fields)."""
+
+    source: ShardSet
+    cfg: StreamConfig
+    rank: int
+    world_size: int
+    n_workers: int
+    start_epoch: int = 0
+    start_step: int = 0
+    epochs: int | None = None
+    """Stop after this epoch number; None: for ever."""
+
+    def schedule(self, epoch: int) -> tuple[list[WorkerPlan], list[list[tuple[int, int]]]]:
+        plans = train_plan(self.source.shards, self.cfg, epoch, self.rank, self.world_size, self.n_workers)
+        return plans, step_schedule([p.quota for p in plans], self.cfg.batch_size)
+
+    def first_step(self, epoch: int) -> int:
+        return self.start_step if epoch == self.start_epoch else 0
+
+    def __call__(self, worker: int, ring) -> Iterator[dict]:
+        epochs = itertools.count(self.start_epoch) if self.epochs is None else range(self.start_epoch, self.epochs)
+        try:
+            for epoch in epochs:
+                plans, schedule = self.schedule(epoch)
+                skip, sizes = worker_parts(schedule, worker, self.first_step(epoch))
+                if not sizes:
+                    continue
+                faults = Faults()
+                # On resume: drop what was already trained on, before decoding it.
+                src = skip_consumed(worker_samples(self.source, self.cfg, plans[worker], epoch, self.rank, worker, faults), skip)
+                clips = TrainClips(src, self.cfg.crop, len(self.source.classes), self.cfg.seed, epoch, faults)
+                for n in sizes:
+                    slot, rows = ring.take()
+                    keys, labels = clips.fill(rows[:n])
+                    yield {"slot": slot, "n": n, "epoch": epoch, "key": keys, "label": labels, "faults": faults.take()}
+        except UserError as e:
+            yield {"fatal": str(e)}
+
+
+def eval_clips(raw: Iterable[dict], crop: int, num_classes: int, faults: Faults, rows_for) -> Iterator[tuple]:
+    """Centre-cropped test clips decoded into rows handed out by `rows_for()` -> (handle, rows):
+    yields (handle, keys, labels) for every full set of rows and for the last, partial one.
+    Unreadable clips are skipped and counted, never repeated."""
+    handle, rows, keys, labels, scratch = None, None, [], [], {}
+    for sample in raw:
+        key = sample.get("__key__", "?")
+        if handle is None:
+            handle, rows = rows_for()
+        try:
+            label = decode_sample(sample, crop, num_classes, None, rows[len(keys)], scratch)
+        except ShardFormatError as e:
+            faults.add(f"{sample.get('__url__', '?')}:{key}", str(e))
+            continue
+        keys.append(key)
+        labels.append(label)
+        if len(keys) == len(rows):
+            yield handle, keys, labels
+            handle, keys, labels = None, [], []
+    if keys:
+        yield handle, keys, labels
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalProducer:
+    """What evaluation worker `w` runs: its test shards once, centre-cropped clips in batch slots."""
+
+    source: ShardSet
+    cfg: StreamConfig
+    rank: int
+    world_size: int
+    per_worker: tuple[tuple, ...]
+    by_key: bool
+
+    def __call__(self, worker: int, ring) -> Iterator[dict]:
+        faults = Faults()
+        raw = read_samples(self.per_worker[worker], self.cfg.allow_pipe, faults)
+        if self.by_key:  # fewer test shards than ranks: only this rank's keys
+            raw = (s for s in raw if key_rank(s.get("__key__", ""), self.world_size) == self.rank)
+        for slot, keys, labels in eval_clips(raw, self.cfg.crop, len(self.source.classes), faults, ring.take):
+            yield {"slot": slot, "n": len(keys), "key": keys, "label": labels, "faults": faults.take()}
+        if faults.pending:
+            yield {"n": 0, "key": [], "label": [], "faults": faults.take()}
+
+
+# ---------------------------------------------------------------------------------------------
+# The loader
+
+
+class ClipLoader:
+    """One rank's batches of clips from persistent loader workers, epoch after epoch.
+
+    `for batch in loader.epoch(e)` yields the batches of epoch e: 'frames' (B, T, crop, crop, 3)
+    uint8, 'label' (B,) int64, 'key' list of B str, 'worker' (B,) int64 (which worker read each clip)
+    and 'faults' (unreadable clips replaced since the last batch: {'what', 'reason', 'samples'}).
+    Every rank gets the same number of batches (`len(loader)`, from the index). Epochs must be asked
+    for in order; `state_dict()` / `load_state_dict()` resume mid-epoch exactly.
+
+    `split="test"`: each `epoch()` is one pass over this rank's share of the test clips (every clip
+    exactly once across ranks), centre-cropped; the last batch of each worker may be short, and a
+    batch that only reports faults has 'frames' None.
+
+    `copy=True` (default): every batch is a tensor of its own, valid for ever (Lightning-style loops
+    that fetch one batch ahead need this). `copy=False`: a batch is a view of a worker's shared
+    slot, valid until the next batch is asked for (saves one copy a batch). `pin_memory`: a
+    background thread copies each batch into pinned memory for non-blocking copies to this rank's GPU.
+    Workers start with the first epoch asked for and stop on `close()` (or the `with` block's end).
+
+    Rank and world size default to torch.distributed's when it is initialised. `workers=None`: a
+    core each (one core left to the trainer), at most 8, at most shards / ranks.
+    """
+
+    def __init__(
+        self,
+        shards,
+        *,
+        split: str = "train",
+        batch_size: int = 8,
+        crop: int = 112,
+        seed: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
+        index: str | None = None,
+        resample: bool = False,
+        allow_pipe: bool = False,
+        workers: int | None = None,
+        prefetch: int = 2,
+        pin_memory: bool = False,
+        copy: bool = True,
+        shuffle_buffer: int = 256,
+        epochs: int | None = None,
+    ):
+        rank, world_size = rank_and_world(rank, world_size)
+        cfg = stream_config(
+            shards, batch_size=batch_size, crop=crop, seed=seed, resample=resample, allow_pipe=allow_pipe,
+            shuffle_buffer=shuffle_buffer, workers=workers, prefetch=prefetch,
+        )  # fmt: skip
+        source = resolve(cfg.shards, split, index, allow_pipe)
+        if workers is None and split == "train":
+            cfg = dataclasses.replace(cfg, workers=auto_workers(len(source.shards), world_size, cores_per_rank(), resample))
+        self._setup(source, cfg, split, rank, world_size, pin_memory, copy, epochs, None)
+
+    @classmethod
+    def from_config(
+        cls,
+        source: ShardSet,
+        cfg: StreamConfig,
+        rank: int,
+        world_size: int,
+        *,
+        split: str = "train",
+        pin_memory: bool = False,
+        copy: bool = True,
+        epochs: int | None = None,
+        start_method: str | None = None,
+    ) -> "ClipLoader":
+        """A loader over already resolved shards (what train-stream and bench-stream use)."""
+        loader = cls.__new__(cls)
+        loader._setup(source, cfg, split, rank, world_size, pin_memory, copy, epochs, start_method)
+        return loader
+
+    def _setup(self, source, cfg, split, rank, world_size, pin_memory, copy, epochs, start_method) -> None:
+        if split not in ("train", "test"):
+            raise UserError(f"`split` must be 'train' or 'test', got {split!r}")
+        self.source, self.cfg, self.split, self.rank, self.world_size = source, cfg, split, rank, world_size
+        self.n_workers = max(1, cfg.workers or 0)
+        self.pin_memory, self.copy, self.epochs, self.start_method = pin_memory, copy, epochs, start_method
+        if split == "train":
+            check_enough_shards(source.shards, cfg, world_size, self.n_workers)
+        self.pool = None
+        self.merged: torch.Tensor | None = None
+        self.position = (0, 0)
+        """(epoch, step) of the next batch to deliver."""
+
+    @property
+    def slot_shape(self) -> tuple[int, ...]:
+        return (self.cfg.batch_size, self.source.frames, self.cfg.crop, self.cfg.crop, 3)
+
+    def steps(self, epoch: int) -> int:
+        """Batches this rank (and every rank) gets in `epoch` (training)."""
+        plans = train_plan(self.source.shards, self.cfg, epoch, self.rank, self.world_size, self.n_workers)
+        return sum(p.quota for p in plans) // self.cfg.batch_size
+
+    def __len__(self) -> int:
+        return self.steps(self._next()[0])
+
+    def __iter__(self) -> Iterator[dict]:
+        return self.epoch(self._next()[0])
+
+    # --- state ---------------------------------------------------------------------------------
+
+    def _plan_identity(self) -> dict:
+        cfg = self.cfg
+        return {
+            "seed": cfg.seed,
+            "world_size": self.world_size,
+            "workers": self.n_workers,
+            "batch_size": cfg.batch_size,
+            "shuffle_buffer": cfg.shuffle_buffer,
+            "resample": cfg.resample,
+            "shards": [shard_name(s.url) for s in self.source.shards],
+        }
+
+    def _next(self) -> tuple[int, int]:
+        """(epoch, step) of the next batch to deliver, an epoch taken to its last batch counted as done."""
+        epoch, step = self.position
+        if step and step >= self.steps(epoch):
+            return epoch + 1, 0
+        return epoch, step
+
+    def state_dict(self) -> dict:
+        """Where this loader is: the next batch to deliver is batch `step` of epoch `epoch` (the same
+        on every rank), with the plan it was computed from."""
+        epoch, step = self._next()
+        return {"epoch": epoch, "step": step, "plan": self._plan_identity()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from `state` (from `state_dict()`): the next batches are exactly those an
+        uninterrupted run would have delivered, clips, order, crops and flips alike. A mid-epoch
+        state needs the same plan (seed, world size, workers, batch size, shuffle buffer, shards)."""
+        try:
+            epoch, step, plan = int(state["epoch"]), int(state["step"]), state["plan"]
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"not a ClipLoader state: {state!r:.200}") from None
+        if epoch < 0 or step < 0:
+            raise ValueError(f"ClipLoader state at epoch {epoch}, step {step}")
+        if step:
+            mine = self._plan_identity()
+            changed = sorted(k for k in mine if plan.get(k) != mine[k])
+            if changed:
+                raise ValueError(f"the state stopped mid-epoch; resuming it needs the same {', '.join(changed)}")
+        self.close()
+        self.position = (epoch, step)
+
+    # --- batches -------------------------------------------------------------------------------
+
+    def epoch(self, epoch: int) -> Iterator[dict]:
+        """The batches of `epoch` (training: epochs in order from the first or the resumed one)."""
+        if self.split == "test":
+            return self._test_pass()
+        self.position = self._next()
+        if epoch != self.position[0]:
+            raise ValueError(f"epoch {epoch} asked for; the loader is at epoch {self.position[0]}, step {self.position[1]}")
+        if self.pool is None:
+            from pipeline.stream.workers import WorkerPool
+
+            start_epoch, start_step = self.position
+            producer = TrainProducer(self.source, self.cfg, self.rank, self.world_size, self.n_workers, start_epoch, start_step, self.epochs)
+            _preload_decoders()
+            self.producer = producer
+            self.pool = WorkerPool(producer, self.cfg.workers or 0, self.slot_shape, self.cfg.prefetch + 1, self.start_method)
+        batches = self._batches(epoch)
+        batches = _pinning(batches) if self.pin_memory else batches
+        return self._counted(batches, epoch)
+
+    def _counted(self, batches: Iterator[dict], epoch: int) -> Iterator[dict]:
+        step = self.position[1]
+        for batch in batches:
+            step += 1
+            self.position = (epoch, step)
+            yield batch
+        self.position = (epoch + 1, 0)
+
+    def _batches(self, epoch: int) -> Iterator[dict]:
+        _, schedule = self.producer.schedule(epoch)
+        held: list[tuple[int, dict]] = []
+        pool = self.pool
+        try:
+            for parts in schedule[self.position[1] :]:
+                got = [(w, self._get(w, epoch, n)) for w, n in parts]
+                if len(got) == 1:
+                    frames = got[0][1]["frames"]
+                    held = got
+                else:  # the workers' remainders, at the end of the epoch: one copy, into a reused buffer
+                    if self.merged is None:
+                        self.merged = torch.empty(pool.slot_shape, dtype=torch.uint8)
+                    frames = torch.cat([m["frames"] for _, m in got], out=self.merged)
+                    for w, m in got:
+                        pool.release(w, m)
+                if self.copy:
+                    frames = frames.clone()
+                yield {
+                    "frames": frames,
+                    "label": torch.tensor([label for _, m in got for label in m["label"]], dtype=torch.int64),
+                    "key": [k for _, m in got for k in m["key"]],
+                    "worker": torch.tensor([w for w, m in got for _ in range(m["n"])], dtype=torch.int64),
+                    "faults": [f for _, m in got for f in m["faults"]],
+                }
+                for w, m in held:
+                    pool.release(w, m)
+                held = []
+        finally:
+            for w, m in held:
+                pool.release(w, m)
+
+    def _get(self, worker: int, epoch: int, n: int) -> dict:
+        message = self.pool.get(worker)
+        if "fatal" in message:
+            raise UserError(message["fatal"])
+        if message.get("epoch") != epoch or message.get("n") != n:
+            raise RuntimeError(f"loader worker {worker} sent {message.get('n')} clips of epoch {message.get('epoch')}; expected {n} of epoch {epoch}")
+        return message
+
+    def _test_pass(self) -> Iterator[dict]:
+        from pipeline.stream.workers import WorkerPool
+
+        per_worker, by_key = eval_plan(self.source.shards, self.cfg.workers or 0, self.rank, self.world_size)
+        workers = len(per_worker) if self.cfg.workers else 0
+        producer = EvalProducer(self.source, self.cfg, self.rank, self.world_size, tuple(per_worker), by_key)
+
+        def batches() -> Iterator[dict]:
+            _preload_decoders()
+            with WorkerPool(producer, workers, self.slot_shape, self.cfg.prefetch + 1, self.start_method) as pool:
+                active = list(range(max(1, workers)))
+                while active:
+                    for w in list(active):
+                        message = pool.get(w)
+                        if "done" in message:
+                            active.remove(w)
+                            continue
+                        frames = message.get("frames")
+                        yield {
+                            "frames": frames.clone() if self.copy and frames is not None else frames,
+                            "label": torch.tensor(message["label"], dtype=torch.int64) if message["n"] else None,
+                            "key": message["key"],
+                            "faults": message["faults"],
+                        }
+                        pool.release(w, message)
+
+        return _pinning(batches()) if self.pin_memory else batches()
+
+    # --- lifetime ------------------------------------------------------------------------------
+
+    def pids(self) -> list[int]:
+        """The worker processes' ids (none before the first epoch, or with workers=0)."""
+        return [] if self.pool is None else self.pool.pids()
+
+    def close(self) -> None:
+        """Stop the workers (the loader can start them again from its position)."""
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
+
+    def __enter__(self) -> "ClipLoader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+
+def _pinning(batches: Iterator[dict]) -> Iterator[dict]:
+    """`batches` with each batch's frames copied into pinned memory by a background thread (for
+    non-blocking copies to this rank's GPU), which releases the worker's slot as soon as the copy is
+    made."""
+    from pipeline.stream.workers import threaded
+
+    device = torch.cuda.current_device()
+    return threaded(batches, _pinned, init=lambda: torch.cuda.set_device(device))
+
+
+def _pinned(batch: dict) -> dict:
+    return batch if batch["frames"] is None else {**batch, "frames": batch["frames"].pin_memory()}
+
+
+def _preload_decoders() -> None:
+    """Import simplejpeg once in the parent, so that forked workers inherit it (cv2 is imported with
+    the clips module)."""
+    import simplejpeg  # noqa: F401

@@ -1,0 +1,132 @@
+"""Raw samples: shards in, {'__key__', 'jpgs', 'cls', ...: bytes} out, with every loss counted.
+
+The stages a worker's stream is made of, each a small generator: `read_samples` (shards -> raw
+samples, a broken shard a named fault worth its missing samples), `shuffle` (a seeded buffer),
+`fit_to_quota` (exactly the planned number) and `skip_consumed` (a resume). `read_shard` is the
+public one-shard reader built on the same parts.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import json
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from pipeline.shardformat import ShardFormatError, decode_jpegs
+from pipeline.stream.sources import Shard, open_shard
+from pipeline.stream.tar import tar_samples
+
+
+class Faults:
+    """Bad samples and shards met by one worker, shipped to the consumer with the next batch."""
+
+    def __init__(self):
+        self.pending: list[dict] = []
+        self.bad = 0
+
+    def add(self, what: str, reason: str, samples: int = 1) -> None:
+        self.pending.append({"what": what, "reason": reason, "samples": samples})
+        self.bad += samples
+
+    def take(self) -> list[dict]:
+        out, self.pending = self.pending, []
+        return out
+
+
+def read_samples(shards: Iterable[Shard], allow_pipe: bool, faults: Faults) -> Iterator[dict]:
+    """Raw samples of each shard in turn.
+
+    A shard that cannot be opened or breaks off is a fault worth its missing samples (per the index),
+    not the end of the run; `tar_samples` does the parsing and grouping.
+    """
+    for shard in shards:
+        seen = 0
+        try:
+            stream = open_shard(shard.url, allow_pipe)
+        except Exception as e:
+            faults.add(shard.url, f"cannot open: {e}", max(shard.samples, 0))
+            continue
+        try:
+            for sample in tar_samples(stream, shard.url):
+                seen += 1
+                yield sample
+        except Exception as e:
+            faults.add(shard.url, f"unreadable after {seen} samples: {e}", max(shard.samples - seen, 0))
+            continue
+        finally:
+            try:
+                stream.close()
+            except Exception as e:  # a pipe: command that failed says so here
+                faults.add(shard.url, f"on close: {e}", 0)
+        # A shard cut at a header boundary reads as a shorter shard: the index tells the difference.
+        if shard.samples >= 0 and seen != shard.samples:
+            faults.add(shard.url, f"holds {seen} samples, index says {shard.samples}", max(shard.samples - seen, 0))
+
+
+def read_shard(url: str | Path, allow_pipe: bool = False) -> Iterator[dict]:
+    """Yield every sample of one shard as {'key', 'frames' (T, H, W, 3) uint8, 'label' int, 'meta' dict}.
+
+    `url` is a local path or an http(s):// URL; a `pipe:` command runs only with `allow_pipe=True`.
+    Members are read as bytes and decoded here; nothing is unpickled. A damaged shard raises
+    ShardFormatError (a ValueError) naming the sample, after yielding the samples before it.
+    """
+    url = str(url)
+    with open_shard(url, allow_pipe) as stream:
+        for raw in tar_samples(stream, url):
+            key = raw["__key__"]
+            missing = [m for m in ("jpgs", "cls", "json") if m not in raw]
+            if missing:
+                raise ShardFormatError(f"{url}: sample {key} has no {', '.join('.' + m for m in missing)}")
+            try:
+                label, meta = int(raw["cls"]), json.loads(raw["json"])
+            except (ValueError, RecursionError) as e:
+                raise ShardFormatError(f"{url}: sample {key}: unreadable label or metadata ({e})") from None
+            yield {"key": key, "frames": decode_jpegs(raw["jpgs"]), "label": label, "meta": meta}
+
+
+def resampled_shards(shards: tuple[Shard, ...], rng: np.random.Generator) -> Iterator[Shard]:
+    """Shards drawn with replacement, for ever."""
+    while True:
+        yield shards[int(rng.integers(len(shards)))]
+
+
+def shuffle(src: Iterable, buffer: int, rng: np.random.Generator) -> Iterator:
+    """Reservoir shuffle: fill `buffer` items, then emit a random one for every one read."""
+    held: list = []
+    for item in src:
+        if len(held) < buffer:
+            held.append(item)
+            continue
+        i = int(rng.integers(buffer))
+        held[i], item = item, held[i]
+        yield item
+    while held:
+        yield held.pop(int(rng.integers(len(held))))
+
+
+REFILL_KEPT = 256
+"""Raw samples a worker keeps to fill a shortfall with (about 150 KB each)."""
+
+
+def fit_to_quota(src: Iterable[dict], quota: int) -> Iterator[dict]:
+    """Exactly `quota` raw samples: surplus cut; a shortfall (lost shards) filled by cycling over the
+    last REFILL_KEPT samples delivered, so the rank still runs its planned steps (and a worker's
+    memory does not grow with its share of the epoch)."""
+    recent: collections.deque = collections.deque(maxlen=REFILL_KEPT)
+    delivered = 0
+    for sample in itertools.islice(src, quota):
+        recent.append(sample)
+        delivered += 1
+        yield sample
+    if delivered == quota or not recent:
+        return
+    yield from itertools.islice(itertools.cycle(list(recent)), quota - delivered)
+
+
+def skip_consumed(src: Iterable[dict], skip: int) -> Iterator[dict]:
+    """Drop the samples a resumed run already trained on, before paying for their decoding."""
+    return itertools.islice(src, skip, None)
