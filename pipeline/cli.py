@@ -64,16 +64,17 @@ def _parse_part(text: str) -> tuple[int, int]:
 
 
 def pack_shards(
-    data_dir: Annotated[Path, typer.Argument(help="Folder with one sub-folder of videos per class (HMDB51: the folder holding hmdb51_org/ or the class folders).", show_default=False)],
+    data_dir: Annotated[Path, typer.Argument(help="Folder with one sub-folder of videos per class (HMDB51: the folder holding hmdb51_org/ or the class folders; UCF101: UCF-101/ or the class folders; Kinetics: the folder holding train/ and val/).", show_default=False)],
     out_dir: Annotated[Path, typer.Argument(help="Output folder for the shards, index.json and manifest.parquet.")] = Path("shards"),
-    split: Annotated[int, typer.Option(help="Official split to pack: 1, 2 or 3.")] = 1,
+    split: Annotated[int, typer.Option(help="Official split to pack: 1, 2 or 3 (HMDB51, UCF101 and the grouped fallback; Kinetics has only 1).")] = 1,
     frames: Annotated[int, typer.Option("--frames", "-t", help="Frames per clip (T), equally spaced over the decodable length.")] = 16,
     short_side: Annotated[int, typer.Option(help="Resize frames so the shorter side has this many pixels (aspect kept).")] = 128,
     keep_size: Annotated[bool, typer.Option("--keep-size", help="Store frames at their original size (ignores --short-side).")] = False,
     quality: Annotated[int, typer.Option(help="JPEG quality of stored frames, 1-100.")] = 90,
     shards: Annotated[int, typer.Option(help="Number of training shards (000.tar ...).")] = 32,
     test_shards: Annotated[Optional[int], typer.Option(help="Number of test shards (test-000.tar ...) [default: as many as --shards, at most one per test clip].", show_default=False)] = None,
-    splits_dir: Annotated[Optional[Path], typer.Option(help="Folder with the official split files [default: searched for inside DATA_DIR].", show_default=False)] = None,
+    splits_dir: Annotated[Optional[Path], typer.Option(help="Folder with the official split files: HMDB51's <class>_test_split1.txt ..., UCF101's classInd.txt and trainlist01.txt ... (ucfTrainTestlist/), or Kinetics' train.csv, validate.csv, test.csv [default: searched for inside DATA_DIR; UCF101's ucfTrainTestlist/ also beside it].", show_default=False)] = None,
+    layout: Annotated[str, typer.Option(help="Dataset layout: hmdb51 (split files <class>_test_split{1,2,3}.txt), ucf101 (ucfTrainTestlist/: classInd.txt decides the labels), kinetics (train/ and val/ folders of class folders: val/ fills the test shards; annotation CSVs name missing clips), folders (class folders, grouped 70/30 split), or auto: detected from DATA_DIR.")] = "auto",
     seed: Annotated[int, typer.Option(help="Seed of the shard plan and of the fallback 70/30 split.")] = 0,
     decoder: Annotated[str, typer.Option(help="Video decoder: decord or pyav.")] = "decord",
     workers: Annotated[Optional[int], typer.Option(help="Decoding processes [default: all cores].", show_default=False)] = None,
@@ -97,6 +98,7 @@ def pack_shards(
         shards=shards,
         test_shards=test_shards,
         splits_dir=splits_dir,
+        layout=layout,
         seed=seed,
         decoder=decoder,
         workers=workers if workers is not None else default_workers(),
