@@ -113,25 +113,30 @@ def pack_shards(
 
 
 def make_sample_data(
-    out_dir: Annotated[Path, typer.Argument(help="Folder to write hmdb51_org/ and testTrainMulti_7030_splits/ into.")] = Path("data"),
-    classes: Annotated[int, typer.Option(help="Number of classes (the first N HMDB51 class names, sorted), 1-51.")] = 8,
+    out_dir: Annotated[Path, typer.Argument(help="Folder to write the sample set into (hmdb51: hmdb51_org/ and testTrainMulti_7030_splits/; ucf101: class folders and ucfTrainTestlist/; kinetics: train/, val/ and annotations/).")] = Path("data"),
+    classes: Annotated[int, typer.Option(help="Number of classes (hmdb51: the first N HMDB51 names, sorted, 1-51; ucf101: 1-16; kinetics: 1-12).")] = 8,
     clips_per_class: Annotated[int, typer.Option(help="Clips per class.")] = 24,
     seed: Annotated[int, typer.Option(help="Seed for clip lengths, sizes and split tags.")] = 0,
+    layout: Annotated[str, typer.Option(help="hmdb51 (official HMDB51 archive layout), ucf101 (v_<Class>_gNN_cNN.avi files, classInd.txt in an unsorted order, the six split lists) or kinetics (.mp4 files in train/ and val/ class folders, annotation CSVs with a few rows whose file is missing).")] = "hmdb51",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ):
-    """Write an HMDB51-shaped sample set: real MPEG-4 AVI clips whose frames show their own index and class."""
+    """Write a sample set in the HMDB51, UCF101 or Kinetics layout: real MPEG-4 clips whose frames show their own index and class."""
     from pipeline.progress import progress
+    from pipeline.sampledata import MAX_CLASSES
     from pipeline.sampledata import make_sample_data as make
 
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"output path is a file, not a folder: {out_dir}")
-    if not 1 <= classes <= 51:
-        raise UserError(f"--classes must be in 1..51, got {classes}")
+    if layout not in MAX_CLASSES:
+        raise UserError(f"unknown layout {layout!r}; choose {', '.join(MAX_CLASSES)}")
+    if not 1 <= classes <= MAX_CLASSES[layout]:
+        raise UserError(f"--classes must be in 1..{MAX_CLASSES[layout]} for the {layout} layout, got {classes}")
     if clips_per_class < 1:
         raise UserError(f"--clips-per-class must be >= 1, got {clips_per_class}")
     with progress(classes * clips_per_class, "sample data", quiet=quiet) as bar:
-        plan = make(out_dir, classes=classes, clips_per_class=clips_per_class, seed=seed, progress=lambda c: bar.update(1))
-    typer.echo(f"wrote {len(plan)} clips in {classes} classes to {out_dir}/hmdb51_org and split files to {out_dir}/testTrainMulti_7030_splits")
+        plan = make(out_dir, classes=classes, clips_per_class=clips_per_class, seed=seed, progress=lambda c: bar.update(1), layout=layout)
+    written = [c for c in plan if c.kind != "missing"]
+    typer.echo(f"wrote {len(written)} clips in {classes} classes to {out_dir} ({layout} layout" + (f", {len(plan) - len(written)} CSV rows without a file)" if len(written) < len(plan) else ")"))
 
 
 def train_stream(
