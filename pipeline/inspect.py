@@ -215,7 +215,7 @@ class Summary:
         else:
             s = self.manifest_status
             lines.append(
-                f"manifest (whole pack): {sum(s.values())} videos, {s['packed']} packed, {s['failed']} failed, {s['unused']} unused"
+                f"manifest (whole pack): {sum(s.values()) - s['missing']} videos, {s['packed']} packed, {s['failed']} failed, {s['unused']} unused"
                 + (f", {s['missing']} missing (listed, no file)" if s["missing"] else "")
             )
         if self.layout:

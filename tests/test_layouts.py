@@ -234,7 +234,7 @@ def test_inspect_shows_layout_and_missing(kinetics_pack):
     result = run_cli(inspect_app, out, "--quiet")
     assert result.exit_code == 0, result.output
     assert "layout kinetics, folders split" in result.stdout
-    assert "4 missing" in result.stdout
+    assert "16 videos, 16 packed, 0 failed, 0 unused, 4 missing (listed, no file)" in result.stdout
 
 
 def test_hmdb51_listed_clip_without_a_file_is_a_missing_row(small_tree, copy_tree, tmp_path):
