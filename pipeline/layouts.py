@@ -324,6 +324,8 @@ def _ucf101(cfg: PackConfig) -> Catalog:
     if lists is None and cfg.splits_dir is not None:
         raise UserError(f"no classInd.txt in {cfg.splits_dir} (UCF101's ucfTrainTestlist/ holds classInd.txt, trainlist01.txt ...)")
     found, ignored = _scan(root, data_dir, skip=lists)
+    if lists is None and not found:
+        raise UserError(f"--layout ucf101 does not fit {data_dir}: no classInd.txt (ucfTrainTestlist/) and no class folders of v_<Class>_gNN_cNN videos")
     _require_videos(found, root)
     notes = []
     if lists is None:
@@ -335,8 +337,8 @@ def _ucf101(cfg: PackConfig) -> Catalog:
             )
         classes = sorted(found)
         class_of = {c: c for c in classes}
-        # UCF101's groups (gNN) are the same actors and scenes in every class, so a group is held
-        # out of all classes at once, as the official splits do.
+        # The official splits hold out the same group numbers in every class (1-7, 8-14, 15-21):
+        # the fallback does the same, so no group number lands on both sides in any class.
         groups = collections.defaultdict(list)
         for c in classes:
             for n in found[c]:
@@ -345,7 +347,7 @@ def _ucf101(cfg: PackConfig) -> Catalog:
         missing, source = [], "grouped"
         notes.append(
             "no UCF101 split lists (ucfTrainTestlist/classInd.txt) found: using a deterministic 70/30 split "
-            "by group gNN, each group held out of every class at once (a group never lands on both sides)"
+            "by group gNN, each group number held out of every class at once (a group never lands on both sides)"
         )
     else:
         classes = _read_class_ind(lists / "classInd.txt")
