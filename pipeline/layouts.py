@@ -147,15 +147,16 @@ def _class_root(data_dir: Path, top: str) -> Path:
 
 
 def _videos(root: Path, data_dir: Path, found: dict, class_of: dict, classes: list[str], tags: dict) -> list[Video]:
+    label = {c: i for i, c in enumerate(classes)}
     return [
         Video(
             source=(root / folder / name).relative_to(data_dir).as_posix(),
             class_name=class_of[folder],
-            label=classes.index(class_of[folder]),
+            label=label[class_of[folder]],
             key=make_key(folder, name),
             tags=tags[(folder, name)],
         )
-        for folder in sorted(found, key=lambda f: (classes.index(class_of[f]), f))
+        for folder in sorted(found, key=lambda f: (label[class_of[f]], f))
         for name in found[folder]
     ]
 
@@ -473,6 +474,7 @@ def _kinetics(cfg: PackConfig) -> Catalog:
     classes = sorted({c for found, _ in scans.values() for c in found})
     ignored = [f for _, ign in scans.values() for f in ign]
     by_norm = {_norm_label(c): c for c in classes}
+    label_of = {c: i for i, c in enumerate(classes)}
     videos, missing, notes = [], [], []
     for role, d in dirs.items():
         found = scans[role][0]
@@ -482,7 +484,7 @@ def _kinetics(cfg: PackConfig) -> Catalog:
                     Video(
                         source=(d / c / name).relative_to(data_dir).as_posix(),
                         class_name=c,
-                        label=classes.index(c),
+                        label=label_of[c],
                         # The split folder is part of the hashed path: one clip may sit in two folders.
                         key=make_key(f"{d.name}/{c}", name),
                         tags=(tag_of[role],),
@@ -499,7 +501,7 @@ def _kinetics(cfg: PackConfig) -> Catalog:
                 continue
             cls = by_norm.get(_norm_label(label), label) if label else "?"
             missing.append(
-                Missing(f"{d.name}/{cls}/{stem}.mp4", cls, classes.index(cls) if cls in classes else None, (tag_of[role],), _rel(csvs[role], data_dir))
+                Missing(f"{d.name}/{cls}/{stem}.mp4", cls, label_of.get(cls), (tag_of[role],), _rel(csvs[role], data_dir))
             )
         extra = sorted(s for s in on_disk if s not in listed)
         if extra:
