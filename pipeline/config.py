@@ -21,7 +21,7 @@ class PackConfig:
     """How `pack-shards` turns a folder of videos into shards."""
 
     data_dir: Path
-    """Folder with one sub-folder per class (or the `hmdb51_org/` level above them)."""
+    """Folder with one sub-folder per class (or the `hmdb51_org/` or `UCF-101/` level above them; Kinetics: the folder holding train/ and val/)."""
     out_dir: Path
     """Where shards, index.json and manifest.parquet go."""
     split: int = 1
