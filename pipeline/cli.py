@@ -64,16 +64,17 @@ def _parse_part(text: str) -> tuple[int, int]:
 
 
 def pack_shards(
-    data_dir: Annotated[Path, typer.Argument(help="Folder with one sub-folder of videos per class (HMDB51: the folder holding hmdb51_org/ or the class folders).", show_default=False)],
+    data_dir: Annotated[Path, typer.Argument(help="Folder with one sub-folder of videos per class (HMDB51: the folder holding hmdb51_org/ or the class folders; UCF101: UCF-101/ or the class folders; Kinetics: the folder holding train/ and val/).", show_default=False)],
     out_dir: Annotated[Path, typer.Argument(help="Output folder for the shards, index.json and manifest.parquet.")] = Path("shards"),
-    split: Annotated[int, typer.Option(help="Official split to pack: 1, 2 or 3.")] = 1,
+    split: Annotated[int, typer.Option(help="Official split to pack: 1, 2 or 3 (HMDB51, UCF101 and the grouped fallback; Kinetics has only 1).")] = 1,
     frames: Annotated[int, typer.Option("--frames", "-t", help="Frames per clip (T), equally spaced over the decodable length.")] = 16,
     short_side: Annotated[int, typer.Option(help="Resize frames so the shorter side has this many pixels (aspect kept).")] = 128,
     keep_size: Annotated[bool, typer.Option("--keep-size", help="Store frames at their original size (ignores --short-side).")] = False,
     quality: Annotated[int, typer.Option(help="JPEG quality of stored frames, 1-100.")] = 90,
     shards: Annotated[int, typer.Option(help="Number of training shards (000.tar ...).")] = 32,
     test_shards: Annotated[Optional[int], typer.Option(help="Number of test shards (test-000.tar ...) [default: as many as --shards, at most one per test clip].", show_default=False)] = None,
-    splits_dir: Annotated[Optional[Path], typer.Option(help="Folder with the official split files [default: searched for inside DATA_DIR].", show_default=False)] = None,
+    splits_dir: Annotated[Optional[Path], typer.Option(help="Folder with the official split files: HMDB51's <class>_test_split1.txt ..., UCF101's classInd.txt and trainlist01.txt ... (ucfTrainTestlist/), or Kinetics' train.csv, validate.csv, test.csv [default: searched for inside DATA_DIR; UCF101's ucfTrainTestlist/ also beside it].", show_default=False)] = None,
+    layout: Annotated[str, typer.Option(help="Dataset layout: hmdb51 (split files <class>_test_split{1,2,3}.txt), ucf101 (ucfTrainTestlist/: classInd.txt decides the labels), kinetics (train/ and val/ folders of class folders: val/ fills the test shards; annotation CSVs name missing clips), folders (class folders, grouped 70/30 split), or auto: detected from DATA_DIR.")] = "auto",
     seed: Annotated[int, typer.Option(help="Seed of the shard plan and of the fallback 70/30 split.")] = 0,
     decoder: Annotated[str, typer.Option(help="Video decoder: decord or pyav.")] = "decord",
     workers: Annotated[Optional[int], typer.Option(help="Decoding processes [default: all cores].", show_default=False)] = None,
@@ -97,6 +98,7 @@ def pack_shards(
         shards=shards,
         test_shards=test_shards,
         splits_dir=splits_dir,
+        layout=layout,
         seed=seed,
         decoder=decoder,
         workers=workers if workers is not None else default_workers(),
@@ -111,25 +113,30 @@ def pack_shards(
 
 
 def make_sample_data(
-    out_dir: Annotated[Path, typer.Argument(help="Folder to write hmdb51_org/ and testTrainMulti_7030_splits/ into.")] = Path("data"),
-    classes: Annotated[int, typer.Option(help="Number of classes (the first N HMDB51 class names, sorted), 1-51.")] = 8,
+    out_dir: Annotated[Path, typer.Argument(help="Folder to write the sample set into (hmdb51: hmdb51_org/ and testTrainMulti_7030_splits/; ucf101: class folders and ucfTrainTestlist/; kinetics: train/, val/ and annotations/).")] = Path("data"),
+    classes: Annotated[int, typer.Option(help="Number of classes (hmdb51: the first N HMDB51 names, sorted, 1-51; ucf101: 1-16; kinetics: 1-12).")] = 8,
     clips_per_class: Annotated[int, typer.Option(help="Clips per class.")] = 24,
     seed: Annotated[int, typer.Option(help="Seed for clip lengths, sizes and split tags.")] = 0,
+    layout: Annotated[str, typer.Option(help="hmdb51 (official HMDB51 archive layout), ucf101 (v_<Class>_gNN_cNN.avi files, classInd.txt in an unsorted order, the six split lists) or kinetics (.mp4 files in train/ and val/ class folders, annotation CSVs with a few rows whose file is missing).")] = "hmdb51",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ):
-    """Write an HMDB51-shaped sample set: real MPEG-4 AVI clips whose frames show their own index and class."""
+    """Write a sample set in the HMDB51, UCF101 or Kinetics layout: real MPEG-4 clips whose frames show their own index and class."""
     from pipeline.progress import progress
+    from pipeline.sampledata import MAX_CLASSES
     from pipeline.sampledata import make_sample_data as make
 
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"output path is a file, not a folder: {out_dir}")
-    if not 1 <= classes <= 51:
-        raise UserError(f"--classes must be in 1..51, got {classes}")
+    if layout not in MAX_CLASSES:
+        raise UserError(f"unknown layout {layout!r}; choose {', '.join(MAX_CLASSES)}")
+    if not 1 <= classes <= MAX_CLASSES[layout]:
+        raise UserError(f"--classes must be in 1..{MAX_CLASSES[layout]} for the {layout} layout, got {classes}")
     if clips_per_class < 1:
         raise UserError(f"--clips-per-class must be >= 1, got {clips_per_class}")
     with progress(classes * clips_per_class, "sample data", quiet=quiet) as bar:
-        plan = make(out_dir, classes=classes, clips_per_class=clips_per_class, seed=seed, progress=lambda c: bar.update(1))
-    typer.echo(f"wrote {len(plan)} clips in {classes} classes to {out_dir}/hmdb51_org and split files to {out_dir}/testTrainMulti_7030_splits")
+        plan = make(out_dir, classes=classes, clips_per_class=clips_per_class, seed=seed, progress=lambda c: bar.update(1), layout=layout)
+    written = [c for c in plan if c.kind != "missing"]
+    typer.echo(f"wrote {len(written)} clips in {classes} classes to {out_dir} ({layout} layout" + (f", {len(plan) - len(written)} CSV rows without a file)" if len(written) < len(plan) else ")"))
 
 
 def train_stream(

@@ -13,12 +13,15 @@ def default_workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+PACK_LAYOUTS = ("auto", "hmdb51", "ucf101", "kinetics", "folders")
+
+
 @dataclasses.dataclass(frozen=True)
 class PackConfig:
     """How `pack-shards` turns a folder of videos into shards."""
 
     data_dir: Path
-    """Folder with one sub-folder per class (or the `hmdb51_org/` level above them)."""
+    """Folder with one sub-folder per class (or the `hmdb51_org/` or `UCF-101/` level above them; Kinetics: the folder holding train/ and val/)."""
     out_dir: Path
     """Where shards, index.json and manifest.parquet go."""
     split: int = 1
@@ -34,7 +37,9 @@ class PackConfig:
     test_shards: int | None = None
     """Number of test shards (test-000.tar ...); default: as many as training shards, at most one per test clip."""
     splits_dir: Path | None = None
-    """Folder with the official split files; default: searched for inside data_dir."""
+    """Folder with the official split files (HMDB51 split files, UCF101 ucfTrainTestlist/, Kinetics CSVs); default: searched for inside data_dir."""
+    layout: str = "auto"
+    """Dataset layout: hmdb51, ucf101, kinetics or folders (see pipeline.layouts); auto: detected from data_dir."""
     seed: int = 0
     """Seed of the shard plan (which clip goes to which shard, in which order) and of the fallback split."""
     decoder: str = "decord"
@@ -52,7 +57,9 @@ class PackConfig:
 
     def __post_init__(self):
         if self.split not in (1, 2, 3):
-            raise UserError(f"unknown split {self.split}: HMDB51 has splits 1, 2 and 3")
+            raise UserError(f"unknown split {self.split}: HMDB51 and UCF101 have splits 1, 2 and 3")
+        if self.layout not in PACK_LAYOUTS:
+            raise UserError(f"unknown layout {self.layout!r}; choose {', '.join(PACK_LAYOUTS)}")
         if self.frames < 1:
             raise UserError(f"--frames must be >= 1, got {self.frames}")
         if self.short_side is not None and self.short_side < 1:

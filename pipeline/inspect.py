@@ -175,6 +175,8 @@ class Summary:
     manifest_status: collections.Counter | None
     failed: list[tuple[str, str]]
     warnings: list[str]
+    layout: str | None = None
+    """'<layout>, <split source> split' from the index (packs before layouts were recorded: None)."""
 
     @property
     def clips(self) -> int:
@@ -207,8 +209,11 @@ class Summary:
         else:
             s = self.manifest_status
             lines.append(
-                f"manifest (whole pack): {sum(s.values())} videos, {s['packed']} packed, {s['failed']} failed, {s['unused']} unused"
+                f"manifest (whole pack): {sum(s.values()) - s['missing']} videos, {s['packed']} packed, {s['failed']} failed, {s['unused']} unused"
+                + (f", {s['missing']} missing (listed, no file)" if s["missing"] else "")
             )
+        if self.layout:
+            lines.append(f"layout {self.layout}")
         width = max([len("class")] + [len(c) for c in self.classes])
         lines += ["", f"{'class':<{width}}  {'train':>6}  {'test':>6}  {'total':>6}"]
         for c in self.classes:
@@ -272,6 +277,7 @@ def summarize(paths: list[Path], samples: list[SampleEntry]) -> Summary:
         manifest_status=status,
         failed=failed or [],
         warnings=warnings,
+        layout=f"{index['layout']}, {index['split_source']} split" if index and "layout" in index else None,
     )
 
 

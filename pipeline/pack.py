@@ -9,14 +9,12 @@ index and manifest are written last, once every shard of the plan is there.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import hashlib
 import io
 import itertools
 import json
 import os
-import re
 import shutil
 import sys
 import time
@@ -30,10 +28,9 @@ from pebble import ProcessExpired
 from pipeline.config import PackConfig
 from pipeline.durable import failpoint, publish
 from pipeline.errors import UserError
+from pipeline.layouts import Catalog, Video, discover
 from pipeline.shardformat import FORMAT_VERSION, INDEX_NAME, MANIFEST_NAME, pack_jpegs
 
-VIDEO_EXTENSIONS = {".avi", ".mp4", ".mkv", ".webm", ".mov", ".mpg", ".mpeg", ".m4v", ".ogv", ".flv", ".wmv"}
-SPLIT_FILE = re.compile(r"^(?P<cls>.+)_test_split(?P<split>[123])\.txt$")
 STATE_DIR = ".clipstream"
 TAG_NAMES = {0: None, 1: "train", 2: "test"}
 
@@ -43,162 +40,10 @@ class TooManyFailures(UserError):
 
 
 @dataclasses.dataclass(frozen=True)
-class Video:
-    source: str
-    """Path relative to DATA_DIR, POSIX separators."""
-    class_name: str
-    label: int
-    key: str
-    tags: tuple[int, int, int]
-
-
-@dataclasses.dataclass
-class Catalog:
-    classes: list[str]
-    videos: list[Video]
-    ignored: list[str]
-    split_source: str
-    """'official' (split files) or 'grouped' (70/30 fallback)."""
-    listed_missing: list[str]
-    """Names in split files with no video on disk."""
-    warnings: list[str] = dataclasses.field(default_factory=list)
-
-
-@dataclasses.dataclass(frozen=True)
 class ShardPlan:
     name: str
     split: str
     videos: tuple[Video, ...]
-
-
-# ---------------------------------------------------------------- discovery
-
-
-def make_key(class_name: str, file_name: str) -> str:
-    """ASCII, dot-free, stable key: readable clip name plus a hash of class/file."""
-    stem = Path(file_name).stem
-    readable = re.sub(r"[^A-Za-z0-9]+", "_", stem).strip("_")[:60] or "clip"
-    digest = hashlib.sha1(f"{class_name}/{file_name}".encode("utf-8", "surrogateescape")).hexdigest()[:10]
-    return f"{readable}-{digest}"
-
-
-def discover(cfg: PackConfig) -> Catalog:
-    data_dir = cfg.data_dir
-    if not data_dir.exists():
-        raise UserError(f"data folder not found: {data_dir}")
-    if not data_dir.is_dir():
-        raise UserError(f"data folder is not a folder: {data_dir}")
-    root = data_dir / "hmdb51_org" if (data_dir / "hmdb51_org").is_dir() else data_dir
-    found: dict[str, list[str]] = {}
-    ignored: list[str] = []
-    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        names = []
-        for f in sorted(folder.iterdir()):
-            if f.suffix.lower() in VIDEO_EXTENSIONS and not f.is_dir():
-                names.append(f.name)
-            elif f.is_file():
-                ignored.append(f.relative_to(data_dir).as_posix())
-        if names:
-            found[folder.name] = names
-    if not any(root.iterdir()):
-        raise UserError(f"data folder is empty: {data_dir}")
-    if not found:
-        raise UserError(f"no videos found in {root} (expected one sub-folder per class holding {', '.join(sorted(VIDEO_EXTENSIONS))} files)")
-    classes = sorted(found)  # class index = position in sorted order, never listing order
-    tags, listed_missing, source = _read_splits(cfg, classes, found)
-    notes = []
-    if source == "grouped":
-        notes.append(
-            "no official split files found: using a deterministic 70/30 split per class, grouped by "
-            "source video (clips of one source never land on both sides)"
-        )
-    if listed_missing:
-        notes.append(f"{len(listed_missing)} clip(s) listed in the split files are not on disk, e.g. {listed_missing[0]}")
-    videos = []
-    for label, c in enumerate(classes):
-        for name in found[c]:
-            videos.append(
-                Video(
-                    source=(root / c / name).relative_to(data_dir).as_posix(),
-                    class_name=c,
-                    label=label,
-                    key=make_key(c, name),
-                    tags=tags[(c, name)],
-                )
-            )
-    keys = collections.Counter(v.key for v in videos)
-    if max(keys.values()) > 1:
-        dup = next(k for k, n in keys.items() if n > 1)
-        raise UserError(f"two videos map to the same key {dup!r}")  # a sha1 prefix collision
-    return Catalog(classes, videos, ignored, source, listed_missing, notes)
-
-
-def _find_split_files(cfg: PackConfig) -> dict[tuple[str, int], Path]:
-    if cfg.splits_dir is not None:
-        if not cfg.splits_dir.is_dir():
-            raise UserError(f"split folder not found: {cfg.splits_dir}")
-        candidates = sorted(cfg.splits_dir.glob("*_test_split*.txt"))
-    else:
-        candidates = sorted(p for depth in ("*", "*/*", "*/*/*") for p in cfg.data_dir.glob(depth + "_test_split*.txt"))
-    files: dict[tuple[str, int], Path] = {}
-    for p in candidates:
-        m = SPLIT_FILE.match(p.name)
-        if m and p.is_file():
-            files.setdefault((m["cls"], int(m["split"])), p)
-    return files
-
-
-def _read_splits(cfg, classes, found):
-    files = _find_split_files(cfg)
-    if not files:
-        if cfg.splits_dir is not None:
-            raise UserError(f"no split files (<class>_test_split1.txt ...) in {cfg.splits_dir}")
-        return _grouped_split(classes, found, cfg.seed), [], "grouped"
-    missing = [c for c in classes if (c, cfg.split) not in files]
-    if missing:
-        raise UserError(
-            f"split {cfg.split} has no split file for {len(missing)} class(es), e.g. "
-            f"{missing[0]}_test_split{cfg.split}.txt"
-        )
-    tags: dict[tuple[str, str], list[int]] = {(c, n): [0, 0, 0] for c in classes for n in found[c]}
-    listed_missing = []
-    for (c, s), path in sorted(files.items()):
-        if c not in found:
-            continue
-        for lineno, line in enumerate(path.read_text(encoding="utf-8", errors="surrogateescape").splitlines(), 1):
-            parts = line.strip().rsplit(None, 1)
-            if not parts:
-                continue
-            if len(parts) != 2 or parts[1] not in ("0", "1", "2"):
-                raise UserError(f"{path}:{lineno}: expected '<file name> <0|1|2>', got {line.strip()!r}")
-            if (c, parts[0]) in tags:
-                tags[(c, parts[0])][s - 1] = int(parts[1])
-            elif s == cfg.split:
-                listed_missing.append(f"{c}/{parts[0]}")
-    return {k: tuple(v) for k, v in tags.items()}, listed_missing, "official"
-
-
-def _grouped_split(classes, found, seed) -> dict[tuple[str, str], tuple[int, int, int]]:
-    """70/30 per class by clip count, whole source videos (name minus trailing _<n>) to one side."""
-    tags = {}
-    for c in classes:
-        groups = collections.defaultdict(list)
-        for name in found[c]:
-            groups[re.sub(r"_\d+$", "", Path(name).stem)].append(name)
-        per_split = []
-        for s in (1, 2, 3):
-            order = sorted(groups, key=lambda g: hashlib.sha1(f"{seed}:{s}:{c}:{g}".encode()).hexdigest())
-            target = round(0.3 * len(found[c])) if len(groups) > 1 else 0
-            test, n_test = set(), 0
-            for g in order:
-                if n_test >= target or len(test) == len(groups) - 1:
-                    break
-                test.add(g)
-                n_test += len(groups[g])
-            per_split.append({n: 2 if g in test else 1 for g in groups for n in groups[g]})
-        for name in found[c]:
-            tags[(c, name)] = tuple(p[name] for p in per_split)
-    return tags
 
 
 # ---------------------------------------------------------------- planning
@@ -377,6 +222,7 @@ class PackReport:
     complete: bool = False
     already_complete: bool = False
     split_source: str = "official"
+    layout: str = "hmdb51"
 
     def summary(self) -> str:
         rate = self.clips_done_now / self.seconds if self.seconds > 0 else 0.0
@@ -384,9 +230,10 @@ class PackReport:
         if self.already_complete:
             lines.append(f"nothing to do: {self.out_dir} is already complete")
         lines.append(
-            f"packed {self.packed} clips ({self.padded} padded), failed {len(self.failed)}, "
+            f"{self.layout} layout, {self.split_source} split: packed {self.packed} clips ({self.padded} padded), failed {len(self.failed)}, "
             f"unused {self.unused}, ignored files {self.ignored}; "
-            f"{self.shards_written}/{self.shards_total} shards written this run, "
+            + (f"missing {self.listed_missing} (listed, no file); " if self.listed_missing else "")
+            + f"{self.shards_written}/{self.shards_total} shards written this run, "
             f"{self.bytes / 1e6:.1f} MB in all; {self.clips_done_now} clips in {self.seconds:.1f} s ({rate:.1f} clips/s)"
         )
         for source, reason in self.failed[:10]:
@@ -550,6 +397,7 @@ def run_pack(cfg: PackConfig, quiet: bool = False, log=_stderr) -> PackReport:
         report.bytes = sum(s["bytes"] for s in saved.values())
     report.ignored = len(catalog.ignored)
     report.listed_missing = len(catalog.listed_missing)
+    report.layout = catalog.layout
     report.videos = len(catalog.videos)
     return report
 
@@ -568,17 +416,28 @@ def _assemble(cfg: PackConfig, catalog: Catalog, plans: list[ShardPlan], saved: 
                 {
                     "source": v.source, "class_name": v.class_name, "label": v.label, "key": v.key,
                     "split_tags": list(v.tags), "split": TAG_NAMES[v.tags[s]], "shard": None,
-                    "status": "unused", "reason": f"tag 0 in split {cfg.split}", "decoded_frames": None,
+                    "status": "unused", "reason": v.unused_reason or f"tag 0 in split {cfg.split}", "decoded_frames": None,
                     "container_frames": None, "padded": None,
                 }
             )  # fmt: skip
-    rows.sort(key=lambda r: r["source"])
+    for m in catalog.listed_missing:
+        rows.append(
+            {
+                "source": m.source, "class_name": m.class_name, "label": m.label, "key": None,
+                "split_tags": list(m.tags), "split": TAG_NAMES[m.tags[s]], "shard": None,
+                "status": "missing", "reason": f"listed in {m.listed_in}, no such file", "decoded_frames": None,
+                "container_frames": None, "padded": None,
+            }
+        )  # fmt: skip
+    rows = [{**r, "layout": catalog.layout, "split_source": catalog.split_source} for r in rows]
+    rows.sort(key=lambda r: (r["source"], r["status"]))
     schema = pa.schema(
         [
             ("source", pa.string()), ("class_name", pa.string()), ("label", pa.int32()), ("key", pa.string()),
             ("split_tags", pa.list_(pa.int8())), ("split", pa.string()), ("shard", pa.string()),
             ("status", pa.string()), ("reason", pa.string()), ("decoded_frames", pa.int32()),
-            ("container_frames", pa.int32()), ("padded", pa.bool_()),
+            ("container_frames", pa.int32()), ("padded", pa.bool_()), ("layout", pa.string()),
+            ("split_source", pa.string()),
         ]
     )  # fmt: skip
     table = pa.Table.from_pylist(rows, schema=schema)
@@ -600,6 +459,7 @@ def _assemble(cfg: PackConfig, catalog: Catalog, plans: list[ShardPlan], saved: 
         "frames_per_clip": cfg.frames,
         "frame_size": {"short_side": cfg.short_side} if cfg.short_side else {"original": True},
         "options": cfg.output_options(),
+        "layout": catalog.layout,
         "split_source": catalog.split_source,
         "splits": splits,
         "counts": {
@@ -608,6 +468,7 @@ def _assemble(cfg: PackConfig, catalog: Catalog, plans: list[ShardPlan], saved: 
             "padded": sum(bool(r["padded"]) for r in rows),
             "failed": sum(r["status"] == "failed" for r in rows),
             "unused": sum(r["status"] == "unused" for r in rows),
+            "missing": sum(r["status"] == "missing" for r in rows),
         },
     }
     _atomic_write(cfg.out_dir / INDEX_NAME, _json_bytes(index))

@@ -112,11 +112,12 @@ def read_code(frame: np.ndarray) -> tuple[int, int]:
     return frame_index, int("".join(map(str, cls)), 2)
 
 
-def write_avi(path: Path, frames, fps: int = 30, b_frames: int = 0, gop: int = 30) -> None:
-    """Encode RGB frames into an MPEG-4 Part 2 AVI (the codec family of the HMDB51 files)."""
+def write_avi(path: Path, frames, fps: int = 30, b_frames: int = 0, gop: int = 30, container_format: str = "avi") -> None:
+    """Encode RGB frames into MPEG-4 Part 2 (the codec family of the HMDB51 and UCF101 files) in an
+    AVI, or in another container such as "mp4" (Kinetics-style files; decord and PyAV read both)."""
     frames = list(frames)
     h, w = frames[0].shape[:2]
-    with av.open(str(path), "w", format="avi") as container:
+    with av.open(str(path), "w", format=container_format) as container:
         stream = container.add_stream("mpeg4", rate=fps)
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
         stream.codec_context.gop_size = gop
@@ -179,7 +180,10 @@ class SampleClip:
     """Official split tags for splits 1, 2, 3: 1 train, 2 test, 0 unused."""
     kind: str
     """'plain', 'bframes' (B-frames: a seeking trap), 'overstated' (headers claim 5 more frames),
-    'truncated' (file cut at 70 %: the headers and container count still claim the full length)."""
+    'truncated' (file cut at 70 %: the headers and container count still claim the full length),
+    'missing' (Kinetics: a row of the annotation CSV whose file was not written)."""
+    source: str = ""
+    """Path relative to the sample data folder (where the file is, or would be for 'missing')."""
 
 
 def _clip_plan(classes: list[str], clips_per_class: int, seed: int) -> list[SampleClip]:
@@ -209,14 +213,7 @@ def _clip_plan(classes: list[str], clips_per_class: int, seed: int) -> list[Samp
             split_tags.append(tags)
         files = [f for g in groups for f in g]
         for k, f in enumerate(files):
-            length = int(rng.integers(24, 110))
-            kind = ("plain", "bframes", "plain", "overstated" if ci % 2 == 0 else "truncated")[k % 4]
-            # Short clips: pinned to the first two clips of the first classes, so every sample set
-            # (even 1 clip a class) has a 1-frame clip and one shorter than 16 frames.
-            if ci == 0 and k == 0:
-                length = 1
-            elif ci == min(1, len(classes) - 1) and k == 0 or (ci == 0 and k == 1):
-                length = 7
+            length, kind = _length_and_kind(rng, ci, k, len(classes))
             plan.append(
                 SampleClip(
                     class_name=name,
@@ -225,46 +222,183 @@ def _clip_plan(classes: list[str], clips_per_class: int, seed: int) -> list[Samp
                     frames=length,
                     size=_SIZES[(ci + k) % len(_SIZES)],
                     tags=tuple(t[f] for t in split_tags),
-                    kind=kind if length > 1 else "plain",
+                    kind=kind,
+                    source=f"hmdb51_org/{name}/{f}",
                 )
             )
     return plan
 
 
-def make_sample_data(
-    out_dir: Path, classes: int = 8, clips_per_class: int = 24, seed: int = 0, progress=None
-) -> list[SampleClip]:
-    """Write DIR/hmdb51_org/<class>/*.avi and DIR/testTrainMulti_7030_splits/ like the official archive.
+def _length_and_kind(rng: np.random.Generator, ci: int, k: int, n_classes: int, avi: bool = True) -> tuple[int, str]:
+    """Length and kind of clip k of class ci; the traps that patch AVI headers only for AVI files."""
+    length = int(rng.integers(24, 110))
+    kinds = ("plain", "bframes", "plain", "overstated" if ci % 2 == 0 else "truncated") if avi else ("plain", "bframes")
+    kind = kinds[k % len(kinds)]
+    # Short clips: pinned to the first two clips of the first classes, so every sample set
+    # (even 1 clip a class) has a 1-frame clip and one shorter than 16 frames.
+    if ci == 0 and k == 0:
+        length = 1
+    elif ci == min(1, n_classes - 1) and k == 0 or (ci == 0 and k == 1):
+        length = 7
+    return length, kind if length > 1 else "plain"
 
-    Returns the ground truth of every clip. Classes are the first `classes` HMDB51 names (sorted).
+
+def _write_clip(root: Path, clip: SampleClip) -> SampleClip:
+    """Write one generated clip under root; returns its ground truth (a truncated clip's true length)."""
+    path = root / clip.source
+    path.parent.mkdir(parents=True, exist_ok=True)
+    w, h = clip.size
+    frames = (draw_frame(f, clip.class_index, w, h, f"{f} {clip.class_name}") for f in range(clip.frames))
+    write_avi(path, frames, b_frames=2 if clip.kind == "bframes" else 0, container_format=path.suffix[1:])
+    if clip.kind == "overstated":
+        overstate_frame_count(path, extra=5)
+    if clip.kind == "truncated":
+        truncate_avi(path, 0.7)
+        # The clip's true length is what survived the cut, counted by a full sequential decode.
+        clip = dataclasses.replace(clip, frames=count_decodable_frames(path))
+    return clip
+
+
+SAMPLE_LAYOUTS = ("hmdb51", "ucf101", "kinetics")
+
+# UCF101 names in the order classInd.txt numbers them here: deliberately not sorted (the real file
+# is), so labels taken from sorted names instead of classInd.txt are caught. HandstandPushups is
+# written to disk as HandStandPushups, the case quirk of the real download.
+UCF101_CLASSES = (
+    "ApplyEyeMakeup", "HandstandPushups", "Archery", "YoYo", "BabyCrawling", "PlayingCello", "Basketball",
+    "JumpRope", "BenchPress", "Punch", "Biking", "Billiards", "BlowDryHair", "Bowling", "BoxingPunchingBag",
+    "CliffDiving",
+)  # fmt: skip
+UCF101_DISK_NAMES = {"HandstandPushups": "HandStandPushups"}
+# Real Kinetics labels, spaces and brackets included (folder names are the labels).
+KINETICS_CLASSES = (
+    "air drumming", "abseiling", "passing American football (in game)", "zumba", "bowling", "juggling balls",
+    "tai chi", "yoga", "archery", "bench pressing", "clapping", "dribbling basketball",
+)  # fmt: skip
+MAX_CLASSES = {"hmdb51": len(HMDB51_CLASSES), "ucf101": len(UCF101_CLASSES), "kinetics": len(KINETICS_CLASSES)}
+
+
+def make_sample_data(
+    out_dir: Path, classes: int = 8, clips_per_class: int = 24, seed: int = 0, progress=None, layout: str = "hmdb51"
+) -> list[SampleClip]:
+    """Write a sample set in one of the layouts pack-shards reads; returns the ground truth of every clip.
+
+    hmdb51: DIR/hmdb51_org/<class>/*.avi and DIR/testTrainMulti_7030_splits/ like the official archive.
+    ucf101: DIR/<Class>/v_<Class>_gNN_cNN.avi and DIR/ucfTrainTestlist/ (classInd.txt, train and test lists).
+    kinetics: DIR/train/<label>/ and DIR/val/<label>/ .mp4 files, DIR/annotations/{train,validate}.csv
+    with a few rows whose file is not written (their SampleClip has kind 'missing').
     """
-    if not 1 <= classes <= len(HMDB51_CLASSES):
-        raise ValueError(f"classes must be in 1..{len(HMDB51_CLASSES)}, got {classes}")
+    if layout not in SAMPLE_LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(SAMPLE_LAYOUTS)}, got {layout!r}")
+    if not 1 <= classes <= MAX_CLASSES[layout]:
+        raise ValueError(f"classes must be in 1..{MAX_CLASSES[layout]}, got {classes}")
     if clips_per_class < 1:
         raise ValueError(f"clips per class must be >= 1, got {clips_per_class}")
+    make = {"hmdb51": _make_hmdb51, "ucf101": _make_ucf101, "kinetics": _make_kinetics}[layout]
+    return make(out_dir, classes, clips_per_class, seed, progress)
+
+
+def _write_all(out_dir: Path, plan: list[SampleClip], progress) -> list[SampleClip]:
+    for i, clip in enumerate(plan):
+        if clip.kind != "missing":
+            plan[i] = clip = _write_clip(out_dir, clip)
+            if progress:
+                progress(clip)
+    return plan
+
+
+def _make_hmdb51(out_dir: Path, classes: int, clips_per_class: int, seed: int, progress) -> list[SampleClip]:
+    """Classes are the first `classes` HMDB51 names (sorted)."""
     names = sorted(HMDB51_CLASSES)[:classes]
-    plan = _clip_plan(names, clips_per_class, seed)
+    plan = _write_all(out_dir, _clip_plan(names, clips_per_class, seed), progress)
     video_root = out_dir / "hmdb51_org"
     split_root = out_dir / "testTrainMulti_7030_splits"
     split_root.mkdir(parents=True, exist_ok=True)
-    for i, clip in enumerate(plan):
-        folder = video_root / clip.class_name
-        folder.mkdir(parents=True, exist_ok=True)
-        w, h = clip.size
-        frames = (draw_frame(f, clip.class_index, w, h, f"{f} {clip.class_name}") for f in range(clip.frames))
-        path = folder / clip.file_name
-        write_avi(path, frames, b_frames=2 if clip.kind == "bframes" else 0)
-        if clip.kind == "overstated":
-            overstate_frame_count(path, extra=5)
-        if clip.kind == "truncated":
-            truncate_avi(path, 0.7)
-            # The clip's true length is what survived the cut, counted by a full sequential decode.
-            plan[i] = clip = dataclasses.replace(clip, frames=count_decodable_frames(path))
-        if progress:
-            progress(clip)
     for name in names:
         (video_root / name / "Thumbs.db").write_bytes(hashlib.sha256(name.encode()).digest())  # stray file
         for s in range(3):
             lines = [f"{c.file_name} {c.tags[s]} \n" for c in plan if c.class_name == name]
             (split_root / f"{name}_test_split{s + 1}.txt").write_text("".join(lines))
+    return plan
+
+
+def _make_ucf101(out_dir: Path, classes: int, clips_per_class: int, seed: int, progress) -> list[SampleClip]:
+    """Clips come in groups gNN of 1-3 clips cNN. Like the official lists, a split holds out whole
+    groups of every class: split s tests the groups with (NN - 1) % 3 == s - 1."""
+    names = UCF101_CLASSES[:classes]
+    plan = []
+    for ci, name in enumerate(names):  # ci = classInd id - 1: the label
+        rng = np.random.default_rng([seed, 101, ci])
+        disk = UCF101_DISK_NAMES.get(name, name)
+        k = 0
+        group = 0
+        while k < clips_per_class:
+            group += 1
+            for c in range(1, min(int(rng.integers(1, 4)), clips_per_class - k) + 1):
+                length, kind = _length_and_kind(rng, ci, k, len(names))
+                file_name = f"v_{disk}_g{group:02d}_c{c:02d}.avi"
+                tags = tuple(2 if (group - 1) % 3 == s else 1 for s in range(3))
+                plan.append(
+                    SampleClip(name, ci, file_name, length, _SIZES[(ci + k) % len(_SIZES)], tags, kind, f"{disk}/{file_name}")
+                )
+                k += 1
+    plan = _write_all(out_dir, plan, progress)
+    lists = out_dir / "ucfTrainTestlist"
+    lists.mkdir(parents=True, exist_ok=True)
+    # The official files end their lines with CRLF.
+    (lists / "classInd.txt").write_bytes("".join(f"{i + 1} {n}\r\n" for i, n in enumerate(names)).encode())
+    for s in range(3):
+        # List entries spell the class as classInd.txt does and the file as it is on disk.
+        train = "".join(f"{c.class_name}/{c.file_name} {c.class_index + 1}\r\n" for c in plan if c.tags[s] == 1)
+        test = "".join(f"{c.class_name}/{c.file_name}\r\n" for c in plan if c.tags[s] == 2)
+        (lists / f"trainlist0{s + 1}.txt").write_bytes(train.encode())
+        (lists / f"testlist0{s + 1}.txt").write_bytes(test.encode())
+    return plan
+
+
+def _youtube_id(seed: int, ci: int, k: int) -> str:
+    """11 characters of [A-Za-z0-9_-], as YouTube ids are (a leading '-' included, now and then)."""
+    import base64
+
+    return base64.urlsafe_b64encode(hashlib.sha1(f"{seed}:{ci}:{k}".encode()).digest()).decode()[:11]
+
+
+def _make_kinetics(out_dir: Path, classes: int, clips_per_class: int, seed: int, progress) -> list[SampleClip]:
+    """A third of each class's clips (at least one, with 2 or more) go to val/, the rest to train/.
+    With 3 or more classes the third has no train/ folder at all, so the class list must be the
+    union of both folders. Each CSV lists clips whose file is not written: one of the first class
+    (train) or of the second (val), and one of a class that has no folder on disk."""
+    import csv
+
+    names = list(KINETICS_CLASSES[:classes])
+    labels = sorted(names)  # the label is the position in the sorted union of folder names
+    plan = []
+    for ci, name in enumerate(names):
+        rng = np.random.default_rng([seed, 400, ci])
+        label = labels.index(name)
+        n_val = clips_per_class if ci == 2 else max(1, round(clips_per_class / 3)) if clips_per_class > 1 else 0
+        for k in range(clips_per_class + (ci < 2)):
+            length, kind = _length_and_kind(rng, label, k, len(names), avi=False)
+            start = int(rng.integers(0, 300))
+            file_name = f"{_youtube_id(seed, ci, k)}_{start:06d}_{start + 10:06d}.mp4"
+            folder = "val" if k < n_val else "train"
+            if k == clips_per_class:  # the extra clip: in the CSV only
+                kind, folder = "missing", ("train", "val")[ci]
+            size = _SIZES[(ci + k) % len(_SIZES)]
+            plan.append(SampleClip(name, label, file_name, length, size, (1 if folder == "train" else 2,), kind, f"{folder}/{name}/{file_name}"))
+    for tag, folder in ((1, "train"), (2, "val")):
+        file_name = f"{_youtube_id(seed, 999, tag)}_000000_000010.mp4"
+        plan.append(SampleClip("yodelling", -1, file_name, 0, (0, 0), (tag,), "missing", f"{folder}/yodelling/{file_name}"))
+    plan = _write_all(out_dir, plan, progress)
+    (out_dir / "annotations").mkdir(parents=True, exist_ok=True)
+    for folder, csv_name in (("train", "train.csv"), ("val", "validate.csv")):
+        rows = []
+        for c in plan:
+            if c.source.startswith(folder + "/"):
+                youtube_id, start, end = Path(c.file_name).stem.rsplit("_", 2)
+                rows.append((c.class_name, youtube_id, int(start), int(end), folder))
+        with open(out_dir / "annotations" / csv_name, "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(("label", "youtube_id", "time_start", "time_end", "split"))
+            w.writerows(sorted(rows))
     return plan

@@ -109,6 +109,7 @@ def test_index_and_manifest(packed, hmdb_tree):
     root, truth = hmdb_tree
     index = json.loads((out / "index.json").read_text())
     assert index["format"] == "clipstream" and index["version"] == 1
+    assert index["layout"] == "hmdb51" and index["split_source"] == "official" and index["counts"]["missing"] == 0
     assert index["classes"] == sorted({c.class_name for c in truth})
     assert index["frames_per_clip"] == 16 and index["frame_size"] == {"short_side": 128}
     for split in ("train", "test"):
@@ -121,6 +122,7 @@ def test_index_and_manifest(packed, hmdb_tree):
     assert status["packed"] == index["counts"]["packed"] == index["splits"]["train"]["samples"] + index["splits"]["test"]["samples"]
     assert status["unused"] == sum(c.tags[0] == 0 for c in truth)
     assert all(r["shard"] for r in rows if r["status"] == "packed")
+    assert {(r["layout"], r["split_source"]) for r in rows} == {("hmdb51", "official")}
 
 
 def test_frames_match_a_second_decoder(packed, hmdb_tree):
