@@ -268,3 +268,31 @@ def make_sample_data(
             lines = [f"{c.file_name} {c.tags[s]} \n" for c in plan if c.class_name == name]
             (split_root / f"{name}_test_split{s + 1}.txt").write_text("".join(lines))
     return plan
+
+
+BENCH_SIZES = ((320, 240), (176, 144), (352, 240), (256, 192), (320, 180), (400, 226))
+"""(width, height) of the benchmark clips: the common sizes of HMDB51's files."""
+
+
+def make_bench_data(out_dir: Path, clips: int = 153, classes: int = 9, seed: int = 0) -> list[SampleClip]:
+    """Write DIR/hmdb51_org/<class>/*.avi shaped like HMDB51's files, for pack benchmarks.
+
+    Unlike `make_sample_data` (built to trap decoders), these are what the real set mostly holds:
+    MPEG-4 Part 2, 30 fps, a keyframe every 12 frames, no B-frames, 40 to 160 frames, sizes from
+    BENCH_SIZES; no split files, so a pack takes every clip. Frames carry their index and class.
+    """
+    if clips < 1 or not 1 <= classes <= len(HMDB51_CLASSES):
+        raise ValueError(f"need clips >= 1 and classes in 1..{len(HMDB51_CLASSES)}, got {clips}, {classes}")
+    names = sorted(HMDB51_CLASSES)[:classes]
+    rng = np.random.default_rng(seed)
+    truth = []
+    for k in range(clips):
+        ci = k % classes
+        w, h = BENCH_SIZES[k % len(BENCH_SIZES)]
+        n = int(rng.integers(40, 161))
+        folder = out_dir / "hmdb51_org" / names[ci]
+        folder.mkdir(parents=True, exist_ok=True)
+        name = f"{_TITLES[k % len(_TITLES)]}_{names[ci]}_f_cm_np1_fr_goo_{k}.avi"
+        write_avi(folder / name, (draw_frame(f, ci, w, h, f"{f}") for f in range(n)), fps=30, gop=12)
+        truth.append(SampleClip(names[ci], ci, name, n, (w, h), (1, 1, 1), "plain"))
+    return truth
