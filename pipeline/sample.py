@@ -177,14 +177,25 @@ def _pass_pyav(path: str, wanted: set[int], planes: bool = False):
         stream.thread_type = "NONE"
         try:
             for frame in container.decode(stream):
-                if count in wanted:  # only the kept frames are converted
-                    kept[count] = (planes and _yuv420_planes(frame)) or frame.to_ndarray(format="rgb24")
                 if size is None:
-                    size = (frame.width, frame.height)
+                    turns = round(frame.rotation / 90) % 4
+                    size = (frame.height, frame.width) if turns % 2 else (frame.width, frame.height)
+                if count in wanted:  # only the kept frames are converted
+                    kept[count] = _upright((planes and _yuv420_planes(frame)) or frame.to_ndarray(format="rgb24"), turns)
                 count += 1
         except Exception as e:
             error = _first_line(e)
     return kept, count, error, size
+
+
+def _upright(frame, turns: int):
+    """Turn a frame (RGB array or Y, U, V planes) as its display matrix asks, the way decord does
+    itself: a phone video is stored the way it is watched. np.rot90 moves pixels, so no value changes."""
+    if not turns:
+        return frame
+    if isinstance(frame, tuple):
+        return tuple(np.ascontiguousarray(np.rot90(p, turns)) for p in frame)
+    return np.ascontiguousarray(np.rot90(frame, turns))
 
 
 def _pass_decord(path: str, wanted: set[int], planes: bool = False):
