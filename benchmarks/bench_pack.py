@@ -1,13 +1,19 @@
-"""Pack throughput (clips/s): pack-shards against the original recipe's frame extraction.
+"""Pack throughput on HMDB-shaped clips: pack-shards against the original recipe, as processes.
 
-Same generated clips, same machine, alternated runs, medians and ratios. Variants:
-  recipe      OpenCV reads every frame of each clip, writes its 16 sampled frames as JPEG files
-              into a folder per clip (one process), the way the original 3D-ResNet recipe prepares data
-  decord-wN   pack-shards --workers N (decord, the default decoder), for each N of --workers
-  pyav-wN     pack-shards --workers N --decoder pyav
-Prints a table and one JSON line per variant.
+Every variant runs as its own process and is timed from start to exit (interpreter start-up and
+imports included: what a user waits for), alternated with the others in the same run, medians of
+the repeats. Clips: `sampledata.make_bench_data` (MPEG-4 AVI, 30 fps, a keyframe every 12 frames,
+40-160 frames, HMDB's common sizes), frames that carry their own index. Variants, for each N of
+--workers:
+  recipe-wN       benchmarks/recipe_extract.py: OpenCV reads every frame, writes 16 full-size JPEG
+                  files per clip (N > 1: a multiprocessing.Pool of N)
+  floor-wN        PyAV decodes every frame of every clip and converts none (N processes): one
+                  sequential decode is the least any frame-exact packer must do
+  DECODER-wN      pack-shards DATA OUT --workers N --decoder DECODER, for each of --decoders
+Prints a table, then one JSON line per result and per 1 -> N scaling.
 
-    python benchmarks/bench_pack.py                       # 1 and 2 workers, 128 clips, 5 repeats
+    python benchmarks/bench_pack.py                         # 153 clips, 1 and 2 workers, 5 repeats
+    python benchmarks/bench_pack.py --decoders pyav --repeats 9 --data /tmp/bench-clips
 """
 
 from __future__ import annotations
@@ -16,108 +22,122 @@ import argparse
 import json
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from pipeline.config import PackConfig  # noqa: E402
-from pipeline.pack import run_pack  # noqa: E402
-from pipeline.sample import clip_indices, resized_size  # noqa: E402
-from pipeline.sampledata import make_sample_data  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
 
 
-def recipe_extract(data_dir: Path, out: Path, frames: int = 16, short_side: int = 128) -> int:
-    import cv2
+def floor_run(data: Path, workers: int) -> None:
+    """The decode-only floor, run in its own process (see --floor-run)."""
+    files = sorted(str(p) for p in data.glob("hmdb51_org/*/*.avi"))
+    if workers == 1:
+        frames = sum(map(_decode_all, files))
+    else:
+        import multiprocessing
 
-    cv2.setNumThreads(1)
-    n = 0
-    for video in sorted((data_dir / "hmdb51_org").glob("*/*.avi")):
-        cap = cv2.VideoCapture(str(video))
-        all_frames = []
-        while True:
-            ok, f = cap.read()
-            if not ok:
-                break
-            all_frames.append(f)
-        cap.release()
-        if not all_frames:
-            continue
-        folder = out / video.parent.name / video.stem
-        folder.mkdir(parents=True, exist_ok=True)
-        h, w = all_frames[0].shape[:2]
-        size = resized_size(w, h, short_side)
-        for j, i in enumerate(clip_indices(len(all_frames), frames)):
-            img = cv2.resize(all_frames[i], size, interpolation=cv2.INTER_AREA)
-            cv2.imwrite(str(folder / f"image_{j + 1:05d}.jpg"), img, [cv2.IMWRITE_JPEG_QUALITY, 90])
-        n += 1
-    return n
+        with multiprocessing.Pool(workers) as pool:
+            frames = sum(pool.imap_unordered(_decode_all, files, chunksize=4))
+    print(frames)
 
 
-def ours(data_dir: Path, out: Path, workers: int, decoder: str = "decord") -> int:
-    # Every clip in the train split, so all variants handle the same clips.
-    cfg = PackConfig(data_dir=data_dir, out_dir=out, workers=workers, decoder=decoder, shards=4, splits_dir=None)
-    report = run_pack(cfg, quiet=True, log=lambda m: None)
-    return report.packed
+def _decode_all(path: str) -> int:
+    import av
+
+    with av.open(path) as c:
+        stream = c.streams.video[0]
+        stream.thread_type = "NONE"
+        return sum(1 for _ in c.decode(stream))
+
+
+def commands(data: Path, out: Path, workers: list[int], decoders: list[str]) -> dict[str, list[str]]:
+    py = sys.executable
+    variants = {}
+    for w in workers:
+        variants[f"recipe-w{w}"] = [py, str(REPO / "benchmarks" / "recipe_extract.py"), str(data), str(out), "--workers", str(w)]
+        variants[f"floor-w{w}"] = [py, str(Path(__file__).resolve()), "--floor-run", str(data), "--workers", str(w)]
+        for d in decoders:
+            pack = [py, "-c", "from pipeline.cli import pack_app; pack_app()"]
+            variants[f"{d}-w{w}"] = pack + [str(data), str(out), "--workers", str(w), "--decoder", d, "--quiet"]
+    return variants
+
+
+def run_once(cmd: list[str], out: Path, clips: int) -> float:
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        sys.exit(f"benchmark variant failed: {' '.join(cmd)}\n{proc.stderr.strip()}")
+    if (out / "index.json").exists():  # a pack: every clip must be in it
+        packed = json.loads((out / "index.json").read_text())["counts"]["packed"]
+        if packed != clips:
+            sys.exit(f"{' '.join(cmd)} packed {packed} of {clips} clips")
+    shutil.rmtree(out, ignore_errors=True)
+    return seconds
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--classes", type=int, default=8)
-    ap.add_argument("--clips-per-class", type=int, default=16)
+    ap.add_argument("--clips", type=int, default=153)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--workers", default="1,2", help="comma-separated worker counts")
+    ap.add_argument("--decoders", default="pyav,decord", help="comma-separated pack-shards decoders")
+    ap.add_argument("--data", type=Path, help="clip folder to reuse (made if missing) [default: a temporary one]")
+    ap.add_argument("--floor-run", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    workers = [int(x) for x in args.workers.split(",")]
+    if args.floor_run:
+        return floor_run(args.floor_run, workers[0])
+
+    from pipeline.sampledata import make_bench_data
 
     work = Path(tempfile.mkdtemp(prefix="bench-pack-"))
-    data = work / "data"
-    make_sample_data(data, classes=args.classes, clips_per_class=args.clips_per_class, seed=0)
-    shutil.rmtree(data / "testTrainMulti_7030_splits")  # grouped split: every clip is packed
-    n_videos = len(list((data / "hmdb51_org").glob("*/*.avi")))
-    variants = {"recipe": lambda out: recipe_extract(data, out)}
-    for w in (int(x) for x in args.workers.split(",")):
-        for decoder in ("decord", "pyav"):
-            variants[f"{decoder}-w{w}"] = lambda out, w=w, decoder=decoder: ours(data, out, w, decoder)
+    data = args.data or work / "data"
+    if not (data / "hmdb51_org").is_dir():
+        make_bench_data(data, clips=args.clips)
+    clips = len(list(data.glob("hmdb51_org/*/*.avi")))
+    out = work / "out"
+    variants = commands(data, out, workers, [d for d in args.decoders.split(",") if d])
     times: dict[str, list[float]] = {k: [] for k in variants}
-    for name, fn in variants.items():  # warm-up: page cache, imports, lazy initialisation
-        fn(work / f"warm-{name}")
-        shutil.rmtree(work / f"warm-{name}")
-    for r in range(args.repeats):
-        for name, fn in variants.items():  # alternated, so drift on a shared machine hits all alike
-            out = work / f"{name}-{r}"
-            t0 = time.perf_counter()
-            clips = fn(out)
-            times[name].append(time.perf_counter() - t0)
-            assert clips == n_videos, (name, clips, n_videos)
-            shutil.rmtree(out)
+    for cmd in variants.values():  # warm-up: page cache, .pyc files
+        run_once(cmd, out, clips)
+    for _ in range(args.repeats):
+        for name, cmd in variants.items():  # alternated: drift on a shared machine hits all alike
+            times[name].append(run_once(cmd, out, clips))
     shutil.rmtree(work)
 
     med = {k: statistics.median(v) for k, v in times.items()}
-    rate = {k: n_videos / v for k, v in med.items()}
+    rate = {k: clips / v for k, v in med.items()}
     results = []
     for name in variants:
+        w = name.rsplit("-w", 1)[1]
         results.append(
             {
                 "bench": "pack",
                 "variant": name,
-                "clips": n_videos,
-                "median_s": round(med[name], 4),
-                "clips_per_s": round(rate[name], 2),
-                "vs_recipe": round(rate[name] / rate["recipe"], 3),
-                "runs_s": [round(t, 4) for t in times[name]],
+                "workers": int(w),
+                "clips": clips,
+                "median_s": round(med[name], 3),
+                "clips_per_s": round(rate[name], 1),
+                "vs_recipe": round(rate[name] / rate[f"recipe-w{w}"], 3),
+                "runs_s": [round(t, 3) for t in times[name]],
             }
         )
-    print(f"{n_videos} clips, {args.repeats} alternated runs, medians")
-    print(f"{'variant':10} {'clips/s':>9} {'x recipe':>9}")
+    print(f"{clips} HMDB-shaped clips, {args.repeats} alternated runs, medians, process wall time")
+    print(f"{'variant':12} {'s':>7} {'clips/s':>8} {'x recipe':>9}")
     for r in results:
-        print(f"{r['variant']:10} {r['clips_per_s']:9.1f} {r['vs_recipe']:9.2f}")
-    for decoder in ("decord", "pyav"):
-        counts = sorted(int(k.split("-w")[1]) for k in rate if k.startswith(decoder))
-        for w in counts[1:]:
-            print(f"{decoder} scaling 1 -> {w} workers: {rate[f'{decoder}-w{w}'] / rate[f'{decoder}-w{counts[0]}']:.2f}x")
-    for r in results:
+        print(f"{r['variant']:12} {r['median_s']:7.2f} {r['clips_per_s']:8.1f} {r['vs_recipe']:9.2f}")
+    scaling = []
+    for base in sorted({k.rsplit("-w", 1)[0] for k in variants}):
+        for w in workers[1:]:
+            s = rate[f"{base}-w{w}"] / rate[f"{base}-w{workers[0]}"]
+            scaling.append({"bench": "pack-scaling", "variant": base, "workers": [workers[0], w], "speedup": round(s, 3)})
+            print(f"{base} scaling {workers[0]} -> {w} workers: {s:.2f}x")
+    for r in results + scaling:
         print(json.dumps(r))
 
 

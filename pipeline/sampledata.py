@@ -402,3 +402,73 @@ def _make_kinetics(out_dir: Path, classes: int, clips_per_class: int, seed: int,
             w.writerow(("label", "youtube_id", "time_start", "time_end", "split"))
             w.writerows(sorted(rows))
     return plan
+
+
+BENCH_SIZES = ((320, 240), (176, 144), (352, 240), (256, 192), (320, 180), (400, 226))
+"""(width, height) of the benchmark clips: the common sizes of HMDB51's files."""
+
+
+def make_bench_data(out_dir: Path, clips: int = 153, classes: int = 9, seed: int = 0) -> list[SampleClip]:
+    """Write DIR/hmdb51_org/<class>/*.avi shaped like HMDB51's files, for pack benchmarks.
+
+    Unlike `make_sample_data` (built to trap decoders), these are what the real set mostly holds:
+    MPEG-4 Part 2, 30 fps, a keyframe every 12 frames, no B-frames, 40 to 160 frames, sizes from
+    BENCH_SIZES; no split files, so a pack takes every clip. Frames carry their index and class.
+    """
+    if clips < 1 or not 1 <= classes <= len(HMDB51_CLASSES):
+        raise ValueError(f"need clips >= 1 and classes in 1..{len(HMDB51_CLASSES)}, got {clips}, {classes}")
+    names = sorted(HMDB51_CLASSES)[:classes]
+    rng = np.random.default_rng(seed)
+    truth = []
+    for k in range(clips):
+        ci = k % classes
+        w, h = BENCH_SIZES[k % len(BENCH_SIZES)]
+        n = int(rng.integers(40, 161))
+        folder = out_dir / "hmdb51_org" / names[ci]
+        folder.mkdir(parents=True, exist_ok=True)
+        name = f"{_TITLES[k % len(_TITLES)]}_{names[ci]}_f_cm_np1_fr_goo_{k}.avi"
+        write_avi(folder / name, (draw_frame(f, ci, w, h, f"{f}") for f in range(n)), fps=30, gop=12)
+        truth.append(SampleClip(names[ci], ci, name, n, (w, h), (1, 1, 1), "plain"))
+    return truth
+
+
+def drop_leading_keyframe(path: Path) -> None:
+    """Remux the file without its first packet (the opening keyframe), as a clip cut out of a longer
+    stream without re-encoding would start: predicted frames whose reference is gone."""
+    tmp = path.with_name(path.name + ".tmp")
+    with av.open(str(path)) as src, av.open(str(tmp), "w", format="avi") as dst:
+        stream = src.streams.video[0]
+        out = dst.add_stream_from_template(stream)
+        packets = (p for p in src.demux(stream) if p.size)
+        next(packets)
+        for packet in packets:
+            packet.stream = out
+            dst.mux(packet)
+    tmp.replace(path)
+
+
+def write_rotated_mp4(path: Path, frames, degrees: int = 90, fps: int = 30) -> None:
+    """An MPEG-4 video in an MP4 whose track header asks players to rotate it (phones write these).
+
+    The rotation lives in the 'tkhd' display matrix, which FFmpeg reads back as the stream's
+    rotation; it is patched in after writing because PyAV 18 has no setter for it.
+    """
+    frames = list(frames)
+    h, w = frames[0].shape[:2]
+    with av.open(str(path), "w", format="mp4") as container:
+        stream = container.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        for img in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    data = bytearray(path.read_bytes())
+    tkhd = data.find(b"tkhd")
+    version = data[tkhd + 4]
+    matrix = tkhd + 4 + 4 + (32 if version == 1 else 20) + 8 + 8  # after times, track id, duration; reserved, layer..volume
+    cos, sin = {0: (1, 0), 90: (0, 1), 180: (-1, 0), 270: (0, -1)}[degrees % 360]
+    # 16.16 fixed point a, b, u, c, d, v, x, y, w (u, v: 2.30; w = 1.0 in 2.30)
+    values = (cos << 16, sin << 16, 0, -sin << 16, cos << 16, 0, 0, 0, 1 << 30)
+    struct.pack_into(">9i", data, matrix, *values)
+    path.write_bytes(bytes(data))

@@ -21,7 +21,7 @@ import simplejpeg
 import torch
 
 from conftest import run_cli
-from pipeline.stream import clips, plan, sources, tar
+from pipeline.stream import clips, plan, sources
 import streamkit
 from pipeline import read_shard, train
 from pipeline.cli import train_app

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import simplejpeg
 
-from pipeline.stream import clips, plan, samples, sources, tar
+from pipeline.stream import clips, plan, sources
 import streamkit
 from pipeline.config import StreamConfig
 from pipeline.errors import UserError
