@@ -111,6 +111,16 @@ class ClipDataset(wds.DataPipeline, wds.FluidInterface):
             self._decode,
         ]
 
+    @property
+    def classes(self) -> tuple[str, ...]:
+        """Class names; a label is an index into them."""
+        return self.source.classes
+
+    @property
+    def frames(self) -> int:
+        """Frames per clip (T)."""
+        return self.source.frames
+
     def set_epoch(self, epoch: int) -> None:
         """Plan the next pass as epoch `epoch` (shard order, shuffle, crops), in every worker."""
         if epoch < 0:

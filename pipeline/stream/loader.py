@@ -170,7 +170,7 @@ class ClipLoader:
     Workers start with the first epoch asked for and stop on `close()` (or the `with` block's end).
 
     Rank and world size default to torch.distributed's when it is initialised. `workers=None`: a
-    core each (one core left to the trainer), at most 8, at most shards / ranks.
+    core each (one core left to the trainer), at most 8, and in training at most shards / ranks.
     """
 
     def __init__(
@@ -199,8 +199,8 @@ class ClipLoader:
             shuffle_buffer=shuffle_buffer, workers=workers, prefetch=prefetch,
         )  # fmt: skip
         source = resolve(cfg.shards, split, index, allow_pipe)
-        if workers is None and split == "train":
-            cfg = dataclasses.replace(cfg, workers=auto_workers(len(source.shards), world_size, cores_per_rank(), resample))
+        if workers is None:
+            cfg = dataclasses.replace(cfg, workers=auto_workers(len(source.shards), world_size, cores_per_rank(), resample or split == "test"))
         self._setup(source, cfg, split, rank, world_size, pin_memory, copy, epochs, None)
 
     @classmethod
@@ -236,11 +236,23 @@ class ClipLoader:
         """(epoch, step) of the next batch to deliver."""
 
     @property
+    def classes(self) -> tuple[str, ...]:
+        """Class names; a label is an index into them."""
+        return self.source.classes
+
+    @property
+    def frames(self) -> int:
+        """Frames per clip (T)."""
+        return self.source.frames
+
+    @property
     def slot_shape(self) -> tuple[int, ...]:
         return (self.cfg.batch_size, self.source.frames, self.cfg.crop, self.cfg.crop, 3)
 
     def steps(self, epoch: int) -> int:
         """Batches this rank (and every rank) gets in `epoch` (training)."""
+        if self.split != "train":
+            raise TypeError("a test-split ClipLoader has no planned number of batches (each worker's last batch may be short)")
         plans = train_plan(self.source.shards, self.cfg, epoch, self.rank, self.world_size, self.n_workers)
         return sum(p.quota for p in plans) // self.cfg.batch_size
 
@@ -304,6 +316,8 @@ class ClipLoader:
         self.position = self._next()
         if epoch != self.position[0]:
             raise ValueError(f"epoch {epoch} asked for; the loader is at epoch {self.position[0]}, step {self.position[1]}")
+        if self.epochs is not None and epoch >= self.epochs:
+            raise ValueError(f"epoch {epoch} asked for; the loader was made for `epochs`={self.epochs} (epochs 0..{self.epochs - 1})")
         if self.pool is None:
             from pipeline.stream.workers import WorkerPool
 
