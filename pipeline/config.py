@@ -99,6 +99,7 @@ class PackConfig:
 
 
 OPTIMIZERS = ("adamw", "sgd")
+EPOCH_FILLS = ("pad", "drop")
 SCHEDULES = ("cosine", "step")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -129,6 +130,8 @@ class StreamConfig:
     """Allow `pipe:` shard URLs, which run shell commands."""
     prefetch: int = 2
     """Batches each worker prepares ahead (each worker holds prefetch + 1 batch buffers)."""
+    epoch_fill: str = "pad"
+    """How every rank gets the same number of steps: `pad` uses every training clip once per epoch and tops the last batches up with repeats of that epoch's clips (marked); `drop` leaves each rank's surplus unread (see docs/TRAINING.md)."""
     max_bad: float = 0.01
     """Unreadable training clips allowed per rank and epoch: a fraction of the rank's clips if < 1, else a count. Above it the run stops with an error."""
 
@@ -147,6 +150,8 @@ class StreamConfig:
             raise UserError(f"`crop` must be >= 1, got {self.crop}")
         if self.prefetch < 1:
             raise UserError(f"`prefetch` must be >= 1, got {self.prefetch}")
+        if self.epoch_fill not in EPOCH_FILLS:
+            raise UserError(f"`epoch_fill` must be one of {', '.join(EPOCH_FILLS)}, got {self.epoch_fill!r}")
         if not self.max_bad >= 0:
             raise UserError(f"`max_bad` must be >= 0 (a fraction if < 1, else a count), got {self.max_bad}")
 

@@ -277,7 +277,7 @@ def load_resume(path: str, run_identity: dict, model, optimizer, env: DistEnv, u
     if saved["model"] != run_identity["model"] or saved["classes"] != run_identity["classes"]:
         raise UserError(f"checkpoint {path!r} is of model {saved['model']!r} on {len(saved['classes'])} classes")
     if ckpt["step_in_epoch"] > 0 and saved != run_identity:
-        changed = sorted(k for k in saved if saved[k] != run_identity.get(k))
+        changed = sorted(k for k in {*saved, *run_identity} if saved.get(k) != run_identity.get(k))
         raise UserError(f"checkpoint {path!r} stopped mid-epoch; resuming it needs the same {', '.join(changed)}")
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
@@ -435,6 +435,7 @@ def train(cfg: TrainConfig, env: DistEnv) -> dict:
         "classes": list(classes),
         "shards": [shard_name(s.url) for s in data.train.shards],
         "resample": sc.resample,
+        "epoch_fill": sc.epoch_fill,
     }
     step = opt_step = start_epoch = start_in_epoch = 0
     if cfg.resume:
@@ -521,7 +522,8 @@ def train(cfg: TrainConfig, env: DistEnv) -> dict:
                     opt_step += 1
                 step += 1
                 if audit is not None:
-                    audit.write("".join(k + "\n" for k in batch["key"]))
+                    # a repeat (--epoch-fill pad topping the epoch up) is marked, so each clip's first use stands alone
+                    audit.write("".join(k + ("\trepeat\n" if r else "\n") for k, r in zip(batch["key"], batch["repeat"].tolist())))
                 failpoint(f"step:{step}")
                 meter.add(loss, sc.batch_size, t1 - t0, time.perf_counter() - t0)
                 bar.update(1)

@@ -132,7 +132,7 @@ def _epoch(loader, epoch):
 def test_state_dict_resume_is_exact_at_an_ordinary_and_at_a_merged_step(packed, batch, workers, stop):
     """Batch 5 with 2 workers (23 + 22 clips): the last step merges the workers' remainders, and the
     resume at step 8 lands right on it."""
-    args = dict(batch_size=batch, workers=workers, **ARGS)
+    args = dict(batch_size=batch, workers=workers, epoch_fill="drop", **ARGS)
     with ClipLoader(packed, **args) as loader:
         _epoch(loader, 0)
         whole = _epoch(loader, 1)

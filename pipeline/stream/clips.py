@@ -138,10 +138,12 @@ class TrainClips:
     def _decode(self, raw: dict, row: np.ndarray) -> int:
         return decode_sample(raw, self.crop, self.num_classes, clip_draw(self.seed, self.epoch, raw["__key__"]), row, self.scratch)
 
-    def fill(self, rows: np.ndarray) -> tuple[list[str], list[int]]:
-        """Write len(rows) clips into `rows`; returns their keys and labels."""
+    def fill(self, rows: np.ndarray) -> tuple[list[str], list[int], list[bool]]:
+        """Write len(rows) clips into `rows`; returns their keys, labels and repeat marks (a clip
+        delivered again to top the epoch up, see samples.fit_to_quota)."""
         keys: list[str] = []
         labels: list[int] = []
+        repeats: list[bool] = []
         for row in rows:
             if self.repeat is not None:
                 clip, key, label, owed = self.repeat
@@ -149,9 +151,12 @@ class TrainClips:
                 self.repeat = (clip, key, label, owed - 1) if owed > 1 else None
                 keys.append(key)
                 labels.append(label)
+                repeats.append(False)
                 continue
             owed = 0
+            repeated = False
             for raw in self.src:
+                repeated = "__repeat__" in raw
                 key = raw.get("__key__", "?")
                 try:
                     label = self._decode(raw, row)
@@ -172,4 +177,5 @@ class TrainClips:
                 self.repeat = (row.copy(), key, label, owed)
             keys.append(key)
             labels.append(label)
-        return keys, labels
+            repeats.append(repeated)
+        return keys, labels, repeats

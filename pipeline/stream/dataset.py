@@ -57,9 +57,11 @@ class ClipDataset(wds.DataPipeline, wds.FluidInterface):
     stages, then shuffling, decoding and cropping; webdataset's fluid methods (`.map`, `.select`,
     `.batched`, `.with_epoch`, ...) append stages of one's own.
 
-    Yields {'key': str, 'frames': (T, crop, crop, 3) uint8 tensor, 'label': int} per clip, or, with
-    `batch_size=B`, whole batches {'key': list of B, 'frames': (B, T, crop, crop, 3) uint8, 'label':
-    (B,) int64, 'faults': list}. Use it as `DataLoader(ds, batch_size=None, num_workers=W,
+    Yields {'key': str, 'frames': (T, crop, crop, 3) uint8 tensor, 'label': int, 'repeat': bool} per
+    clip, or, with `batch_size=B`, whole batches {'key': list of B, 'frames': (B, T, crop, crop, 3)
+    uint8, 'label': (B,) int64, 'repeat': (B,) bool, 'faults': list}. 'repeat' marks a clip given
+    again to top the epoch up (`epoch_fill="pad"`: every clip once, then repeats, so that every rank
+    gets the same number; `"drop"`: each rank's surplus left unread instead). Use it as `DataLoader(ds, batch_size=None, num_workers=W,
     persistent_workers=True)` and call `ds.set_epoch(e)` before each epoch (without it, each pass
     counts as the next epoch in every worker).
 
@@ -86,6 +88,7 @@ class ClipDataset(wds.DataPipeline, wds.FluidInterface):
         resample: bool = False,
         allow_pipe: bool = False,
         shuffle_buffer: int = 256,
+        epoch_fill: str = "pad",
     ):
         super().__init__()
         if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
@@ -95,8 +98,9 @@ class ClipDataset(wds.DataPipeline, wds.FluidInterface):
         self.rank, self.world_size = rank_and_world(rank, world_size)
         # Single clips are planned as batches of one: every rank still gets the same number.
         self.cfg = stream_config(
-            shards, batch_size=batch_size or 1, crop=crop, seed=seed, resample=resample, allow_pipe=allow_pipe, shuffle_buffer=shuffle_buffer
-        )
+            shards, batch_size=batch_size or 1, crop=crop, seed=seed, resample=resample, allow_pipe=allow_pipe,
+            shuffle_buffer=shuffle_buffer, epoch_fill=epoch_fill,
+        )  # fmt: skip
         self.split, self.batch_size = split, batch_size
         self.source = resolve(self.cfg.shards, split, index, allow_pipe)
         if split == "train":
@@ -163,18 +167,24 @@ class ClipDataset(wds.DataPipeline, wds.FluidInterface):
             clips = TrainClips(raw, cfg.crop, classes, cfg.seed, now.epoch, now.faults)
             for _ in range(now.plan.quota // shape[0]):
                 rows = np.empty(shape, np.uint8)
-                keys, labels = clips.fill(rows)
-                yield self._output(rows, keys, labels, now.faults)
+                keys, labels, repeats = clips.fill(rows)
+                yield self._output(rows, keys, labels, now.faults, repeats)
             return
         for rows, keys, labels in eval_clips(raw, cfg.crop, classes, now.faults, lambda: (np.empty(shape, np.uint8),) * 2):
-            yield self._output(rows[: len(keys)], keys, labels, now.faults)
+            yield self._output(rows[: len(keys)], keys, labels, now.faults, [False] * len(keys))
         self._log(now.faults.take())
 
-    def _output(self, rows: np.ndarray, keys: list[str], labels: list[int], faults: Faults) -> dict:
+    def _output(self, rows: np.ndarray, keys: list[str], labels: list[int], faults: Faults, repeats: list[bool]) -> dict:
         if self.batch_size is None:
             self._log(faults.take())
-            return {"key": keys[0], "frames": torch.from_numpy(rows[0]), "label": labels[0]}
-        return {"key": keys, "frames": torch.from_numpy(rows), "label": torch.tensor(labels, dtype=torch.int64), "faults": faults.take()}
+            return {"key": keys[0], "frames": torch.from_numpy(rows[0]), "label": labels[0], "repeat": repeats[0]}
+        return {
+            "key": keys,
+            "frames": torch.from_numpy(rows),
+            "label": torch.tensor(labels, dtype=torch.int64),
+            "repeat": torch.tensor(repeats, dtype=torch.bool),
+            "faults": faults.take(),
+        }
 
     @staticmethod
     def _log(faults: list[dict]) -> None:

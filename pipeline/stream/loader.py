@@ -26,7 +26,7 @@ from pipeline.stream.samples import Faults, fit_to_quota, read_samples, resample
 from pipeline.stream.sources import ShardSet, resolve, shard_name
 
 
-def stream_config(shards, *, batch_size, crop, seed, resample, allow_pipe, shuffle_buffer=256, workers=None, prefetch=2) -> StreamConfig:
+def stream_config(shards, *, batch_size, crop, seed, resample, allow_pipe, shuffle_buffer=256, workers=None, prefetch=2, epoch_fill="pad") -> StreamConfig:
     """The library's keyword arguments as a checked StreamConfig (errors name the parameters)."""
     patterns = (str(shards),) if isinstance(shards, (str, Path)) else tuple(map(str, shards))
     return StreamConfig(
@@ -39,6 +39,7 @@ def stream_config(shards, *, batch_size, crop, seed, resample, allow_pipe, shuff
         shuffle_buffer=shuffle_buffer,
         workers=workers,
         prefetch=prefetch,
+        epoch_fill=epoch_fill,
     )
 
 
@@ -95,8 +96,8 @@ class TrainProducer:
                 clips = TrainClips(src, self.cfg.crop, len(self.source.classes), self.cfg.seed, epoch, faults)
                 for n in sizes:
                     slot, rows = ring.take()
-                    keys, labels = clips.fill(rows[:n])
-                    yield {"slot": slot, "n": n, "epoch": epoch, "key": keys, "label": labels, "faults": faults.take()}
+                    keys, labels, repeats = clips.fill(rows[:n])
+                    yield {"slot": slot, "n": n, "epoch": epoch, "key": keys, "label": labels, "repeat": repeats, "faults": faults.take()}
         except UserError as e:
             yield {"fatal": str(e)}
 
@@ -154,7 +155,8 @@ class ClipLoader:
     """One rank's batches of clips from persistent loader workers, epoch after epoch.
 
     `for batch in loader.epoch(e)` yields the batches of epoch e: 'frames' (B, T, crop, crop, 3)
-    uint8, 'label' (B,) int64, 'key' list of B str, 'worker' (B,) int64 (which worker read each clip)
+    uint8, 'label' (B,) int64, 'key' list of B str, 'worker' (B,) int64 (which worker read each clip),
+    'repeat' (B,) bool (a clip delivered again to fill the epoch's last batches, `epoch_fill="pad"`)
     and 'faults' (unreadable clips replaced since the last batch: {'what', 'reason', 'samples'}).
     Every rank gets the same number of batches (`len(loader)`, from the index). Epochs must be asked
     for in order; `state_dict()` / `load_state_dict()` resume mid-epoch exactly.
@@ -191,12 +193,13 @@ class ClipLoader:
         pin_memory: bool = False,
         copy: bool = True,
         shuffle_buffer: int = 256,
+        epoch_fill: str = "pad",
         epochs: int | None = None,
     ):
         rank, world_size = rank_and_world(rank, world_size)
         cfg = stream_config(
             shards, batch_size=batch_size, crop=crop, seed=seed, resample=resample, allow_pipe=allow_pipe,
-            shuffle_buffer=shuffle_buffer, workers=workers, prefetch=prefetch,
+            shuffle_buffer=shuffle_buffer, workers=workers, prefetch=prefetch, epoch_fill=epoch_fill,
         )  # fmt: skip
         source = resolve(cfg.shards, split, index, allow_pipe)
         if workers is None:
@@ -273,6 +276,7 @@ class ClipLoader:
             "batch_size": cfg.batch_size,
             "shuffle_buffer": cfg.shuffle_buffer,
             "resample": cfg.resample,
+            "epoch_fill": cfg.epoch_fill,
             "shards": [shard_name(s.url) for s in self.source.shards],
         }
 
@@ -361,6 +365,7 @@ class ClipLoader:
                     "label": torch.tensor([label for _, m in got for label in m["label"]], dtype=torch.int64),
                     "key": [k for _, m in got for k in m["key"]],
                     "worker": torch.tensor([w for w, m in got for _ in range(m["n"])], dtype=torch.int64),
+                    "repeat": torch.tensor([r for _, m in got for r in m["repeat"]], dtype=torch.bool),
                     "faults": [f for _, m in got for f in m["faults"]],
                 }
                 for w, m in held:

@@ -113,9 +113,9 @@ REFILL_KEPT = 256
 
 
 def fit_to_quota(src: Iterable[dict], quota: int) -> Iterator[dict]:
-    """Exactly `quota` raw samples: surplus cut; a shortfall (lost shards) filled by cycling over the
-    last REFILL_KEPT samples delivered, so the rank still runs its planned steps (and a worker's
-    memory does not grow with its share of the epoch)."""
+    """Exactly `quota` raw samples: surplus cut; a shortfall (`pad`'s top-up, lost shards) filled by
+    cycling over the last REFILL_KEPT samples delivered, each marked '__repeat__', so the rank
+    still runs its planned steps (and a worker's memory does not grow with its share of the epoch)."""
     recent: collections.deque = collections.deque(maxlen=REFILL_KEPT)
     delivered = 0
     for sample in itertools.islice(src, quota):
@@ -124,7 +124,8 @@ def fit_to_quota(src: Iterable[dict], quota: int) -> Iterator[dict]:
         yield sample
     if delivered == quota or not recent:
         return
-    yield from itertools.islice(itertools.cycle(list(recent)), quota - delivered)
+    for sample in itertools.islice(itertools.cycle(list(recent)), quota - delivered):
+        yield {**sample, "__repeat__": True}
 
 
 def skip_consumed(src: Iterable[dict], skip: int) -> Iterator[dict]:
