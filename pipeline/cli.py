@@ -55,6 +55,14 @@ def _app(fn: Callable) -> typer.Typer:
     return app
 
 
+def _parse_views(text: str) -> tuple[int, int]:
+    try:
+        k, c = (int(x) for x in text.lower().replace("×", "x").split("x"))
+    except ValueError:
+        raise UserError(f"--test-views must be KxC, e.g. 1x1 or 3x3, got {text!r}") from None
+    return k, c
+
+
 def _parse_part(text: str) -> tuple[int, int]:
     try:
         i, n = (int(x) for x in text.split("/"))
@@ -152,6 +160,8 @@ def train_stream(
     seed: Annotated[int, typer.Option(help="Seed of shard order, shuffle, crops, flips and model initialisation.")] = 0,
     resample: Annotated[bool, typer.Option("--resample", help="Draw shards with replacement (allows fewer shards than ranks x workers).")] = False,
     epoch_fill: Annotated[str, typer.Option(help="pad: every training clip once per epoch, the last batches topped up with marked repeats so every rank runs the same steps; drop: each rank's surplus left unread.")] = "pad",
+    temporal: Annotated[str, typer.Option(help="Training frames: segment (one stored frame drawn per segment each epoch) or fixed (the evaluation frames); the same for packs of T stored frames.")] = "segment",
+    test_views: Annotated[str, typer.Option(help="Evaluation views KxC: K temporal offsets x C spatial crops (1: centre, 3: centre and both ends); scores averaged per clip.")] = "1x1",
     allow_pipe: Annotated[bool, typer.Option("--allow-pipe", help="Allow pipe: shard URLs, which run shell commands.")] = False,
     prefetch: Annotated[int, typer.Option(help="Batches each worker prepares ahead; each worker holds this many + 1 batch buffers in shared memory.")] = 2,
     max_bad: Annotated[float, typer.Option("--max-bad", "--max-bad-fraction", help="Unreadable training clips allowed per rank and epoch: a fraction of its clips if < 1, else a count; above it the run stops.")] = 0.01,
@@ -194,6 +204,8 @@ def train_stream(
         seed=seed,
         resample=resample,
         epoch_fill=epoch_fill,
+        temporal=temporal,
+        test_views=_parse_views(test_views),
         allow_pipe=allow_pipe,
         prefetch=prefetch,
         max_bad=max_bad,
@@ -300,6 +312,7 @@ def bench_stream(
     index: Annotated[Optional[str], typer.Option(help="Path or URL of index.json [default: beside the shards].", show_default=False)] = None,
     resample: Annotated[bool, typer.Option("--resample", help="Draw shards with replacement (allows fewer shards than workers).")] = False,
     epoch_fill: Annotated[str, typer.Option(help="pad: every training clip once per epoch, the last batches topped up with marked repeats so every rank runs the same steps; drop: each rank's surplus left unread.")] = "pad",
+    temporal: Annotated[str, typer.Option(help="Training frames: segment (one stored frame drawn per segment each epoch) or fixed (the evaluation frames); the same for packs of T stored frames.")] = "segment",
     allow_pipe: Annotated[bool, typer.Option("--allow-pipe", help="Allow pipe: shard URLs, which run shell commands.")] = False,
     amp: Annotated[bool, typer.Option("--amp/--no-amp", help="bf16 autocast on CUDA.")] = True,
     channels_last: Annotated[bool, typer.Option("--channels-last/--no-channels-last", help="channels_last_3d on CUDA.")] = True,
@@ -323,6 +336,7 @@ def bench_stream(
         seed=seed,
         resample=resample,
         epoch_fill=epoch_fill,
+        temporal=temporal,
         allow_pipe=allow_pipe,
         prefetch=prefetch,
     )

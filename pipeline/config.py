@@ -100,6 +100,7 @@ class PackConfig:
 
 OPTIMIZERS = ("adamw", "sgd")
 EPOCH_FILLS = ("pad", "drop")
+TEMPORAL = ("segment", "fixed")
 SCHEDULES = ("cosine", "step")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -120,7 +121,7 @@ class StreamConfig:
     """Loader worker processes per rank (started once for the run), each reading its own shards and building whole batches; None: one per core left to the rank, at most 8 and at most shards / ranks."""
     shuffle_buffer: int = 256
     """Samples held in each worker's shuffle buffer (raw JPEG bytes, about 150 KB a clip)."""
-    crop: int = 112
+    crop: int | None = 112
     """Side of the square crop fed to the model (random in training, centred in evaluation)."""
     seed: int = 0
     """Seed of everything random: shard order, shuffle buffer, crops and flips, model initialisation."""
@@ -130,6 +131,10 @@ class StreamConfig:
     """Allow `pipe:` shard URLs, which run shell commands."""
     prefetch: int = 2
     """Batches each worker prepares ahead (each worker holds prefetch + 1 batch buffers)."""
+    temporal: str = "segment"
+    """Training frames: `segment` draws one stored frame per segment each epoch (deterministic in seed, epoch and key); `fixed` takes the T evaluation frames. The same when a pack stores T frames per clip."""
+    test_views: tuple[int, int] = (1, 1)
+    """(K, C) evaluation views per test clip: K temporal offsets x C spatial crops (1: centre; 3: centre and both ends of the longer side), scores softmax-averaged per clip."""
     epoch_fill: str = "pad"
     """How every rank gets the same number of steps: `pad` uses every training clip once per epoch and tops the last batches up with repeats of that epoch's clips (marked); `drop` leaves each rank's surplus unread (see docs/TRAINING.md)."""
     max_bad: float = 0.01
@@ -146,10 +151,15 @@ class StreamConfig:
             raise UserError(f"`workers` must be >= 0, got {self.workers}")
         if self.shuffle_buffer < 1:
             raise UserError(f"`shuffle_buffer` must be >= 1 (1 = no shuffle), got {self.shuffle_buffer}")
-        if self.crop < 1:
+        if self.crop is not None and self.crop < 1:
             raise UserError(f"`crop` must be >= 1, got {self.crop}")
         if self.prefetch < 1:
             raise UserError(f"`prefetch` must be >= 1, got {self.prefetch}")
+        if self.temporal not in TEMPORAL:
+            raise UserError(f"`temporal` must be one of {', '.join(TEMPORAL)}, got {self.temporal!r}")
+        k, c = self.test_views
+        if not (isinstance(k, int) and 1 <= k <= 32 and c in (1, 3)):
+            raise UserError(f"`test_views` must be KxC with K in 1..32 and C 1 or 3, got {k}x{c}")
         if self.epoch_fill not in EPOCH_FILLS:
             raise UserError(f"`epoch_fill` must be one of {', '.join(EPOCH_FILLS)}, got {self.epoch_fill!r}")
         if not self.max_bad >= 0:

@@ -20,7 +20,8 @@ import webdataset as wds
 
 from pipeline.device import rank_and_world
 from pipeline.errors import UserError
-from pipeline.stream.clips import TrainClips
+from pipeline.shardformat import ShardFormatError
+from pipeline.stream.clips import TrainClips, decode_sample, segment_positions, view_positions
 from pipeline.stream.loader import eval_clips, stream_config, worker_samples
 from pipeline.stream.plan import WorkerPlan, check_enough_shards, eval_plan, key_rank, train_plan
 from pipeline.stream.samples import Faults, read_samples
@@ -89,17 +90,20 @@ class ClipDataset(wds.DataPipeline, wds.FluidInterface):
         allow_pipe: bool = False,
         shuffle_buffer: int = 256,
         epoch_fill: str = "pad",
+        temporal: str = "segment",
     ):
         super().__init__()
         if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
             raise UserError(f"`batch_size` must be None (single clips) or >= 1, got {batch_size!r}")
         if split not in ("train", "test"):
             raise UserError(f"`split` must be 'train' or 'test', got {split!r}")
+        if crop is None and batch_size is not None:
+            raise UserError("`crop` None gives whole frames, whose sizes differ from clip to clip: leave `batch_size` None")
         self.rank, self.world_size = rank_and_world(rank, world_size)
         # Single clips are planned as batches of one: every rank still gets the same number.
         self.cfg = stream_config(
             shards, batch_size=batch_size or 1, crop=crop, seed=seed, resample=resample, allow_pipe=allow_pipe,
-            shuffle_buffer=shuffle_buffer, epoch_fill=epoch_fill,
+            shuffle_buffer=shuffle_buffer, epoch_fill=epoch_fill, temporal=temporal,
         )  # fmt: skip
         self.split, self.batch_size = split, batch_size
         self.source = resolve(self.cfg.shards, split, index, allow_pipe)
@@ -162,15 +166,18 @@ class ClipDataset(wds.DataPipeline, wds.FluidInterface):
     def _decode(self, raw: Iterator[dict]) -> Iterator[dict]:
         now = self.state.current
         cfg, frames, classes = self.cfg, self.source.frames, len(self.source.classes)
+        if cfg.crop is None:
+            yield from self._whole_frames(raw, now)
+            return
         shape = (self.batch_size or 1, frames, cfg.crop, cfg.crop, 3)
         if self.split == "train":
-            clips = TrainClips(raw, cfg.crop, classes, cfg.seed, now.epoch, now.faults)
+            clips = TrainClips(raw, cfg.crop, classes, cfg.seed, now.epoch, now.faults, cfg.temporal)
             for _ in range(now.plan.quota // shape[0]):
                 rows = np.empty(shape, np.uint8)
                 keys, labels, repeats = clips.fill(rows)
                 yield self._output(rows, keys, labels, now.faults, repeats)
             return
-        for rows, keys, labels in eval_clips(raw, cfg.crop, classes, now.faults, lambda: (np.empty(shape, np.uint8),) * 2):
+        for rows, keys, labels, _ in eval_clips(raw, cfg.crop, classes, now.faults, lambda: (np.empty(shape, np.uint8),) * 2):
             yield self._output(rows[: len(keys)], keys, labels, now.faults, [False] * len(keys))
         self._log(now.faults.take())
 
@@ -185,6 +192,24 @@ class ClipDataset(wds.DataPipeline, wds.FluidInterface):
             "repeat": torch.tensor(repeats, dtype=torch.bool),
             "faults": faults.take(),
         }
+
+    def _whole_frames(self, raw: Iterator[dict], now: _Pass) -> Iterator[dict]:
+        """`crop=None`: each clip's T frames whole, (T, H, W, 3), chosen as in training (or view 0 in
+        testing), no flip; an unreadable clip is logged and skipped."""
+        cfg, frames, classes, scratch = self.cfg, self.source.frames, len(self.source.classes), {}
+        for sample in raw:
+            key = sample.get("__key__", "?")
+            if self.split == "train" and cfg.temporal == "segment":
+                choose = lambda stored: segment_positions(stored, frames, cfg.seed, now.epoch, key)  # noqa: E731
+            else:
+                choose = lambda stored: view_positions(stored, frames)  # noqa: E731
+            try:
+                label, clip = decode_sample(sample, None, classes, None, None, scratch, choose)
+            except ShardFormatError as e:
+                now.faults.add(f"{sample.get('__url__', '?')}:{key}", str(e))
+                self._log(now.faults.take())
+                continue
+            yield {"key": key, "frames": torch.from_numpy(clip), "label": label, "repeat": "__repeat__" in sample}
 
     @staticmethod
     def _log(faults: list[dict]) -> None:

@@ -20,13 +20,15 @@ from pipeline.config import StreamConfig
 from pipeline.device import cores_per_rank, rank_and_world
 from pipeline.errors import UserError
 from pipeline.shardformat import ShardFormatError
-from pipeline.stream.clips import TrainClips, decode_sample
+from pipeline.stream.clips import TrainClips, decode_sample, view_positions
 from pipeline.stream.plan import WorkerPlan, auto_workers, check_enough_shards, eval_plan, key_rank, step_schedule, train_plan, worker_parts
 from pipeline.stream.samples import Faults, fit_to_quota, read_samples, resampled_shards, shuffle, skip_consumed
 from pipeline.stream.sources import ShardSet, resolve, shard_name
 
 
-def stream_config(shards, *, batch_size, crop, seed, resample, allow_pipe, shuffle_buffer=256, workers=None, prefetch=2, epoch_fill="pad") -> StreamConfig:
+def stream_config(
+    shards, *, batch_size, crop, seed, resample, allow_pipe, shuffle_buffer=256, workers=None, prefetch=2, epoch_fill="pad", temporal="segment", test_views=(1, 1)
+) -> StreamConfig:
     """The library's keyword arguments as a checked StreamConfig (errors name the parameters)."""
     patterns = (str(shards),) if isinstance(shards, (str, Path)) else tuple(map(str, shards))
     return StreamConfig(
@@ -40,6 +42,8 @@ def stream_config(shards, *, batch_size, crop, seed, resample, allow_pipe, shuff
         workers=workers,
         prefetch=prefetch,
         epoch_fill=epoch_fill,
+        temporal=temporal,
+        test_views=tuple(test_views),
     )
 
 
@@ -93,7 +97,7 @@ class TrainProducer:
                 faults = Faults()
                 # On resume: drop what was already trained on, before decoding it.
                 src = skip_consumed(worker_samples(self.source, self.cfg, plans[worker], epoch, self.rank, worker, faults), skip)
-                clips = TrainClips(src, self.cfg.crop, len(self.source.classes), self.cfg.seed, epoch, faults)
+                clips = TrainClips(src, self.cfg.crop, len(self.source.classes), self.cfg.seed, epoch, faults, self.cfg.temporal)
                 for n in sizes:
                     slot, rows = ring.take()
                     keys, labels, repeats = clips.fill(rows[:n])
@@ -102,27 +106,39 @@ class TrainProducer:
             yield {"fatal": str(e)}
 
 
-def eval_clips(raw: Iterable[dict], crop: int, num_classes: int, faults: Faults, rows_for) -> Iterator[tuple]:
-    """Centre-cropped test clips decoded into rows handed out by `rows_for()` -> (handle, rows):
-    yields (handle, keys, labels) for every full set of rows and for the last, partial one.
-    Unreadable clips are skipped and counted, never repeated."""
-    handle, rows, keys, labels, scratch = None, None, [], [], {}
+def eval_clips(raw: Iterable[dict], crop: int, num_classes: int, faults: Faults, rows_for, views: tuple[int, int] = (1, 1)) -> Iterator[tuple]:
+    """Test clips decoded into rows handed out by `rows_for()` -> (handle, rows), K x C rows a clip
+    for `views` (K temporal, C spatial; view 0 is the fixed frames and the centre crop): yields
+    (handle, keys, labels, view numbers) for every full set of rows and for the last, partial one.
+    A clip's views follow each other (they may straddle two sets). Unreadable clips are skipped and
+    counted, never repeated."""
+    temporal, spatial = views
+    handle, rows, keys, labels, numbers, scratch = None, None, [], [], [], {}
     for sample in raw:
         key = sample.get("__key__", "?")
-        if handle is None:
-            handle, rows = rows_for()
         try:
-            label = decode_sample(sample, crop, num_classes, None, rows[len(keys)], scratch)
+            decoded = []
+            for v in range(temporal * spatial):
+                k, c = divmod(v, spatial)
+                if handle is None:
+                    handle, rows = rows_for()
+                row = rows[len(keys)]
+                choose = lambda stored, k=k, t=len(row): view_positions(stored, t, k, temporal)  # noqa: E731
+                label = decode_sample(sample, crop, num_classes, None, row, scratch, choose, c)
+                keys.append(key)
+                labels.append(label)
+                numbers.append(v)
+                decoded.append(v)
+                if len(keys) == len(rows):
+                    yield handle, keys, labels, numbers
+                    handle, keys, labels, numbers = None, [], [], []
         except ShardFormatError as e:
-            faults.add(f"{sample.get('__url__', '?')}:{key}", str(e))
-            continue
-        keys.append(key)
-        labels.append(label)
-        if len(keys) == len(rows):
-            yield handle, keys, labels
-            handle, keys, labels = None, [], []
+            # A frame only a later view uses can fail after earlier views were delivered: the clip
+            # then counts on those views, and the fault is named but not counted as a lost clip.
+            reason = f"{e} (evaluated on {len(decoded)} view(s))" if decoded else str(e)
+            faults.add(f"{sample.get('__url__', '?')}:{key}", reason, 0 if decoded else 1)
     if keys:
-        yield handle, keys, labels
+        yield handle, keys, labels, numbers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,8 +157,8 @@ class EvalProducer:
         raw = read_samples(self.per_worker[worker], self.cfg.allow_pipe, faults)
         if self.by_key:  # fewer test shards than ranks: only this rank's keys
             raw = (s for s in raw if key_rank(s.get("__key__", ""), self.world_size) == self.rank)
-        for slot, keys, labels in eval_clips(raw, self.cfg.crop, len(self.source.classes), faults, ring.take):
-            yield {"slot": slot, "n": len(keys), "key": keys, "label": labels, "faults": faults.take()}
+        for slot, keys, labels, views in eval_clips(raw, self.cfg.crop, len(self.source.classes), faults, ring.take, self.cfg.test_views):
+            yield {"slot": slot, "n": len(keys), "key": keys, "label": labels, "view": views, "faults": faults.take()}
         if faults.pending:
             yield {"n": 0, "key": [], "label": [], "faults": faults.take()}
 
@@ -194,12 +210,17 @@ class ClipLoader:
         copy: bool = True,
         shuffle_buffer: int = 256,
         epoch_fill: str = "pad",
+        temporal: str = "segment",
+        test_views: tuple[int, int] = (1, 1),
         epochs: int | None = None,
     ):
         rank, world_size = rank_and_world(rank, world_size)
+        if crop is None:
+            raise UserError("`crop` None (whole frames) is for ClipDataset with single clips: ClipLoader batches need one size")
         cfg = stream_config(
             shards, batch_size=batch_size, crop=crop, seed=seed, resample=resample, allow_pipe=allow_pipe,
             shuffle_buffer=shuffle_buffer, workers=workers, prefetch=prefetch, epoch_fill=epoch_fill,
+            temporal=temporal, test_views=test_views,
         )  # fmt: skip
         source = resolve(cfg.shards, split, index, allow_pipe)
         if workers is None:
@@ -249,6 +270,11 @@ class ClipLoader:
         return self.source.frames
 
     @property
+    def views(self) -> int:
+        """Rows a test clip takes: K x C evaluation views (1 in training)."""
+        return 1 if self.split == "train" else self.cfg.test_views[0] * self.cfg.test_views[1]
+
+    @property
     def slot_shape(self) -> tuple[int, ...]:
         return (self.cfg.batch_size, self.source.frames, self.cfg.crop, self.cfg.crop, 3)
 
@@ -277,6 +303,7 @@ class ClipLoader:
             "shuffle_buffer": cfg.shuffle_buffer,
             "resample": cfg.resample,
             "epoch_fill": cfg.epoch_fill,
+            "temporal": cfg.temporal,
             "shards": [shard_name(s.url) for s in self.source.shards],
         }
 
@@ -405,6 +432,7 @@ class ClipLoader:
                             "frames": frames.clone() if self.copy and frames is not None else frames,
                             "label": torch.tensor(message["label"], dtype=torch.int64) if message["n"] else None,
                             "key": message["key"],
+                            "view": torch.tensor(message.get("view", []), dtype=torch.int64),
                             "faults": message["faults"],
                         }
                         pool.release(w, message)
