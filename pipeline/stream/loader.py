@@ -24,6 +24,7 @@ from pipeline.stream.clips import TrainClips, decode_sample, view_positions
 from pipeline.stream.plan import WorkerPlan, auto_workers, check_enough_shards, eval_plan, key_rank, step_schedule, train_plan, worker_parts
 from pipeline.stream.samples import Faults, fit_to_quota, read_samples, resampled_shards, shuffle, skip_consumed
 from pipeline.stream.sources import ShardSet, resolve, shard_name
+from pipeline.stream.workers import Closing
 
 
 def stream_config(
@@ -167,7 +168,7 @@ class EvalProducer:
 # The loader
 
 
-class ClipLoader:
+class ClipLoader(Closing):
     """One rank's batches of clips from persistent loader workers, epoch after epoch.
 
     `for batch in loader.epoch(e)` yields the batches of epoch e: 'frames' (B, T, crop, crop, 3)
@@ -450,18 +451,6 @@ class ClipLoader:
         if self.pool is not None:
             self.pool.close()
             self.pool = None
-
-    def __enter__(self) -> "ClipLoader":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:  # noqa: BLE001 - interpreter shutdown
-            pass
 
 
 def _pinning(batches: Iterator[dict]) -> Iterator[dict]:
