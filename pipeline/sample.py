@@ -160,6 +160,14 @@ def _wanted(n: int, t: int) -> set[int]:
     return set(clip_indices(n, t)) if n else set()
 
 
+_DECODER_THREADS = 2
+"""FFmpeg frame threads per pyav decode (same frames, same order as one thread). The recipe's
+OpenCV starts 3 per capture. Measured on this 2-core machine shared with other jobs, pack_clip over
+the 153 benchmark clips: one process 4.1-5.0 s with 1 thread, 4.5-4.8 s with 2; two processes at once
+6.0-10.4 s each with 1 thread, 6.0-7.3 s with 2 (where a process with more threads also gets a bigger
+share of cores other jobs use). 2 keeps a 16-worker pack at 32 threads."""
+
+
 def _pass_pyav(path: str, wanted: set[int], planes: bool = False):
     """One sequential decode: (frames kept by index, frames decoded, error or None, size).
 
@@ -172,9 +180,11 @@ def _pass_pyav(path: str, wanted: set[int], planes: bool = False):
     kept, count, error, size = {}, 0, None, None
     with av.open(path) as container:
         stream = container.streams.video[0]
-        # Measured on 153 HMDB-shaped clips: threads gained 8 % with a core to spare and lose when
-        # every core runs a worker; one worker per core is how pack-shards runs.
-        stream.thread_type = "NONE"
+        if _DECODER_THREADS > 1:
+            stream.thread_type = "AUTO"
+            stream.codec_context.thread_count = _DECODER_THREADS
+        else:
+            stream.thread_type = "NONE"
         try:
             for frame in container.decode(stream):
                 if size is None:

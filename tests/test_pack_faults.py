@@ -137,3 +137,36 @@ def test_foreign_files_are_not_clobbered(small_tree, tmp_path):
     (out / "000.tar").write_bytes(b"somebody else's")
     assert_one_line_error(run_cli(pack_app, root, out, "--quiet", "--shards", "4"), "not written by this pack")
     assert (out / "000.tar").read_bytes() == b"somebody else's"
+
+
+def _task(x):
+    import signal
+    import time
+
+    if x == "die":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if x == "hang":
+        time.sleep(60)
+    return {"value": x}
+
+
+def test_worker_pool_replaces_dead_and_hung_workers():
+    """Real forked workers: one kills itself, one hangs past the time-out; each costs its own task
+    only, and the tasks queued behind them on the same worker still run."""
+    from pipeline.pack import WorkerPool
+
+    pool = WorkerPool(2, _task, timeout=2.0, depth=2)
+    tasks = ["a", "die", "b", "hang", "c", "d", "e"]
+    results, sent = {}, 0
+    try:
+        while len(results) < len(tasks):
+            while pool.idle() and sent < len(tasks):
+                pool.submit(sent, (tasks[sent],))
+                sent += 1
+            for i, r in pool.wait():
+                results[i] = r
+    finally:
+        pool.close()
+    assert results[1] == {"error": "decoder process died (exit code -9)"}
+    assert results[3] == {"error": "decoding took longer than 2 s (time-out)"}
+    assert {i: r for i, r in results.items() if i not in (1, 3)} == {i: {"value": t} for i, t in enumerate(tasks) if i not in (1, 3)}
