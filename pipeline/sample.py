@@ -171,9 +171,8 @@ share of cores other jobs use). 2 keeps a 16-worker pack at 32 threads."""
 def _pass_pyav(path: str, wanted: set[int], planes: bool = False):
     """One sequential decode: (frames kept by index, frames decoded, error or None, size).
 
-    Kept frames are converted while the decoder is open: a VideoFrame kept past the container's
-    close read back different chroma on the next clip (seen as 3-9 levels of JPEG difference
-    between two packs of one file).
+    Kept frames are converted at once into arrays we own, so no decoder buffer outlives the pass
+    and memory holds len(wanted) frames.
     """
     import av
 
