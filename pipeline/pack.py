@@ -247,7 +247,23 @@ def _worker_init():
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it stops the pool
 
 
+def _die_with(parent: int) -> None:
+    """Have the kernel kill this worker when the packer dies (Linux). Without it a worker whose
+    packer was killed -9 while it sent a result larger than the pipe buffer would block for ever:
+    it holds a copy of the packer's end of its own pipe (fork), so the pipe never breaks."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: the poll loop below still notices between tasks
+    if os.getppid() != parent:  # the packer died before prctl took effect
+        os._exit(0)
+
+
 def _worker_main(conn, parent: int, fn) -> None:
+    _die_with(parent)
     _worker_init()
     while True:
         if not conn.poll(1.0):
