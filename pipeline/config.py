@@ -62,10 +62,14 @@ class PackConfig:
             raise UserError(f"unknown layout {self.layout!r}; choose {', '.join(PACK_LAYOUTS)}")
         from pipeline.shardformat import MAX_FRAMES_PER_CLIP, MAX_JPEG_SIDE
 
-        if not 1 <= self.frames <= MAX_FRAMES_PER_CLIP:
-            raise UserError(f"--frames must be in 1..{MAX_FRAMES_PER_CLIP} (what shard readers accept), got {self.frames}")
-        if self.short_side is not None and not 1 <= self.short_side <= MAX_JPEG_SIDE:
-            raise UserError(f"--short-side must be in 1..{MAX_JPEG_SIDE} (what shard readers accept), got {self.short_side}")
+        if self.frames < 1:
+            raise UserError(f"--frames must be >= 1, got {self.frames}")
+        if self.frames > MAX_FRAMES_PER_CLIP:
+            raise UserError(f"--frames must be <= {MAX_FRAMES_PER_CLIP} (what shard readers accept), got {self.frames}")
+        if self.short_side is not None and self.short_side < 1:
+            raise UserError(f"--short-side must be >= 1, got {self.short_side}")
+        if self.short_side is not None and self.short_side > MAX_JPEG_SIDE:
+            raise UserError(f"--short-side must be <= {MAX_JPEG_SIDE} (what shard readers accept), got {self.short_side}")
         if not 1 <= self.quality <= 100:
             raise UserError(f"--quality must be in 1..100, got {self.quality}")
         if self.shards < 1:

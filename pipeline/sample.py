@@ -160,21 +160,30 @@ def _wanted(n: int, t: int) -> set[int]:
     return set(clip_indices(n, t)) if n else set()
 
 
+_DECODER_THREADS = 2
+"""FFmpeg frame threads per pyav decode (same frames, same order as one thread). The recipe's
+OpenCV starts 3 per capture. Measured on this 2-core machine shared with other jobs, pack_clip over
+the 153 benchmark clips: one process 4.1-5.0 s with 1 thread, 4.5-4.8 s with 2; two processes at once
+6.0-10.4 s each with 1 thread, 6.0-7.3 s with 2 (where a process with more threads also gets a bigger
+share of cores other jobs use). 2 keeps a 16-worker pack at 32 threads."""
+
+
 def _pass_pyav(path: str, wanted: set[int], planes: bool = False):
     """One sequential decode: (frames kept by index, frames decoded, error or None, size).
 
-    Kept frames are converted while the decoder is open: a VideoFrame kept past the container's
-    close read back different chroma on the next clip (seen as 3-9 levels of JPEG difference
-    between two packs of one file).
+    Kept frames are converted at once into arrays we own, so no decoder buffer outlives the pass
+    and memory holds len(wanted) frames.
     """
     import av
 
     kept, count, error, size = {}, 0, None, None
     with av.open(path) as container:
         stream = container.streams.video[0]
-        # Measured on 153 HMDB-shaped clips: threads gained 8 % with a core to spare and lose when
-        # every core runs a worker; one worker per core is how pack-shards runs.
-        stream.thread_type = "NONE"
+        if _DECODER_THREADS > 1:
+            stream.thread_type = "AUTO"
+            stream.codec_context.thread_count = _DECODER_THREADS
+        else:
+            stream.thread_type = "NONE"
         try:
             for frame in container.decode(stream):
                 if size is None:
@@ -259,8 +268,8 @@ _C_TO_FULL = np.clip(np.round((np.arange(256) - 128) * 255 / 224 + 128), 0, 255)
 def _yuv420_planes(frame) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """Full-range (Y, U, V) uint8 planes of a 4:2:0 PyAV frame, or None for other layouts.
 
-    cv2.LUT on the padded plane views: the same bytes as numpy's table indexing on copies, in a
-    third of the time (0.1 ms against 0.3 ms a 320x240 frame).
+    cv2.LUT on the padded plane views: the same bytes as numpy's table indexing on copies, in
+    0.18 ms against 0.32 ms a 320x240 frame (the 153 benchmark clips, 16 frames each).
     """
     import cv2
 
