@@ -55,6 +55,15 @@ def _app(fn: Callable) -> typer.Typer:
     return app
 
 
+def _parse_stored(text: str | None) -> int | str | None:
+    if text is None or text == "all":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise UserError(f"--stored-frames must be a number or 'all', got {text!r}") from None
+
+
 def _parse_views(text: str) -> tuple[int, int]:
     try:
         k, c = (int(x) for x in text.lower().replace("×", "x").split("x"))
@@ -76,6 +85,8 @@ def pack_shards(
     out_dir: Annotated[Path, typer.Argument(help="Output folder for the shards, index.json and manifest.parquet.")] = Path("shards"),
     split: Annotated[int, typer.Option(help="Official split to pack: 1, 2 or 3 (HMDB51, UCF101 and the grouped fallback; Kinetics has only 1).")] = 1,
     frames: Annotated[int, typer.Option("--frames", "-t", help="Frames per clip (T), equally spaced over the decodable length.")] = 16,
+    stored_frames: Annotated[Optional[str], typer.Option(help="Frames stored per clip, S: a number with S - 1 a multiple of T - 1 (e.g. 61 for T = 16), or 'all' (every frame up to --max-stored-frames), so that training can draw other frames each epoch (train-stream --temporal segment) [default: T].", show_default=False)] = None,
+    max_stored_frames: Annotated[int, typer.Option(help="Cap of --stored-frames all (cap - 1 a multiple of T - 1); longer clips store this many, equally spaced.")] = 301,
     short_side: Annotated[int, typer.Option(help="Resize frames so the shorter side has this many pixels (aspect kept).")] = 128,
     keep_size: Annotated[bool, typer.Option("--keep-size", help="Store frames at their original size (ignores --short-side).")] = False,
     quality: Annotated[int, typer.Option(help="JPEG quality of stored frames, 1-100.")] = 90,
@@ -101,6 +112,8 @@ def pack_shards(
         out_dir=out_dir,
         split=split,
         frames=frames,
+        stored_frames=_parse_stored(stored_frames),
+        max_stored_frames=max_stored_frames,
         short_side=None if keep_size else short_side,
         quality=quality,
         shards=shards,

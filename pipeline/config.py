@@ -28,6 +28,10 @@ class PackConfig:
     """Official split to pack (1, 2 or 3): its training clips go to the train shards, test clips to the test shards."""
     frames: int = 16
     """T, frames sampled per clip, equally spaced over the clip's decodable length."""
+    stored_frames: int | str | None = None
+    """S, frames stored per clip: None keeps T (today's format, byte for byte); a number S > T with S - 1 a multiple of T - 1, stored at round(j*(n-1)/(S-1)); or "all": every decodable frame, up to `max_stored_frames` (longer clips at the formula with S = that cap). Either way the T evaluation frames round(i*(n-1)/(T-1)) are among them."""
+    max_stored_frames: int = 301
+    """The cap of stored_frames="all" (with T = 16, 301 = 20 x 15 + 1 frames: 10 s at 30 fps); cap - 1 must be a multiple of T - 1."""
     short_side: int | None = 128
     """Resize so the shorter side is this many pixels (aspect kept); None keeps the original size."""
     quality: int = 90
@@ -70,6 +74,8 @@ class PackConfig:
             raise UserError(f"--short-side must be >= 1, got {self.short_side}")
         if self.short_side is not None and self.short_side > MAX_JPEG_SIDE:
             raise UserError(f"--short-side must be <= {MAX_JPEG_SIDE} (what shard readers accept), got {self.short_side}")
+        if self.stored_frames is not None:
+            self._check_stored()
         if not 1 <= self.quality <= 100:
             raise UserError(f"--quality must be in 1..100, got {self.quality}")
         if self.shards < 1:
@@ -88,9 +94,36 @@ class PackConfig:
         if not (n >= 1 and 1 <= i <= n):
             raise UserError(f"--part must be i/N with 1 <= i <= N, got {i}/{n}")
 
+    def _check_stored(self) -> None:
+        from pipeline.shardformat import MAX_FRAMES_PER_CLIP
+
+        s, t = self.stored_frames, self.frames
+        if t < 2:
+            raise UserError("--stored-frames needs --frames of 2 or more (the stored frames must hold the T evaluation frames)")
+        if s == "all":
+            cap = self.max_stored_frames
+            if not (t <= cap <= MAX_FRAMES_PER_CLIP and (cap - 1) % (t - 1) == 0):
+                raise UserError(f"--max-stored-frames must be in {t}..{MAX_FRAMES_PER_CLIP} with cap - 1 a multiple of T - 1 = {t - 1}, got {cap}")
+            return
+        if not isinstance(s, int) or not (t <= s <= MAX_FRAMES_PER_CLIP and (s - 1) % (t - 1) == 0):
+            raise UserError(
+                f"--stored-frames must be 'all' or a number S in {t}..{MAX_FRAMES_PER_CLIP} with S - 1 a multiple of T - 1 = {t - 1} "
+                f"(e.g. {t}, {2 * t - 1}, {4 * t - 3}), got {s!r}"
+            )
+
+    def stored_count(self, n: int) -> int:
+        """S for a clip of n decodable frames."""
+        if self.stored_frames is None:
+            return self.frames
+        if self.stored_frames == "all":
+            return n if n <= self.max_stored_frames else self.max_stored_frames
+        return int(self.stored_frames)
+
     def output_options(self) -> dict:
         """The options that decide the bytes written: a changed one means a different pack."""
+        stored = {} if self.stored_frames is None else {"stored_frames": self.stored_frames, "max_stored_frames": self.max_stored_frames}
         return {
+            **stored,
             "split": self.split,
             "frames": self.frames,
             "short_side": self.short_side,

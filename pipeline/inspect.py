@@ -125,14 +125,19 @@ def scan_shards(paths: list[Path], quiet: bool = False) -> list[SampleEntry]:
 
 
 def read_frames(entry: SampleEntry) -> np.ndarray:
-    """Decode one scanned sample's frames: (T, H, W, 3) uint8 RGB."""
+    """Decode one scanned sample's frames: (T, H, W, 3) uint8 RGB (of a pack storing S > T frames,
+    the T evaluation frames)."""
+    from pipeline.sample import clip_indices
+
     with open(entry.shard, "rb") as f:
         f.seek(entry.jpgs_offset)
         data = f.read(entry.jpgs_size)
     try:
-        return decode_jpegs(data)
+        frames = decode_jpegs(data)
     except ShardFormatError as e:
         raise UserError(f"{entry.shard}: sample {entry.key}: {e}") from None
+    t = len(entry.meta.get("indices") or [])
+    return frames[clip_indices(len(frames), t)] if "stored_indices" in entry.meta and 0 < t < len(frames) else frames
 
 
 # ---------------------------------------------------------------- summary
@@ -422,7 +427,7 @@ def check_shard(path: Path, entry: dict, frames: int, classes: int) -> ShardChec
             sample_problem(key, "no " + ", ".join(f".{e}" for e in sorted(missing)))
         if extra:
             sample_problem(key, "unexpected " + ", ".join(f".{_printable(e)}" for e in sorted(extra)))
-        label = None
+        label, expected = None, frames
         if "cls" in parts:
             try:
                 label = int(parts["cls"].decode("ascii"))
@@ -439,6 +444,9 @@ def check_shard(path: Path, entry: dict, frames: int, classes: int) -> ShardChec
             except (ValueError, RecursionError) as e:
                 sample_problem(key, f".json unreadable ({_printable(str(e))[:200]})")
             else:
+                stored = meta.get("stored_indices")
+                if isinstance(stored, list):  # a pack of S >= T stored frames (docs/FORMAT.md)
+                    expected = len(stored)
                 if label is not None and meta.get("label") != label:
                     sample_problem(key, f"label {label} in .cls but {_printable(repr(meta.get('label')))[:40]} in .json")
         if "jpgs" in parts:
@@ -447,8 +455,8 @@ def check_shard(path: Path, entry: dict, frames: int, classes: int) -> ShardChec
             except ShardFormatError as e:
                 sample_problem(key, f"frames do not decode ({e})")
             else:
-                if t != frames:
-                    sample_problem(key, f"{t} frames, index says {frames}")
+                if t != expected:
+                    sample_problem(key, f"{t} frames, {'its metadata' if expected != frames else 'index'} says {expected}")
     report.samples = len(groups)
     if len(groups) != entry["samples"]:
         problems.append(f"{name}: {len(groups)} sample{'' if len(groups) == 1 else 's'}, index says {entry['samples']}")

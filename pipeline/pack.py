@@ -26,6 +26,7 @@ from pipeline.config import PackConfig
 from pipeline.durable import failpoint, publish
 from pipeline.errors import UserError
 from pipeline.layouts import Catalog, Video, discover
+from pipeline.sample import clip_indices
 from pipeline.shardformat import FORMAT_VERSION, INDEX_NAME, MANIFEST_NAME, MAX_JPEG_SIDE, pack_jpegs
 
 STATE_DIR = ".clipstream"
@@ -226,8 +227,9 @@ class WorkerPool:
             s.conn.close()
 
 
-def pack_clip(path: str, frames: int, short_side: int | None, quality: int, decoder: str) -> dict:
-    """Runs in a worker process: one video to its `.jpgs` member and facts for the metadata."""
+def pack_clip(path: str, frames: int, short_side: int | None, quality: int, decoder: str, stored=None) -> dict:
+    """Runs in a worker process: one video to its `.jpgs` member and facts for the metadata.
+    `stored`: n -> S, the frames to store of an n-frame clip (PackConfig.stored_count); None: T."""
     import cv2
     import simplejpeg
 
@@ -238,7 +240,7 @@ def pack_clip(path: str, frames: int, short_side: int | None, quality: int, deco
         too_big = _too_big(*probe.size, short_side)  # before decoding: T frames of it may not fit in memory
         if too_big:
             return {"error": too_big}
-        clip = decode_clip(path, frames, decoder, planes=True, probe=probe)
+        clip = decode_clip(path, stored or frames, decoder, planes=True, probe=probe)
     except DecodeError as e:
         return {"error": str(e)}
     too_big = _too_big(*clip.size, short_side)
@@ -357,7 +359,8 @@ def build_shard(plan: ShardPlan, results: list[dict], catalog: Catalog, cfg: Pac
                 "fps": r["fps"],
                 "original_size": r["original_size"],
                 "frame_size": r["frame_size"],
-                "indices": r["indices"],
+                "indices": r["indices"] if cfg.stored_frames is None else clip_indices(r["decoded_frames"], cfg.frames),
+                **({} if cfg.stored_frames is None else {"stored_indices": r["indices"]}),
                 "padded": r["decoded_frames"] < cfg.frames,
             }
             _add_sample(
@@ -524,7 +527,8 @@ def run_pack(cfg: PackConfig, quiet: bool = False, log=_stderr) -> PackReport:
             while written < len(jobs):
                 while pool.idle() and scheduled < len(jobs) and scheduled - written < window:
                     v = jobs[scheduled][1]
-                    pool.submit(scheduled, (str(cfg.data_dir / v.source), cfg.frames, cfg.short_side, cfg.quality, cfg.decoder))
+                    stored = None if cfg.stored_frames is None else cfg.stored_count
+                    pool.submit(scheduled, (str(cfg.data_dir / v.source), cfg.frames, cfg.short_side, cfg.quality, cfg.decoder, stored))
                     scheduled += 1
                 if pool.busy():
                     for i, result in pool.wait():
@@ -627,9 +631,11 @@ def _assemble(cfg: PackConfig, catalog: Catalog, plans: list[ShardPlan], saved: 
         splits[split] = {"samples": sum(x["samples"] for x in shards), "shards": shards}
     index = {
         "format": "clipstream",
-        "version": FORMAT_VERSION,
+        # a pack of T stored frames keeps version 1, byte for byte; more stored frames are version 2
+        "version": FORMAT_VERSION if cfg.stored_frames is None else 2,
         "classes": catalog.classes,
         "frames_per_clip": cfg.frames,
+        **({} if cfg.stored_frames is None else {"stored_frames": cfg.stored_frames, "max_stored_frames": cfg.max_stored_frames}),
         "frame_size": {"short_side": cfg.short_side} if cfg.short_side else {"original": True},
         "options": cfg.output_options(),
         "layout": catalog.layout,

@@ -119,8 +119,11 @@ def probe_video(path: str | Path) -> Probe:
         return Probe(packets, stream.frames or None, float(rate) if rate else 0.0, (ctx.width, ctx.height))
 
 
-def decode_clip(path: str | Path, t: int, decoder: str = "pyav", planes: bool = False, probe: Probe | None = None) -> SampledClip:
+def decode_clip(path: str | Path, t, decoder: str = "pyav", planes: bool = False, probe: Probe | None = None) -> SampledClip:
     """Decode the whole file sequentially, keeping only the T frames of `clip_indices`.
+
+    `t` is T, or a function n -> how many frames to keep of an n-frame clip (`pack-shards
+    --stored-frames`: S stored frames at the same formula).
 
     Sequential on purpose: container frame counts of AVI files can be wrong (a truncated file keeps
     its header), and decord's random access returns neighbouring frames on files with B-frames. A
@@ -138,16 +141,17 @@ def decode_clip(path: str | Path, t: int, decoder: str = "pyav", planes: bool = 
     path = str(path)
     probe = probe if probe is not None else probe_video(path)
     one_pass = _pass_decord if decoder == "decord" else functools.partial(_pass_pyav, planes=planes)
-    kept, count, error, size = one_pass(path, _wanted(probe.packets, t))
+    keep = t if callable(t) else (lambda n: t)
+    kept, count, error, size = one_pass(path, _wanted(probe.packets, keep(probe.packets)))
     if count != probe.packets and count:
-        kept, again, error, size = one_pass(path, _wanted(count, t))
+        kept, again, error, size = one_pass(path, _wanted(count, keep(count)))
         if again != count:
             raise DecodeError(f"two sequential decodes gave {count} and {again} frames")
     if not count:
         if error and error.startswith("cannot open"):
             raise DecodeError(error)
         raise DecodeError(f"no decodable frame{': ' + error if error else ''}")
-    indices = clip_indices(count, t)
+    indices = clip_indices(count, keep(count))
     if any(isinstance(kept[i], tuple) for i in indices) and not all(isinstance(kept[i], tuple) for i in indices):
         kept = one_pass(path, set(indices), planes=False)[0]  # the pixel format changed mid-stream
     frames = [kept[i] for i in indices]
