@@ -48,7 +48,10 @@ if resolve is not None:
 else:
     ds = stream.resolve_dataset(cfg)
     counts = [s.samples for s in ds.train]
-steps = [steps_per_epoch(counts, batch, 1, cfg.seed, e, cfg.resample) for e in range(epochs + 1)]
+if getattr(cfg, "epoch_fill", "drop") == "pad":  # the loader's default since --epoch-fill: every clip, last batch topped up
+    steps = [steps_per_epoch(counts, batch, 1, cfg.seed, e, cfg.resample, pad=True) for e in range(epochs + 1)]
+else:
+    steps = [steps_per_epoch(counts, batch, 1, cfg.seed, e, cfg.resample) for e in range(epochs + 1)]
 src = endless_batches(ds, cfg, False)
 for _ in range(warmup):  # inside epoch 0
     next(src)
