@@ -65,7 +65,7 @@ def _parse_part(text: str) -> tuple[int, int]:
 
 def pack_shards(
     data_dir: Annotated[Path, typer.Argument(help="Folder with one sub-folder of videos per class (HMDB51: the folder holding hmdb51_org/ or the class folders; UCF101: UCF-101/ or the class folders; Kinetics: the folder holding train/ and val/).", show_default=False)],
-    out_dir: Annotated[Path, typer.Argument(help="Output folder for the shards, index.json and manifest.parquet.")] = Path("shards"),
+    out_dir: Annotated[str, typer.Argument(help="Output folder for the shards, index.json and manifest.parquet: a local folder or an object-store prefix such as s3://bucket/hmdb51/ (needs the s3 extra).")] = "shards",
     split: Annotated[int, typer.Option(help="Official split to pack: 1, 2 or 3 (HMDB51, UCF101 and the grouped fallback; Kinetics has only 1).")] = 1,
     frames: Annotated[int, typer.Option("--frames", "-t", help="Frames per clip (T), equally spaced over the decodable length.")] = 16,
     short_side: Annotated[int, typer.Option(help="Resize frames so the shorter side has this many pixels (aspect kept).")] = 128,
@@ -80,7 +80,7 @@ def pack_shards(
     workers: Annotated[Optional[int], typer.Option(help="Decoding processes [default: all cores].", show_default=False)] = None,
     timeout: Annotated[float, typer.Option(help="Seconds one video may take before it is recorded as failed.")] = 120.0,
     max_failures: Annotated[float, typer.Option(help="Failed videos allowed: a fraction of all videos if < 1, else a count; above it exit code 1.")] = 0.01,
-    part: Annotated[str, typer.Option(help="Pack only part i of N of the shard plan (i/N), for several machines sharing OUT_DIR.")] = "1/1",
+    part: Annotated[str, typer.Option(help="Pack only part i of N of the shard plan (i/N), for several machines sharing OUT_DIR (a shared folder or a bucket).")] = "1/1",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an OUT_DIR packed with different inputs or options.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ):

@@ -1,0 +1,112 @@
+"""Object stores (`s3://`, `gs://`, `az://`, and any other scheme fsspec knows) through fsspec.
+
+One mechanism for every store: the store's fsspec file system, imported lazily, so that clipstream
+runs without any of them installed; `s3://` needs the `s3` extra (s3fs). Credentials and endpoints
+are the store's own conventions, read by its client, never by us: for S3 the AWS environment
+variables, profiles (`AWS_PROFILE`, ~/.aws) and `AWS_ENDPOINT_URL` / `AWS_ENDPOINT_URL_S3` for
+MinIO or Ceph (botocore reads them itself since 1.31.63, and s3fs leaves `endpoint_url` to it
+when not given one). Nothing here prints a credential: messages name the URL and the store's error
+code, never the request.
+
+Readers stream a shard sequentially through fsspec's read-ahead cache in BLOCK_SIZE ranged GETs; a
+GET whose body breaks off is retried by s3fs for the same range (its retry loop around each block),
+a stall is bounded by READ_TIMEOUT_S, and what still fails reaches the stream's fault count.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import urlparse
+
+from pipeline.errors import UserError
+
+BLOCK_SIZE = 16 << 20
+"""Bytes per ranged GET while streaming a shard (a clip is about 150 KB: one request per ~100 clips)."""
+CONNECT_TIMEOUT_S = 10
+READ_TIMEOUT_S = 60
+"""A connection that delivers nothing for this long is dropped and the request retried."""
+ATTEMPTS = 3
+"""Tries of each request (botocore's retry modes) before it counts as failed."""
+
+EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "az": "azure", "abfs": "azure", "abfss": "azure"}
+"""Scheme -> the clipstream extra that installs its fsspec package."""
+
+
+def protocol(url: str) -> str:
+    return urlparse(url).scheme
+
+
+def _options(proto: str) -> dict:
+    if proto not in ("s3", "s3a"):
+        return {}
+    options: dict = {
+        "config_kwargs": {
+            "connect_timeout": CONNECT_TIMEOUT_S,
+            "read_timeout": READ_TIMEOUT_S,
+            "retries": {"max_attempts": ATTEMPTS, "mode": "standard"},
+        }
+    }
+    return options  # no endpoint_url: botocore reads AWS_ENDPOINT_URL(_S3) and profiles itself
+
+
+def filesystem(url: str):
+    """(fsspec file system, path inside it) for an object-store URL. UserError (one line) for an
+    unknown scheme or a store whose package is not installed."""
+    proto = protocol(url)
+    try:
+        import fsspec
+    except ImportError:  # torch depends on fsspec, so this is rare
+        raise UserError(f"{proto}:// URLs need fsspec: pip install fsspec") from None
+    try:
+        cls = fsspec.get_filesystem_class(proto)
+    except ImportError:
+        extra = EXTRAS.get(proto)
+        if extra:
+            raise UserError(f"{proto}:// needs the {extra} extra: pip install 'clipstream[{extra}]'") from None
+        raise UserError(f"{proto}:// needs a package fsspec could not import (see fsspec's known_implementations)") from None
+    except ValueError:
+        raise UserError(f"unsupported URL scheme {proto!r} in {url!r} (use a local path, http(s)://, s3://, gs://, az:// or pipe:)") from None
+    return cls(**_options(proto)), cls._strip_protocol(url)
+
+
+def describe(e: BaseException) -> str:
+    """A store error in one line, without the request (which may carry a signature)."""
+    if isinstance(e, FileNotFoundError):
+        return "no such bucket" if "bucket" in str(e).lower() else "no such object"
+    if isinstance(e, PermissionError):
+        return f"access denied ({_first_line(e) or 'check the credentials and the bucket policy'})"
+    return f"{type(e).__name__}: {_first_line(e)}"
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:300] if text else ""
+
+
+def open_read(url: str):
+    """A seekable binary file of one object, read ahead in BLOCK_SIZE ranged GETs. Raises the
+    store's OSError (FileNotFoundError, PermissionError, ...) when it cannot be opened."""
+    fs, path = filesystem(url)
+    return fs.open(path, "rb", block_size=BLOCK_SIZE, cache_type="readahead")
+
+
+def read_bytes(url: str, limit: int, what: str) -> bytes:
+    """The whole object, at most `limit` bytes; UserError naming `what` and the URL otherwise."""
+    fs, path = filesystem(url)
+    try:
+        size = fs.size(path)
+        if size is not None and size > limit:
+            raise UserError(f"{what} {url!r} is larger than {limit} bytes")
+        return fs.cat_file(path)
+    except UserError:
+        raise
+    except Exception as e:  # the store's OSErrors and its client's own (botocore) errors
+        raise UserError(f"cannot read {what} {url!r}: {describe(e)}") from None
+
+
+def is_folder(url: str) -> bool:
+    """True when the URL names a prefix with objects under it (a packed folder)."""
+    fs, path = filesystem(url)
+    try:
+        return bool(fs.isdir(path))
+    except Exception:
+        return False  # let the shard reader report what is wrong with it
