@@ -455,10 +455,10 @@ def run_pack(cfg: PackConfig, quiet: bool = False, log=_stderr) -> PackReport:
     from pipeline.progress import progress
 
     t0 = time.monotonic()
+    out = open_out_dir(cfg.out_dir)  # a URL we cannot write to fails here, before the videos are listed
     catalog = discover(cfg)
     for note in catalog.warnings:
         log(f"warning: {note}")
-    out = open_out_dir(cfg.out_dir)
     out.check_writable(f"{STATE_DIR}/.write-test")
     plans = plan_shards(catalog, cfg)
     fp = fingerprint(cfg, plans)
