@@ -228,7 +228,7 @@ def train_stream(
 
 
 def inspect_shards(
-    pattern: Annotated[str, typer.Argument(help="Shards to look at: 'shards/<000..031>.tar', 'shards/{000..031}.tar', one .tar file, or a packed folder (all shards in its index.json).", show_default=False)],
+    pattern: Annotated[str, typer.Argument(help="Shards to look at: 'shards/<000..031>.tar', 'shards/{000..031}.tar', one .tar file, or a packed folder (all shards in its index.json); local or in an object store (s3://bucket/hmdb51/).", show_default=False)],
     sheet: Annotated[Optional[Path], typer.Option(help="Also write a contact sheet PNG here: one labelled row of T frames per randomly drawn clip.", show_default=False)] = None,
     samples: Annotated[int, typer.Option("--samples", "-n", help="Clips drawn for the contact sheet (all, if the shards hold fewer).")] = 8,
     seed: Annotated[int, typer.Option(help="Seed of the contact sheet's draw.")] = 0,
@@ -256,15 +256,15 @@ def inspect_shards(
 
 
 def verify_shards(
-    folder: Annotated[Path, typer.Argument(help="Packed folder holding index.json, manifest.parquet and the shards.", show_default=False)],
+    folder: Annotated[str, typer.Argument(help="Packed folder holding index.json, manifest.parquet and the shards: a local folder or an object-store prefix (s3://bucket/hmdb51/).", show_default=False)],
     workers: Annotated[Optional[int], typer.Option(help="Processes checking shards in parallel [default: all cores].", show_default=False)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ):
     """Re-read every shard listed in index.json: bytes, sha256, sample count, members, JPEG decodes, labels. Prints one line per problem; exit code 1 when there is any."""
     from pipeline.config import default_workers
-    from pipeline.inspect import verify_pack
+    from pipeline.inspect import as_path, verify_pack
 
-    report = verify_pack(folder, workers if workers is not None else default_workers(), quiet=quiet)
+    report = verify_pack(as_path(folder), workers if workers is not None else default_workers(), quiet=quiet)
     for line in report.problems:
         typer.echo(line)
     typer.echo(report.summary())

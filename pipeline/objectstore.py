@@ -39,6 +39,9 @@ def _options(proto: str) -> dict:
     if proto not in ("s3", "s3a"):
         return {}
     options: dict = {
+        # No cached listings: a long job (or a verify after a re-pack) must see the objects as
+        # they are now, not as a listing an hour ago said (a stale ETag fails every read).
+        "use_listings_cache": False,
         "config_kwargs": {
             "connect_timeout": CONNECT_TIMEOUT_S,
             "read_timeout": READ_TIMEOUT_S,
@@ -110,3 +113,79 @@ def is_folder(url: str) -> bool:
         return bool(fs.isdir(path))
     except Exception:
         return False  # let the shard reader report what is wrong with it
+
+
+class ObjectPath:
+    """The part of pathlib.Path the shard tools use (name, parent, /, is_file, is_dir, exists,
+    stat().st_size, glob, open, read_bytes), for an object or prefix in a store: inspect-shards
+    and verify-shards read a bucket through it with the same code, and the same tar reader, as a
+    local folder. A store that refuses a request gives a UserError naming the URL."""
+
+    def __init__(self, url: str):
+        self.url = url.rstrip("/")
+
+    def __str__(self) -> str:
+        return self.url
+
+    def __repr__(self) -> str:
+        return f"ObjectPath({self.url!r})"
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, ObjectPath) and other.url == self.url
+
+    def __hash__(self) -> int:
+        return hash(self.url)
+
+    @property
+    def name(self) -> str:
+        return self.url.rsplit("/", 1)[-1]
+
+    @property
+    def parent(self) -> ObjectPath:
+        return ObjectPath(self.url.rsplit("/", 1)[0])
+
+    def __truediv__(self, name: str) -> ObjectPath:
+        return ObjectPath(f"{self.url}/{name}")
+
+    def _ask(self, what, missing=None):
+        fs, path = filesystem(self.url)
+        try:
+            return what(fs, path)
+        except FileNotFoundError:
+            if missing is not None:
+                return missing
+            raise UserError(f"cannot read {self.url}: no such bucket or object") from None
+        except UserError:
+            raise
+        except Exception as e:
+            raise UserError(f"cannot read {self.url}: {describe(e)}") from None
+
+    def is_file(self) -> bool:
+        return self._ask(lambda fs, p: fs.isfile(p), False)
+
+    def is_dir(self) -> bool:
+        return self._ask(lambda fs, p: fs.isdir(p), False)
+
+    def exists(self) -> bool:
+        return self._ask(lambda fs, p: fs.exists(p), False)
+
+    def stat(self):
+        import types
+
+        return types.SimpleNamespace(st_size=self._ask(lambda fs, p: int(fs.size(p))))
+
+    def glob(self, pattern: str) -> list[ObjectPath]:
+        root = filesystem(self.url)[1]
+        found = self._ask(lambda fs, p: fs.glob(f"{p}/{pattern}"), [])
+        return sorted(self / f[len(root) + 1 :] for f in found if "/" not in f[len(root) + 1 :])
+
+    def open(self, mode: str = "rb"):
+        if mode != "rb":
+            raise ValueError("objects are opened for reading only")
+        return self._ask(lambda fs, p: open_read(self.url))
+
+    def read_bytes(self) -> bytes:
+        return self._ask(lambda fs, p: fs.cat_file(p))
+
+    def __lt__(self, other: ObjectPath) -> bool:
+        return self.url < other.url

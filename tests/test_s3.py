@@ -325,3 +325,27 @@ def test_an_s3_url_that_lost_a_slash_is_refused_not_made_a_local_folder(small_tr
     result = run_cli(pack_app, small_tree[0], "s3:/clips/hmdb/", *PACK_ARGS)
     assert_one_line_error(result, r"looks like a URL with a slash missing; did you mean 's3://clips/hmdb'")
     assert not list(tmp_path.iterdir())
+
+
+def test_inspect_and_verify_read_a_bucket_in_place(server, bucket, small_tree, local_pack, tmp_path):
+    from pipeline.cli import inspect_app, verify_app
+
+    url = f"s3://{bucket}/hmdb51"
+    assert run_cli(pack_app, small_tree[0], url, *PACK_ARGS).exit_code == 0
+    remote, local = run_cli(inspect_app, url, "--quiet", "--sheet", tmp_path / "s3.png"), run_cli(inspect_app, local_pack, "--quiet", "--sheet", tmp_path / "local.png")
+    assert remote.exit_code == 0 and local.exit_code == 0, remote.output
+    assert remote.stdout.replace(url, "FOLDER").replace(str(tmp_path / "s3.png"), "PNG") == local.stdout.replace(str(local_pack), "FOLDER").replace(str(tmp_path / "local.png"), "PNG")
+    assert (tmp_path / "s3.png").read_bytes() == (tmp_path / "local.png").read_bytes()
+    pattern = run_cli(inspect_app, f"{url}/<000..001>.tar", "--quiet")
+    assert pattern.exit_code == 0 and pattern.stdout.startswith(f"{url}: 2 of 8 shards")
+    checked = run_cli(verify_app, url + "/", "--quiet", "--workers", "2")
+    assert checked.exit_code == 0, checked.output
+    assert checked.stdout.strip().endswith("all well") and "checked 8 shards, 17 clips" in checked.stdout
+    # a damaged object is found, named, and the exit code says so
+    fs = s3kit.s3fs_for(server.url)
+    data = fs.cat_file(f"{bucket}/hmdb51/001.tar")
+    fs.pipe_file(f"{bucket}/hmdb51/001.tar", data[:-3000] + bytes(3000))
+    fs.rm_file(f"{bucket}/hmdb51/test-002.tar")
+    damaged = run_cli(verify_app, url, "--quiet", "--workers", "1")
+    assert damaged.exit_code == 1
+    assert "001.tar: sha256 mismatch" in damaged.stdout and "test-002.tar: missing" in damaged.stdout
