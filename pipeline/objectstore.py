@@ -75,6 +75,8 @@ def describe(e: BaseException) -> str:
     """A store error in one line, without the request (which may carry a signature)."""
     if isinstance(e, FileNotFoundError):
         return "no such bucket" if "bucket" in str(e).lower() else "no such object"
+    if type(e).__name__ == "NoCredentialsError":
+        return "no credentials found (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE, or write ~/.aws/credentials)"
     if isinstance(e, PermissionError):
         return f"access denied ({_first_line(e) or 'check the credentials and the bucket policy'})"
     return f"{type(e).__name__}: {_first_line(e)}"
