@@ -4,8 +4,8 @@ One mechanism for every store: the store's fsspec file system, imported lazily, 
 runs without any of them installed; `s3://` needs the `s3` extra (s3fs). Credentials and endpoints
 are the store's own conventions, read by its client, never by us: for S3 the AWS environment
 variables, profiles (`AWS_PROFILE`, ~/.aws) and `AWS_ENDPOINT_URL` / `AWS_ENDPOINT_URL_S3` for
-MinIO or Ceph (botocore reads them itself since 1.31.63, and s3fs leaves `endpoint_url` to it
-when not given one). Nothing here prints a credential: messages name the URL and the store's error
+MinIO or Ceph (botocore reads them itself; the s3 extra asks for botocore >= 1.34, and s3fs leaves
+`endpoint_url` to it when not given one). Nothing here prints a credential: messages name the URL and the store's error
 code, never the request.
 
 Readers stream a shard sequentially through fsspec's read-ahead cache in BLOCK_SIZE ranged GETs; a
