@@ -88,14 +88,16 @@ def _first_line(e: BaseException) -> str:
     return text[0][:300] if text else ""
 
 
-def open_read(url: str, size: int | None = None):
-    """A seekable binary file of one object, read ahead in BLOCK_SIZE ranged GETs. With `size`
-    known (the index's), opening costs no request: the first GET is the first read (on the sample
-    set's 100 KB shards this took a quarter of the client's and the server's CPU per shard). A
-    wrong size reads as a truncated or over-long shard: a fault, as the index is what counts.
-    Raises the store's OSError (FileNotFoundError, PermissionError, ...) when it cannot be read."""
+def open_read(url: str):
+    """A seekable binary file of one object, read ahead in BLOCK_SIZE ranged GETs: a HEAD (its
+    size and ETag: s3fs checks every later range against the ETag, so a shard replaced mid-read is
+    an error, not a mix of two files) and one GET per block. Raises OSError with a one-line
+    message (no such object, access denied, ...) when it cannot be read."""
     fs, path = filesystem(url)
-    return _Described(fs.open(path, "rb", block_size=BLOCK_SIZE, cache_type="readahead", size=size if size and size > 0 else None))
+    try:
+        return _Described(fs.open(path, "rb", block_size=BLOCK_SIZE, cache_type="readahead"))
+    except Exception as e:
+        raise OSError(describe(e)) from None
 
 
 class _Described:

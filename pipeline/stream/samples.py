@@ -46,7 +46,7 @@ def read_samples(shards: Iterable[Shard], allow_pipe: bool, faults: Faults) -> I
     for shard in shards:
         seen = 0
         try:
-            stream = open_shard(shard.url, allow_pipe, shard.bytes)
+            stream = open_shard(shard.url, allow_pipe)
         except Exception as e:
             faults.add(shard.url, f"cannot open: {e}", max(shard.samples, 0))
             continue

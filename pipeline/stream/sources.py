@@ -34,8 +34,6 @@ class Shard:
     """Local path or URL."""
     samples: int
     """Sample count from the index; -1 when unknown (evaluation shards the index does not list)."""
-    bytes: int = -1
-    """Size from the index; -1 when unknown. An object store then needs no HEAD request to open it."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,11 +210,6 @@ def counts(index: dict, split: str) -> dict[str, int]:
     return {e["name"]: e["samples"] for e in index["splits"].get(split, {}).get("shards", [])}
 
 
-def sizes(index: dict, split: str) -> dict[str, int]:
-    """Shard name -> bytes of one split of an index."""
-    return {e["name"]: e["bytes"] for e in index["splits"].get(split, {}).get("shards", [])}
-
-
 def resolve(patterns: Iterable[str], split: str = "train", index: str | None = None, allow_pipe: bool = False) -> ShardSet:
     """The shards of `split` named by `patterns`, each with its sample count from the index.
 
@@ -245,14 +238,13 @@ def resolve(patterns: Iterable[str], split: str = "train", index: str | None = N
             location = index or (str(Path(pattern) / INDEX_NAME) if local_path(pattern) else pattern.rstrip("/") + "/" + INDEX_NAME)
             if location not in indexes:
                 indexes[location] = read_index(location)
-            size = sizes(indexes[location], split)
-            shards += [Shard(sibling(location, name), n, size[name]) for name, n in counts(indexes[location], split).items()]
+            shards += [Shard(sibling(location, name), n) for name, n in counts(indexes[location], split).items()]
             continue
         for url in expand_shards([pattern], allow_pipe):
             location, found = index_for(url)
             name, mine = shard_name(url), counts(found, split)
             if name in mine:
-                shards.append(Shard(url, mine[name], sizes(found, split)[name]))
+                shards.append(Shard(url, mine[name]))
             elif split == "test" and name not in counts(found, "train"):
                 shards.append(Shard(url, -1))  # an evaluation shard of one's own: counted as it is read
             else:
@@ -274,8 +266,7 @@ def resolve(patterns: Iterable[str], split: str = "train", index: str | None = N
 def test_beside(train: ShardSet) -> ShardSet:
     """The test shards the training shards' index lists, from the same folder or base URL."""
     index = read_index(train.index)
-    size = sizes(index, "test")
-    shards = tuple(Shard(sibling(train.index, name), n, size[name]) for name, n in counts(index, "test").items())
+    shards = tuple(Shard(sibling(train.index, name), n) for name, n in counts(index, "test").items())
     return dataclasses.replace(train, shards=shards)
 
 
@@ -283,10 +274,9 @@ def test_beside(train: ShardSet) -> ShardSet:
 # Opening one shard
 
 
-def open_shard(url: str, allow_pipe: bool = False, size: int | None = None):
+def open_shard(url: str, allow_pipe: bool = False):
     """A binary stream of one shard: a local file, an HTTP(S) response, an object-store file read
-    ahead in large blocks, or (when allowed) a pipe. `size` (bytes, from the index) spares an
-    object store the request that would ask for it."""
+    ahead in large blocks, or (when allowed) a pipe."""
     local = local_path(url)
     if local is not None:
         return open(local, "rb")
@@ -294,7 +284,7 @@ def open_shard(url: str, allow_pipe: bool = False, size: int | None = None):
     if found in ("http", "https"):
         return io.BufferedReader(_ResumingHTTPBody(url), buffer_size=1 << 20)
     if is_object_store(url):
-        return objectstore.open_read(url, size)
+        return objectstore.open_read(url)
     if found == "pipe":
         if not allow_pipe:
             raise UserError(f"{url!r} would run a shell command; set `allow_pipe` to allow pipe: URLs")
