@@ -140,7 +140,7 @@ def make_sample_data(
 
 
 def train_stream(
-    shards: Annotated[list[str], typer.Option("--shards", help="Training shards: 'shards/<000..031>.tar', '{000..031}' ranges, '::'-separated lists, local paths or http(s):// URLs; repeatable.", show_default=False)],
+    shards: Annotated[list[str], typer.Option("--shards", help="Training shards: 'shards/<000..031>.tar', '{000..031}' ranges, '::'-separated lists, local paths, http(s):// or s3:// URLs, or a packed folder (shards/, s3://bucket/hmdb51/); repeatable.", show_default=False)],
     eval_shards: Annotated[Optional[list[str]], typer.Option("--eval-shards", help="Test shards, same syntax [default: the test shards listed in the index beside the training shards].", show_default=False)] = None,
     index: Annotated[Optional[str], typer.Option(help="Path or URL of index.json [default: beside the training shards].", show_default=False)] = None,
     model: Annotated[str, typer.Option(help="r3d18, r2plus1d18, cnn-lstm, tiny, or torchvision:<name>.")] = "r3d18",
@@ -283,7 +283,7 @@ def plot_run(
 
 
 def bench_stream(
-    shards: Annotated[list[str], typer.Option("--shards", help="Training shards to read: 'shards/<000..031>.tar', '{000..031}' ranges, '::'-separated lists, local paths or http(s):// URLs; repeatable.", show_default=False)],
+    shards: Annotated[list[str], typer.Option("--shards", help="Training shards to read: 'shards/<000..031>.tar', '{000..031}' ranges, '::'-separated lists, local paths, http(s):// or s3:// URLs, or a packed folder; repeatable.", show_default=False)],
     workers: Annotated[str, typer.Option(help="Loader worker counts to measure, comma-separated; one configuration each.")] = "0,1,2",
     batches: Annotated[int, typer.Option(help="Measured batches per configuration.")] = 20,
     warmup: Annotated[int, typer.Option(help="Batches taken before the clock starts.")] = 3,

@@ -110,7 +110,7 @@ class StreamConfig:
     """Where the shards are and how they are read, shuffled, augmented and batched."""
 
     shards: tuple[str, ...]
-    """Training shard patterns: `{000..031}` or `<000..031>` ranges, `::`-separated lists, local paths, http(s) URLs."""
+    """Training shard patterns: `{000..031}` or `<000..031>` ranges, `::`-separated lists, local paths, http(s) and s3:// URLs, packed folders."""
     eval_shards: tuple[str, ...] = ()
     """Test shard patterns; empty: the test shards listed in the index beside the training shards."""
     index: str | None = None
