@@ -298,7 +298,7 @@ def test_a_missing_bucket_or_object_is_one_line(server, bucket, small_tree, uplo
     with loader:
         faults = [f for b in loader.epoch(0) for f in b["faults"]]
     assert [(f["what"], f["samples"]) for f in faults] == [(f"s3://{copy}/004.tar", 6)]
-    assert faults[0]["reason"] == "cannot open: no such object"
+    assert faults[0]["reason"] == "unreadable after 0 samples: no such object"
 
 
 # ---------------------------------------------------------------- schemes, extras, the s3:/ bug (no server needed)
