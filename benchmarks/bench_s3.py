@@ -1,6 +1,6 @@
 """Object storage against local files: the same shards, read by the real training stream.
 
-    python benchmarks/bench_s3.py            # ~3 minutes on 2 cores
+    python benchmarks/bench_s3.py            # ~2 minutes on 2 cores
 
 Makes the HMDB-shaped sample set, packs it twice with pack-shards' own code: into a local folder
 and into a bucket of a real S3-API server (moto's server mode, its own process on 127.0.0.1, so it
@@ -16,8 +16,9 @@ moto keeps objects in memory and answers on the loopback, so this measures what 
 costs (the fsspec read-ahead, a HEAD and a ranged GET per shard, the botocore client in every
 worker), not a real network; and moto's own CPU (about 8 ms a request here) comes out of the same
 cores as the loader's, which a real S3 would not take. Every shard costs two requests whatever its
-size, so the ratio depends on clips per shard: `--shards 8` gives ~17 clips (100 KB) a shard as
-`make demo` packs them, `--shards 2` ~67 clips, nearer an HMDB51 pack's ~110 clips (60 MB).
+size, so the ratio depends on clips per shard: the default (8 classes x 40 clips, `--shards 2`)
+gives ~112 clips a shard, as an HMDB51 pack's 3570 training clips in 32 shards hold; with
+`--clips-per-class 24 --shards 8` shards hold ~17 clips (100 KB), the worst case.
 """
 
 from __future__ import annotations
@@ -79,8 +80,9 @@ def one_run(where: str, shards: str, workers: int, batch: int, warmup: int, batc
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--classes", type=int, default=8)
-    ap.add_argument("--clips-per-class", type=int, default=24)
-    ap.add_argument("--shards", type=int, default=8)
+    # 8 x 40 clips, 2 training shards: ~112 clips a shard, as an HMDB51 pack's 3570 clips in 32
+    ap.add_argument("--clips-per-class", type=int, default=40)
+    ap.add_argument("--shards", type=int, default=2)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=3)
