@@ -449,6 +449,7 @@ def run_bench(cfg: BenchConfig, emit=print) -> list[dict]:
                 "clips_per_s": round(synthetic_rate, 2),
                 "frames_per_s": round(synthetic_rate * frames, 1),
                 "data_wait": round(m["wait"] / m["seconds"], 4),
+                "first_batch_s": round(m["first_batch"], 4),
             }
             results.append(synthetic)
         emit(result)
