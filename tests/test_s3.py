@@ -113,6 +113,18 @@ def test_pack_into_a_bucket_gives_the_local_pack_byte_for_byte(server, bucket, s
     assert objects(server, url) == found
 
 
+def test_overwrite_in_a_bucket_leaves_only_the_new_pack(server, bucket, small_tree, tmp_path):
+    url = f"s3://{bucket}/hmdb51/"
+    assert run_cli(pack_app, small_tree[0], url, *PACK_ARGS).exit_code == 0
+    changed = ["--quiet", "--shards", "4", "--test-shards", "2", "--workers", "2"]
+    refused = run_cli(pack_app, small_tree[0], url, *changed)
+    assert_one_line_error(refused, r"was packed with different inputs or options \(shards 5 -> 4, test_shards 3 -> 2\); pass --overwrite")
+    assert run_cli(pack_app, small_tree[0], url, *changed, "--overwrite").exit_code == 0
+    local = tmp_path / "local"
+    assert run_cli(pack_app, small_tree[0], local, *changed).exit_code == 0
+    assert_same_state(objects(server, url), files(local))  # 004.tar, test-002.tar and their state are gone
+
+
 @pytest.mark.parametrize("point", ["after-shards:1", "mid-write:002.tar", "before-index", "mid-write:index.json"])
 def test_kill_9_mid_pack_then_resume_gives_identical_objects(point, server, bucket, small_tree, local_pack):
     url = f"s3://{bucket}/hmdb51/"
