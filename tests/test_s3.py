@@ -283,12 +283,14 @@ def test_a_denied_request_is_one_line_without_the_keys(denying_server, small_tre
         cli_command("train_app") + ["--shards", "s3://clips/hmdb51/", *TRAIN_ARGS],
         cli_command("pack_app") + [str(small_tree[0]), "s3://clips/hmdb51/", *PACK_ARGS],
         cli_command("bench_app") + ["--shards", "s3://clips/hmdb51/000.tar"],
+        cli_command("verify_app") + ["s3://clips/hmdb51/"],
+        cli_command("inspect_app") + ["s3://clips/hmdb51/"],
     ):
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
         assert done.returncode == 2, done.stderr
         lines = done.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and "access denied" in lines[0], done.stderr
-        assert "s3://clips/hmdb51/" in lines[0]
+        assert "s3://clips/hmdb51" in lines[0]
         for secret in s3kit.DUMMY_ENV.values():
             assert secret not in done.stdout + done.stderr
 
