@@ -22,8 +22,8 @@ class PackConfig:
 
     data_dir: Path
     """Folder with one sub-folder per class (or the `hmdb51_org/` or `UCF-101/` level above them; Kinetics: the folder holding train/ and val/)."""
-    out_dir: Path
-    """Where shards, index.json and manifest.parquet go."""
+    out_dir: Path | str
+    """Where shards, index.json and manifest.parquet go: a local folder, or an object-store URL (`s3://bucket/prefix/`) kept as a string."""
     split: int = 1
     """Official split to pack (1, 2 or 3): its training clips go to the train shards, test clips to the test shards."""
     frames: int = 16
@@ -60,6 +60,8 @@ class PackConfig:
     """Replace an OUT_DIR packed with different options."""
 
     def __post_init__(self):
+        if isinstance(self.out_dir, str) and "://" not in self.out_dir:
+            object.__setattr__(self, "out_dir", Path(self.out_dir))
         if self.split not in (1, 2, 3):
             raise UserError(f"unknown split {self.split}: HMDB51 and UCF101 have splits 1, 2 and 3")
         if self.layout not in PACK_LAYOUTS:
@@ -147,7 +149,7 @@ class StreamConfig:
     """Where the shards are and how they are read, shuffled, augmented and batched."""
 
     shards: tuple[str, ...]
-    """Training shard patterns: `{000..031}` or `<000..031>` ranges, `::`-separated lists, local paths, http(s) URLs."""
+    """Training shard patterns: `{000..031}` or `<000..031>` ranges, `::`-separated lists, local paths, http(s) and s3:// URLs, packed folders."""
     eval_shards: tuple[str, ...] = ()
     """Test shard patterns; empty: the test shards listed in the index beside the training shards."""
     index: str | None = None

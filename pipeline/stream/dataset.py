@@ -71,8 +71,9 @@ class ClipDataset(wds.DataPipeline, wds.FluidInterface):
     replaced by the worker's previous good clip (counts stay as planned), in testing skipped.
 
     `shards` takes what train-stream's --shards takes: `<000..031>` or `{000..031}` ranges, lists,
-    http(s) URLs, a packed folder. Rank and world size default to torch.distributed's when it is
-    initialised (create the dataset after `init_process_group`).
+    http(s) and s3:// URLs, a packed folder (local or s3://bucket/prefix/). Rank and world size
+    default to torch.distributed's when it is initialised (create the dataset after
+    `init_process_group`).
     """
 
     def __init__(

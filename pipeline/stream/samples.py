@@ -70,8 +70,8 @@ def read_samples(shards: Iterable[Shard], allow_pipe: bool, faults: Faults) -> I
 def read_shard(url: str | Path, allow_pipe: bool = False) -> Iterator[dict]:
     """Yield every sample of one shard as {'key', 'frames' (T, H, W, 3) uint8, 'label' int, 'meta' dict}.
 
-    `url` is a local path or an http(s):// URL; a `pipe:` command runs only with `allow_pipe=True`.
-    Members are read as bytes and decoded here; nothing is unpickled. A damaged shard raises
+    `url` is a local path, an http(s):// URL or an object-store URL (s3://...); a `pipe:` command
+    runs only with `allow_pipe=True`. Members are read as bytes and decoded here; nothing is unpickled. A damaged shard raises
     ShardFormatError (a ValueError) naming the sample, after yielding the samples before it.
     """
     url = str(url)
