@@ -1,0 +1,148 @@
+"""Issue #12 (hardening, round 2) on real files, servers and processes: hostile or unlucky input
+never runs a command, never allocates what a number claims, never stalls training for ever, never
+prints a traceback or a raw escape sequence, and nothing is lost or mixed without a word."""
+
+import copy as copy_module
+import hashlib
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+import zipfile
+import zlib
+from functools import partial
+from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, assert_one_line_error, cli_command, cli_env, run_cli
+from pipeline import cli, read_shard
+from pipeline.config import StreamConfig
+from pipeline.errors import UserError
+from pipeline.shardformat import MAX_MEMBER_BYTES, ShardFormatError, parse_index
+from pipeline.stream import sources
+from pipeline.stream.samples import Faults, read_samples
+from pipeline.stream.sources import Shard
+from shardmaker import make_packed, shard_keys
+
+SMALL = ["--model", "tiny", "--crop", "24", "--batch-size", "4", "--workers", "2", "--no-progress"]
+
+
+@pytest.fixture
+def copy(tmp_path, packed):
+    folder = tmp_path / "p"
+    shutil.copytree(packed, folder)
+    return folder
+
+
+def read_members(path: Path) -> list[tuple[str, bytes]]:
+    with tarfile.open(path) as tar:
+        return [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+
+
+def write_members(path: Path, members: list[tuple[str, bytes]]) -> None:
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime = len(data), 0
+            tar.addfile(info, io.BytesIO(data))
+
+
+def reindex(folder: Path) -> None:
+    """Make index.json agree with the shards' bytes again (so verify-shards sees only what a test planted)."""
+    index = json.loads((folder / "index.json").read_text())
+    for split in index["splits"].values():
+        for e in split["shards"]:
+            data = (folder / e["name"]).read_bytes()
+            e["bytes"], e["sha256"] = len(data), hashlib.sha256(data).hexdigest()
+    (folder / "index.json").write_text(json.dumps(index))
+
+
+def train(folder: Path, log: Path, *extra):
+    return run_cli(cli.train_app, "--shards", f"{folder}/<000..007>.tar", *SMALL, "--epochs", "1", "--log-dir", log, *extra)
+
+
+def no_traceback(result) -> None:
+    assert "Traceback" not in result.output and "\x1b" not in result.output, result.output[-2000:]
+    assert not result.exception or isinstance(result.exception, SystemExit), repr(result.exception)
+
+
+# --- 1. pipe: never runs unless allowed ------------------------------------------------------
+
+
+def test_read_shard_never_runs_a_pipe_command_unless_allowed(packed, tmp_path):
+    marker = tmp_path / "pwned"
+    url = f"pipe:touch {marker}; cat {packed}/000.tar"
+    with pytest.raises(UserError, match="would run a shell command; set `allow_pipe`"):
+        list(read_shard(url))
+    assert not marker.exists()
+    # the command is live: allowed explicitly, it runs and the shard reads
+    assert sorted(s["key"] for s in read_shard(url, allow_pipe=True)) == shard_keys(packed / "000.tar")
+    assert marker.exists()
+
+
+# --- 2. a compressed shard cannot get around the member limit ----------------------------------
+
+
+def _gzip_tar_claiming(path: Path, size: int) -> None:
+    """A real .tar.gz whose one member is `size` zero bytes, written without holding them: each MiB
+    of zeros deflates to the same 1 KB block after a full flush, so the block is made once."""
+    info = tarfile.TarInfo("evil.jpgs")
+    info.size, info.mtime = size, 0
+    header = info.tobuf(tarfile.USTAR_FORMAT)
+    c = zlib.compressobj(9, zlib.DEFLATED, -15)
+    mib = bytes(1 << 20)
+    with open(path, "wb") as f:
+        f.write(b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x02\xff")  # gzip header, no name, no mtime
+        f.write(c.compress(header) + c.flush(zlib.Z_FULL_FLUSH))
+        block = c.compress(mib) + c.flush(zlib.Z_FULL_FLUSH)
+        crc = zlib.crc32(header)
+        for _ in range(size >> 20):
+            f.write(block)
+            crc = zlib.crc32(mib, crc)
+        tail = bytes(size & ((1 << 20) - 1)) + bytes(-size % 512) + bytes(1024)
+        f.write(c.compress(tail) + c.flush())
+        crc = zlib.crc32(tail, crc)
+        total = len(header) + (size >> 20 << 20) + len(tail)
+        f.write(crc.to_bytes(4, "little") + (total & 0xFFFFFFFF).to_bytes(4, "little"))
+
+
+def test_a_gzip_shard_claiming_a_huge_member_fails_before_allocating(tmp_path):
+    """The issue's case: a 1.6 MB .tar.gz holding a member of 1.5 GiB made a loader worker grow to
+    3.3 GB. Our reader decompresses itself and checks the size field before reading the member."""
+    bomb = tmp_path / "bomb.tar.gz"
+    _gzip_tar_claiming(bomb, 3 << 29)  # 1.5 GiB
+    assert bomb.stat().st_size < 2 << 20
+    with tarfile.open(bomb) as tar:  # a real gzip'd tar: the standard library reads its header
+        assert tar.next().size == 3 << 29 > MAX_MEMBER_BYTES
+    probe = f"""
+import json, sys
+from pipeline import read_shard
+from pipeline.stream.samples import Faults, read_samples
+from pipeline.stream.sources import Shard
+out = {{}}
+try:
+    list(read_shard({str(bomb)!r}))
+except Exception as e:
+    out["read_shard"] = type(e).__name__ + ": " + str(e)
+faults = Faults()
+list(read_samples([Shard({str(bomb)!r}, 1)], False, faults))
+out["faults"] = faults.take()
+# the peak of this process (ru_maxrss would carry over the forking test process's peak across exec)
+out["maxrss_mb"] = int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) / 1024
+print(json.dumps(out))
+"""
+    done = subprocess.run([sys.executable, "-c", probe], env=cli_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = json.loads(done.stdout)
+    assert out["read_shard"] == f"ShardFormatError: tar member of {3 << 29} bytes exceeds the {MAX_MEMBER_BYTES} byte limit"
+    assert len(out["faults"]) == 1 and "exceeds the 1073741824 byte limit" in out["faults"][0]["reason"]
+    assert out["maxrss_mb"] < 200, out  # the member is 1536 MB
