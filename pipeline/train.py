@@ -64,6 +64,7 @@ def prepare(cfg: TrainConfig, world_size: int, local_world_size: int) -> RunData
     """Check everything a user can get wrong before any process starts: shards, index, model name."""
     data = resolve_data(cfg.stream)
     cfg = with_workers(cfg, len(data.train.shards), world_size, local_world_size)
+    cfg.stream.check_memory(data.train.frames, cfg.stream.workers)  # T is known from here
     check_enough_shards(data.train.shards, cfg.stream, world_size, cfg.stream.workers)
     from pipeline.models import MODEL_NAMES, build_model
 

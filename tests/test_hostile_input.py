@@ -146,3 +146,70 @@ print(json.dumps(out))
     assert out["read_shard"] == f"ShardFormatError: tar member of {3 << 29} bytes exceeds the {MAX_MEMBER_BYTES} byte limit"
     assert len(out["faults"]) == 1 and "exceeds the 1073741824 byte limit" in out["faults"][0]["reason"]
     assert out["maxrss_mb"] < 200, out  # the member is 1536 MB
+
+
+# --- 3. numbers from the user or a file are bounded before anything is allocated ----------------
+
+
+def _limited(cmd: list[str], gib: int = 1) -> subprocess.CompletedProcess:
+    """Run `cmd` with its address space capped, so that a reader that tries to allocate what a number
+    claims fails here instead of taking the machine's memory."""
+    import resource
+
+    def cap():
+        resource.setrlimit(resource.RLIMIT_AS, (gib << 30, gib << 30))
+
+    return subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=120, preexec_fn=cap)
+
+
+@pytest.mark.parametrize("pattern", ["{000000000..999999999}.tar", "<000000..999999999>.tar", "{0000..9999}/{000..999}.tar"])
+def test_a_huge_shard_range_is_one_line_before_expanding(packed, pattern):
+    started = time.monotonic()
+    done = _limited(cli_command("inspect_app") + [f"{packed}/{pattern}"])
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert done.stderr.count("\n") == 1 and "a pattern may name at most 1,000,000" in done.stderr
+    assert time.monotonic() - started < 60
+    result = run_cli(cli.train_app, "--shards", f"{packed}/{pattern}")
+    assert_one_line_error(result, "shards or more; a pattern may name at most 1,000,000")
+
+
+def test_deeply_nested_braces_are_one_line(packed):
+    assert_one_line_error(run_cli(cli.train_app, "--shards", f"{packed}/" + "{" * 50_000 + "0" + "}" * 50_000), "nests braces more than 16 deep")
+
+
+def test_an_index_claiming_a_trillion_samples_is_refused(copy):
+    index = json.loads((copy / "index.json").read_text())
+    index["splits"]["train"]["shards"][0]["samples"] = 10**12
+    with pytest.raises(UserError, match=r"shard '000.tar' claims 1000000000000 samples \(0..10000000\)"):
+        parse_index(json.dumps(index).encode(), "index.json")
+    (copy / "index.json").write_text(json.dumps(index))
+    assert_one_line_error(train(copy, copy / "run"), "claims 1000000000000 samples")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--batch-size", str(10**9)], "--batch-size must be at most 65,536, got 1,000,000,000"),
+        (["--crop", "100000"], "--crop must be at most 8,192, got 100,000"),
+        (["--prefetch", "100000"], "--prefetch must be at most 64, got 100,000"),
+        (["--workers", "100000"], "--workers must be at most 256, got 100,000"),
+        (["--shuffle-buffer", str(10**9)], "--shuffle-buffer must be at most 1,000,000"),
+        (["--epochs", str(10**9)], "--epochs must be at most 100,000"),
+        # 4096 clips x 4 frames x 4096 x 4096 x 3: 824 GB for one batch
+        (["--batch-size", "4096", "--crop", "4096"], r"a batch of --batch-size 4096 x 4 frames x --crop 4096x4096 x 3 bytes is 768.0 GiB, more than the 4 GiB"),
+        # 3 GiB a batch fits the limit; 256 workers x 65 of them do not fit any machine
+        (["--batch-size", "64", "--crop", "2048", "--prefetch", "64", "--workers", "256", "--resample"], r"the loader's batch buffers .* more than this machine's .* GiB of memory"),
+    ],
+)
+def test_sizes_that_would_run_out_of_memory_are_one_line(packed, tmp_path, args, message):
+    result = run_cli(cli.train_app, "--shards", f"{packed}/<000..007>.tar", "--model", "tiny", "--no-progress", "--epochs", "1", "--log-dir", tmp_path / "run", *args)
+    assert_one_line_error(result, message)
+
+
+def test_the_library_bounds_batch_memory_at_loader_construction(packed):
+    from pipeline import ClipLoader
+
+    with pytest.raises(UserError, match=r"a batch of `batch_size` 4096 x 4 frames x `crop` 4096x4096 x 3 bytes is 768.0 GiB"):
+        ClipLoader(packed, batch_size=4096, crop=4096, workers=1)
+    with pytest.raises(UserError, match="`crop` must be at most 8,192"):
+        StreamConfig(shards=(str(packed),), crop=9000)

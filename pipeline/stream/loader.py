@@ -227,6 +227,7 @@ class ClipLoader:
             raise UserError(f"`split` must be 'train' or 'test', got {split!r}")
         self.source, self.cfg, self.split, self.rank, self.world_size = source, cfg, split, rank, world_size
         self.n_workers = max(1, cfg.workers or 0)
+        cfg.check_memory(source.frames, self.n_workers)  # before any buffer is allocated
         self.pin_memory, self.copy, self.epochs, self.start_method = pin_memory, copy, epochs, start_method
         if split == "train":
             check_enough_shards(source.shards, cfg, world_size, self.n_workers)

@@ -74,9 +74,22 @@ def _check_scheme(url: str, allow_pipe: bool) -> None:
         raise UserError(f"unsupported URL scheme {found!r} in {url!r} (use a local path, http(s):// or pipe:)")
 
 
+def _is_file(path: Path) -> bool:
+    """Path.is_file, False for any path the system cannot even look up (a name too long for it)."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False
+
+
 def _is_folder(pattern: str) -> bool:
     local = local_path(pattern)
-    return local.is_dir() if local is not None else scheme(pattern) in ("http", "https") and pattern.endswith("/")
+    if local is None:
+        return scheme(pattern) in ("http", "https") and pattern.endswith("/")
+    try:
+        return local.is_dir()
+    except OSError:  # e.g. ENAMETOOLONG: not a folder, and the pattern is checked as a pattern
+        return False
 
 
 def expand_pattern(pattern: str) -> list[str]:
@@ -96,7 +109,7 @@ def expand_shards(patterns: Iterable[str], allow_pipe: bool) -> list[str]:
         for url in expanded:
             _check_scheme(url, allow_pipe)
         local = [u for u in expanded if local_path(u) is not None]
-        missing = [u for u in local if not local_path(u).is_file()]
+        missing = [u for u in local if not _is_file(local_path(u))]
         if missing and len(missing) == len(expanded):
             raise UserError(f"no shards match {pattern!r}")
         if missing:
