@@ -213,3 +213,72 @@ def test_the_library_bounds_batch_memory_at_loader_construction(packed):
         ClipLoader(packed, batch_size=4096, crop=4096, workers=1)
     with pytest.raises(UserError, match="`crop` must be at most 8,192"):
         StreamConfig(shards=(str(packed),), crop=9000)
+
+
+# --- 4. a slow HTTP server cannot stall training ----------------------------------------------
+
+
+class _Trickle:
+    """A real HTTP server on 127.0.0.1 that sends its shard's headers at once, then one byte every
+    `every` seconds: each read succeeds well within any read time-out, the shard never ends."""
+
+    def __init__(self, shard: Path, every: float = 0.05):
+        data = shard.read_bytes()
+        self.stop = threading.Event()
+        stop = self.stop
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                for i in range(len(data)):
+                    if stop.wait(every):
+                        return
+                    try:
+                        self.wfile.write(data[i : i + 1])
+                        self.wfile.flush()
+                    except OSError:
+                        return
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}/000.tar"
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_a_slow_loris_server_is_cut_off_at_the_shard_deadline(packed, monkeypatch):
+    monkeypatch.setattr(sources, "HTTP_SHARD_DEADLINE_S", 1.5)
+    monkeypatch.setattr(sources, "HTTP_MIN_BYTES_PER_S", 1 << 40)  # the deadline is the 1.5 s alone
+    faults, got = Faults(), []
+    with _Trickle(packed / "000.tar") as url:
+        started = time.monotonic()
+        reader = threading.Thread(target=lambda: got.extend(read_samples([Shard(url, 6)], False, faults)), daemon=True)
+        reader.start()
+        reader.join(timeout=20)
+        took = time.monotonic() - started
+    assert not reader.is_alive(), "the shard read is still running: no deadline"
+    assert got == [] and 1.4 < took < 10, took
+    [fault] = faults.take()
+    assert fault["what"] == url and fault["samples"] == 6 and "not read whole within 2 s" in fault["reason"], fault
+
+
+def test_the_shard_deadline_grows_with_the_shard_size(packed):
+    served = packed / "000.tar"
+    with _Trickle(served, every=0.001) as url:
+        body = sources._ResumingHTTPBody(url)
+        try:
+            assert body.budget == pytest.approx(sources.HTTP_SHARD_DEADLINE_S + served.stat().st_size / sources.HTTP_MIN_BYTES_PER_S)
+        finally:
+            body.close()
