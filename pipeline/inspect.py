@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, printable
 from pipeline.progress import progress
-from pipeline.shardformat import INDEX_NAME, MANIFEST_NAME, ShardFormatError, decode_jpegs
+from pipeline.shardformat import INDEX_NAME, MANIFEST_NAME, ShardFormatError, decode_jpegs, is_valid_key
 from pipeline.stream.sources import expand_shards, local_path, read_index
 from pipeline.stream.tar import Member, group_samples, tar_members
 
@@ -109,10 +109,7 @@ def scan_shard(path: Path) -> list[SampleEntry]:
     return out
 
 
-def _printable(text: str) -> str:
-    """`text` safe for a terminal: control characters (escape sequences in a hostile member name)
-    shown as escapes, not sent raw."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+_printable = printable
 
 
 def scan_shards(paths: list[Path], quiet: bool = False) -> list[SampleEntry]:
@@ -186,6 +183,10 @@ class Summary:
         return sum(c[split] for c in self.per_class.values())
 
     def render(self) -> str:
+        """The summary, every line safe for a terminal (names and metadata come from the shards)."""
+        return "\n".join(_printable(line) for line in self._lines())
+
+    def _lines(self) -> list[str]:
         n, t = self.clips, "/".join(map(str, sorted(self.frames_per_clip))) or "?"
         of = f" of {self.index_shards}" if self.index_shards is not None and self.index_shards != len(self.shards) else ""
         lines = [
@@ -195,7 +196,7 @@ class Summary:
         ]
         if n:
             j = self.jpgs_bytes
-            per_frame = sum(j) / len(j) / max(self.frames_per_clip)
+            per_frame = sum(j) / len(j) / max(max(self.frames_per_clip, default=1), 1)
             lines.append(
                 f"bytes per clip: {_kb(self.shard_bytes / n)} on disk; frames {_kb(sum(j) / len(j))} "
                 f"(min {_kb(min(j))}, max {_kb(max(j))}), {_kb(per_frame)} a frame"
@@ -228,7 +229,25 @@ class Summary:
         if self.warnings:
             lines.append("")
             lines += [f"warning: {w}" for w in self.warnings]
-        return "\n".join(lines)
+        return lines
+
+
+def _meta_text(meta: dict, field: str) -> str | None:
+    value = meta.get(field)
+    return value if isinstance(value, str) else None
+
+
+def _meta_size(meta: dict) -> tuple:
+    """(width, height) from a sample's metadata; ('?', '?') for anything but two whole numbers."""
+    size = meta.get("frame_size")
+    if isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in size):
+        return tuple(size)
+    return ("?", "?")
+
+
+def _splits(index: dict) -> list[dict]:
+    """The train and test entries of an index (parse_index checks only those two; others are not read)."""
+    return [index["splits"].get(split, {"samples": 0, "shards": []}) for split in ("train", "test")]
 
 
 def summarize(paths: list[Path], samples: list[SampleEntry]) -> Summary:
@@ -238,18 +257,20 @@ def summarize(paths: list[Path], samples: list[SampleEntry]) -> Summary:
     warnings = []
     if index is None:
         warnings.append(f"no {INDEX_NAME} beside the shards: sample counts are not cross-checked")
-    classes = list(index["classes"]) if index else sorted({s.meta.get("class_name", str(s.label)) for s in samples})
+    # Metadata fields are what a shard says: anything but the expected type counts as unknown.
+    classes = list(index["classes"]) if index else sorted({_meta_text(s.meta, "class_name") or str(s.label) for s in samples})
     per_class = {c: collections.Counter() for c in classes}
     frame_sizes: collections.Counter = collections.Counter()
     padded: collections.Counter = collections.Counter()
     per_shard = collections.Counter(s.shard.name for s in samples)
     for s in samples:
-        name = classes[s.label] if index and 0 <= s.label < len(classes) else s.meta.get("class_name", str(s.label))
-        per_class.setdefault(name, collections.Counter())[s.meta.get("split", "?")] += 1
-        frame_sizes[tuple(s.meta.get("frame_size", ("?", "?")))] += 1
-        padded[s.meta.get("split", "?")] += bool(s.meta.get("padded"))
+        name = classes[s.label] if index and 0 <= s.label < len(classes) else _meta_text(s.meta, "class_name") or str(s.label)
+        split = _meta_text(s.meta, "split") or "?"
+        per_class.setdefault(name, collections.Counter())[split] += 1
+        frame_sizes[_meta_size(s.meta)] += 1
+        padded[split] += s.meta.get("padded") is True
     if index:
-        listed = {e["name"]: e["samples"] for split in index["splits"].values() for e in split["shards"]}
+        listed = {e["name"]: e["samples"] for split in _splits(index) for e in split["shards"]}
         for p in paths:
             if p.name not in listed:
                 warnings.append(f"{p.name} is not in {INDEX_NAME}")
@@ -267,7 +288,7 @@ def summarize(paths: list[Path], samples: list[SampleEntry]) -> Summary:
         folder=folder,
         shards=[p.name for p in paths],
         classes=list(per_class),
-        frames_per_clip={len(s.meta.get("indices", ())) for s in samples},
+        frames_per_clip={index["frames_per_clip"]} if index else {len(s.meta["indices"]) for s in samples if isinstance(s.meta.get("indices"), list)},
         per_class=per_class,
         frame_sizes=frame_sizes,
         padded=padded,
@@ -277,7 +298,7 @@ def summarize(paths: list[Path], samples: list[SampleEntry]) -> Summary:
         manifest_status=status,
         failed=failed or [],
         warnings=warnings,
-        layout=f"{index['layout']}, {index['split_source']} split" if index and "layout" in index else None,
+        layout=f"{index['layout']}, {index.get('split_source', '?')} split" if index and isinstance(index.get("layout"), str) else None,
     )
 
 
@@ -415,6 +436,8 @@ def check_shard(path: Path, entry: dict, frames: int, classes: int) -> ShardChec
         report.keys.append(key)
         if key in seen:
             sample_problem(key, "key appears twice in this shard")
+        if not is_valid_key(key):
+            sample_problem(key, "key is not made of ASCII letters, digits, '_' and '-' (docs/FORMAT.md)")
         seen.add(key)
         found = {k for k in parts if not k.startswith("__")}
         missing, extra = set(MEMBERS) - found, found - set(MEMBERS)
@@ -441,6 +464,8 @@ def check_shard(path: Path, entry: dict, frames: int, classes: int) -> ShardChec
             else:
                 if label is not None and meta.get("label") != label:
                     sample_problem(key, f"label {label} in .cls but {_printable(repr(meta.get('label')))[:40]} in .json")
+                for what in _meta_problems(meta, frames):
+                    sample_problem(key, what)
         if "jpgs" in parts:
             try:
                 t = len(decode_jpegs(parts["jpgs"]))
@@ -458,10 +483,34 @@ def check_shard(path: Path, entry: dict, frames: int, classes: int) -> ShardChec
     return report
 
 
+def _meta_problems(meta: dict, frames: int) -> list[str]:
+    """The metadata fields docs/FORMAT.md defines, where present, of the wrong type or shape (what
+    inspect-shards would otherwise show as '?')."""
+    out = []
+    for field in ("class_name", "key"):
+        if field in meta and not isinstance(meta[field], str):
+            out.append(f".json '{field}' is {_short_repr(meta[field])}, not a string")
+    if "split" in meta and meta["split"] not in ("train", "test"):
+        out.append(f".json 'split' is {_short_repr(meta['split'])}, not 'train' or 'test'")
+    if "frame_size" in meta and _meta_size(meta) == ("?", "?"):
+        out.append(f".json 'frame_size' is {_short_repr(meta['frame_size'])}, not [width, height]")
+    indices = meta.get("indices")
+    if "indices" in meta and not (isinstance(indices, list) and len(indices) == frames and all(isinstance(i, int) and not isinstance(i, bool) for i in indices)):
+        out.append(f".json 'indices' is {_short_repr(indices)}, not {frames} frame numbers")
+    if "padded" in meta and not isinstance(meta["padded"], bool):
+        out.append(f".json 'padded' is {_short_repr(meta['padded'])}, not true or false")
+    return out
+
+
+def _short_repr(value) -> str:
+    text = _printable(repr(value))
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def _check_index_and_manifest(folder: Path, index: dict) -> list[str]:
     problems = []
-    entries = [e for split in index["splits"].values() for e in split["shards"]]
-    for split, s in index["splits"].items():
+    entries = [e for split in _splits(index) for e in split["shards"]]
+    for split, s in zip(("train", "test"), _splits(index)):
         total = sum(e["samples"] for e in s["shards"])
         if s["samples"] != total:
             problems.append(f"{INDEX_NAME}: split {split} says {s['samples']} samples, its shards add up to {total}")
@@ -532,7 +581,7 @@ def verify_pack(folder: Path, workers: int, quiet: bool = False) -> VerifyReport
     for e in entries:
         for key in checks[e["name"]].keys:
             if key in owner and owner[key] != e["name"]:
-                problems.append(f"{e['name']}: sample {key}: key also in {owner[key]}")
+                problems.append(f"{e['name']}: sample {_printable(key)}: key also in {owner[key]}")
             owner.setdefault(key, e["name"])
     listed = {e["name"] for e in entries}
     for p in sorted(folder.glob("*.tar")):

@@ -142,7 +142,7 @@ def parse_index(raw: bytes, where: str) -> dict:
             if not isinstance(shard, dict):
                 raise bad(f"a shard of split {split} is {_short(shard)}, not an object")
             name, samples = shard.get("name"), shard.get("samples")
-            if not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", "..") or len(name) > 255:
+            if not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", "..") or len(name) > 255 or not name.isprintable():
                 raise bad(f"shard name {_short(name)} of split {split} is not a plain file name")
             if name in names:
                 raise bad(f"shard {name!r} is listed twice in split {split}")

@@ -30,7 +30,7 @@ from pipeline.stream.loader import ClipLoader
 from pipeline.stream.plan import auto_workers, check_enough_shards
 from pipeline.stream.sources import ShardSet, resolve, shard_name, test_beside
 from pipeline.durable import failpoint, publish
-from pipeline.errors import UserError
+from pipeline.errors import UserError, printable
 
 CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_VERSION = 1
@@ -367,7 +367,8 @@ def train(cfg: TrainConfig, env: DistEnv) -> dict:
     from pipeline.progress import progress
 
     started = time.perf_counter()
-    say = (lambda msg: tqdm.write(msg, file=sys.stdout)) if env.rank == 0 else (lambda msg: None)
+    # printable: keys, member names and class names in messages come from shards and the index
+    say = (lambda msg: tqdm.write(printable(msg), file=sys.stdout)) if env.rank == 0 else (lambda msg: None)
 
     # --- process group ----------------------------------------------------------------------
     device = pick_device(cfg.device, env.local_rank)

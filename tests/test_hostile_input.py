@@ -282,3 +282,177 @@ def test_the_shard_deadline_grows_with_the_shard_size(packed):
             assert body.budget == pytest.approx(sources.HTTP_SHARD_DEADLINE_S + served.stat().st_size / sources.HTTP_MIN_BYTES_PER_S)
         finally:
             body.close()
+
+
+# --- 6. malformed index and metadata: one line, never a traceback, in every tool ---------------
+
+
+def _shard0(index, **fields):
+    index["splits"]["train"]["shards"][0].update(fields)
+    return index
+
+
+def _without(*path):
+    def mutate(index):
+        *parents, last = path
+        target = index
+        for p in parents:
+            target = target[p]
+        del target[last]
+        return index
+
+    return mutate
+
+
+INDEX_CASES = {
+    "classes missing": (_without("classes"), "'classes' must be a list"),
+    "splits missing": (_without("splits"), "'splits' must map"),
+    "frames missing": (_without("frames_per_clip"), "'frames_per_clip' must be a whole number"),
+    "sha256 missing": (_without("splits", "train", "shards", 0, "sha256"), "shard '000.tar' has no valid 'sha256'"),
+    "classes a string": (lambda i: {**i, "classes": "brush_hair"}, "'classes' must be a list"),
+    "frames a string": (lambda i: {**i, "frames_per_clip": "4"}, r"'frames_per_clip' must be a whole number in 1..4096, got '4'"),
+    "samples a string": (lambda i: _shard0(i, samples="6"), "shard '000.tar' claims '6' samples"),
+    "bytes negative": (lambda i: _shard0(i, bytes=-1), "shard '000.tar' has no valid 'bytes'"),
+    "shards a dict": (lambda i: (i["splits"]["train"].update(shards={}), i)[1], "'splits.train.shards' must be a list"),
+    "a shard a list": (lambda i: (i["splits"]["train"]["shards"].__setitem__(0, [1]), i)[1], "a shard of split train is \\[1\\], not an object"),
+    "nested 100k deep": (lambda i: b"[" * 100_000 + b"]" * 100_000, "unreadable index .*recursion"),
+    "nested objects": (lambda i: b'{"a":' * 100_000 + b"1" + b"}" * 100_000, "unreadable index .*recursion"),
+    "samples 10^12": (lambda i: _shard0(i, samples=10**12), "claims 1000000000000 samples"),
+    "shard name ../x": (lambda i: _shard0(i, name="../x"), "shard name '../x' of split train is not a plain file name"),
+    "shard name with a newline": (lambda i: _shard0(i, name="a\nb.tar"), r"shard name 'a\\nb.tar'"),
+    "not json": (lambda i: b"\xff\xfe garbage", "unreadable index"),
+    "a list": (lambda i: [1, 2], "is not a clipstream v1 index"),
+    "version 2": (lambda i: {**i, "version": 2}, "is not a clipstream v1 index"),
+}
+
+
+def _write_index(folder: Path, mutate) -> None:
+    index = json.loads((folder / "index.json").read_text())
+    raw = mutate(copy_module.deepcopy(index))
+    (folder / "index.json").write_bytes(raw if isinstance(raw, bytes) else json.dumps(raw).encode())
+
+
+@pytest.mark.parametrize("case", list(INDEX_CASES))
+def test_a_malformed_index_is_one_line_in_every_tool(copy, tmp_path, case):
+    mutate, message = INDEX_CASES[case]
+    _write_index(copy, mutate)
+    for result in (
+        run_cli(cli.inspect_app, copy, "-q"),
+        run_cli(cli.inspect_app, f"{copy}/<000..007>.tar", "-q"),
+        run_cli(cli.verify_app, copy, "-q", "--workers", "1"),
+        train(copy, tmp_path / "run"),
+    ):
+        assert_one_line_error(result, message)
+        no_traceback(result)
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda i: (i["splits"].update(val=5), i)[1],  # a split no reader knows
+        lambda i: {**i, "layout": "hmdb51"},  # a layout without its split_source
+        lambda i: {**i, "layout": ["x"], "frame_size": 5, "options": "x", "counts": [1]},  # fields no reader relies on
+    ],
+    ids=["unknown split", "layout alone", "odd optional fields"],
+)
+def test_index_fields_readers_do_not_rely_on_are_no_traceback(copy, tmp_path, mutate):
+    _write_index(copy, mutate)
+    result = run_cli(cli.inspect_app, copy, "-q")
+    assert result.exit_code == 0 and "48 clips (train 48" not in result.stderr
+    no_traceback(result)
+    result = run_cli(cli.verify_app, copy, "-q", "--workers", "1")
+    assert result.exit_code == 1 and result.stdout.splitlines()[:-1] == ["manifest.parquet: missing"], result.stdout  # the fixture has no manifest
+    no_traceback(result)
+    result = train(copy, tmp_path / "run", "--max-steps", "1")
+    assert result.exit_code == 0, result.output
+    no_traceback(result)
+
+
+def _plant(folder: Path, shard: str = "003.tar", *, meta=None, key: str | None = None, jpgs: bytes | None = None) -> str:
+    """Rewrite the first sample of `shard`: its .json bytes, its key, its frames; the index follows."""
+    members = read_members(folder / shard)
+    victim = members[0][0].split(".", 1)[0]
+    out = []
+    for name, data in members:
+        k, ext = name.split(".", 1)
+        if k == victim:
+            if ext == "json" and meta is not None:
+                data = meta(json.loads(data))
+            if ext == "jpgs" and jpgs is not None:
+                data = jpgs
+            name = f"{key or k}.{ext}"
+        out.append((name, data))
+    write_members(folder / shard, out)
+    reindex(folder)
+    return key or victim
+
+
+def _js(value) -> bytes:
+    return json.dumps(value).encode()
+
+
+META_CASES = {
+    # .json bytes -> inspect-shards (None: it summarises; else its one error line), verify-shards' problem
+    "meta a number": (lambda m: b"5", "its .json is not an object", r"\.json unreadable \(not an object\)"),
+    "meta a list": (lambda m: _js([m]), "its .json is not an object", r"\.json unreadable \(not an object\)"),
+    "meta nested 100k deep": (lambda m: b"[" * 100_000 + b"]" * 100_000, "recursion", r"\.json unreadable \(maximum recursion"),
+    "meta not utf-8": (lambda m: b'{"a": "\xff"}', "can't decode", r"\.json unreadable"),
+    "label a string": (lambda m: _js({**m, "label": str(m["label"])}), None, r"label \d in \.cls but '\d' in \.json"),
+    "class_name a list": (lambda m: _js({**m, "class_name": ["x"]}), None, r"'class_name' is \['x'\], not a string"),
+    "split a list": (lambda m: _js({**m, "split": ["train"]}), None, r"'split' is \['train'\], not 'train' or 'test'"),
+    "frame_size a number": (lambda m: _js({**m, "frame_size": 5}), None, r"'frame_size' is 5, not \[width, height\]"),
+    "frame_size three numbers": (lambda m: _js({**m, "frame_size": [1, 2, 3]}), None, r"'frame_size' is \[1, 2, 3\]"),
+    "indices a number": (lambda m: _js({**m, "indices": 5}), None, r"'indices' is 5, not 4 frame numbers"),
+    "padded a string": (lambda m: _js({**m, "padded": "no"}), None, r"'padded' is 'no', not true or false"),
+}
+
+
+@pytest.mark.parametrize("case", list(META_CASES))
+def test_malformed_sample_metadata_is_named_never_a_traceback(copy, case):
+    meta, inspect_error, problem = META_CASES[case]
+    key = _plant(copy, meta=meta)
+    result = run_cli(cli.inspect_app, copy, "-q")
+    no_traceback(result)
+    if inspect_error is None:
+        assert result.exit_code == 0 and ": 10 shards, 64 clips (train " in result.stdout, result.output
+    else:
+        assert_one_line_error(result, rf"003.tar: sample {key} is damaged \(.*{inspect_error}")
+    result = run_cli(cli.verify_app, copy, "-q", "--workers", "1")
+    no_traceback(result)
+    lines = result.stdout.splitlines()
+    assert result.exit_code == 1 and len(lines) == 3 and lines[1] == "manifest.parquet: missing", result.stdout
+    assert lines[0].startswith(f"003.tar: sample {key}: ") and __import__("re").search(problem, lines[0]), lines[0]
+
+
+# --- 10. names from shards never reach the terminal raw ------------------------------------------
+
+
+def test_escape_sequences_in_keys_and_metadata_are_printed_escaped(copy, tmp_path):
+    evil = "evil\x1b[31mkey"
+    _plant(copy, key=evil, meta=lambda m: _js({**m, "class_name": "\x1b[2Jred", "split": "\x1b[31m"}))
+    index = json.loads((copy / "index.json").read_text())
+    index["classes"][0] = "brush\x1b[31mhair"
+    (copy / "index.json").write_text(json.dumps(index))
+    results = {
+        "inspect": run_cli(cli.inspect_app, copy, "-q", "--sheet", tmp_path / "sheet.png", "-n", "64"),
+        "verify": run_cli(cli.verify_app, copy, "-q", "--workers", "1"),
+        "inspect no index": None,
+    }
+    (copy / "index.json").unlink()
+    results["inspect no index"] = run_cli(cli.inspect_app, f"{copy}/<000..007>.tar", "-q")
+    for name, result in results.items():
+        assert "\x1b" not in result.output, (name, result.output)
+        no_traceback(result)
+    assert "brush\\x1b[31mhair" in results["inspect"].stdout and "\\x1b[2Jred" in results["inspect no index"].stdout
+    assert "003.tar: sample evil\\x1b[31mkey: key is not made of ASCII letters" in results["verify"].stdout
+
+
+def test_escape_sequences_and_newlines_in_a_bad_samples_key_stay_one_escaped_line(copy, tmp_path):
+    _plant(copy, key="evil\x1b[31m\nkey", jpgs=b"garbage!")
+    result = train(copy, tmp_path / "run", "--max-bad", "1")
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.stdout.splitlines() if line.startswith("warning: skipped")]
+    assert len(warnings) == 1 and "003.tar:evil\\x1b[31m\\nkey: not a JPEG pack" in warnings[0], result.stdout
+    assert "\x1b" not in result.output
+    result = train(copy, tmp_path / "stop", "--max-bad", "0")
+    assert_one_line_error(result, r"003.tar:evil\\x1b\[31m\\nkey: not a JPEG pack")
