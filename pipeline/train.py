@@ -28,7 +28,7 @@ from pipeline.config import StreamConfig, TrainConfig
 from pipeline.device import DistEnv, ModelInput, cores_per_rank, model_memory_format, pick_device
 from pipeline.stream.loader import ClipLoader
 from pipeline.stream.plan import auto_workers, check_enough_shards
-from pipeline.stream.sources import ShardSet, resolve, shard_name, test_beside
+from pipeline.stream.sources import ShardSet, local_path, resolve, shard_name, test_beside
 from pipeline.durable import failpoint, publish
 from pipeline.errors import UserError, printable
 
@@ -49,7 +49,21 @@ def resolve_data(sc: StreamConfig) -> RunData:
     """--shards, and --eval-shards or the test shards the training index lists beside them."""
     train = resolve(sc.shards, "train", sc.index, sc.allow_pipe)
     test = resolve(sc.eval_shards, "test", sc.index or train.index, sc.allow_pipe) if sc.eval_shards else test_beside(train)
+    # A shard an index lists (a packed folder given, or the test shards beside) that is gone, or is a
+    # folder, would cost its clips in every epoch or evaluation, after hours of training: say so now,
+    # as for a shard pattern naming a missing file.
+    for kind, shards in (("training", train.shards), ("test", test.shards)):
+        missing = [s.url for s in shards if local_path(s.url) is not None and not _is_file(local_path(s.url))]
+        if missing:
+            raise UserError(f"{len(missing)} of the {len(shards)} {kind} shards listed in {train.index if kind == 'training' else test.index} are missing or not files, e.g. {missing[0]!r}")
     return RunData(train, test)
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:
+        return False
 
 
 def with_workers(cfg: TrainConfig, n_shards: int, world_size: int, local_world_size: int) -> TrainConfig:
@@ -192,7 +206,7 @@ def evaluate(model, test: ShardSet, cfg: TrainConfig, env: DistEnv, device, chan
     k = min(5, num_classes)
     # rows: clips, top-1 hits, top-5 hits; columns: true class
     counts = torch.zeros(3, num_classes, dtype=torch.float64, device=device)
-    skipped = 0
+    skipped, faults = 0, []
     was_training = model.training
     model_input = ModelInput(device, channels_last)
     model.eval()
@@ -200,6 +214,7 @@ def evaluate(model, test: ShardSet, cfg: TrainConfig, env: DistEnv, device, chan
         loader = ClipLoader.from_config(test, cfg.stream, env.rank, env.world_size, split="test", pin_memory=device.type == "cuda", copy=False)
         for batch in loader.epoch(0):
             skipped += sum(f["samples"] for f in batch["faults"])
+            faults += batch["faults"]
             if batch["frames"] is None:
                 continue
             labels = batch["label"].to(device, non_blocking=True)
@@ -227,6 +242,7 @@ def evaluate(model, test: ShardSet, cfg: TrainConfig, env: DistEnv, device, chan
         "per_class": per_class,
         "clips": clips,
         "skipped": int(extra.item()),
+        "faults": faults,
     }
 
 
@@ -302,22 +318,49 @@ class BadClipBudget:
     def new_epoch(self, planned_clips: int) -> None:
         self.epoch_bad, self.limit = 0, self.cfg.bad_limit(planned_clips)
 
+    def write(self, faults: list[dict], epoch: int, step: int, **extra) -> None:
+        if not faults:
+            return  # no empty log: its presence says this rank met faults
+        with open(self.log, "a") as f:
+            for fault in faults:
+                f.write(json.dumps({"epoch": epoch, "step": step, **extra, **fault}) + "\n")
+
     def add(self, faults: list[dict], epoch: int, step: int) -> None:
         if not faults:
             return
         bad = sum(f["samples"] for f in faults)
         self.total += bad
         self.epoch_bad += bad
-        with open(self.log, "a") as f:
-            for fault in faults:
-                f.write(json.dumps({"epoch": epoch, "step": step, **fault}) + "\n")
-                self.say(f"warning: skipped {fault['what']}: {fault['reason']}")
+        self.write(faults, epoch, step)
+        for fault in faults:
+            self.say(f"warning: skipped {fault['what']}: {fault['reason']}")
         if self.epoch_bad > self.limit:
             last = faults[-1]
             raise UserError(
                 f"rank {self.rank}: {self.epoch_bad} unreadable clips in epoch {epoch + 1}, more than --max-bad {self.cfg.stream.max_bad:g} allows "
                 f"({self.limit}); last: {last['what']}: {last['reason']} (all in {self.log})"
             )
+
+
+def check_eval_faults(result: dict, faults: list[dict], test: ShardSet, cfg: TrainConfig, bad_clips: "BadClipBudget", log_dir: Path, epoch: int, step: int, say) -> None:
+    """Test clips an evaluation could not read: written to the rank's faults log, warned about in one
+    line (an accuracy over a subset is not the accuracy), and held against --max-bad as in training.
+    `result["skipped"]` is summed over ranks, so every rank decides alike (no rank left waiting)."""
+    bad_clips.write(faults, epoch - 1, step, split="test")
+    skipped = result["skipped"]
+    if not skipped:
+        return
+    planned = test.samples if all(s.samples >= 0 for s in test.shards) else result["clips"] + skipped
+    what = sorted({f["what"] for f in faults if f["samples"]})  # shards, or shard:key for single clips
+    named = ", ".join(what[:3]) + (f" and {len(what) - 3} more" if len(what) > 3 else "") if what else "on other ranks"
+    where = f"{log_dir}/faults-rank*.jsonl"
+    limit = cfg.bad_limit(planned)
+    if skipped > limit:
+        raise UserError(
+            f"evaluation after epoch {epoch}: {skipped} of {planned} test clips unreadable ({named}), more than --max-bad "
+            f"{cfg.stream.max_bad:g} allows ({limit}); accuracy on the rest would mislead (all in {where})"
+        )
+    say(f"warning: evaluation after epoch {epoch} skipped {skipped} of {planned} test clips ({named}): accuracy is on the other {result['clips']}; named in {where}")
 
 
 class Meter:
@@ -554,9 +597,16 @@ def train(cfg: TrainConfig, env: DistEnv) -> dict:
             epochs_done = epoch + 1
             if data.test.shards and (epochs_done == cfg.epochs or (cfg.eval_every and epochs_done % cfg.eval_every == 0)):
                 last_eval = evaluate(model, data.test, cfg, env, device, channels_last, autocast)
+                eval_faults = last_eval.pop("faults")
                 record("eval", step=step, epoch=epochs_done, **last_eval)
+                try:
+                    check_eval_faults(last_eval, eval_faults, data.test, cfg, bad_clips, log_dir, epochs_done, step, say)
+                except UserError:
+                    checkpoint(epochs_done, 0)  # the epoch is trained: keep it (every rank raises alike)
+                    raise
                 if last_eval["clips"]:
-                    per_class = ", ".join(f"{n} {a:.0%}" for n, a in last_eval["per_class"].items() if a is not None)
+                    # every class, so that one without any test clip left shows, not drops out
+                    per_class = ", ".join(f"{n} {'n/a' if a is None else f'{a:.0%}'}" for n, a in last_eval["per_class"].items())
                     say(
                         f"epoch {epochs_done}: test top-1 {last_eval['top1']:.1%}, top-5 {last_eval['top5']:.1%} "
                         f"on {last_eval['clips']} clips; per class: {per_class}"

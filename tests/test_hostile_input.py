@@ -456,3 +456,49 @@ def test_escape_sequences_and_newlines_in_a_bad_samples_key_stay_one_escaped_lin
     assert "\x1b" not in result.output
     result = train(copy, tmp_path / "stop", "--max-bad", "0")
     assert_one_line_error(result, r"003.tar:evil\\x1b\[31m\\nkey: not a JPEG pack")
+
+
+# --- 5. evaluation on missing or unreadable test shards is loud and bounded ---------------------
+
+
+def test_a_missing_test_shard_is_one_line_before_training(copy, tmp_path):
+    (copy / "test-001.tar").unlink()
+    result = train(copy, tmp_path / "run")
+    assert_one_line_error(result, r"1 of the 2 test shards listed in .*index.json are missing or not files, e.g. '.*/test-001.tar'")
+    assert not (tmp_path / "run").exists()  # nothing trained, nothing written
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_unreadable_test_clips_are_warned_about_and_count_against_max_bad(copy, tmp_path):
+    _truncate(copy / "test-001.tar")
+    result = train(copy, tmp_path / "stop")  # --max-bad 0.01 of 16 test clips: none may be lost
+    assert_one_line_error(result, r"evaluation after epoch 1: \d of 16 test clips unreadable \(.*/test-001.tar\), more than --max-bad 0.01 allows \(0\)")
+    assert (tmp_path / "stop" / "checkpoint.pt").is_file()  # the trained epoch is kept
+    result = train(copy, tmp_path / "run", "--max-bad", "8")
+    assert result.exit_code == 0, result.output
+    [warning] = [line for line in result.stdout.splitlines() if "evaluation after epoch 1 skipped" in line]
+    lost = int(warning.split(" skipped ")[1].split()[0])
+    assert 1 <= lost <= 8 and warning.startswith("warning: ") and "/test-001.tar" in warning and f"accuracy is on the other {16 - lost}" in warning
+    logged = [json.loads(line) for line in (tmp_path / "run" / "faults-rank0.jsonl").read_text().splitlines()]
+    assert sum(f["samples"] for f in logged if f.get("split") == "test") == lost
+    record = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"eval"' in line][-1]
+    assert record["skipped"] == lost and record["clips"] == 16 - lost
+
+
+def test_every_class_is_in_the_per_class_line(tmp_path):
+    folder = tmp_path / "one"
+    index = make_packed(folder, test_per_class=1, test_shards=4)  # one test clip a shard
+    [(name, cls)] = [(n, d) for n, d in read_members(folder / "test-002.tar") if n.endswith(".cls")]
+    lost_class = index["classes"][int(cls)]
+    _plant(folder, "test-002.tar", jpgs=b"garbage!")
+    result = train(folder, tmp_path / "run", "--max-bad", "1")
+    assert result.exit_code == 0, result.output
+    [line] = [line for line in result.stdout.splitlines() if line.startswith("epoch 1: test top-1")]
+    per_class = line.split("per class: ")[1].split(", ")
+    assert [p.rsplit(" ", 1)[0] for p in per_class] == index["classes"]
+    assert [p for p in per_class if p.endswith("n/a")] == [f"{lost_class} n/a"]
+    assert "on 3 clips" in line and "skipped 1 of 4 test clips" in result.stdout
