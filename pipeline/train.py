@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from pipeline.config import StreamConfig, TrainConfig
 from pipeline.device import DistEnv, ModelInput, cores_per_rank, model_memory_format, pick_device
-from pipeline.stream.loader import ClipLoader
+from pipeline.stream.loader import ClipLoader, WorkerGaveUp
 from pipeline.stream.plan import auto_workers, check_enough_shards
 from pipeline.stream.sources import ShardSet, local_path, resolve, shard_name, test_beside
 from pipeline.durable import failpoint, publish
@@ -543,7 +543,11 @@ def train(cfg: TrainConfig, env: DistEnv) -> dict:
             meter.reset()
             for in_epoch in range(first, steps_per[epoch]):
                 t0 = time.perf_counter()
-                batch = next(batches, None)
+                try:
+                    batch = next(batches, None)
+                except WorkerGaveUp as e:
+                    bad_clips.write(e.faults, epoch, step)  # the message points at the log: it must hold them
+                    raise UserError(f"rank {env.rank}: {e}; named in {bad_clips.log}") from None
                 t1 = time.perf_counter()
                 if batch is None or batch["frames"] is None or len(batch["key"]) != sc.batch_size:
                     raise UserError(f"rank {env.rank}: training stream of epoch {epoch + 1} ended after {in_epoch} of {steps_per[epoch]} batches")
@@ -640,7 +644,10 @@ def train(cfg: TrainConfig, env: DistEnv) -> dict:
     if summary["top1"] is not None:
         say(f"done: test top-1 {summary['top1']:.1%}, top-5 {summary['top5']:.1%}; {summary['clips_per_s']:.1f} clips/s, data wait {summary['data_wait']:.0%}, {summary['wall_s']:.0f} s")
     if summary["bad_samples"]:
-        say(f"warning: {summary['bad_samples']} unreadable clips replaced or skipped, named in {log_dir}/faults-rank*.jsonl")
+        # Name the logs this machine can see: ranks on other machines write theirs to their own disks
+        # when LOG_DIR is not shared.
+        where = f"{log_dir}/faults-rank*.jsonl" if summary["fault_logs"] else f"faults-rankR.jsonl in {log_dir} of the machines whose ranks met them"
+        say(f"warning: {summary['bad_samples']} unreadable clips replaced or skipped, named in {where}")
     say(f"metrics: {log_dir / 'metrics.jsonl'}")
 
     # --- teardown ---------------------------------------------------------------------------

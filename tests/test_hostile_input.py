@@ -502,3 +502,24 @@ def test_every_class_is_in_the_per_class_line(tmp_path):
     assert [p.rsplit(" ", 1)[0] for p in per_class] == index["classes"]
     assert [p for p in per_class if p.endswith("n/a")] == [f"{lost_class} n/a"]
     assert "on 3 clips" in line and "skipped 1 of 4 test clips" in result.stdout
+
+
+# --- 7. a message that points at the faults log only when it is written ------------------------
+
+
+def test_a_worker_giving_up_names_its_clips_in_the_faults_log(copy, tmp_path):
+    for i in range(8):
+        members = read_members(copy / f"{i:03d}.tar")
+        write_members(copy / f"{i:03d}.tar", [(n, b"garbage!" if n.endswith(".jpgs") else d) for n, d in members])
+    log = tmp_path / "run"
+    result = train(copy, log, "--max-bad", "1000")
+    assert_one_line_error(result, r"every clip of a loader worker's shards is unreadable \((\d+) bad\); named in .*/run/faults-rank0.jsonl")
+    bad = int(result.stderr.split("(")[1].split()[0])
+    logged = [json.loads(line) for line in (log / "faults-rank0.jsonl").read_text().splitlines()]
+    assert sum(f["samples"] for f in logged) >= bad >= 1 and all("not a JPEG pack" in f["reason"] for f in logged)
+
+
+def test_no_faults_log_when_nothing_was_skipped(packed, tmp_path):
+    result = train(packed, tmp_path / "run", "--max-steps", "2")
+    assert result.exit_code == 0 and "faults-rank" not in result.output and "skipped" not in result.output
+    assert not list((tmp_path / "run").glob("faults-rank*.jsonl"))

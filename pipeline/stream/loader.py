@@ -26,6 +26,15 @@ from pipeline.stream.samples import Faults, fit_to_quota, read_samples, resample
 from pipeline.stream.sources import ShardSet, resolve, shard_name
 
 
+class WorkerGaveUp(UserError):
+    """A loader worker stopped on bad data (every clip of its shards unreadable); `faults` are the
+    clips and shards it met since its last batch, for the caller to log."""
+
+    def __init__(self, message: str, faults: list[dict]):
+        super().__init__(message)
+        self.faults = faults
+
+
 def stream_config(shards, *, batch_size, crop, seed, resample, allow_pipe, shuffle_buffer=256, workers=None, prefetch=2) -> StreamConfig:
     """The library's keyword arguments as a checked StreamConfig (errors name the parameters)."""
     patterns = (str(shards),) if isinstance(shards, (str, Path)) else tuple(map(str, shards))
@@ -83,6 +92,7 @@ class TrainProducer:
 
     def __call__(self, worker: int, ring) -> Iterator[dict]:
         epochs = itertools.count(self.start_epoch) if self.epochs is None else range(self.start_epoch, self.epochs)
+        faults = Faults()
         try:
             for epoch in epochs:
                 plans, schedule = self.schedule(epoch)
@@ -98,7 +108,7 @@ class TrainProducer:
                     keys, labels = clips.fill(rows[:n])
                     yield {"slot": slot, "n": n, "epoch": epoch, "key": keys, "label": labels, "faults": faults.take()}
         except UserError as e:
-            yield {"fatal": str(e)}
+            yield {"fatal": str(e), "faults": faults.take()}  # the bad clips behind it, for the faults log
 
 
 def eval_clips(raw: Iterable[dict], crop: int, num_classes: int, faults: Faults, rows_for) -> Iterator[tuple]:
@@ -360,7 +370,7 @@ class ClipLoader:
     def _get(self, worker: int, epoch: int, n: int) -> dict:
         message = self.pool.get(worker)
         if "fatal" in message:
-            raise UserError(message["fatal"])
+            raise WorkerGaveUp(message["fatal"], message.get("faults", []))
         if message.get("epoch") != epoch or message.get("n") != n:
             raise RuntimeError(f"loader worker {worker} sent {message.get('n')} clips of epoch {message.get('epoch')}; expected {n} of epoch {epoch}")
         return message
