@@ -14,6 +14,8 @@ import json
 import logging
 import math
 import os
+import pickle
+import signal
 import sys
 import tempfile
 import time
@@ -118,6 +120,7 @@ def launch(cfg: TrainConfig) -> dict | None:
     prepare(cfg, nproc, nproc)
     # Decided once here, so that every process writes to the same run folder.
     cfg = dataclasses.replace(cfg, log_dir=default_log_dir(cfg), nproc_per_node=1)
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -134,13 +137,20 @@ def launch(cfg: TrainConfig) -> dict | None:
     )
     # A rank that stops on a UserError leaves its message in `errors` for this process to print as the
     # run's one line; torch elastic's own failure reports (a traceback of the launcher) are muted.
-    muted = [logging.getLogger(n) for n in ("torch.distributed.elastic.multiprocessing.api", "torch.multiprocessing.spawn")]
+    muted = [logging.getLogger(n) for n in ("torch.distributed.elastic.multiprocessing.api", "torch.multiprocessing.spawn", "torch.distributed.elastic.agent.server.api")]
     levels = [m.level for m in muted]
     with tempfile.TemporaryDirectory(prefix="clipstream-errors-") as errors:
         try:
             for m in muted:
                 m.setLevel(logging.CRITICAL)
             results = elastic_launch(config, _launched)(cfg, errors)
+        except SignalException as e:
+            # torch elastic turns Ctrl-C (SIGINT) and SIGTERM into this, with a launcher traceback;
+            # it has stopped the ranks by then. Ctrl-C is `interrupted` and exit code 130, as in
+            # one process.
+            if e.sigval == signal.SIGINT:
+                raise KeyboardInterrupt from None
+            raise Stopped(f"stopped by {signal.Signals(e.sigval).name}", 128 + int(e.sigval)) from None
         except ChildFailedError as e:
             messages = sorted(Path(errors).glob("rank-*.txt"))
             if messages:
@@ -151,6 +161,14 @@ def launch(cfg: TrainConfig) -> dict | None:
             for m, level in zip(muted, levels):
                 m.setLevel(level)
     return results.get(0)
+
+
+class Stopped(UserError):
+    """The run was stopped by a signal: one line, exit code 128 + the signal's number."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def _launched(cfg: TrainConfig, errors: str) -> dict:

@@ -523,3 +523,33 @@ def test_no_faults_log_when_nothing_was_skipped(packed, tmp_path):
     result = train(packed, tmp_path / "run", "--max-steps", "2")
     assert result.exit_code == 0 and "faults-rank" not in result.output and "skipped" not in result.output
     assert not list((tmp_path / "run").glob("faults-rank*.jsonl"))
+
+
+# --- 8. Ctrl-C under --nproc-per-node -----------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_ctrl_c_of_a_two_process_run_is_one_line_and_exit_130(packed, tmp_path):
+    cmd = cli_command("train_app") + ["--shards", f"{packed}/<000..007>.tar", *SMALL, "--workers", "1", "--epochs", "1000"]
+    cmd += ["--nproc-per-node", "2", "--log-dir", str(tmp_path / "run")]
+    proc = subprocess.Popen(cmd, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        first = proc.stdout.readline()  # rank 0 says "training ..." once every rank is up
+        assert first.startswith("training tiny"), first + proc.stderr.read()
+        time.sleep(1)
+        os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole process group
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err[-3000:]
+    assert err.splitlines() == ["interrupted"], err[-3000:]
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # no rank or loader worker left behind
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail("processes of the run outlived it")
