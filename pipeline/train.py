@@ -89,7 +89,28 @@ def prepare(cfg: TrainConfig, world_size: int, local_world_size: int) -> RunData
     if cfg.resume and not Path(resolve_checkpoint(cfg.resume)).is_file():
         raise UserError(f"no checkpoint at {cfg.resume!r}")
     check_log_dir(cfg.log_dir)
+    check_run_folder(default_log_dir(cfg), cfg.resume)
     return data
+
+
+RUN_FILES = ("metrics.jsonl", CHECKPOINT_NAME, "options.json")
+"""Files whose presence means a folder holds a run's output."""
+
+
+def holds_run(folder: Path) -> bool:
+    return any((folder / name).exists() for name in RUN_FILES)
+
+
+def check_run_folder(log_dir: str, resume: str | None) -> None:
+    """A run folder is never mixed with another run's output (metrics appended to, a checkpoint
+    overwritten) unless that run is the one being resumed."""
+    folder = Path(log_dir)
+    if not folder.is_dir() or not holds_run(folder):
+        return
+    if resume and Path(resolve_checkpoint(resume)).resolve().parent == folder.resolve():
+        return
+    what = "another run" if resume else "a run"
+    raise UserError(f"the run folder {log_dir} already holds {what}; continue it with --resume {log_dir}, or pass a new `log_dir`")
 
 
 def check_log_dir(log_dir: str | None) -> None:
@@ -187,7 +208,31 @@ def default_log_dir(cfg: TrainConfig) -> str:
     if cfg.resume:
         path = Path(cfg.resume)
         return str(path if path.is_dir() else path.parent)
-    return str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+    stamp = Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    folder, n = stamp, 2
+    while holds_run(folder):  # two runs started within one second
+        folder, n = stamp.with_name(f"{stamp.name}-{n}"), n + 1
+    return str(folder)
+
+
+def write_options(log_dir: Path, cfg: TrainConfig, env: DistEnv) -> Path:
+    """Record what this run (or this resume of it) ran with: options.json, then options-resume-N.json."""
+    path, n = log_dir / "options.json", 1
+    while path.exists():
+        path, n = log_dir / f"options-resume-{n}.json", n + 1
+    from pipeline import __version__
+
+    record = {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "clipstream": __version__,
+        "command": sys.argv,
+        "world_size": env.world_size,
+        "options": dataclasses.asdict(cfg),
+    }
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(record, indent=1, default=str) + "\n")
+    os.replace(tmp, path)
+    return path
 
 
 def resolve_checkpoint(resume: str) -> str:
@@ -463,6 +508,7 @@ def train(cfg: TrainConfig, env: DistEnv) -> dict:
     log_dir = Path(_broadcast_text(default_log_dir(cfg), env, device))
     if env.rank == 0:
         log_dir.mkdir(parents=True, exist_ok=True)
+        write_options(log_dir, cfg, env)
     if env.world_size > 1:
         dist.barrier()
     metrics = open(log_dir / "metrics.jsonl", "a") if env.rank == 0 else None

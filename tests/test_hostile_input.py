@@ -553,3 +553,28 @@ def test_ctrl_c_of_a_two_process_run_is_one_line_and_exit_130(packed, tmp_path):
         time.sleep(0.2)
     else:
         pytest.fail("processes of the run outlived it")
+
+
+# --- 9. a run folder holds one run --------------------------------------------------------------
+
+
+def test_a_finished_run_folder_is_not_reused_without_resume_and_records_its_options(packed, tmp_path):
+    log = tmp_path / "run"
+    assert train(packed, log, "--max-steps", "2", "--seed", "7").exit_code == 0
+    options = json.loads((log / "options.json").read_text())
+    assert options["options"]["stream"]["seed"] == 7 and options["options"]["stream"]["batch_size"] == 4 and options["options"]["max_steps"] == 2
+    assert options["options"]["model"] == "tiny" and options["world_size"] == 1 and options["command"]
+    metrics = (log / "metrics.jsonl").read_bytes()
+    checkpoint = (log / "checkpoint.pt").read_bytes()
+    result = train(packed, log, "--max-steps", "4")
+    assert_one_line_error(result, rf"the run folder {log} already holds a run; continue it with --resume {log}, or pass a new --log-dir")
+    assert (log / "metrics.jsonl").read_bytes() == metrics and (log / "checkpoint.pt").read_bytes() == checkpoint
+    # resuming it is what mixes them, on purpose; each resume records its own options
+    assert train(packed, log, "--max-steps", "4", "--seed", "7", "--resume", log).exit_code == 0
+    assert json.loads((log / "options-resume-1.json").read_text())["options"]["resume"] == str(log)
+    assert json.loads((log / "options.json").read_text()) == options
+    # a resume writing into a folder that holds another run
+    other = tmp_path / "other"
+    assert train(packed, other, "--max-steps", "2").exit_code == 0
+    result = train(packed, other, "--max-steps", "6", "--seed", "7", "--resume", log)
+    assert_one_line_error(result, rf"the run folder {other} already holds another run")
