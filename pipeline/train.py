@@ -344,23 +344,58 @@ def _broadcast_text(text: str, env: DistEnv, device) -> str:
     return bytes(buf.cpu().tolist()).rstrip(b"\0").decode()
 
 
+_CHECKPOINT_FIELDS = {"model": dict, "optimizer": dict, "step": int, "opt_step": int, "epoch": int, "step_in_epoch": int, "rng": dict, "run": dict}
+
+
+def read_checkpoint(path: str) -> dict:
+    """A checkpoint `save_checkpoint` wrote, its fields checked; anything else (another program's
+    file, a text file, a pickle of arbitrary objects, which is never unpickled) is one line.
+    torch's own messages run to a dozen lines and advise weights_only=False, which we never use."""
+
+    def not_ours(why: str) -> UserError:
+        return UserError(f"cannot load checkpoint {path!r}: it is not a clipstream checkpoint ({why})")
+
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "unsupported global" in str(e).lower():
+            raise not_ours("it holds Python objects, which clipstream never unpickles") from None
+        raise not_ours("not a file torch.save wrote") from None
+    except (OSError, EOFError) as e:
+        raise UserError(f"cannot load checkpoint {path!r}: {getattr(e, 'strerror', None) or e}") from None
+    except Exception:  # torch raises KeyError, RuntimeError, ValueError ... for foreign files
+        raise not_ours("not a file torch.save wrote") from None
+    if not isinstance(ckpt, dict):
+        raise not_ours(f"it holds a {type(ckpt).__name__}")
+    if ckpt.get("version") != CHECKPOINT_VERSION:
+        raise not_ours(f"format version {str(ckpt.get('version'))[:20]}, expected {CHECKPOINT_VERSION}")
+    wrong = [k for k, kind in _CHECKPOINT_FIELDS.items() if not isinstance(ckpt.get(k), kind)]
+    run = ckpt.get("run") if isinstance(ckpt.get("run"), dict) else {}
+    if not isinstance(run.get("model"), str) or not isinstance(run.get("classes"), list):
+        wrong.append("run")
+    if not isinstance(ckpt.get("rng", {}).get("torch") if isinstance(ckpt.get("rng"), dict) else None, torch.Tensor):
+        wrong.append("rng")
+    if wrong:
+        raise not_ours("missing or malformed " + ", ".join(sorted(set(wrong))))
+    return ckpt
+
+
 def load_resume(path: str, run_identity: dict, model, optimizer, env: DistEnv, use_cuda: bool) -> dict:
     """Load a checkpoint into `model` and `optimizer` (and this rank's RNG state); returns its
     position {'step', 'opt_step', 'epoch', 'step_in_epoch'}. Nothing is unpickled (weights_only)."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"cannot load checkpoint {path!r}: {e}") from None
-    if not isinstance(ckpt, dict) or ckpt.get("version") != CHECKPOINT_VERSION:
-        raise UserError(f"{path!r} is not a clipstream v{CHECKPOINT_VERSION} checkpoint")
+    ckpt = read_checkpoint(path)
     saved = ckpt["run"]
     if saved["model"] != run_identity["model"] or saved["classes"] != run_identity["classes"]:
         raise UserError(f"checkpoint {path!r} is of model {saved['model']!r} on {len(saved['classes'])} classes")
     if ckpt["step_in_epoch"] > 0 and saved != run_identity:
         changed = sorted(k for k in saved if saved[k] != run_identity.get(k))
         raise UserError(f"checkpoint {path!r} stopped mid-epoch; resuming it needs the same {', '.join(changed)}")
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
+    try:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"checkpoint {path!r} does not fit model {saved['model']!r}: {first[:200]}") from None
     if env.rank < len(ckpt["rng"]["torch"]):
         # A row of the stacked states is a view at an offset; set_rng_state reads from the start of
         # its storage (rank 1 of a two-rank resume crashed with SIGSEGV), so hand it a copy.

@@ -578,3 +578,58 @@ def test_a_finished_run_folder_is_not_reused_without_resume_and_records_its_opti
     assert train(packed, other, "--max-steps", "2").exit_code == 0
     result = train(packed, other, "--max-steps", "6", "--seed", "7", "--resume", log)
     assert_one_line_error(result, rf"the run folder {other} already holds another run")
+
+
+# --- 11. --resume on what is not our checkpoint -------------------------------------------------
+
+
+def _text(path):
+    path.write_text("not a checkpoint\n")
+
+
+def _zip(path):
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("data.txt", "hello")
+
+
+def _wrong_fields(path):
+    torch.save({"weights": torch.zeros(3), "epoch": 1}, path)
+
+
+def _version_only(path):
+    torch.save({"version": 1, "model": {"w": torch.zeros(3)}}, path)
+
+
+def _a_tensor(path):
+    torch.save(torch.zeros(3), path)
+
+
+class _Touch:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.path),))
+
+
+def _an_object(path):
+    torch.save({"version": 1, "hook": _Touch(path.with_name("pwned"))}, path)
+
+
+@pytest.mark.parametrize(
+    "make, why",
+    [
+        (_text, "not a file torch.save wrote"),
+        (_zip, "not a file torch.save wrote"),
+        (_wrong_fields, "format version None, expected 1"),
+        (_version_only, "missing or malformed epoch, opt_step, optimizer, rng, run, step, step_in_epoch"),
+        (_a_tensor, "it holds a Tensor"),
+        (_an_object, "it holds Python objects, which clipstream never unpickles"),
+    ],
+)
+def test_resume_from_a_file_that_is_not_our_checkpoint_is_one_line(packed, tmp_path, make, why):
+    path = tmp_path / "ckpt.pt"
+    make(path)
+    result = train(packed, tmp_path / "run", "--resume", path)
+    assert_one_line_error(result, rf"cannot load checkpoint '{path}': it is not a clipstream checkpoint \({why}\)")
+    assert "weights_only" not in result.output and not (tmp_path / "pwned").exists()
