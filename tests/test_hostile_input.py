@@ -633,3 +633,88 @@ def test_resume_from_a_file_that_is_not_our_checkpoint_is_one_line(packed, tmp_p
     result = train(packed, tmp_path / "run", "--resume", path)
     assert_one_line_error(result, rf"cannot load checkpoint '{path}': it is not a clipstream checkpoint \({why}\)")
     assert "weights_only" not in result.output and not (tmp_path / "pwned").exists()
+
+
+# --- 12. more unlucky input ---------------------------------------------------------------------
+
+
+def test_an_index_that_is_a_device_or_a_fifo_is_one_line_not_a_hang(copy, tmp_path):
+    (copy / "index.json").unlink()
+    (copy / "index.json").symlink_to("/dev/zero")
+    done = _limited(cli_command("inspect_app") + [str(copy), "-q"])
+    assert done.returncode == 2 and done.stderr.splitlines() == [f"error: cannot read index '{copy}/index.json': not a regular file"], done.stderr[-2000:]
+    fifo = tmp_path / "index.fifo"
+    os.mkfifo(fifo)
+    done = subprocess.run(cli_command("train_app") + ["--shards", f"{copy}/<000..007>.tar", "--index", str(fifo)], env=cli_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.splitlines() == [f"error: cannot read index '{fifo}': not a regular file"], done.stderr[-2000:]
+
+
+def test_a_2_gb_index_is_refused_unread(copy):
+    with open(copy / "index.json", "r+b") as f:
+        f.truncate(2 << 30)  # sparse: no disk used
+    started = time.monotonic()
+    assert_one_line_error(run_cli(cli.inspect_app, copy, "-q"), r"index .* is larger than 268435456 bytes")
+    assert time.monotonic() - started < 10
+
+
+def _shard_a_folder(folder):
+    (folder / "003.tar").unlink()
+    (folder / "003.tar").mkdir()
+
+
+def _shard_a_symlink_loop(folder):
+    (folder / "003.tar").unlink()
+    (folder / "003.tar").symlink_to(folder / "003.tar")
+
+
+@pytest.mark.parametrize("damage", [_shard_a_folder, _shard_a_symlink_loop])
+def test_a_listed_shard_that_is_a_folder_or_a_symlink_loop_is_one_line_at_the_start(copy, tmp_path, damage):
+    damage(copy)
+    assert_one_line_error(train(copy, tmp_path / "a"), r"1 of 8 shards of .* do not exist, e.g. '.*/003.tar'")
+    result = run_cli(cli.train_app, "--shards", copy, *SMALL, "--epochs", "1", "--log-dir", tmp_path / "b")  # the packed folder's index lists it
+    assert_one_line_error(result, r"1 of the 8 training shards listed in .*index.json are missing or not files, e.g. '.*/003.tar'")
+    assert_one_line_error(run_cli(cli.inspect_app, copy, "-q"), r"cannot read .*/003.tar: ")
+    result = run_cli(cli.verify_app, copy, "-q", "--workers", "1")
+    assert result.exit_code == 1 and "003.tar: missing (the index lists it with 6 samples)" in result.stdout
+    no_traceback(result)
+
+
+class _Status:
+    """A real HTTP server on 127.0.0.1 serving `folder`, answering `status` for names in `refuse`."""
+
+    def __init__(self, folder: Path, refuse: set, status: int):
+        class Handler(SimpleHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                if self.path.rsplit("/", 1)[-1] in refuse:
+                    self.send_error(status)
+                    return
+                super().do_GET()
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(Handler, directory=str(folder)))
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.mark.parametrize("status", [403, 404])
+def test_http_refusals_are_one_line(packed, tmp_path, status):
+    with _Status(packed, {"index.json"}, status) as base:
+        result = run_cli(cli.train_app, "--shards", f"{base}/<000..007>.tar", *SMALL, "--epochs", "1", "--log-dir", tmp_path / "a")
+        assert_one_line_error(result, rf"cannot read index '{base}/index.json': HTTP Error {status}")
+    with _Status(packed, {"005.tar"}, status) as base:  # a shard refused mid-run: a broken shard
+        result = run_cli(cli.train_app, "--shards", f"{base}/<000..007>.tar", *SMALL, "--epochs", "1", "--log-dir", tmp_path / "b")
+        assert_one_line_error(result, rf"more than --max-bad 0.01 allows \(0\); last: {base}/005.tar: cannot open: HTTP Error {status}")
+
+
+def test_eval_shards_matching_nothing_is_one_line(packed, tmp_path):
+    result = run_cli(cli.train_app, "--shards", f"{packed}/<000..007>.tar", "--eval-shards", f"{tmp_path}/test-<000..001>.tar", *SMALL, "--log-dir", tmp_path / "run")
+    assert_one_line_error(result, r"no shards match '.*/test-<000..001>.tar'")

@@ -197,9 +197,12 @@ def read_index(location: str) -> dict:
     try:
         local = local_path(location)
         if local is not None:
-            if local.is_file() and local.stat().st_size > MAX_INDEX_BYTES:
+            if local.exists() and not local.is_file():  # a folder, a FIFO (open would wait), /dev/zero
+                raise UserError(f"cannot read index {location!r}: not a regular file")
+            with open(local, "rb") as f:
+                raw = f.read(MAX_INDEX_BYTES + 1)  # bounded whatever stat says
+            if len(raw) > MAX_INDEX_BYTES:
                 raise UserError(f"index {location!r} is larger than {MAX_INDEX_BYTES} bytes")
-            raw = local.read_bytes()
         else:
             raw = _http_get(location, MAX_INDEX_BYTES)
     except FileNotFoundError:
