@@ -32,6 +32,7 @@ GAP = 2
 """Pixels between two frames of a row; the sheet has no outer margin."""
 BACKGROUND = (24, 24, 24)
 MAX_PROBLEMS_PER_SHARD = 10
+MAX_VERIFY_WORKERS = 256
 
 
 # ---------------------------------------------------------------- which shards
@@ -558,6 +559,8 @@ def verify_pack(folder: Path, workers: int, quiet: bool = False) -> VerifyReport
         raise UserError(f"not a folder: {folder}")
     if workers < 1:
         raise UserError(f"--workers must be >= 1, got {workers}")
+    if workers > MAX_VERIFY_WORKERS:  # each is a process: a typo of a few zeros would fork thousands
+        raise UserError(f"--workers must be at most {MAX_VERIFY_WORKERS}, got {workers:,}")
     index = _index_or_none(folder)
     if index is None:
         raise UserError(f"no {INDEX_NAME} in {folder}: not a packed folder (or the pack has not finished)")

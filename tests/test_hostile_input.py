@@ -173,6 +173,11 @@ def test_a_huge_shard_range_is_one_line_before_expanding(packed, pattern):
     assert_one_line_error(result, "shards or more; a pattern may name at most 1,000,000")
 
 
+def test_verify_and_bench_bound_their_processes(packed):
+    assert_one_line_error(run_cli(cli.verify_app, packed, "--workers", "100000"), "--workers must be at most 256, got 100,000")
+    assert_one_line_error(run_cli(cli.bench_app, "--shards", f"{packed}/<000..007>.tar", "--workers", "0,100000"), "--workers counts must be at most 256, got 0,100000")
+
+
 def test_deeply_nested_braces_are_one_line(packed):
     assert_one_line_error(run_cli(cli.train_app, "--shards", f"{packed}/" + "{" * 50_000 + "0" + "}" * 50_000), "nests braces more than 16 deep")
 
@@ -207,10 +212,12 @@ def test_sizes_that_would_run_out_of_memory_are_one_line(packed, tmp_path, args,
 
 
 def test_the_library_bounds_batch_memory_at_loader_construction(packed):
-    from pipeline import ClipLoader
+    from pipeline import ClipDataset, ClipLoader
 
     with pytest.raises(UserError, match=r"a batch of `batch_size` 4096 x 4 frames x `crop` 4096x4096 x 3 bytes is 768.0 GiB"):
         ClipLoader(packed, batch_size=4096, crop=4096, workers=1)
+    with pytest.raises(UserError, match=r"a batch of `batch_size` 4096 x 4 frames x `crop` 4096x4096 x 3 bytes is 768.0 GiB"):
+        ClipDataset(packed, batch_size=4096, crop=4096)
     with pytest.raises(UserError, match="`crop` must be at most 8,192"):
         StreamConfig(shards=(str(packed),), crop=9000)
 
