@@ -725,3 +725,8 @@ def test_http_refusals_are_one_line(packed, tmp_path, status):
 def test_eval_shards_matching_nothing_is_one_line(packed, tmp_path):
     result = run_cli(cli.train_app, "--shards", f"{packed}/<000..007>.tar", "--eval-shards", f"{tmp_path}/test-<000..001>.tar", *SMALL, "--log-dir", tmp_path / "run")
     assert_one_line_error(result, r"no shards match '.*/test-<000..001>.tar'")
+
+
+def test_plot_run_on_a_metrics_line_nested_100k_deep_is_one_line(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"kind": "step", "step": 1, "loss": 1.0}\n' + "[" * 100_000 + "]" * 100_000 + "\n")
+    assert_one_line_error(run_cli(cli.plot_app, tmp_path), r"metrics.jsonl:2: not a JSON line \(nested too deeply\)")
