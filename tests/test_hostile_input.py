@@ -70,6 +70,17 @@ def train(folder: Path, log: Path, *extra):
     return run_cli(cli.train_app, "--shards", f"{folder}/<000..007>.tar", *SMALL, "--epochs", "1", "--log-dir", log, *extra)
 
 
+def _limited(cmd: list[str], gib: int = 1) -> subprocess.CompletedProcess:
+    """Run `cmd` with its address space capped, so that a reader that tries to allocate what a number
+    claims fails here instead of taking the machine's memory."""
+    import resource
+
+    def cap():
+        resource.setrlimit(resource.RLIMIT_AS, (gib << 30, gib << 30))
+
+    return subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=120, preexec_fn=cap)
+
+
 def no_traceback(result) -> None:
     assert "Traceback" not in result.output and "\x1b" not in result.output, result.output[-2000:]
     assert not result.exception or isinstance(result.exception, SystemExit), repr(result.exception)
@@ -92,27 +103,40 @@ def test_read_shard_never_runs_a_pipe_command_unless_allowed(packed, tmp_path):
 # --- 2. a compressed shard cannot get around the member limit ----------------------------------
 
 
-def _gzip_tar_claiming(path: Path, size: int) -> None:
-    """A real .tar.gz whose one member is `size` zero bytes, written without holding them: each MiB
-    of zeros deflates to the same 1 KB block after a full flush, so the block is made once."""
-    info = tarfile.TarInfo("evil.jpgs")
-    info.size, info.mtime = size, 0
-    header = info.tobuf(tarfile.USTAR_FORMAT)
+def _gzip_tar(path: Path, members: list[tuple[str, bytes | int]]) -> None:
+    """A real .tar.gz of `members` (name, bytes or a count of zero bytes), written without holding
+    the zeros: each MiB of zeros deflates to the same 1 KB block after a full flush, made once."""
     c = zlib.compressobj(9, zlib.DEFLATED, -15)
     mib = bytes(1 << 20)
+    block = None
+    crc = total = 0
+
+    def put(f, data: bytes, flush=zlib.Z_FULL_FLUSH):
+        nonlocal crc, total
+        f.write(c.compress(data) + c.flush(flush))
+        crc, total = zlib.crc32(data, crc), total + len(data)
+
     with open(path, "wb") as f:
         f.write(b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x02\xff")  # gzip header, no name, no mtime
-        f.write(c.compress(header) + c.flush(zlib.Z_FULL_FLUSH))
-        block = c.compress(mib) + c.flush(zlib.Z_FULL_FLUSH)
-        crc = zlib.crc32(header)
-        for _ in range(size >> 20):
-            f.write(block)
-            crc = zlib.crc32(mib, crc)
-        tail = bytes(size & ((1 << 20) - 1)) + bytes(-size % 512) + bytes(1024)
-        f.write(c.compress(tail) + c.flush())
-        crc = zlib.crc32(tail, crc)
-        total = len(header) + (size >> 20 << 20) + len(tail)
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime = (data if isinstance(data, int) else len(data)), 0
+            put(f, info.tobuf(tarfile.USTAR_FORMAT))
+            if isinstance(data, bytes):
+                put(f, data + bytes(-len(data) % 512))
+                continue
+            for _ in range(data >> 20):
+                if block is None:
+                    block = c.compress(mib) + c.flush(zlib.Z_FULL_FLUSH)
+                f.write(block)
+                crc, total = zlib.crc32(mib, crc), total + len(mib)
+            put(f, bytes(data & ((1 << 20) - 1)) + bytes(-data % 512))
+        put(f, bytes(1024), zlib.Z_FINISH)
         f.write(crc.to_bytes(4, "little") + (total & 0xFFFFFFFF).to_bytes(4, "little"))
+
+
+def _gzip_tar_claiming(path: Path, size: int) -> None:
+    _gzip_tar(path, [("evil.jpgs", size)])
 
 
 def test_a_gzip_shard_claiming_a_huge_member_fails_before_allocating(tmp_path):
@@ -148,18 +172,37 @@ print(json.dumps(out))
     assert out["maxrss_mb"] < 200, out  # the member is 1536 MB
 
 
+def test_giant_samples_in_a_small_gzip_shard_do_not_pile_up_in_a_worker(tmp_path):
+    """Members under the 1 GiB limit can still be hundreds of MB of zeros each, a few KB compressed:
+    the stream never keeps a member it does not use (.pickle, .json), and its shuffle buffer and
+    refill hold at most RAW_BYTES_HELD of raw samples (lowered here to keep the test small)."""
+    shard = tmp_path / "giants.tar.gz"
+    members = []
+    for i in range(6):
+        members += [(f"clip{i}.cls", b"0"), (f"clip{i}.jpgs", 64 << 20), (f"clip{i}.pickle", 256 << 20)]
+    _gzip_tar(shard, members)
+    assert shard.stat().st_size < 3 << 20
+    probe = f"""
+import json, sys
+import numpy as np
+from pipeline.stream import samples
+from pipeline.stream.sources import Shard
+samples.RAW_BYTES_HELD = 32 << 20
+faults = samples.Faults()
+raw = samples.read_samples([Shard({str(shard)!r}, 6)], False, faults)
+seen = [(s["__key__"], sorted(k for k, v in s.items() if isinstance(v, bytes))) for s in samples.fit_to_quota(samples.shuffle(raw, 256, np.random.default_rng(0)), 8)]
+hwm = int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) / 1024
+print(json.dumps({{"seen": seen, "faults": faults.take(), "hwm_mb": hwm}}))
+"""
+    done = _limited([sys.executable, "-c", probe], gib=3)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = json.loads(done.stdout)
+    assert sorted(k for k, _ in out["seen"][:6]) == [f"clip{i}" for i in range(6)] and len(out["seen"]) == 8
+    assert all(kept == ["cls", "jpgs"] for _, kept in out["seen"]) and out["faults"] == []
+    assert out["hwm_mb"] < 600, out["hwm_mb"]  # 6 x 320 MB held at once without the bounds
+
+
 # --- 3. numbers from the user or a file are bounded before anything is allocated ----------------
-
-
-def _limited(cmd: list[str], gib: int = 1) -> subprocess.CompletedProcess:
-    """Run `cmd` with its address space capped, so that a reader that tries to allocate what a number
-    claims fails here instead of taking the machine's memory."""
-    import resource
-
-    def cap():
-        resource.setrlimit(resource.RLIMIT_AS, (gib << 30, gib << 30))
-
-    return subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=120, preexec_fn=cap)
 
 
 @pytest.mark.parametrize("pattern", ["{000000000..999999999}.tar", "<000000..999999999>.tar", "{0000..9999}/{000..999}.tar"])
@@ -266,8 +309,8 @@ class _Trickle:
 
 
 def test_a_slow_loris_server_is_cut_off_at_the_shard_deadline(packed, monkeypatch):
-    monkeypatch.setattr(sources, "HTTP_SHARD_DEADLINE_S", 1.5)
-    monkeypatch.setattr(sources, "HTTP_MIN_BYTES_PER_S", 1 << 40)  # the deadline is the 1.5 s alone
+    monkeypatch.setattr(sources, "HTTP_SHARD_DEADLINE_S", 1.5, raising=False)
+    monkeypatch.setattr(sources, "HTTP_MIN_BYTES_PER_S", 1 << 40, raising=False)  # the deadline is the 1.5 s alone
     faults, got = Faults(), []
     with _Trickle(packed / "000.tar") as url:
         started = time.monotonic()
