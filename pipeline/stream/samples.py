@@ -61,7 +61,8 @@ def read_samples(shards: Iterable[Shard], allow_pipe: bool, faults: Faults) -> I
     """Raw samples of each shard in turn.
 
     A shard that cannot be opened or breaks off is a fault worth its missing samples (per the index),
-    not the end of the run; `tar_samples` does the parsing and grouping.
+    not the end of the run; the tar reader does the parsing and grouping. Members other than
+    STREAM_MEMBERS are passed over unread (they stand in the sample as their tar.Member, no bytes).
     """
     for shard in shards:
         seen = 0
