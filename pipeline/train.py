@@ -192,8 +192,22 @@ class Stopped(UserError):
         self.exit_code = exit_code
 
 
+def _stop_quietly(signum, frame) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the second signal (terminal, then launcher) must not cut the unwinding short
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    raise SystemExit(128 + signum)
+
+
 def _launched(cfg: TrainConfig, errors: str) -> dict:
     """Entry point of each process started by `launch`."""
+    # Ctrl-C reaches every process of the terminal's group, and the launcher passes the signal on to
+    # the ranks too: a rank unwinds once (its loader workers and their semaphores closed), quietly,
+    # since an interrupted collective or loader would print a traceback the launcher's one line is
+    # there to replace.
+    signal.signal(signal.SIGINT, _stop_quietly)
+    signal.signal(signal.SIGTERM, _stop_quietly)
     env = DistEnv.from_env()
     try:
         return train(cfg, env)
