@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -e '.[dev]'  # dev: pytest, and s3fs + moto[server] for the s3:// tests
 	touch $@
 
 # The main job end to end on generated HMDB-shaped data: make it, pack it, train on it.
@@ -30,6 +30,7 @@ bench: setup
 	$(BIN)/python benchmarks/bench_pack.py
 	$(BIN)/python benchmarks/bench_loaders.py
 	$(BIN)/python benchmarks/bench_boundaries.py
+	$(BIN)/python benchmarks/bench_s3.py
 
 clean:
 	rm -rf data runs bench-out

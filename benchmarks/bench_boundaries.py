@@ -32,14 +32,26 @@ from pipeline.sampledata import make_sample_data  # noqa: E402
 
 RUN = r"""
 import json, sys, time
-from pipeline import stream
 from pipeline.bench import endless_batches
 from pipeline.config import StreamConfig
+try:
+    from pipeline.stream.plan import steps_per_epoch
+    from pipeline.stream.sources import resolve
+except ImportError:  # a --baseline checkout from before pipeline/stream/ was a package
+    from pipeline import stream
+    steps_per_epoch, resolve = stream.steps_per_epoch, None
 pattern, batch, workers, step_ms, epochs, warmup = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
 cfg = StreamConfig(shards=(pattern,), batch_size=batch, workers=workers)
-ds = stream.resolve_dataset(cfg)
-counts = [s.samples for s in ds.train]
-steps = [stream.steps_per_epoch(counts, batch, 1, cfg.seed, e, False) for e in range(epochs + 1)]
+if resolve is not None:
+    ds = resolve(cfg.shards, "train", cfg.index, cfg.allow_pipe)
+    counts = [s.samples for s in ds.shards]
+else:
+    ds = stream.resolve_dataset(cfg)
+    counts = [s.samples for s in ds.train]
+if getattr(cfg, "epoch_fill", "drop") == "pad":  # the loader's default since --epoch-fill: every clip, last batch topped up
+    steps = [steps_per_epoch(counts, batch, 1, cfg.seed, e, cfg.resample, pad=True) for e in range(epochs + 1)]
+else:
+    steps = [steps_per_epoch(counts, batch, 1, cfg.seed, e, cfg.resample) for e in range(epochs + 1)]
 src = endless_batches(ds, cfg, False)
 for _ in range(warmup):  # inside epoch 0
     next(src)

@@ -1,6 +1,6 @@
 """Loader throughput, side by side: clips/s reaching the model from the same clips, same output.
 
-Regenerate docs/bench/loaders.md and docs/bench/loaders.png (one command, ~5 minutes on 2 cores):
+Regenerate docs/bench/loaders.md and docs/bench/loaders.png (one command, ~7 minutes on 2 quiet cores):
 
     python benchmarks/bench_loaders.py
 
@@ -15,8 +15,16 @@ model, with one random 112 px crop and one flip decision per clip (the ceiling e
   decord     (b) the common MMAction2 way: decord opens the .avi, `get_batch` of the 16 sampled
              indices, per-frame resize to shorter side 128 (cv2), crop, flip, float normalise;
              torch DataLoader
-  ours       (c) our shards through the real training stream (stream.TrainLoader, as train.py):
-             uint8 batches from the workers, normalised in the main process by `train.ModelInput`
+  wds        (e) a competent plain-webdataset pipeline on the same shards, uint8 output as ours-u8:
+             `wds.WebDataset(urls, shardshuffle=8).shuffle(256).map(decode).batched(B)` in a torch
+             DataLoader (batch_size=None, persistent workers), decode = `unpack_jpegs` + simplejpeg
+             (same flags, into a reused frame buffer), one random 112 px crop and flip per clip
+             (cv2.flip, as ours), a fresh (T, 112, 112, 3) array per clip, stacked by `.batched`
+  clipdataset (f) `DataLoader(pipeline.ClipDataset(urls, batch_size=B), batch_size=None,
+             num_workers=W, persistent_workers=True)`, `set_epoch` each epoch: our stream as a
+             webdataset DataPipeline in torch's DataLoader, uint8 batches
+  ours       (c) our shards through the real training stream (ClipLoader, as train.py):
+             uint8 batches from the workers, normalised in the main process by `pipeline.device.ModelInput`
              on the CPU, into channels_last_3d memory (the layout train.py feeds a 3D CNN; on a GPU
              this step runs on the device)
   ours-u8    (c') the same stream, uint8 batches as they reach the device, not normalised
@@ -26,13 +34,15 @@ model, with one random 112 px crop and one flip decision per clip (the ceiling e
 
 Workers 0, 1, 2 (0: everything in this process). Warm-up batches, then a measured phase of
 `--batches` batches; runs alternate (repeat, workers, variant), medians of `--repeats`. Prints one
-JSON line per (variant, workers) and writes the Markdown table and the PNG chart.
+JSON line per (variant, workers) with its ratios to the others (medians), then one line per
+target of issue 11, and writes the Markdown table and the PNG chart.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import random
 import json
 import multiprocessing as mp
 import os
@@ -49,18 +59,21 @@ import numpy as np  # noqa: E402
 import simplejpeg  # noqa: E402
 import torch  # noqa: E402
 
-from pipeline import stream  # noqa: E402
+from pipeline import ClipDataset  # noqa: E402
 from pipeline.bench import endless_batches  # noqa: E402
 from pipeline.config import PackConfig, StreamConfig  # noqa: E402
 from pipeline.pack import run_pack  # noqa: E402
 from pipeline.sample import clip_indices, decode_clip, resized_size  # noqa: E402
 from pipeline.sampledata import make_sample_data  # noqa: E402
 from pipeline.shardformat import unpack_jpegs  # noqa: E402
-from pipeline.train import MEAN, STD, ModelInput  # noqa: E402
+from pipeline.device import MEAN, STD, ModelInput  # noqa: E402
+from pipeline.stream.sources import resolve  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 T, CROP, SHORT = 16, 112, 128
-VARIANTS = ("recipe", "decord", "ours", "ours-u8", "ceiling")
+VARIANTS = ("recipe", "decord", "wds", "clipdataset", "ours", "ours-u8", "ceiling")
+UINT8 = ("wds", "clipdataset", "ours-u8")  # variants delivering (B, T, 112, 112, 3) uint8
+SHUFFLE = 256  # sample shuffle buffer of wds, as ClipLoader's and ClipDataset's default
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,11 +168,77 @@ def endless_loader(dataset, batch: int, workers: int):
 
 def ours_batches(shards: list[str], batch: int, workers: int, normalise: bool):
     cfg = StreamConfig(shards=tuple(shards), batch_size=batch, workers=workers)
-    dataset = stream.resolve_dataset(cfg)
+    dataset = resolve(cfg.shards, "train", cfg.index, cfg.allow_pipe)
     model_input = ModelInput(torch.device("cpu"), channels_last=True)
     for b in endless_batches(dataset, cfg, pin_memory=False):
-        x = model_input(b["video"]) if normalise else b["video"]
+        x = model_input(b["frames"]) if normalise else b["frames"]
         yield {"x": x, "y": b["label"], "n": len(b["key"])}
+
+
+# ---------------------------------------------------------------------------------------------
+# (e) plain webdataset and (f) ClipDataset, each in a torch DataLoader with persistent workers
+
+_FRAMES: dict = {}  # one reused decode buffer per frame size, per process
+
+
+def wds_decode(sample: dict) -> tuple:
+    """The same work as a ClipLoader worker: simplejpeg decode of each frame of the `.jpgs` pack
+    into a reused frame buffer, one random crop window and flip decision for the clip, cv2.flip."""
+    import cv2
+
+    pack = unpack_jpegs(sample["jpgs"])
+    h, w, _, _ = simplejpeg.decode_jpeg_header(pack[0])
+    frame = _FRAMES.get((h, w))
+    if frame is None:
+        frame = _FRAMES[(h, w)] = np.empty((h, w, 3), np.uint8)
+    top, left = random.randint(0, h - CROP), random.randint(0, w - CROP)
+    flip = random.random() < 0.5
+    window = frame[top : top + CROP, left : left + CROP]
+    out = np.empty((len(pack), CROP, CROP, 3), np.uint8)
+    for t, jpeg in enumerate(pack):
+        simplejpeg.decode_jpeg(jpeg, colorspace="RGB", buffer=frame)
+        if flip:
+            cv2.flip(window, 1, dst=out[t])
+        else:
+            np.copyto(out[t], window)
+    return torch.from_numpy(out), int(sample["cls"])
+
+
+def _dataloader(dataset, workers: int):
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=None,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        prefetch_factor=2 if workers else None,
+        multiprocessing_context="fork" if workers else None,
+    )
+
+
+def wds_batches(urls: list[str], batch: int, workers: int):
+    import cv2
+    import webdataset as wds
+
+    cv2.setNumThreads(1)
+    dataset = (
+        wds.WebDataset(urls, shardshuffle=len(urls), empty_check=False)
+        .shuffle(SHUFFLE)
+        .map(wds_decode)
+        .batched(batch, partial=False)
+    )
+    loader = _dataloader(dataset, workers)
+    while True:
+        for x, y in loader:
+            yield {"x": x, "y": y, "n": len(y)}
+
+
+def clipdataset_batches(urls: list[str], batch: int, workers: int):
+    dataset = ClipDataset(urls, batch_size=batch, shuffle_buffer=SHUFFLE)
+    loader = _dataloader(dataset, workers)
+    for epoch in itertools.count():
+        dataset.set_epoch(epoch)
+        for b in loader:
+            yield {"x": b["frames"], "y": b["label"], "n": len(b["key"])}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,6 +336,10 @@ def make_source(variant: str, d: dict, batch: int, workers: int):
         return endless_loader(RecipeFrames(d["folders"], d["labels"]), batch, workers)
     if variant == "decord":
         return endless_loader(DecordClips(d["videos"], d["labels"]), batch, workers)
+    if variant == "wds":
+        return wds_batches(d["shards"], batch, workers)
+    if variant == "clipdataset":
+        return clipdataset_batches(d["shards"], batch, workers)
     return ours_batches(d["shards"], batch, workers, normalise=variant == "ours")
 
 
@@ -272,8 +355,9 @@ def time_source(variant: str, d: dict, batch: int, workers: int, warmup: int, ba
         for _ in range(warmup):
             b = next(src)
             shape = tuple(b["x"].shape)
-            want = (batch, 3, T, CROP, CROP) if variant != "ours-u8" else (batch, T, CROP, CROP, 3)
+            want = (batch, T, CROP, CROP, 3) if variant in UINT8 else (batch, 3, T, CROP, CROP)
             assert shape == want, (variant, shape)
+            assert b["x"].dtype == (torch.uint8 if variant in UINT8 else torch.float32), (variant, b["x"].dtype)
         clips = 0
         t0 = time.perf_counter()
         for _ in range(batches):
@@ -284,7 +368,41 @@ def time_source(variant: str, d: dict, batch: int, workers: int, warmup: int, ba
         torch.set_num_threads(threads)
 
 
-def write_outputs(results: list[dict], out_md: Path, out_png: Path, meta: dict) -> None:
+RATIOS = (("recipe", "vs_recipe"), ("decord", "vs_decord"), ("wds", "vs_wds"), ("ceiling", "vs_ceiling"))
+# Issue 11: (variant, base, least ratio of medians, worker counts it applies to)
+TARGETS = (
+    ("ours-u8", "wds", 1.5, (1, 2)),
+    ("clipdataset", "wds", 1.1, (1, 2)),
+    ("ours-u8", "ceiling", 0.85, (1,)),
+)
+
+
+def targets(rate: dict, runs: dict) -> list[dict]:
+    """One record per (target, workers) that this run measured: the ratio of the medians (what the
+    target is judged on) and, as a check on drift, the median of the per-repeat ratios (each repeat
+    runs both variants back to back)."""
+    out = []
+    for v, base, least, counts in TARGETS:
+        for w in counts:
+            if (v, w) in rate and (base, w) in rate:
+                ratio = rate[(v, w)] / rate[(base, w)]
+                paired = statistics.median(a / b for a, b in zip(runs[(v, w)], runs[(base, w)]))
+                out.append(
+                    {
+                        "bench": "loaders-target",
+                        "variant": v,
+                        "base": base,
+                        "workers": w,
+                        "ratio": round(ratio, 3),
+                        "paired_ratio": round(paired, 3),
+                        "target": least,
+                        "met": ratio >= least,
+                    }
+                )
+    return out
+
+
+def write_outputs(results: list[dict], runs: dict, out_md: Path, out_png: Path, meta: dict) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -297,18 +415,35 @@ def write_outputs(results: list[dict], out_md: Path, out_png: Path, meta: dict) 
         "",
         f"Generated by `python benchmarks/bench_loaders.py` on {meta['machine']}: {meta['clips']} generated clips "
         f"(HMDB-shaped AVIs, {meta['classes']} classes), batches of {meta['batch']}, {meta['batches']} measured batches "
-        f"after {meta['warmup']} warm-up ones, {meta['repeats']} alternated repeats, medians. Output of every variant but "
-        "`ours-u8` and `ceiling`: a normalised float (B, 3, 16, 112, 112) batch with one random crop and flip per clip.",
+        f"after {meta['warmup']} warm-up ones, {meta['repeats']} alternated repeats, medians. Output of `recipe`, `decord` and "
+        "`ours`: a normalised float (B, 3, 16, 112, 112) batch with one random crop and flip per clip; of `wds`, "
+        "`clipdataset` and `ours-u8`: the same clips as a uint8 (B, 16, 112, 112, 3) batch; `ceiling`: decoding only. "
+        f"1-minute load average during the run: {meta['load']['min']}-{meta['load']['max']} (median {meta['load']['median']}) "
+        f"on {os.cpu_count()} cores; above the core count, every process gets a share of a core and the figures drop.",
         "",
-        "| variant | workers | clips/s | x recipe (a) | x decord (b) | / ceiling (d) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        "| variant | workers | clips/s | x recipe (a) | x decord (b) | x wds (e) | / ceiling (d) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for v in VARIANTS:
         for w in workers:
             r = rate[(v, w)]
             lines.append(
-                f"| {v} | {w} | {r:.1f} | {r / rate[('recipe', w)]:.1f} | {r / rate[('decord', w)]:.1f} | {r / rate[('ceiling', w)]:.2f} |"
+                f"| {v} | {w} | {r:.1f} | {r / rate[('recipe', w)]:.1f} | {r / rate[('decord', w)]:.1f} "
+                f"| {r / rate[('wds', w)]:.2f} | {r / rate[('ceiling', w)]:.2f} |"
             )
+    lines += [
+        "",
+        "Targets of issue 11 (ratios of medians of this run; `ClipLoader` is `ours-u8`, the uint8 output the others give):",
+        "",
+        "| target | workers | ratio of medians | median of per-repeat ratios | met? |",
+        "| --- | ---: | ---: | ---: | --- |",
+    ]
+    names = {"ours-u8": "ClipLoader", "clipdataset": "DataLoader(ClipDataset)", "wds": "plain webdataset", "ceiling": "decode ceiling"}
+    for t in targets(rate, runs):
+        lines.append(
+            f"| {names[t['variant']]} >= {t['target']}x {names[t['base']]} | {t['workers']} | {t['ratio']:.2f} "
+            f"| {t['paired_ratio']:.2f} | {'yes' if t['met'] else 'no'} |"
+        )
     lines += [
         "",
         "Per worker: the 0-worker rows are one process doing everything (the trainer included, for `ours`); the",
@@ -354,9 +489,12 @@ def main() -> None:
     try:
         d = prepare(work, args.classes, args.clips_per_class)
         runs: dict = {(v, w): [] for v in variants for w in workers}
+        loads = []  # 1-minute load average after each run: how shared the machine was
         for r in range(args.repeats):
             for w, v in itertools.product(workers, variants):  # alternated: drift hits every variant alike
                 runs[(v, w)].append(time_source(v, d, args.batch, w, args.warmup, args.batches))
+                loads.append(os.getloadavg()[0])
+                print(f"repeat {r} workers {w} {v}: {runs[(v, w)][-1]:.1f} clips/s", file=sys.stderr, flush=True)
     finally:
         shutil.rmtree(work)
     results = []
@@ -366,10 +504,14 @@ def main() -> None:
     rate = {(r["variant"], r["workers"]): r["clips_per_s"] for r in results}
     for r in results:
         w = r["workers"]
-        for base, key in (("recipe", "vs_recipe"), ("decord", "vs_decord"), ("ceiling", "vs_ceiling")):
+        for base, key in RATIOS:
             if (base, w) in rate:
                 r[key] = round(r["clips_per_s"] / rate[(base, w)], 3)
         print(json.dumps(r), flush=True)
+    for t in targets(rate, runs):
+        print(json.dumps(t), flush=True)
+    load = {"min": round(min(loads), 1), "median": round(statistics.median(loads), 1), "max": round(max(loads), 1)}
+    print(json.dumps({"bench": "loaders-load", "cores": os.cpu_count(), "load_1min": load}), flush=True)
     if set(variants) == set(VARIANTS):
         args.out.mkdir(parents=True, exist_ok=True)
         meta = {
@@ -380,8 +522,9 @@ def main() -> None:
             "batches": args.batches,
             "warmup": args.warmup,
             "repeats": args.repeats,
+            "load": load,
         }
-        write_outputs(results, args.out / "loaders.md", args.out / "loaders.png", meta)
+        write_outputs(results, runs, args.out / "loaders.md", args.out / "loaders.png", meta)
         print(f"wrote {args.out / 'loaders.md'} and {args.out / 'loaders.png'}", file=sys.stderr)
 
 

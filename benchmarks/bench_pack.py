@@ -7,10 +7,12 @@ the repeats. Clips: `sampledata.make_bench_data` (MPEG-4 AVI, 30 fps, a keyframe
 --workers:
   recipe-wN       benchmarks/recipe_extract.py: OpenCV reads every frame, writes 16 full-size JPEG
                   files per clip (N > 1: a multiprocessing.Pool of N)
-  floor-wN        PyAV decodes every frame of every clip and converts none (N processes): one
-                  sequential decode is the least any frame-exact packer must do
+  floor-wN        PyAV decodes every frame of every clip and converts none (N processes, decoder
+                  threads as pack-shards): one sequential decode is the least a frame-exact packer does
   DECODER-wN      pack-shards DATA OUT --workers N --decoder DECODER, for each of --decoders
-Prints a table, then one JSON line per result and per 1 -> N scaling.
+Ratios: `vs_recipe` against the recipe as published (one process, recipe-w1), `vs_recipe_same_workers`
+against the recipe given as many processes. Prints a table, then one JSON line per result and per
+1 -> N scaling.
 
     python benchmarks/bench_pack.py                         # 153 clips, 1 and 2 workers, 5 repeats
     python benchmarks/bench_pack.py --decoders pyav --repeats 9 --data /tmp/bench-clips
@@ -48,9 +50,12 @@ def floor_run(data: Path, workers: int) -> None:
 def _decode_all(path: str) -> int:
     import av
 
+    from pipeline.sample import _DECODER_THREADS
+
     with av.open(path) as c:
         stream = c.streams.video[0]
-        stream.thread_type = "NONE"
+        stream.thread_type = "AUTO" if _DECODER_THREADS > 1 else "NONE"
+        stream.codec_context.thread_count = _DECODER_THREADS  # as pack-shards decodes
         return sum(1 for _ in c.decode(stream))
 
 
@@ -123,14 +128,15 @@ def main() -> None:
                 "clips": clips,
                 "median_s": round(med[name], 3),
                 "clips_per_s": round(rate[name], 1),
-                "vs_recipe": round(rate[name] / rate[f"recipe-w{w}"], 3),
+                "vs_recipe": round(rate[name] / rate[f"recipe-w{workers[0]}"], 3),
+                "vs_recipe_same_workers": round(rate[name] / rate[f"recipe-w{w}"], 3),
                 "runs_s": [round(t, 3) for t in times[name]],
             }
         )
     print(f"{clips} HMDB-shaped clips, {args.repeats} alternated runs, medians, process wall time")
-    print(f"{'variant':12} {'s':>7} {'clips/s':>8} {'x recipe':>9}")
+    print(f"{'variant':12} {'s':>7} {'clips/s':>8} {'x recipe':>9} {'x recipe-wN':>12}")
     for r in results:
-        print(f"{r['variant']:12} {r['median_s']:7.2f} {r['clips_per_s']:8.1f} {r['vs_recipe']:9.2f}")
+        print(f"{r['variant']:12} {r['median_s']:7.2f} {r['clips_per_s']:8.1f} {r['vs_recipe']:9.2f} {r['vs_recipe_same_workers']:12.2f}")
     scaling = []
     for base in sorted({k.rsplit("-w", 1)[0] for k in variants}):
         for w in workers[1:]:

@@ -22,7 +22,7 @@ def start(args, checkpoint=None):
     """Loader, model and optimiser: fresh, or exactly where `checkpoint` left them."""
     loader = ClipLoader(args.shards, batch_size=args.batch_size, crop=args.crop, seed=args.seed, workers=args.workers)
     torch.manual_seed(args.seed)
-    model = build_model("tiny", len(loader.source.classes)).to(DEVICE, memory_format=torch.channels_last_3d)
+    model = build_model("tiny", len(loader.classes)).to(DEVICE, memory_format=torch.channels_last_3d)
     optimiser = torch.optim.AdamW(model.parameters(), lr=args.lr)
     if checkpoint is not None:
         state = torch.load(io.BytesIO(checkpoint), weights_only=True)

@@ -33,7 +33,7 @@ def main():
     dataset = ClipDataset(args.shards, batch_size=args.batch_size, crop=args.crop, seed=args.seed)
     loader = DataLoader(dataset, batch_size=None, num_workers=args.workers, persistent_workers=args.workers > 0, pin_memory=device.type == "cuda")
     torch.manual_seed(args.seed)
-    model = build_model("tiny", len(dataset.source.classes)).to(device, memory_format=torch.channels_last_3d)
+    model = build_model("tiny", len(dataset.classes)).to(device, memory_format=torch.channels_last_3d)
     optimiser = torch.optim.AdamW(model.parameters(), lr=args.lr)
     to_input = ModelInput(device, channels_last=True)
 

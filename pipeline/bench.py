@@ -249,9 +249,21 @@ def build_step(name: str, num_classes: int, device: torch.device, amp: bool, cha
 
 
 def measure(source: Iterator[dict], warmup: int, batches: int, step: Step | None, memory: PeakMemory | None) -> dict:
-    """Time `batches` batches of `source` after `warmup` ones; returns clips, seconds and wait seconds."""
-    for _ in range(warmup):
+    """Time `batches` batches of `source` after `warmup` ones; returns clips, seconds, wait seconds
+    and the seconds to the first batch (a fresh `source` starts its workers and opens its first
+    shards then: what a training job waits before its first step)."""
+    created = time.perf_counter()
+    first_batch: float | None = None
+
+    def take() -> dict:
+        nonlocal first_batch
         batch = next(source)
+        if first_batch is None:
+            first_batch = time.perf_counter() - created
+        return batch
+
+    for _ in range(warmup):
+        batch = take()
         if step is not None:
             step(batch)
     if memory is not None:
@@ -261,7 +273,7 @@ def measure(source: Iterator[dict], warmup: int, batches: int, step: Step | None
     start = time.perf_counter()
     for i in range(batches):
         t0 = time.perf_counter()
-        batch = next(source)
+        batch = take()
         wait += time.perf_counter() - t0
         if step is not None:
             step(batch)
@@ -273,7 +285,7 @@ def measure(source: Iterator[dict], warmup: int, batches: int, step: Step | None
     seconds = time.perf_counter() - start
     if memory is not None:
         memory.sample(force=True)
-    return {"clips": clips, "seconds": seconds, "wait": wait}
+    return {"clips": clips, "seconds": seconds, "wait": wait, "first_batch": first_batch}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -418,6 +430,7 @@ def run_bench(cfg: BenchConfig, emit=print) -> list[dict]:
             "frames_per_s": round(rate * frames, 1),
             "mb_per_s": round(rate * bytes_per_clip / 1e6, 2) if bytes_per_clip else None,
             "data_wait": round(m["wait"] / m["seconds"], 4),
+            "first_batch_s": round(m["first_batch"], 4),
             "peak_rss_mb": round(memory.total_mb, 1),
             "peak_rss_main_mb": round(memory.main_mb, 1),
             "peak_rss_worker_mb": round(memory.worker_mb, 1),
@@ -440,6 +453,7 @@ def run_bench(cfg: BenchConfig, emit=print) -> list[dict]:
                 "clips_per_s": round(synthetic_rate, 2),
                 "frames_per_s": round(synthetic_rate * frames, 1),
                 "data_wait": round(m["wait"] / m["seconds"], 4),
+                "first_batch_s": round(m["first_batch"], 4),
             }
             results.append(synthetic)
         emit(result)
@@ -461,14 +475,15 @@ def run_bench(cfg: BenchConfig, emit=print) -> list[dict]:
 
 def table(results: list[dict]) -> str:
     """The human-readable summary of `run_bench`'s results."""
-    lines = [f"{'source':9} {'workers':>7} {'clips/s':>9} {'frames/s':>9} {'MB/s':>7} {'wait':>6} {'peak RSS MB':>11}"]
+    lines = [f"{'source':9} {'workers':>7} {'clips/s':>9} {'frames/s':>9} {'MB/s':>7} {'wait':>6} {'1st batch':>9} {'peak RSS MB':>11}"]
     for r in results:
         if r["bench"] != "stream":
             continue
         mb = "-" if r.get("mb_per_s") is None else f"{r['mb_per_s']:.1f}"
         rss = "-" if r.get("peak_rss_mb") is None else f"{r['peak_rss_mb']:.0f}"
+        first = "-" if r.get("first_batch_s") is None else f"{r['first_batch_s']:.2f} s"
         lines.append(
-            f"{r['source']:9} {r['workers']:>7} {r['clips_per_s']:9.1f} {r['frames_per_s']:9.0f} {mb:>7} {r['data_wait']:6.0%} {rss:>11}"
+            f"{r['source']:9} {r['workers']:>7} {r['clips_per_s']:9.1f} {r['frames_per_s']:9.0f} {mb:>7} {r['data_wait']:6.0%} {first:>9} {rss:>11}"
         )
     ratios = [f"{r['workers']} workers {r['real_vs_synthetic']:.2f}" for r in results if "real_vs_synthetic" in r]
     if ratios:

@@ -56,6 +56,23 @@ def _app(fn: Callable) -> typer.Typer:
     return app
 
 
+def _parse_stored(text: str | None) -> int | str | None:
+    if text is None or text == "all":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise UserError(f"--stored-frames must be a number or 'all', got {text!r}") from None
+
+
+def _parse_views(text: str) -> tuple[int, int]:
+    try:
+        k, c = (int(x) for x in text.lower().replace("×", "x").split("x"))
+    except ValueError:
+        raise UserError(f"--test-views must be KxC, e.g. 1x1 or 3x3, got {text!r}") from None
+    return k, c
+
+
 def _parse_part(text: str) -> tuple[int, int]:
     try:
         i, n = (int(x) for x in text.split("/"))
@@ -66,9 +83,11 @@ def _parse_part(text: str) -> tuple[int, int]:
 
 def pack_shards(
     data_dir: Annotated[Path, typer.Argument(help="Folder with one sub-folder of videos per class (HMDB51: the folder holding hmdb51_org/ or the class folders; UCF101: UCF-101/ or the class folders; Kinetics: the folder holding train/ and val/).", show_default=False)],
-    out_dir: Annotated[Path, typer.Argument(help="Output folder for the shards, index.json and manifest.parquet.")] = Path("shards"),
+    out_dir: Annotated[str, typer.Argument(help="Output folder for the shards, index.json and manifest.parquet: a local folder or an object-store prefix such as s3://bucket/hmdb51/ (needs the s3 extra).")] = "shards",
     split: Annotated[int, typer.Option(help="Official split to pack: 1, 2 or 3 (HMDB51, UCF101 and the grouped fallback; Kinetics has only 1).")] = 1,
     frames: Annotated[int, typer.Option("--frames", "-t", help="Frames per clip (T), equally spaced over the decodable length.")] = 16,
+    stored_frames: Annotated[Optional[str], typer.Option(help="Frames stored per clip, S: a number with S - 1 a multiple of T - 1 (e.g. 61 for T = 16), or 'all' (every frame up to --max-stored-frames), so that training can draw other frames each epoch (train-stream --temporal segment) [default: T].", show_default=False)] = None,
+    max_stored_frames: Annotated[int, typer.Option(help="Cap of --stored-frames all (cap - 1 a multiple of T - 1); longer clips store this many, equally spaced.")] = 301,
     short_side: Annotated[int, typer.Option(help="Resize frames so the shorter side has this many pixels (aspect kept).")] = 128,
     keep_size: Annotated[bool, typer.Option("--keep-size", help="Store frames at their original size (ignores --short-side).")] = False,
     quality: Annotated[int, typer.Option(help="JPEG quality of stored frames, 1-100.")] = 90,
@@ -81,7 +100,7 @@ def pack_shards(
     workers: Annotated[Optional[int], typer.Option(help="Decoding processes [default: all cores].", show_default=False)] = None,
     timeout: Annotated[float, typer.Option(help="Seconds one video may take before it is recorded as failed.")] = 120.0,
     max_failures: Annotated[float, typer.Option(help="Failed videos allowed: a fraction of all videos if < 1, else a count; above it exit code 1.")] = 0.01,
-    part: Annotated[str, typer.Option(help="Pack only part i of N of the shard plan (i/N), for several machines sharing OUT_DIR.")] = "1/1",
+    part: Annotated[str, typer.Option(help="Pack only part i of N of the shard plan (i/N), for several machines sharing OUT_DIR (a shared folder or a bucket).")] = "1/1",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an OUT_DIR packed with different inputs or options.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ):
@@ -94,6 +113,8 @@ def pack_shards(
         out_dir=out_dir,
         split=split,
         frames=frames,
+        stored_frames=_parse_stored(stored_frames),
+        max_stored_frames=max_stored_frames,
         short_side=None if keep_size else short_side,
         quality=quality,
         shards=shards,
@@ -141,7 +162,7 @@ def make_sample_data(
 
 
 def train_stream(
-    shards: Annotated[list[str], typer.Option("--shards", help="Training shards: 'shards/<000..031>.tar', '{000..031}' ranges, '::'-separated lists, local paths or http(s):// URLs; repeatable.", show_default=False)],
+    shards: Annotated[list[str], typer.Option("--shards", help="Training shards: 'shards/<000..031>.tar', '{000..031}' ranges, '::'-separated lists, local paths, http(s):// or s3:// URLs, or a packed folder (shards/, s3://bucket/hmdb51/); repeatable.", show_default=False)],
     eval_shards: Annotated[Optional[list[str]], typer.Option("--eval-shards", help="Test shards, same syntax [default: the test shards listed in the index beside the training shards].", show_default=False)] = None,
     index: Annotated[Optional[str], typer.Option(help="Path or URL of index.json [default: beside the training shards].", show_default=False)] = None,
     model: Annotated[str, typer.Option(help="r3d18, r2plus1d18, cnn-lstm, tiny, or torchvision:<name>.")] = "r3d18",
@@ -152,6 +173,9 @@ def train_stream(
     crop: Annotated[int, typer.Option(help="Side of the square crop (random in training, centred in evaluation).")] = 112,
     seed: Annotated[int, typer.Option(help="Seed of shard order, shuffle, crops, flips and model initialisation.")] = 0,
     resample: Annotated[bool, typer.Option("--resample", help="Draw shards with replacement (allows fewer shards than ranks x workers).")] = False,
+    epoch_fill: Annotated[str, typer.Option(help="pad: every training clip once per epoch, the last batches topped up with marked repeats so every rank runs the same steps; drop: each rank's surplus left unread.")] = "pad",
+    temporal: Annotated[str, typer.Option(help="Training frames: segment (one stored frame drawn per segment each epoch) or fixed (the evaluation frames); the same for packs of T stored frames.")] = "segment",
+    test_views: Annotated[str, typer.Option(help="Evaluation views KxC: K temporal offsets x C spatial crops (1: centre, 3: centre and both ends); scores averaged per clip.")] = "1x1",
     allow_pipe: Annotated[bool, typer.Option("--allow-pipe", help="Allow pipe: shard URLs, which run shell commands.")] = False,
     prefetch: Annotated[int, typer.Option(help="Batches each worker prepares ahead; each worker holds this many + 1 batch buffers in shared memory.")] = 2,
     max_bad: Annotated[float, typer.Option("--max-bad", "--max-bad-fraction", help="Unreadable training clips allowed per rank and epoch: a fraction of its clips if < 1, else a count; above it the run stops.")] = 0.01,
@@ -193,6 +217,9 @@ def train_stream(
         crop=crop,
         seed=seed,
         resample=resample,
+        epoch_fill=epoch_fill,
+        temporal=temporal,
+        test_views=_parse_views(test_views),
         allow_pipe=allow_pipe,
         prefetch=prefetch,
         max_bad=max_bad,
@@ -229,7 +256,7 @@ def train_stream(
 
 
 def inspect_shards(
-    pattern: Annotated[str, typer.Argument(help="Shards to look at: 'shards/<000..031>.tar', 'shards/{000..031}.tar', one .tar file, or a packed folder (all shards in its index.json).", show_default=False)],
+    pattern: Annotated[str, typer.Argument(help="Shards to look at: 'shards/<000..031>.tar', 'shards/{000..031}.tar', one .tar file, or a packed folder (all shards in its index.json); local or in an object store (s3://bucket/hmdb51/).", show_default=False)],
     sheet: Annotated[Optional[Path], typer.Option(help="Also write a contact sheet PNG here: one labelled row of T frames per randomly drawn clip.", show_default=False)] = None,
     samples: Annotated[int, typer.Option("--samples", "-n", help="Clips drawn for the contact sheet (all, if the shards hold fewer).")] = 8,
     seed: Annotated[int, typer.Option(help="Seed of the contact sheet's draw.")] = 0,
@@ -257,15 +284,15 @@ def inspect_shards(
 
 
 def verify_shards(
-    folder: Annotated[Path, typer.Argument(help="Packed folder holding index.json, manifest.parquet and the shards.", show_default=False)],
+    folder: Annotated[str, typer.Argument(help="Packed folder holding index.json, manifest.parquet and the shards: a local folder or an object-store prefix (s3://bucket/hmdb51/).", show_default=False)],
     workers: Annotated[Optional[int], typer.Option(help="Processes checking shards in parallel [default: all cores].", show_default=False)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ):
     """Re-read every shard listed in index.json: bytes, sha256, sample count, members, JPEG decodes, labels. Prints one line per problem; exit code 1 when there is any."""
     from pipeline.config import default_workers
-    from pipeline.inspect import verify_pack
+    from pipeline.inspect import as_path, verify_pack
 
-    report = verify_pack(folder, workers if workers is not None else default_workers(), quiet=quiet)
+    report = verify_pack(as_path(folder), workers if workers is not None else default_workers(), quiet=quiet)
     for line in report.problems:
         typer.echo(printable(line))  # names and keys come from the shards and the index
     typer.echo(report.summary())
@@ -284,7 +311,7 @@ def plot_run(
 
 
 def bench_stream(
-    shards: Annotated[list[str], typer.Option("--shards", help="Training shards to read: 'shards/<000..031>.tar', '{000..031}' ranges, '::'-separated lists, local paths or http(s):// URLs; repeatable.", show_default=False)],
+    shards: Annotated[list[str], typer.Option("--shards", help="Training shards to read: 'shards/<000..031>.tar', '{000..031}' ranges, '::'-separated lists, local paths, http(s):// or s3:// URLs, or a packed folder; repeatable.", show_default=False)],
     workers: Annotated[str, typer.Option(help="Loader worker counts to measure, comma-separated; one configuration each.")] = "0,1,2",
     batches: Annotated[int, typer.Option(help="Measured batches per configuration.")] = 20,
     warmup: Annotated[int, typer.Option(help="Batches taken before the clock starts.")] = 3,
@@ -298,6 +325,8 @@ def bench_stream(
     prefetch: Annotated[int, typer.Option(help="Batches each worker prepares ahead; each worker holds this many + 1 batch buffers in shared memory.")] = 2,
     index: Annotated[Optional[str], typer.Option(help="Path or URL of index.json [default: beside the shards].", show_default=False)] = None,
     resample: Annotated[bool, typer.Option("--resample", help="Draw shards with replacement (allows fewer shards than workers).")] = False,
+    epoch_fill: Annotated[str, typer.Option(help="pad: every training clip once per epoch, the last batches topped up with marked repeats so every rank runs the same steps; drop: each rank's surplus left unread.")] = "pad",
+    temporal: Annotated[str, typer.Option(help="Training frames: segment (one stored frame drawn per segment each epoch) or fixed (the evaluation frames); the same for packs of T stored frames.")] = "segment",
     allow_pipe: Annotated[bool, typer.Option("--allow-pipe", help="Allow pipe: shard URLs, which run shell commands.")] = False,
     amp: Annotated[bool, typer.Option("--amp/--no-amp", help="bf16 autocast on CUDA.")] = True,
     channels_last: Annotated[bool, typer.Option("--channels-last/--no-channels-last", help="channels_last_3d on CUDA.")] = True,
@@ -320,6 +349,8 @@ def bench_stream(
         crop=crop,
         seed=seed,
         resample=resample,
+        epoch_fill=epoch_fill,
+        temporal=temporal,
         allow_pipe=allow_pipe,
         prefetch=prefetch,
     )

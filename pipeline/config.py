@@ -22,12 +22,16 @@ class PackConfig:
 
     data_dir: Path
     """Folder with one sub-folder per class (or the `hmdb51_org/` or `UCF-101/` level above them; Kinetics: the folder holding train/ and val/)."""
-    out_dir: Path
-    """Where shards, index.json and manifest.parquet go."""
+    out_dir: Path | str
+    """Where shards, index.json and manifest.parquet go: a local folder, or an object-store URL (`s3://bucket/prefix/`) kept as a string."""
     split: int = 1
     """Official split to pack (1, 2 or 3): its training clips go to the train shards, test clips to the test shards."""
     frames: int = 16
     """T, frames sampled per clip, equally spaced over the clip's decodable length."""
+    stored_frames: int | str | None = None
+    """S, frames stored per clip: None keeps T (today's format, byte for byte); a number S > T with S - 1 a multiple of T - 1, stored at round(j*(n-1)/(S-1)); or "all": every decodable frame, up to `max_stored_frames` (longer clips at the formula with S = that cap). Either way the T evaluation frames round(i*(n-1)/(T-1)) are among them."""
+    max_stored_frames: int = 301
+    """The cap of stored_frames="all" (with T = 16, 301 = 20 x 15 + 1 frames: 10 s at 30 fps); cap - 1 must be a multiple of T - 1."""
     short_side: int | None = 128
     """Resize so the shorter side is this many pixels (aspect kept); None keeps the original size."""
     quality: int = 90
@@ -56,16 +60,24 @@ class PackConfig:
     """Replace an OUT_DIR packed with different options."""
 
     def __post_init__(self):
+        if isinstance(self.out_dir, str) and "://" not in self.out_dir:
+            object.__setattr__(self, "out_dir", Path(self.out_dir))
         if self.split not in (1, 2, 3):
             raise UserError(f"unknown split {self.split}: HMDB51 and UCF101 have splits 1, 2 and 3")
         if self.layout not in PACK_LAYOUTS:
             raise UserError(f"unknown layout {self.layout!r}; choose {', '.join(PACK_LAYOUTS)}")
         from pipeline.shardformat import MAX_FRAMES_PER_CLIP, MAX_JPEG_SIDE
 
-        if not 1 <= self.frames <= MAX_FRAMES_PER_CLIP:
-            raise UserError(f"--frames must be in 1..{MAX_FRAMES_PER_CLIP} (what shard readers accept), got {self.frames}")
-        if self.short_side is not None and not 1 <= self.short_side <= MAX_JPEG_SIDE:
-            raise UserError(f"--short-side must be in 1..{MAX_JPEG_SIDE} (what shard readers accept), got {self.short_side}")
+        if self.frames < 1:
+            raise UserError(f"--frames must be >= 1, got {self.frames}")
+        if self.frames > MAX_FRAMES_PER_CLIP:
+            raise UserError(f"--frames must be <= {MAX_FRAMES_PER_CLIP} (what shard readers accept), got {self.frames}")
+        if self.short_side is not None and self.short_side < 1:
+            raise UserError(f"--short-side must be >= 1, got {self.short_side}")
+        if self.short_side is not None and self.short_side > MAX_JPEG_SIDE:
+            raise UserError(f"--short-side must be <= {MAX_JPEG_SIDE} (what shard readers accept), got {self.short_side}")
+        if self.stored_frames is not None:
+            self._check_stored()
         if not 1 <= self.quality <= 100:
             raise UserError(f"--quality must be in 1..100, got {self.quality}")
         if self.shards < 1:
@@ -84,9 +96,36 @@ class PackConfig:
         if not (n >= 1 and 1 <= i <= n):
             raise UserError(f"--part must be i/N with 1 <= i <= N, got {i}/{n}")
 
+    def _check_stored(self) -> None:
+        from pipeline.shardformat import MAX_FRAMES_PER_CLIP
+
+        s, t = self.stored_frames, self.frames
+        if t < 2:
+            raise UserError("--stored-frames needs --frames of 2 or more (the stored frames must hold the T evaluation frames)")
+        if s == "all":
+            cap = self.max_stored_frames
+            if not (t <= cap <= MAX_FRAMES_PER_CLIP and (cap - 1) % (t - 1) == 0):
+                raise UserError(f"--max-stored-frames must be in {t}..{MAX_FRAMES_PER_CLIP} with cap - 1 a multiple of T - 1 = {t - 1}, got {cap}")
+            return
+        if not isinstance(s, int) or not (t <= s <= MAX_FRAMES_PER_CLIP and (s - 1) % (t - 1) == 0):
+            raise UserError(
+                f"--stored-frames must be 'all' or a number S in {t}..{MAX_FRAMES_PER_CLIP} with S - 1 a multiple of T - 1 = {t - 1} "
+                f"(e.g. {t}, {2 * t - 1}, {4 * t - 3}), got {s!r}"
+            )
+
+    def stored_count(self, n: int) -> int:
+        """S for a clip of n decodable frames."""
+        if self.stored_frames is None:
+            return self.frames
+        if self.stored_frames == "all":
+            return n if n <= self.max_stored_frames else self.max_stored_frames
+        return int(self.stored_frames)
+
     def output_options(self) -> dict:
         """The options that decide the bytes written: a changed one means a different pack."""
+        stored = {} if self.stored_frames is None else {"stored_frames": self.stored_frames, "max_stored_frames": self.max_stored_frames}
         return {
+            **stored,
             "split": self.split,
             "frames": self.frames,
             "short_side": self.short_side,
@@ -119,6 +158,8 @@ def physical_memory() -> int | None:
 
 
 OPTIMIZERS = ("adamw", "sgd")
+EPOCH_FILLS = ("pad", "drop")
+TEMPORAL = ("segment", "fixed")
 SCHEDULES = ("cosine", "step")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -128,7 +169,7 @@ class StreamConfig:
     """Where the shards are and how they are read, shuffled, augmented and batched."""
 
     shards: tuple[str, ...]
-    """Training shard patterns: `{000..031}` or `<000..031>` ranges, `::`-separated lists, local paths, http(s) URLs."""
+    """Training shard patterns: `{000..031}` or `<000..031>` ranges, `::`-separated lists, local paths, http(s) and s3:// URLs, packed folders."""
     eval_shards: tuple[str, ...] = ()
     """Test shard patterns; empty: the test shards listed in the index beside the training shards."""
     index: str | None = None
@@ -139,7 +180,7 @@ class StreamConfig:
     """Loader worker processes per rank (started once for the run), each reading its own shards and building whole batches; None: one per core left to the rank, at most 8 and at most shards / ranks."""
     shuffle_buffer: int = 256
     """Samples held in each worker's shuffle buffer (raw JPEG bytes, about 150 KB a clip)."""
-    crop: int = 112
+    crop: int | None = 112
     """Side of the square crop fed to the model (random in training, centred in evaluation)."""
     seed: int = 0
     """Seed of everything random: shard order, shuffle buffer, crops and flips, model initialisation."""
@@ -149,6 +190,12 @@ class StreamConfig:
     """Allow `pipe:` shard URLs, which run shell commands."""
     prefetch: int = 2
     """Batches each worker prepares ahead (each worker holds prefetch + 1 batch buffers)."""
+    temporal: str = "segment"
+    """Training frames: `segment` draws one stored frame per segment each epoch (deterministic in seed, epoch and key); `fixed` takes the T evaluation frames. The same when a pack stores T frames per clip."""
+    test_views: tuple[int, int] = (1, 1)
+    """(K, C) evaluation views per test clip: K temporal offsets x C spatial crops (1: centre; 3: centre and both ends of the longer side), scores softmax-averaged per clip."""
+    epoch_fill: str = "pad"
+    """How every rank gets the same number of steps: `pad` uses every training clip once per epoch and tops the last batches up with repeats of that epoch's clips (marked); `drop` leaves each rank's surplus unread (see docs/TRAINING.md)."""
     max_bad: float = 0.01
     """Unreadable training clips allowed per rank and epoch: a fraction of the rank's clips if < 1, else a count. Above it the run stops with an error."""
 
@@ -170,12 +217,21 @@ class StreamConfig:
                 raise UserError(f"`{name}` must be >= {low}, got {value}")
             if value is not None and value > high:
                 raise UserError(f"`{name}` must be at most {high:,}, got {value:,}")
+        if self.temporal not in TEMPORAL:
+            raise UserError(f"`temporal` must be one of {', '.join(TEMPORAL)}, got {self.temporal!r}")
+        k, c = self.test_views
+        if not (isinstance(k, int) and 1 <= k <= 32 and c in (1, 3)):
+            raise UserError(f"`test_views` must be KxC with K in 1..32 and C 1 or 3, got {k}x{c}")
+        if self.epoch_fill not in EPOCH_FILLS:
+            raise UserError(f"`epoch_fill` must be one of {', '.join(EPOCH_FILLS)}, got {self.epoch_fill!r}")
         if not self.max_bad >= 0:
             raise UserError(f"`max_bad` must be >= 0 (a fraction if < 1, else a count), got {self.max_bad}")
 
     def check_memory(self, frames: int, workers: int) -> None:
         """The batch buffers a loader with `workers` workers allocates for clips of `frames` frames
         (known from the index) must fit: one slot at most MAX_BATCH_BYTES, all of them in RAM."""
+        if self.crop is None:  # whole frames, one clip at a time (ClipDataset): no batch buffer
+            return
         slot = self.batch_size * frames * self.crop * self.crop * 3
         shape = f"`batch_size` {self.batch_size} x {frames} frames x `crop` {self.crop}x{self.crop} x 3"
         if slot > MAX_BATCH_BYTES:

@@ -3,6 +3,10 @@
 The summary and the sheet read only tar headers, the small `.cls`/`.json` members and the `.jpgs`
 members of the clips drawn, so they stay quick on a full HMDB51 pack: tarfile in random-access mode
 seeks over member data. `verify_pack` reads every byte, hashes it and decodes every frame.
+
+A packed folder in an object store (`s3://bucket/hmdb51/`) is read in place, through
+`objectstore.ObjectPath` (a pathlib.Path look-alike) and the same tar reader over the store's
+seekable, read-ahead file: nothing is downloaded to disk.
 """
 
 from __future__ import annotations
@@ -20,9 +24,10 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import UserError, printable
+from pipeline.objectstore import ObjectPath
 from pipeline.progress import progress
 from pipeline.shardformat import INDEX_NAME, MANIFEST_NAME, ShardFormatError, decode_jpegs, is_valid_key
-from pipeline.stream.sources import expand_shards, local_path, read_index
+from pipeline.stream.sources import expand_shards, is_object_store, local_path, read_index
 from pipeline.stream.tar import Member, group_samples, tar_members
 
 MEMBERS = ("cls", "jpgs", "json")
@@ -38,7 +43,12 @@ MAX_VERIFY_WORKERS = 256
 # ---------------------------------------------------------------- which shards
 
 
-def _index_or_none(folder: Path) -> dict | None:
+def as_path(location: str | Path) -> Path | ObjectPath:
+    """A local path, or an ObjectPath for an object-store URL."""
+    return ObjectPath(str(location)) if is_object_store(str(location)) else local_path(str(location))
+
+
+def _index_or_none(folder: Path | ObjectPath) -> dict | None:
     path = folder / INDEX_NAME
     return read_index(str(path)) if path.exists() else None
 
@@ -47,23 +57,23 @@ def _index_shard_names(index: dict) -> list[str]:
     return [e["name"] for split in ("train", "test") for e in index["splits"].get(split, {}).get("shards", [])]
 
 
-def expand_pattern(pattern: str) -> list[Path]:
-    """Local shard paths of a pattern, in order.
+def expand_pattern(pattern: str) -> list[Path | ObjectPath]:
+    """Shard paths of a pattern (local, or ObjectPaths in a store), in order.
 
     Accepts `<000..031>` and `{000..031}` ranges, `{a,b}` alternatives and `::`-separated lists (the
     forms webdataset expands), one file, or a packed folder: every shard its index.json lists,
     training shards first.
     """
-    folder = Path(pattern)
+    folder = as_path(pattern) if is_object_store(pattern) else Path(pattern)
     if folder.is_dir():
         index = _index_or_none(folder)
         if index is None:
             raise UserError(f"no {INDEX_NAME} in {folder}: give a packed folder or a shard pattern such as '{folder}/<000..031>.tar'")
         return [folder / n for n in _index_shard_names(index)]
     urls = expand_shards([pattern], allow_pipe=False)
-    paths = [local_path(u) for u in urls]
+    paths = [as_path(u) for u in urls]
     if any(p is None for p in paths):
-        raise UserError(f"inspect-shards reads local shards only; {pattern!r} names remote ones")
+        raise UserError(f"inspect-shards reads local shards and object stores, not http(s); {pattern!r} names remote ones")
     if len({p.parent for p in paths}) > 1:
         raise UserError(f"the shards of {pattern!r} lie in several folders: inspect one pack at a time")
     return paths
@@ -76,7 +86,7 @@ def expand_pattern(pattern: str) -> list[Path]:
 class SampleEntry:
     """One sample found in a shard, its frames not read yet."""
 
-    shard: Path
+    shard: Path | ObjectPath
     key: str
     label: int
     meta: dict
@@ -85,12 +95,12 @@ class SampleEntry:
     jpgs_size: int
 
 
-def scan_shard(path: Path) -> list[SampleEntry]:
+def scan_shard(path: Path | ObjectPath) -> list[SampleEntry]:
     """Every sample of a shard from its tar headers and small members (the one tar reader, seeking
     over the frames); frames are not read."""
     out = []
     try:
-        with open(path, "rb") as f:
+        with path.open("rb") as f:
             for parts in group_samples(tar_members(f, skip=lambda name: name.lower().endswith(".jpgs")), str(path)):
                 key = parts["__key__"]
                 try:
@@ -113,7 +123,7 @@ def scan_shard(path: Path) -> list[SampleEntry]:
 _printable = printable
 
 
-def scan_shards(paths: list[Path], quiet: bool = False) -> list[SampleEntry]:
+def scan_shards(paths: list[Path | ObjectPath], quiet: bool = False) -> list[SampleEntry]:
     samples: list[SampleEntry] = []
     with progress(len(paths), "scan", quiet, unit="shard") as bar:
         for p in paths:
@@ -123,27 +133,34 @@ def scan_shards(paths: list[Path], quiet: bool = False) -> list[SampleEntry]:
 
 
 def read_frames(entry: SampleEntry) -> np.ndarray:
-    """Decode one scanned sample's frames: (T, H, W, 3) uint8 RGB."""
-    with open(entry.shard, "rb") as f:
+    """Decode one scanned sample's frames: (T, H, W, 3) uint8 RGB (of a pack storing S > T frames,
+    the T evaluation frames)."""
+    from pipeline.sample import clip_indices
+
+    with entry.shard.open("rb") as f:
         f.seek(entry.jpgs_offset)
         data = f.read(entry.jpgs_size)
     try:
-        return decode_jpegs(data)
+        frames = decode_jpegs(data)
     except ShardFormatError as e:
         raise UserError(f"{entry.shard}: sample {entry.key}: {e}") from None
+    t = len(entry.meta.get("indices") or [])
+    return frames[clip_indices(len(frames), t)] if "stored_indices" in entry.meta and 0 < t < len(frames) else frames
 
 
 # ---------------------------------------------------------------- summary
 
 
-def _read_manifest(folder: Path) -> list[dict] | None:
+def _read_manifest(folder: Path | ObjectPath) -> list[dict] | None:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     path = folder / MANIFEST_NAME
     if not path.exists():
         return None
     try:
-        return pq.read_table(path, columns=["source", "shard", "status", "reason"]).to_pylist()
+        source = path if isinstance(path, Path) else pa.BufferReader(path.read_bytes())
+        return pq.read_table(source, columns=["source", "shard", "status", "reason"]).to_pylist()
     except Exception as e:  # pyarrow raises several types for a damaged file
         raise UserError(f"unreadable manifest {path}: {e}") from None
 
@@ -157,7 +174,7 @@ class Summary:
     """What `inspect-shards` prints, computed from the shards themselves, with the index and
     manifest beside them as a cross-check and the source of the failed clips."""
 
-    folder: Path
+    folder: Path | ObjectPath
     shards: list[str]
     classes: list[str]
     frames_per_clip: set[int]
@@ -251,7 +268,7 @@ def _splits(index: dict) -> list[dict]:
     return [index["splits"].get(split, {"samples": 0, "shards": []}) for split in ("train", "test")]
 
 
-def summarize(paths: list[Path], samples: list[SampleEntry]) -> Summary:
+def summarize(paths: list[Path | ObjectPath], samples: list[SampleEntry]) -> Summary:
     folder = paths[0].parent
     index = _index_or_none(folder)
     manifest = _read_manifest(folder)
@@ -398,7 +415,7 @@ class ShardCheck:
     problems: list[str]
 
 
-def check_shard(path: Path, entry: dict, frames: int, classes: int) -> ShardCheck:
+def check_shard(path: Path | ObjectPath, entry: dict, frames: int, classes: int) -> ShardCheck:
     """Every check of one shard against its index entry; problems as `NAME: what` lines."""
     name = entry["name"]
     problems: list[str] = []
@@ -406,14 +423,17 @@ def check_shard(path: Path, entry: dict, frames: int, classes: int) -> ShardChec
     if not path.is_file():
         problems.append(f"{name}: missing (the index lists it with {entry['samples']} samples)")
         return report
-    size = report.bytes = path.stat().st_size
-    if size != entry["bytes"]:
-        problems.append(f"{name}: {size} bytes, index says {entry['bytes']}")
-    if size == 0:
-        problems.append(f"{name}: empty file")
+    try:
+        size = report.bytes = path.stat().st_size
+        if size != entry["bytes"]:
+            problems.append(f"{name}: {size} bytes, index says {entry['bytes']}")
+        if size == 0:
+            problems.append(f"{name}: empty file")
+            return report
+        digest = _sha256(path)
+    except (OSError, UserError) as e:  # a store that fails mid-read, after its retries
+        problems.append(f"{name}: cannot read ({_printable(str(e))})")
         return report
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-        digest = hashlib.sha256(data).hexdigest()
     if digest != entry["sha256"]:
         problems.append(f"{name}: sha256 mismatch (index {entry['sha256'][:16]}..., file {digest[:16]}...)")
 
@@ -425,12 +445,15 @@ def check_shard(path: Path, entry: dict, frames: int, classes: int) -> ShardChec
 
     # The one tar reader, exactly as the stream reads the shard: what it cannot read, no tool can.
     groups: list[dict] = []
-    with open(path, "rb") as f:
-        try:
-            for parts in group_samples(tar_members(f), str(path), ignored):
-                groups.append(parts)
-        except ShardFormatError as e:
-            problems.append(f"{name}: unreadable after {len(groups)} samples ({_printable(str(e))}); readers lose the rest of the shard")
+    try:
+        with path.open("rb") as f:
+            try:
+                for parts in group_samples(tar_members(f), str(path), ignored):
+                    groups.append(parts)
+            except ShardFormatError as e:
+                problems.append(f"{name}: unreadable after {len(groups)} samples ({_printable(str(e))}); readers lose the rest of the shard")
+    except (OSError, UserError) as e:
+        problems.append(f"{name}: cannot read after {len(groups)} samples ({_printable(str(e))})")
     seen = set()
     for parts in groups:
         key = parts["__key__"]
@@ -446,7 +469,7 @@ def check_shard(path: Path, entry: dict, frames: int, classes: int) -> ShardChec
             sample_problem(key, "no " + ", ".join(f".{e}" for e in sorted(missing)))
         if extra:
             sample_problem(key, "unexpected " + ", ".join(f".{_printable(e)}" for e in sorted(extra)))
-        label = None
+        label, expected = None, frames
         if "cls" in parts:
             try:
                 label = int(parts["cls"].decode("ascii"))
@@ -463,6 +486,9 @@ def check_shard(path: Path, entry: dict, frames: int, classes: int) -> ShardChec
             except (ValueError, RecursionError) as e:
                 sample_problem(key, f".json unreadable ({_printable(str(e))[:200]})")
             else:
+                stored = meta.get("stored_indices")
+                if isinstance(stored, list):  # a pack of S >= T stored frames (docs/FORMAT.md)
+                    expected = len(stored)
                 if label is not None and meta.get("label") != label:
                     sample_problem(key, f"label {label} in .cls but {_printable(repr(meta.get('label')))[:40]} in .json")
                 for what in _meta_problems(meta, frames):
@@ -473,8 +499,8 @@ def check_shard(path: Path, entry: dict, frames: int, classes: int) -> ShardChec
             except ShardFormatError as e:
                 sample_problem(key, f"frames do not decode ({e})")
             else:
-                if t != frames:
-                    sample_problem(key, f"{t} frames, index says {frames}")
+                if t != expected:
+                    sample_problem(key, f"{t} frames, {'its metadata' if expected != frames else 'index'} says {expected}")
     report.samples = len(groups)
     if len(groups) != entry["samples"]:
         problems.append(f"{name}: {len(groups)} sample{'' if len(groups) == 1 else 's'}, index says {entry['samples']}")
@@ -508,7 +534,18 @@ def _short_repr(value) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def _check_index_and_manifest(folder: Path, index: dict) -> list[str]:
+def _sha256(path: Path | ObjectPath) -> str:
+    if isinstance(path, Path):
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            return hashlib.sha256(data).hexdigest()
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _check_index_and_manifest(folder: Path | ObjectPath, index: dict) -> list[str]:
     problems = []
     entries = [e for split in _splits(index) for e in split["shards"]]
     for split, s in zip(("train", "test"), _splits(index)):
@@ -530,7 +567,7 @@ def _check_index_and_manifest(folder: Path, index: dict) -> list[str]:
 
 @dataclasses.dataclass
 class VerifyReport:
-    folder: Path
+    folder: Path | ObjectPath
     shards: int
     samples: int
     bytes: int
@@ -546,7 +583,7 @@ class VerifyReport:
         return f"{done}: {len(self.problems)} problem(s) in {bad} file(s)"
 
 
-def verify_pack(folder: Path, workers: int, quiet: bool = False) -> VerifyReport:
+def verify_pack(folder: Path | ObjectPath, workers: int, quiet: bool = False) -> VerifyReport:
     """Re-read every shard of a packed folder against its index.json, `workers` shards at a time.
 
     Processes, not threads: sha256 and JPEG decoding release the GIL, but tar parsing and the

@@ -2,9 +2,10 @@
 
 The unit of work and of recovery is the shard. The plan (which clip goes to which shard, in which
 order) depends only on the inputs and the output options, so a re-run, another worker count or
-another machine packing `--part i/N` writes the same bytes. A shard is written to a hidden
-`.NAME.partial` file and renamed when complete; its manifest rows go to `.clipstream/state/`. The
-index and manifest are written last, once every shard of the plan is there.
+another machine packing `--part i/N` writes the same bytes. A shard appears under its final name
+only when complete (pipeline.outdir: a local `.NAME.partial` renamed, or one upload to an object
+store); its manifest rows go to `.clipstream/state/` in the same folder or bucket. The index and
+manifest are written last, once every shard of the plan is there.
 """
 
 from __future__ import annotations
@@ -16,16 +17,17 @@ import io
 import itertools
 import json
 import os
-import shutil
 import sys
 import tarfile
 import time
 from pathlib import Path
 
 from pipeline.config import PackConfig
-from pipeline.durable import failpoint, publish
+from pipeline.durable import failpoint
 from pipeline.errors import UserError
 from pipeline.layouts import Catalog, Video, discover
+from pipeline.sample import clip_indices
+from pipeline.outdir import LocalDir, StoreDir, open_out_dir
 from pipeline.shardformat import FORMAT_VERSION, INDEX_NAME, MANIFEST_NAME, MAX_JPEG_SIDE, pack_jpegs
 
 STATE_DIR = ".clipstream"
@@ -93,7 +95,23 @@ def _worker_init():
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it stops the pool
 
 
+def _die_with(parent: int) -> None:
+    """Have the kernel kill this worker when the packer dies (Linux). Without it a worker whose
+    packer was killed -9 while it sent a result larger than the pipe buffer would block for ever:
+    it holds a copy of the packer's end of its own pipe (fork), so the pipe never breaks."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: the poll loop below still notices between tasks
+    if os.getppid() != parent:  # the packer died before prctl took effect
+        os._exit(0)
+
+
 def _worker_main(conn, parent: int, fn) -> None:
+    _die_with(parent)
     _worker_init()
     while True:
         if not conn.poll(1.0):
@@ -210,8 +228,9 @@ class WorkerPool:
             s.conn.close()
 
 
-def pack_clip(path: str, frames: int, short_side: int | None, quality: int, decoder: str) -> dict:
-    """Runs in a worker process: one video to its `.jpgs` member and facts for the metadata."""
+def pack_clip(path: str, frames: int, short_side: int | None, quality: int, decoder: str, stored=None) -> dict:
+    """Runs in a worker process: one video to its `.jpgs` member and facts for the metadata.
+    `stored`: n -> S, the frames to store of an n-frame clip (PackConfig.stored_count); None: T."""
     import cv2
     import simplejpeg
 
@@ -222,7 +241,7 @@ def pack_clip(path: str, frames: int, short_side: int | None, quality: int, deco
         too_big = _too_big(*probe.size, short_side)  # before decoding: T frames of it may not fit in memory
         if too_big:
             return {"error": too_big}
-        clip = decode_clip(path, frames, decoder, planes=True, probe=probe)
+        clip = decode_clip(path, stored or frames, decoder, planes=True, probe=probe)
     except DecodeError as e:
         return {"error": str(e)}
     too_big = _too_big(*clip.size, short_side)
@@ -282,16 +301,8 @@ def _too_big(width: int, height: int, short_side: int | None) -> str | None:
 # ---------------------------------------------------------------- writing
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    with open(tmp, "wb") as f:
-        f.write(data[: len(data) // 2])
-        f.flush()
-        failpoint(f"mid-write:{path.name}")
-        f.write(data[len(data) // 2 :])
-        f.flush()
-        os.fsync(f.fileno())
-    publish(tmp, path)
+def _atomic_write(out: LocalDir | StoreDir, name: str, data: bytes) -> None:
+    out.write(name, data, midway=lambda: failpoint(f"mid-write:{name.rsplit('/', 1)[-1]}"))
 
 
 def _json_bytes(obj) -> bytes:
@@ -341,7 +352,8 @@ def build_shard(plan: ShardPlan, results: list[dict], catalog: Catalog, cfg: Pac
                 "fps": r["fps"],
                 "original_size": r["original_size"],
                 "frame_size": r["frame_size"],
-                "indices": r["indices"],
+                "indices": r["indices"] if cfg.stored_frames is None else clip_indices(r["decoded_frames"], cfg.frames),
+                **({} if cfg.stored_frames is None else {"stored_indices": r["indices"]}),
                 "padded": r["decoded_frames"] < cfg.frames,
             }
             _add_sample(
@@ -364,7 +376,7 @@ def build_shard(plan: ShardPlan, results: list[dict], catalog: Catalog, cfg: Pac
 
 @dataclasses.dataclass
 class PackReport:
-    out_dir: Path
+    out_dir: Path | str
     packed: int = 0
     padded: int = 0
     failed: list[tuple[str, str]] = dataclasses.field(default_factory=list)
@@ -403,23 +415,10 @@ class PackReport:
         return "\n".join(lines)
 
 
-def _check_out_dir(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise UserError(f"output path is a file, not a folder: {out}")
-    try:
-        (out / STATE_DIR / "state").mkdir(parents=True, exist_ok=True)
-        probe = out / STATE_DIR / ".write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"output folder is not writable: {out} ({e.strerror})") from None
-
-
-def _prepare_out_dir(cfg: PackConfig, fp: dict, plans: list[ShardPlan]) -> Path:
-    out = cfg.out_dir
-    state = out / STATE_DIR
-    plan_file = state / "plan.json"
-    old = json.loads(plan_file.read_text()) if plan_file.exists() else None
+def _prepare_out_dir(cfg: PackConfig, out: LocalDir | StoreDir, fp: dict, plans: list[ShardPlan]) -> None:
+    plan_file = f"{STATE_DIR}/plan.json"
+    raw = out.read(plan_file)
+    old = json.loads(raw) if raw is not None else None
     ours = {p.name for p in plans} | {INDEX_NAME, MANIFEST_NAME}
     if old is not None and {k: v for k, v in old.items() if k != "files"} != fp:
         if not cfg.overwrite:
@@ -428,39 +427,35 @@ def _prepare_out_dir(cfg: PackConfig, fp: dict, plans: list[ShardPlan]) -> Path:
             raise UserError(f"{out} was packed with different inputs or options ({what}); pass --overwrite to replace it")
         _clear(out, set(old.get("files", [])) | ours)
     elif old is None:
-        clash = sorted(n for n in ours if (out / n).exists())
+        clash = sorted(n for n in ours if out.exists(n))
         if clash and not cfg.overwrite:
             raise UserError(f"{out} already holds {clash[0]} not written by this pack; pass --overwrite to replace it")
         if clash:
             _clear(out, ours)
-    for stale in out.glob(".*.partial"):
-        stale.unlink()
-    _atomic_write(plan_file, _json_bytes({**fp, "files": sorted(ours)}))
-    return state
+    out.remove_partials()
+    _atomic_write(out, plan_file, _json_bytes({**fp, "files": sorted(ours)}))
 
 
-def _clear(out: Path, names: set[str]) -> None:
+def _clear(out: LocalDir | StoreDir, names: set[str]) -> None:
     for n in names:
-        (out / n).unlink(missing_ok=True)
-    shutil.rmtree(out / STATE_DIR / "state", ignore_errors=True)
-    (out / STATE_DIR / "state").mkdir(parents=True, exist_ok=True)
+        out.delete(n)
+    out.delete_tree(f"{STATE_DIR}/state")
 
 
-def _shard_done(out: Path, state: Path, plan: ShardPlan) -> dict | None:
+def _shard_done(out: LocalDir | StoreDir, plan: ShardPlan) -> dict | None:
     """The saved state of a complete shard, or None when it must be (re)written."""
-    path = state / "state" / f"{plan.name}.json"
     try:
-        saved = json.loads(path.read_text())
-        if (out / plan.name).stat().st_size == saved["bytes"]:
+        saved = json.loads(out.read(f"{STATE_DIR}/state/{plan.name}.json") or b"null")
+        if saved is not None and out.size(plan.name) == saved["bytes"]:
             return saved
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, TypeError):
         pass
     return None
 
 
 def _preload(decoder: str) -> None:
-    """Import what every worker needs once, before they fork: each would otherwise spend 0.2-0.3 s
-    of CPU importing OpenCV, PyAV and simplejpeg itself."""
+    """Import what every worker needs once, before they fork: each would otherwise spend its own
+    0.1-0.4 s of CPU (`python -X importtime` here) importing PyAV, OpenCV and simplejpeg."""
     import av  # noqa: F401
     import cv2  # noqa: F401
     import simplejpeg  # noqa: F401
@@ -479,19 +474,19 @@ def run_pack(cfg: PackConfig, quiet: bool = False, log=_stderr) -> PackReport:
     from pipeline.progress import progress
 
     t0 = time.monotonic()
+    out = open_out_dir(cfg.out_dir)  # a URL we cannot write to fails here, before the videos are listed
     catalog = discover(cfg)
     for note in catalog.warnings:
         log(f"warning: {note}")
-    _check_out_dir(cfg.out_dir)
+    out.check_writable(f"{STATE_DIR}/.write-test")
     plans = plan_shards(catalog, cfg)
     fp = fingerprint(cfg, plans)
-    state = _prepare_out_dir(cfg, fp, plans)
-    out = cfg.out_dir
+    _prepare_out_dir(cfg, out, fp, plans)
     part_i, part_n = cfg.part
     mine = [p for g, p in enumerate(plans) if g % part_n == part_i - 1]
-    todo = [p for p in mine if _shard_done(out, state, p) is None]
-    report = PackReport(out_dir=out, shards_total=len(plans), split_source=catalog.split_source)
-    index_done = (out / INDEX_NAME).exists() and (out / MANIFEST_NAME).exists()
+    todo = [p for p in mine if _shard_done(out, p) is None]
+    report = PackReport(out_dir=cfg.out_dir, shards_total=len(plans), split_source=catalog.split_source)
+    index_done = out.exists(INDEX_NAME) and out.exists(MANIFEST_NAME)
 
     if todo:
         jobs = [(p, v) for p in todo for v in p.videos]  # grouped by shard, in plan order
@@ -508,7 +503,8 @@ def run_pack(cfg: PackConfig, quiet: bool = False, log=_stderr) -> PackReport:
             while written < len(jobs):
                 while pool.idle() and scheduled < len(jobs) and scheduled - written < window:
                     v = jobs[scheduled][1]
-                    pool.submit(scheduled, (str(cfg.data_dir / v.source), cfg.frames, cfg.short_side, cfg.quality, cfg.decoder))
+                    stored = None if cfg.stored_frames is None else cfg.stored_count
+                    pool.submit(scheduled, (str(cfg.data_dir / v.source), cfg.frames, cfg.short_side, cfg.quality, cfg.decoder, stored))
                     scheduled += 1
                 if pool.busy():
                     for i, result in pool.wait():
@@ -519,7 +515,7 @@ def run_pack(cfg: PackConfig, quiet: bool = False, log=_stderr) -> PackReport:
                 while shard < len(todo) and all(i in results for i in range(written, shard_ends[shard])):
                     p = todo[shard]
                     data, rows = build_shard(p, [results.pop(i) for i in range(written, shard_ends[shard])], catalog, cfg)
-                    _atomic_write(out / p.name, data)
+                    _atomic_write(out, p.name, data)
                     saved = {
                         "name": p.name,
                         "split": p.split,
@@ -528,7 +524,7 @@ def run_pack(cfg: PackConfig, quiet: bool = False, log=_stderr) -> PackReport:
                         "sha256": hashlib.sha256(data).hexdigest(),
                         "rows": rows,
                     }
-                    _atomic_write(state / "state" / f"{p.name}.json", _json_bytes(saved))
+                    _atomic_write(out, f"{STATE_DIR}/state/{p.name}.json", _json_bytes(saved))
                     written, shard = shard_ends[shard], shard + 1
                     report.shards_written += 1
                     failpoint(f"after-shards:{report.shards_written}")
@@ -539,12 +535,12 @@ def run_pack(cfg: PackConfig, quiet: bool = False, log=_stderr) -> PackReport:
             bar.close()
         pool.close()
 
-    saved = {p.name: _shard_done(out, state, p) for p in plans}
+    saved = {p.name: _shard_done(out, p) for p in plans}
     report.complete = all(saved.values())
     report.already_complete = not todo and index_done
     report.seconds = time.monotonic() - t0
     if report.complete:
-        rows = _assemble(cfg, catalog, plans, saved)
+        rows = _assemble(cfg, out, catalog, plans, saved)
         for r in rows:
             report.packed += r["status"] == "packed"
             report.padded += bool(r["padded"])
@@ -559,7 +555,7 @@ def run_pack(cfg: PackConfig, quiet: bool = False, log=_stderr) -> PackReport:
     return report
 
 
-def _assemble(cfg: PackConfig, catalog: Catalog, plans: list[ShardPlan], saved: dict[str, dict]) -> list[dict]:
+def _assemble(cfg: PackConfig, out: LocalDir | StoreDir, catalog: Catalog, plans: list[ShardPlan], saved: dict[str, dict]) -> list[dict]:
     """Write manifest.parquet and index.json (in that order: the index marks a finished pack)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -600,7 +596,7 @@ def _assemble(cfg: PackConfig, catalog: Catalog, plans: list[ShardPlan], saved: 
     table = pa.Table.from_pylist(rows, schema=schema)
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="zstd")
-    _atomic_write(cfg.out_dir / MANIFEST_NAME, sink.getvalue().to_pybytes())
+    _atomic_write(out, MANIFEST_NAME, sink.getvalue().to_pybytes())
     failpoint("before-index")
 
     splits = {}
@@ -611,9 +607,11 @@ def _assemble(cfg: PackConfig, catalog: Catalog, plans: list[ShardPlan], saved: 
         splits[split] = {"samples": sum(x["samples"] for x in shards), "shards": shards}
     index = {
         "format": "clipstream",
-        "version": FORMAT_VERSION,
+        # a pack of T stored frames keeps version 1, byte for byte; more stored frames are version 2
+        "version": FORMAT_VERSION if cfg.stored_frames is None else 2,
         "classes": catalog.classes,
         "frames_per_clip": cfg.frames,
+        **({} if cfg.stored_frames is None else {"stored_frames": cfg.stored_frames, "max_stored_frames": cfg.max_stored_frames}),
         "frame_size": {"short_side": cfg.short_side} if cfg.short_side else {"original": True},
         "options": cfg.output_options(),
         "layout": catalog.layout,
@@ -628,7 +626,7 @@ def _assemble(cfg: PackConfig, catalog: Catalog, plans: list[ShardPlan], saved: 
             "missing": sum(r["status"] == "missing" for r in rows),
         },
     }
-    _atomic_write(cfg.out_dir / INDEX_NAME, _json_bytes(index))
+    _atomic_write(out, INDEX_NAME, _json_bytes(index))
     return rows
 
 

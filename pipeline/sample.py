@@ -119,8 +119,11 @@ def probe_video(path: str | Path) -> Probe:
         return Probe(packets, stream.frames or None, float(rate) if rate else 0.0, (ctx.width, ctx.height))
 
 
-def decode_clip(path: str | Path, t: int, decoder: str = "pyav", planes: bool = False, probe: Probe | None = None) -> SampledClip:
+def decode_clip(path: str | Path, t, decoder: str = "pyav", planes: bool = False, probe: Probe | None = None) -> SampledClip:
     """Decode the whole file sequentially, keeping only the T frames of `clip_indices`.
+
+    `t` is T, or a function n -> how many frames to keep of an n-frame clip (`pack-shards
+    --stored-frames`: S stored frames at the same formula).
 
     Sequential on purpose: container frame counts of AVI files can be wrong (a truncated file keeps
     its header), and decord's random access returns neighbouring frames on files with B-frames. A
@@ -138,16 +141,17 @@ def decode_clip(path: str | Path, t: int, decoder: str = "pyav", planes: bool = 
     path = str(path)
     probe = probe if probe is not None else probe_video(path)
     one_pass = _pass_decord if decoder == "decord" else functools.partial(_pass_pyav, planes=planes)
-    kept, count, error, size = one_pass(path, _wanted(probe.packets, t))
+    keep = t if callable(t) else (lambda n: t)
+    kept, count, error, size = one_pass(path, _wanted(probe.packets, keep(probe.packets)))
     if count != probe.packets and count:
-        kept, again, error, size = one_pass(path, _wanted(count, t))
+        kept, again, error, size = one_pass(path, _wanted(count, keep(count)))
         if again != count:
             raise DecodeError(f"two sequential decodes gave {count} and {again} frames")
     if not count:
         if error and error.startswith("cannot open"):
             raise DecodeError(error)
         raise DecodeError(f"no decodable frame{': ' + error if error else ''}")
-    indices = clip_indices(count, t)
+    indices = clip_indices(count, keep(count))
     if any(isinstance(kept[i], tuple) for i in indices) and not all(isinstance(kept[i], tuple) for i in indices):
         kept = one_pass(path, set(indices), planes=False)[0]  # the pixel format changed mid-stream
     frames = [kept[i] for i in indices]
@@ -160,21 +164,30 @@ def _wanted(n: int, t: int) -> set[int]:
     return set(clip_indices(n, t)) if n else set()
 
 
+_DECODER_THREADS = 2
+"""FFmpeg frame threads per pyav decode (same frames, same order as one thread). The recipe's
+OpenCV starts 3 per capture. Measured on this 2-core machine shared with other jobs, pack_clip over
+the 153 benchmark clips: one process 4.1-5.0 s with 1 thread, 4.5-4.8 s with 2; two processes at once
+6.0-10.4 s each with 1 thread, 6.0-7.3 s with 2 (where a process with more threads also gets a bigger
+share of cores other jobs use). 2 keeps a 16-worker pack at 32 threads."""
+
+
 def _pass_pyav(path: str, wanted: set[int], planes: bool = False):
     """One sequential decode: (frames kept by index, frames decoded, error or None, size).
 
-    Kept frames are converted while the decoder is open: a VideoFrame kept past the container's
-    close read back different chroma on the next clip (seen as 3-9 levels of JPEG difference
-    between two packs of one file).
+    Kept frames are converted at once into arrays we own, so no decoder buffer outlives the pass
+    and memory holds len(wanted) frames.
     """
     import av
 
     kept, count, error, size = {}, 0, None, None
     with av.open(path) as container:
         stream = container.streams.video[0]
-        # Measured on 153 HMDB-shaped clips: threads gained 8 % with a core to spare and lose when
-        # every core runs a worker; one worker per core is how pack-shards runs.
-        stream.thread_type = "NONE"
+        if _DECODER_THREADS > 1:
+            stream.thread_type = "AUTO"
+            stream.codec_context.thread_count = _DECODER_THREADS
+        else:
+            stream.thread_type = "NONE"
         try:
             for frame in container.decode(stream):
                 if size is None:
@@ -259,8 +272,8 @@ _C_TO_FULL = np.clip(np.round((np.arange(256) - 128) * 255 / 224 + 128), 0, 255)
 def _yuv420_planes(frame) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """Full-range (Y, U, V) uint8 planes of a 4:2:0 PyAV frame, or None for other layouts.
 
-    cv2.LUT on the padded plane views: the same bytes as numpy's table indexing on copies, in a
-    third of the time (0.1 ms against 0.3 ms a 320x240 frame).
+    cv2.LUT on the padded plane views: the same bytes as numpy's table indexing on copies, in
+    0.18 ms against 0.32 ms a 320x240 frame (the 153 benchmark clips, 16 frames each).
     """
     import cv2
 

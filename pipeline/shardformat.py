@@ -16,6 +16,8 @@ import struct
 import numpy as np
 
 FORMAT_VERSION = 1
+READ_VERSIONS = (1, 2)
+"""Index versions readers accept: 2 adds stored frames (S >= T per clip, see docs/FORMAT.md)."""
 PACK_MAGIC = b"JPGS"
 INDEX_NAME = "index.json"
 MANIFEST_NAME = "manifest.parquet"
@@ -118,8 +120,8 @@ def parse_index(raw: bytes, where: str) -> dict:
         index = json.loads(raw)
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise UserError(f"unreadable index {where}: {_short(e)}") from None
-    if not isinstance(index, dict) or index.get("format") != "clipstream" or index.get("version") != FORMAT_VERSION:
-        raise UserError(f"{where} is not a clipstream v{FORMAT_VERSION} index")
+    if not isinstance(index, dict) or index.get("format") != "clipstream" or index.get("version") not in READ_VERSIONS:
+        raise UserError(f"{where} is not a clipstream index of version {' or '.join(map(str, READ_VERSIONS))}")
 
     def bad(what: str) -> UserError:
         return UserError(f"unreadable index {where}: {what}")

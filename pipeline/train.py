@@ -278,11 +278,15 @@ def learning_rate(cfg: TrainConfig, opt_step: int, total_opt_steps: int, epoch: 
 
 
 def evaluate(model, test: ShardSet, cfg: TrainConfig, env: DistEnv, device, channels_last: bool, autocast) -> dict:
-    """Top-1, top-5 and per-class accuracy on the test shards; each test clip counted once across ranks."""
+    """Top-1, top-5 and per-class accuracy on the test shards; each test clip counted once across ranks.
+
+    With K x C test views (--test-views) a clip's softmax scores are averaged over its views
+    ('top1', 'top5', 'per_class'); 'single_top1' / 'single_top5' score view 0 alone (the fixed
+    frames and the centre crop: the 1x1 figures). A clip's views all come from one worker of one
+    rank, so each rank scores whole clips."""
     num_classes = len(test.classes)
     k = min(5, num_classes)
-    # rows: clips, top-1 hits, top-5 hits; columns: true class
-    counts = torch.zeros(3, num_classes, dtype=torch.float64, device=device)
+    clips: dict[str, list] = {}  # key -> [label, summed softmax, view-0 logits]
     skipped, faults = 0, []
     was_training = model.training
     model_input = ModelInput(device, channels_last)
@@ -294,30 +298,40 @@ def evaluate(model, test: ShardSet, cfg: TrainConfig, env: DistEnv, device, chan
             faults += batch["faults"]
             if batch["frames"] is None:
                 continue
-            labels = batch["label"].to(device, non_blocking=True)
             with autocast:
-                logits = model(model_input(batch["frames"]))
-            top = logits.float().topk(k, dim=1).indices
-            hit1 = (top[:, 0] == labels).double()
-            hit5 = (top == labels[:, None]).any(dim=1).double()
-            counts[0].index_add_(0, labels, torch.ones_like(hit1))
-            counts[1].index_add_(0, labels, hit1)
-            counts[2].index_add_(0, labels, hit5)
+                logits = model(model_input(batch["frames"])).float()
+            probs, logits = logits.softmax(dim=1).cpu(), logits.cpu()
+            for j, (key, label, view) in enumerate(zip(batch["key"], batch["label"].tolist(), batch["view"].tolist())):
+                entry = clips.setdefault(key, [label, torch.zeros(num_classes, dtype=torch.float64), None])
+                entry[1] += probs[j]
+                if view == 0:
+                    entry[2] = logits[j]
     model.train(was_training)
+    # rows: clips, top-1 hits, top-5 hits (views averaged), the same for view 0 alone; columns: true class
+    counts = torch.zeros(5, num_classes, dtype=torch.float64)
+    for label, summed, single in clips.values():
+        counts[0, label] += 1
+        for row, scores in ((1, summed), (3, summed if single is None else single)):
+            top = scores.topk(k).indices
+            counts[row, label] += float(top[0] == label)
+            counts[row + 1, label] += float(bool((top == label).any()))
+    counts = counts.to(device)
     extra = torch.tensor([skipped], dtype=torch.float64, device=device)
     if env.world_size > 1:
         dist.all_reduce(counts)
         dist.all_reduce(extra)
     total = counts.sum(dim=1).tolist()
-    clips = int(total[0])
-    per_class = {
-        name: (counts[1, c].item() / counts[0, c].item() if counts[0, c] > 0 else None) for c, name in enumerate(test.classes)
-    }
+    n = int(total[0])
+    per_class = {name: (counts[1, c].item() / counts[0, c].item() if counts[0, c] > 0 else None) for c, name in enumerate(test.classes)}
+    views = cfg.stream.test_views
     return {
-        "top1": total[1] / clips if clips else None,
-        "top5": total[2] / clips if clips else None,
+        "top1": total[1] / n if n else None,
+        "top5": total[2] / n if n else None,
+        "single_top1": total[3] / n if n else None,
+        "single_top5": total[4] / n if n else None,
+        "views": f"{views[0]}x{views[1]}",
         "per_class": per_class,
-        "clips": clips,
+        "clips": n,
         "skipped": int(extra.item()),
         "faults": faults,
     }
@@ -402,7 +416,7 @@ def load_resume(path: str, run_identity: dict, model, optimizer, env: DistEnv, u
     if saved["model"] != run_identity["model"] or saved["classes"] != run_identity["classes"]:
         raise UserError(f"checkpoint {path!r} is of model {saved['model']!r} on {len(saved['classes'])} classes")
     if ckpt["step_in_epoch"] > 0 and saved != run_identity:
-        changed = sorted(k for k in saved if saved[k] != run_identity.get(k))
+        changed = sorted(k for k in {*saved, *run_identity} if saved.get(k) != run_identity.get(k))
         raise UserError(f"checkpoint {path!r} stopped mid-epoch; resuming it needs the same {', '.join(changed)}")
     try:
         model.load_state_dict(ckpt["model"])
@@ -593,6 +607,7 @@ def train(cfg: TrainConfig, env: DistEnv) -> dict:
         "classes": list(classes),
         "shards": [shard_name(s.url) for s in data.train.shards],
         "resample": sc.resample,
+        "epoch_fill": sc.epoch_fill,
     }
     step = opt_step = start_epoch = start_in_epoch = 0
     if cfg.resume:
@@ -683,7 +698,8 @@ def train(cfg: TrainConfig, env: DistEnv) -> dict:
                     opt_step += 1
                 step += 1
                 if audit is not None:
-                    audit.write("".join(k + "\n" for k in batch["key"]))
+                    # a repeat (--epoch-fill pad topping the epoch up) is marked, so each clip's first use stands alone
+                    audit.write("".join(k + ("\trepeat\n" if r else "\n") for k, r in zip(batch["key"], batch["repeat"].tolist())))
                 failpoint(f"step:{step}")
                 meter.add(loss, sc.batch_size, t1 - t0, time.perf_counter() - t0)
                 bar.update(1)
@@ -724,8 +740,11 @@ def train(cfg: TrainConfig, env: DistEnv) -> dict:
                 if last_eval["clips"]:
                     # every class, so that one without any test clip left shows, not drops out
                     per_class = ", ".join(f"{n} {'n/a' if a is None else f'{a:.0%}'}" for n, a in last_eval["per_class"].items())
+                    views = "" if last_eval["views"] == "1x1" else (
+                        f" over {last_eval['views']} views (one view: top-1 {last_eval['single_top1']:.1%}, top-5 {last_eval['single_top5']:.1%})"
+                    )
                     say(
-                        f"epoch {epochs_done}: test top-1 {last_eval['top1']:.1%}, top-5 {last_eval['top5']:.1%} "
+                        f"epoch {epochs_done}: test top-1 {last_eval['top1']:.1%}, top-5 {last_eval['top5']:.1%}{views} "
                         f"on {last_eval['clips']} clips; per class: {per_class}"
                     )
             checkpoint(epochs_done, 0)

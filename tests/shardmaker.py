@@ -97,3 +97,42 @@ def make_packed(
 def shard_keys(path: Path) -> list[str]:
     with tarfile.open(path) as tar:
         return sorted({m.name.split(".", 1)[0] for m in tar.getmembers()})
+
+
+def make_temporal_pack(out: Path, lengths: list[int], frames: int, stored: int | None, classes: int = 2, width: int = 128, height: int = 96, cap: int = 0) -> dict:
+    """A pack whose clips store S frames each, as `pack-shards --stored-frames` writes them: stored
+    frame j is source frame round(j*(n-1)/(S-1)) of an n-frame clip (`stored=None`: every frame, at
+    most `cap`, longer clips at the formula with S = cap). Frames carry their source index and
+    class (sampledata.read_code). One training shard per clip length, two clips each (one per
+    class); the same clips again as test shards. Returns the index."""
+    from pipeline.sample import clip_indices
+
+    out.mkdir(parents=True, exist_ok=True)
+    names = sorted(HMDB51_CLASSES)[:classes]
+    splits = {}
+    for split, prefix in (("train", ""), ("test", "test-")):
+        entries = []
+        for s, n in enumerate(lengths):
+            samples = []
+            for ci, name in enumerate(names):
+                count = stored if stored is not None else (n if n <= cap else cap)
+                indices = clip_indices(n, count)
+                key = clip_key(name, 100 * s + (1000 if split == "test" else 0))
+                clip = [draw_frame(i, ci, width, height) for i in indices]
+                meta = {"key": key, "label": ci, "decoded_frames": n, "stored_indices": indices, "indices": clip_indices(n, frames)}
+                samples.append({"key": key, "label": ci, "jpgs": encode_clip(clip), "meta": meta})
+            name = f"{prefix}{s:03d}.tar"
+            write_tar(out / name, samples)
+            data = (out / name).read_bytes()
+            entries.append({"name": name, "samples": len(samples), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+        splits[split] = {"samples": sum(e["samples"] for e in entries), "shards": entries}
+    index = {
+        "format": "clipstream",
+        "version": 2,
+        "classes": names,
+        "frames_per_clip": frames,
+        "stored_frames": stored if stored is not None else "all",
+        "splits": splits,
+    }
+    (out / "index.json").write_text(json.dumps(index, indent=1))
+    return index

@@ -28,6 +28,7 @@ def test_json_lines_one_per_configuration(packed):
         assert r["clips"] == 12 and r["clips_per_s"] > 0
         assert r["frames_per_s"] == pytest.approx(4 * r["clips_per_s"], rel=1e-3)
         assert r["mb_per_s"] > 0 and 0 <= r["data_wait"] <= 1
+        assert 0 < r["first_batch_s"] < 60
         assert r["peak_rss_mb"] > 0 and r["peak_rss_main_mb"] > 0
     assert runs[1]["worker_processes"] >= 2 and runs[1]["peak_rss_worker_mb"] > 0  # the workers are counted
     (stages,) = [r for r in lines if r["bench"] == "stream-stages"]

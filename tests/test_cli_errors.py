@@ -25,7 +25,7 @@ CASES = [
     ("pack_app", ["{tree}", "{file}/sub"], "not writable"),
     ("pack_app", ["{tree}", "{tmp}/o", "--part", "2..3"], "--part"),
     ("pack_app", ["{tree}", "{tmp}/o", "--shards", "0"], "--shards must be >= 1"),
-    ("pack_app", ["{tree}", "{tmp}/o", "--frames", "-3"], r"--frames must be in 1\.\.4096 .*got -3"),
+    ("pack_app", ["{tree}", "{tmp}/o", "--frames", "-3"], r"--frames must be in 1\.\.4096"),
     ("pack_app", ["{tree}", "{tmp}/o", "--timeout", "0"], "--timeout must be > 0"),
     ("pack_app", ["{tree}", "{tmp}/o", "--workers", "0"], "--workers must be >= 1"),
     ("pack_app", ["{tree}", "{tmp}/o", "--quality", "high"], "Invalid value for '--quality'"),
@@ -48,7 +48,7 @@ CASES = [
     ("train_app", ["--shards", T, *SMALL, "--resume", "{tmp}/nothing"], "no checkpoint at"),
     ("train_app", ["--shards", T, "--index", "{tmp}/index.json"], "cannot read index"),
     ("train_app", ["--shards", "pipe:cat {packed}/000.tar"], "--allow-pipe"),
-    ("train_app", ["--shards", "s3://bucket/000.tar"], "unsupported URL scheme 's3'"),
+    ("train_app", ["--shards", "nosuch://bucket/000.tar"], "unsupported URL scheme 'nosuch'"),
     ("train_app", ["--shards", T, "--bogus"], "No such option: --bogus"),
     # inspect-shards
     ("inspect_app", [], "Missing argument"),

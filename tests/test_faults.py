@@ -341,13 +341,16 @@ def test_only_one_ranks_shards_broken_two_processes_neither_hangs_nor_loses_coun
     log = tmp_path / "run"
     done = _two_ranks(copy, log, "--max-bad", "6")
     assert done.returncode == 0, done.stderr[-3000:]
-    audits = [(log / "audit" / f"epoch-000-rank-{r}.txt").read_text().split() for r in (0, 1)]
+    lines = [(log / "audit" / f"epoch-000-rank-{r}.txt").read_text().splitlines() for r in (0, 1)]
+    audits = [[line.split("\t")[0] for line in rank] for rank in lines]
     assert len(audits[0]) == len(audits[1]) == 24  # the same 6 steps on both ranks
     summary = json.loads((log / "metrics.jsonl").read_text().splitlines()[-1])
     logged = [json.loads(line) for line in (log / "faults-rank1.jsonl").read_text().splitlines()]
     assert summary["bad_samples"] == sum(f["samples"] for f in logged) >= 2 and summary["fault_logs"] == ["faults-rank1.jsonl"]
     assert {f["what"].split("/")[-1].split(":")[0] for f in logged} == {"004.tar", "006.tar"}
     assert len(set(audits[1])) == 24 - summary["bad_samples"] and not set(audits[0]) & set(audits[1])
+    # the clips of the cut shard are made up with repeats, and the audit marks them
+    assert sum(line.endswith("\trepeat") for line in lines[1]) >= 1 and not any("\t" in line for line in lines[0])
     assert "unreadable clips replaced or skipped" in done.stdout
     # Above --max-bad on rank 1 only: every rank stops, exit 2, one error line naming the cause.
     done = _two_ranks(copy, tmp_path / "stop", "--max-bad", "1")

@@ -371,8 +371,8 @@ INDEX_CASES = {
     "shard name ../x": (lambda i: _shard0(i, name="../x"), "shard name '../x' of split train is not a plain file name"),
     "shard name with a newline": (lambda i: _shard0(i, name="a\nb.tar"), r"shard name 'a\\nb.tar'"),
     "not json": (lambda i: b"\xff\xfe garbage", "unreadable index"),
-    "a list": (lambda i: [1, 2], "is not a clipstream v1 index"),
-    "version 2": (lambda i: {**i, "version": 2}, "is not a clipstream v1 index"),
+    "a list": (lambda i: [1, 2], "is not a clipstream index of version"),
+    "version 99": (lambda i: {**i, "version": 99}, "is not a clipstream index of version"),
 }
 
 

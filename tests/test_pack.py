@@ -187,3 +187,22 @@ def test_other_split_frame_count_and_original_size(small_tree, tmp_path):
         assert [read_code(f)[0] for f in s["frames"]] == clip_indices(c.frames, 5)
     index = json.loads((out / "index.json").read_text())
     assert index["frame_size"] == {"original": True} and index["frames_per_clip"] == 5
+
+
+def test_pack_imports_neither_torch_nor_matplotlib(small_tree, tmp_path):
+    """torch came in through webdataset's TarWriter: 1.5 s of every pack's start-up here."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO, cli_env
+
+    root, _ = small_tree
+    code = (
+        "import sys; from pipeline.cli import pack_app\n"
+        "try:\n    pack_app()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+        "print(sorted(m for m in ('torch', 'matplotlib', 'webdataset', 'pebble') if m in sys.modules))"
+    )
+    args = [str(root), str(tmp_path / "out"), "--quiet", "--shards", "4", "--workers", "1"]
+    proc = subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "[]"

@@ -87,3 +87,32 @@ def test_parts_assemble_to_the_single_machine_bytes(small_tree, clean, tmp_path)
     total = len([n for n in _snapshot(clean) if n.endswith(".tar")])
     assert f"{total - len(written)}/{total} shards written this run" in second.stdout  # disjoint parts
     assert _snapshot(out) == _snapshot(clean)
+
+
+def test_workers_do_not_outlive_a_killed_packer(small_tree, tmp_path):
+    """kill -9 of the packer alone (not its process group): its decoding workers go with it, also
+    one in the middle of sending a result nobody will read."""
+    import os
+
+    root, _ = small_tree
+    cmd = cli_command("pack_app") + [str(root), str(tmp_path / "out"), *ARGS, "--workers", "2"]
+    packer = subprocess.Popen(cmd, env=cli_env(CLIPSTREAM_FAILPOINT="after-shards:1"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    assert packer.wait(timeout=300) == -9
+
+    def in_packers_group():  # start_new_session: the group id is the packer's pid, workers inherit it
+        found = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == packer.pid and fields[0] != "Z":
+                found.append(int(pid))
+        return found
+
+    # The kernel kills them with the packer (PR_SET_PDEATHSIG); polling for the packer between
+    # tasks would take up to a second, and for ever for a worker blocked sending a result.
+    deadline = time.monotonic() + 0.5
+    while in_packers_group() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert in_packers_group() == []

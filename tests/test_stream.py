@@ -165,12 +165,34 @@ def test_ranks_read_disjoint_keys_covering_the_epoch(packed, world, workers):
 
 
 def test_uneven_split_uses_the_smallest_ranks_steps(packed):
-    cfg = cfg_for(packed, workers=1)
+    cfg = cfg_for(packed, workers=1, epoch_fill="drop")
     ds = streamkit.resolve(cfg)
     keys = [[k for b in epoch_batches(ds, cfg, 0, r, 3) for k in b["key"]] for r in range(3)]
     assert [len(k) for k in keys] == [12, 12, 12]  # ranks hold 18, 18, 12 samples
     flat = [k for ks in keys for k in ks]
     assert len(set(flat)) == len(flat) == 36
+
+
+@pytest.mark.parametrize("workers, batch", [(1, 4), (2, 5), (0, 7)])
+def test_pad_uses_every_clip_once_plus_marked_repeats_with_equal_steps(packed, workers, batch):
+    """3 ranks hold 18, 18 and 12 clips: pad runs the largest rank's ceil(18 / batch) steps on
+    every rank; each rank reads all its clips once, and only clips marked as repeats come again."""
+    cfg = cfg_for(packed, workers=workers, batch_size=batch)
+    ds = streamkit.resolve(cfg)
+    all_keys = sorted(k for s in ds.train.shards for k in shard_keys(Path(s.url)))
+    steps = -(-18 // batch)
+    firsts, lengths = [], []
+    for rank in range(3):
+        got = epoch_batches(ds, cfg, 0, rank, 3)
+        lengths.append(len(got))
+        keys = [k for b in got for k in b["key"]]
+        repeat = [r for b in got for r in b["repeat"].tolist()]
+        first = [k for k, r in zip(keys, repeat) if not r]
+        assert len(first) == len(set(first)), "a clip not marked as a repeat came twice"
+        assert set(k for k, r in zip(keys, repeat) if r) <= set(first), "a repeat of a clip this rank never read"
+        firsts += first
+    assert lengths == [steps] * 3
+    assert sorted(firsts) == all_keys  # every training clip exactly once across the ranks
 
 
 def test_labels_match_frames_and_epochs_differ(packed):

@@ -195,3 +195,30 @@ def test_plain_torchrun_with_the_same_arguments(packed, tmp_path):
 )
 def test_auto_workers_table(shards, world, cores, resample, expected):
     assert plan.auto_workers(shards, world, cores, resample) == expected
+
+
+def _audit_lines(log_dir: Path, epoch: int, rank: int) -> list[str]:
+    return (log_dir / "audit" / f"epoch-{epoch:03d}-rank-{rank}.txt").read_text().splitlines()
+
+
+def test_two_ranks_with_pad_audit_every_clip_once_plus_marked_repeats_and_resume_exactly(packed, tmp_path):
+    """Batch 5 on 2 ranks of 24 clips: pad runs 5 steps (25 clips) a rank, one marked repeat each;
+    a run killed mid-epoch (--max-steps) and resumed audits exactly the uninterrupted run's lines."""
+    full, part = tmp_path / "full", tmp_path / "part"
+    args = {"batch_size": 5, "epochs": 2, "audit_keys": True, "eval_every": 0, "nproc_per_node": 2, "epoch_fill": "pad"}
+    train.launch(cfg_for(packed, full, **args))
+    all_keys = sorted(k for i in range(8) for k in shard_keys(packed / f"{i:03d}.tar"))
+    for epoch in (0, 1):
+        ranks = [_audit_lines(full, epoch, r) for r in (0, 1)]
+        assert [len(lines) for lines in ranks] == [25, 25]  # equal steps on both ranks
+        firsts = [line for lines in ranks for line in lines if "\t" not in line]
+        repeats = [line.split("\t") for lines in ranks for line in lines if "\t" in line]
+        assert sorted(firsts) == all_keys  # every training clip exactly once across the ranks
+        assert len(repeats) == 2 and all(mark == "repeat" and key in firsts for key, mark in repeats)
+    first = train.launch(cfg_for(packed, part, max_steps=7, **args))
+    assert first["stopped_early"] and first["steps"] == 7
+    second = train.launch(cfg_for(packed, part, resume=str(part), **args))
+    assert second["steps"] == 10 and second["epochs"] == 2
+    for epoch in (0, 1):
+        for rank in (0, 1):
+            assert _audit_lines(part, epoch, rank) == _audit_lines(full, epoch, rank)

@@ -1,8 +1,11 @@
 """Clip decoding: a raw sample's JPEG pack -> one (T, crop, crop, 3) uint8 row of a batch.
 
-One crop box and one flip decision per clip, drawn from (seed, epoch, key): the same clip gets the
-same crop in an epoch whichever rank, worker, loader (ClipLoader or ClipDataset under a DataLoader)
-or resume delivers it, and a different one the next epoch.
+A pack stores S >= T frames of the source clip (S = T by default; see docs/FORMAT.md). Which T of
+them a clip contributes is pure index math here (`segment_positions`, `view_positions`); only
+those T are decoded, the rest of the pack is skipped. One crop box and one flip decision per
+clip, and in training one frame per segment, all drawn from (seed, epoch, key): the same clip gets
+the same frames and crop in an epoch whichever rank, worker, loader (ClipLoader or ClipDataset
+under a DataLoader) or resume delivers it, and different ones the next epoch.
 """
 
 from __future__ import annotations
@@ -15,8 +18,11 @@ import cv2
 import numpy as np
 
 from pipeline.errors import UserError
+from pipeline.sample import clip_indices
 from pipeline.shardformat import ShardFormatError, jpeg_size, unpack_jpegs
 from pipeline.stream.samples import Faults
+
+TEMPORAL = ("segment", "fixed")
 
 
 def clip_draw(seed: int, epoch: int, key: str) -> int:
@@ -26,21 +32,69 @@ def clip_draw(seed: int, epoch: int, key: str) -> int:
     return int.from_bytes(digest, "little")
 
 
-def crop_box(height: int, width: int, crop: int, draw: int | None) -> tuple[int, int, bool]:
+def segment_positions(stored: int, frames: int, seed: int, epoch: int, key: str) -> list[int]:
+    """Training frames: the S stored frames cut into T equal segments, [i*S//T, (i+1)*S//T), and one
+    frame drawn from each, deterministic in (seed, epoch, key). With S = T every segment is one
+    frame: the T evaluation frames, as `fixed` gives them."""
+    words = _words(seed, epoch, key, frames)
+    out = []
+    for i in range(frames):
+        lo = i * stored // frames
+        hi = max(lo + 1, (i + 1) * stored // frames)
+        out.append(lo + words[i] % (hi - lo))
+    return out
+
+
+def view_positions(stored: int, frames: int, view: int = 0, views: int = 1) -> list[int]:
+    """Evaluation frames. View 0 (and `fixed` training) is round(i*(S-1)/(T-1)): with S - 1 a
+    multiple of T - 1, or every frame stored, exactly the source frames round(i*(n-1)/(T-1)).
+    Temporal view k of K is shifted k/K of the way to the next: round((i + k/K)*(S-1)/(T-1)),
+    at most S - 1."""
+    if view == 0 or frames == 1:
+        return clip_indices(stored, frames)
+    den = 2 * views * (frames - 1)
+    return [min(stored - 1, (2 * (i * views + view) * (stored - 1) + views * (frames - 1)) // den) for i in range(frames)]
+
+
+def _words(seed: int, epoch: int, key: str, n: int) -> list[int]:
+    """n 16-bit random words for one clip's frame draws (keyed hashes, as clip_draw)."""
+    data = key.encode("utf-8", "surrogateescape")
+    words: list[int] = []
+    block = 0
+    while len(words) < n:
+        digest = hashlib.blake2b(data, digest_size=64, key=struct.pack("<3q", seed, epoch, block), person=b"segments").digest()
+        words += struct.unpack("<32H", digest)
+        block += 1
+    return words[:n]
+
+
+def crop_box(height: int, width: int, crop: int, draw: int | None, spatial: int = 0) -> tuple[int, int, bool]:
     """(top, left, flip) of the clip's crop: from the 64 random bits `draw` (top from the low 24
-    bits, left from the next 24, flip from bit 48), centred without."""
+    bits, left from the next 24, flip from bit 48); without, evaluation's spatial view: 0 the
+    centre, 1 and 2 the two ends of the longer side (centred on the shorter one)."""
     if height < crop or width < crop:
         raise ShardFormatError(f"frames of {width}x{height} are smaller than the {crop} px crop")
     if draw is None:
-        return (height - crop) // 2, (width - crop) // 2, False
+        top, left = (height - crop) // 2, (width - crop) // 2
+        if spatial:
+            end = spatial == 2
+            if width >= height:
+                left = (width - crop) if end else 0
+            else:
+                top = (height - crop) if end else 0
+        return top, left, False
     top = (draw & 0xFFFFFF) % (height - crop + 1)
     left = ((draw >> 24) & 0xFFFFFF) % (width - crop + 1)
     return top, left, bool((draw >> 48) & 1)
 
 
-def decode_clip(pack: bytes, crop: int, draw: int | None, out: np.ndarray | None = None, scratch: dict | None = None) -> np.ndarray:
-    """Decode a `.jpgs` pack and cut one crop (and flip) out of every frame: (T, crop, crop, 3) uint8,
-    written into `out` when given (a row of a batch slot: no allocation, no copy afterwards).
+def decode_clip(
+    pack: bytes, crop: int | None, draw: int | None, out: np.ndarray | None = None, scratch: dict | None = None, choose=None, spatial: int = 0
+) -> np.ndarray:
+    """Decode the chosen frames of a `.jpgs` pack and cut one crop (and flip) out of each:
+    (T, crop, crop, 3) uint8, written into `out` when given (a row of a batch slot: no allocation,
+    no copy afterwards). `choose(S)` -> the T pack positions to decode (default: all S); the other
+    frames are never decoded. `crop=None`: whole frames, (T, H, W, 3), no flip.
 
     One crop box and one flip decision for the whole clip, so motion stays coherent. Each frame is
     decoded into a one-frame buffer and cropped at once, while it is still in the CPU's cache (5 %
@@ -48,16 +102,23 @@ def decode_clip(pack: bytes, crop: int, draw: int | None, out: np.ndarray | None
     buffer from clip to clip.
     """
     jpegs = unpack_jpegs(pack)
-    if out is not None and len(jpegs) != len(out):
-        raise ShardFormatError(f"clip has {len(jpegs)} frames, the index says {len(out)}")
-    height, width = jpeg_size(jpegs[0])
-    top, left, flip = crop_box(height, width, crop, draw)
+    positions = range(len(jpegs)) if choose is None else choose(len(jpegs))
+    if out is not None and len(positions) != len(out):
+        raise ShardFormatError(f"clip has {len(positions)} frames, the index says {len(out)}")
+    height, width = jpeg_size(jpegs[positions[0]])
+    if crop is None:
+        if out is None:
+            out = np.empty((len(positions), height, width, 3), np.uint8)
+        for t, p in enumerate(positions):
+            decode_frame(jpegs[p], p, out[t])
+        return out
+    top, left, flip = crop_box(height, width, crop, draw, spatial)
     frame = frame_buffer(height, width, scratch)
     window = frame[top : top + crop, left : left + crop]  # the same view for every frame
     if out is None:
-        out = np.empty((len(jpegs), crop, crop, 3), np.uint8)
-    for t, jpeg in enumerate(jpegs):
-        decode_frame(jpeg, t, frame)
+        out = np.empty((len(positions), crop, crop, 3), np.uint8)
+    for t, p in enumerate(positions):
+        decode_frame(jpegs[p], p, frame)
         crop_frame(window, flip, out[t])
     return out
 
@@ -111,14 +172,14 @@ def parse_label(raw: bytes, num_classes: int) -> int:
     return label
 
 
-def decode_sample(raw: dict, crop: int, num_classes: int, draw: int | None, row: np.ndarray, scratch: dict) -> int:
+def decode_sample(raw: dict, crop: int | None, num_classes: int, draw: int | None, row: np.ndarray | None, scratch: dict, choose=None, spatial: int = 0):
     """Check a raw sample's members and label, decode its clip into `row` (see decode_clip); returns
-    the label. Anything unreadable is a ShardFormatError."""
+    the label (and the frames when `row` is None). Anything unreadable is a ShardFormatError."""
     if "jpgs" not in raw or "cls" not in raw:
         raise ShardFormatError(f"missing member(s): has {sorted(k for k in raw if not k.startswith('__'))}")
     label = parse_label(raw["cls"], num_classes)
-    decode_clip(raw["jpgs"], crop, draw, row, scratch)
-    return label
+    frames = decode_clip(raw["jpgs"], crop, draw, row, scratch, choose, spatial)
+    return label if row is not None else (label, frames)
 
 
 class TrainClips:
@@ -129,19 +190,27 @@ class TrainClips:
     count stays as planned.
     """
 
-    def __init__(self, src: Iterable[dict], crop: int, num_classes: int, seed: int, epoch: int, faults: Faults):
+    def __init__(self, src: Iterable[dict], crop: int, num_classes: int, seed: int, epoch: int, faults: Faults, temporal: str = "segment"):
         self.src, self.crop, self.num_classes, self.seed, self.epoch, self.faults = iter(src), crop, num_classes, seed, epoch, faults
+        self.temporal = temporal
         self.scratch: dict = {}
         self.last_good: tuple[dict, int] | None = None  # (raw, label)
         self.repeat: tuple[np.ndarray, str, int, int] | None = None  # (clip, key, label, rows still owed)
 
     def _decode(self, raw: dict, row: np.ndarray) -> int:
-        return decode_sample(raw, self.crop, self.num_classes, clip_draw(self.seed, self.epoch, raw["__key__"]), row, self.scratch)
+        key, frames = raw["__key__"], len(row)
+        if self.temporal == "segment":
+            choose = lambda stored: segment_positions(stored, frames, self.seed, self.epoch, key)  # noqa: E731
+        else:
+            choose = lambda stored: view_positions(stored, frames)  # noqa: E731
+        return decode_sample(raw, self.crop, self.num_classes, clip_draw(self.seed, self.epoch, key), row, self.scratch, choose)
 
-    def fill(self, rows: np.ndarray) -> tuple[list[str], list[int]]:
-        """Write len(rows) clips into `rows`; returns their keys and labels."""
+    def fill(self, rows: np.ndarray) -> tuple[list[str], list[int], list[bool]]:
+        """Write len(rows) clips into `rows`; returns their keys, labels and repeat marks (a clip
+        delivered again to top the epoch up, see samples.fit_to_quota)."""
         keys: list[str] = []
         labels: list[int] = []
+        repeats: list[bool] = []
         for row in rows:
             if self.repeat is not None:
                 clip, key, label, owed = self.repeat
@@ -149,9 +218,12 @@ class TrainClips:
                 self.repeat = (clip, key, label, owed - 1) if owed > 1 else None
                 keys.append(key)
                 labels.append(label)
+                repeats.append(False)
                 continue
             owed = 0
+            repeated = False
             for raw in self.src:
+                repeated = "__repeat__" in raw
                 key = raw.get("__key__", "?")
                 try:
                     label = self._decode(raw, row)
@@ -172,4 +244,5 @@ class TrainClips:
                 self.repeat = (row.copy(), key, label, owed)
             keys.append(key)
             labels.append(label)
-        return keys, labels
+            repeats.append(repeated)
+        return keys, labels, repeats

@@ -20,7 +20,8 @@ import webdataset as wds
 
 from pipeline.device import rank_and_world
 from pipeline.errors import UserError
-from pipeline.stream.clips import TrainClips
+from pipeline.shardformat import ShardFormatError
+from pipeline.stream.clips import TrainClips, decode_sample, segment_positions, view_positions
 from pipeline.stream.loader import eval_clips, stream_config, worker_samples
 from pipeline.stream.plan import WorkerPlan, check_enough_shards, eval_plan, key_rank, train_plan
 from pipeline.stream.samples import Faults, read_samples
@@ -57,9 +58,11 @@ class ClipDataset(wds.DataPipeline, wds.FluidInterface):
     stages, then shuffling, decoding and cropping; webdataset's fluid methods (`.map`, `.select`,
     `.batched`, `.with_epoch`, ...) append stages of one's own.
 
-    Yields {'key': str, 'frames': (T, crop, crop, 3) uint8 tensor, 'label': int} per clip, or, with
-    `batch_size=B`, whole batches {'key': list of B, 'frames': (B, T, crop, crop, 3) uint8, 'label':
-    (B,) int64, 'faults': list}. Use it as `DataLoader(ds, batch_size=None, num_workers=W,
+    Yields {'key': str, 'frames': (T, crop, crop, 3) uint8 tensor, 'label': int, 'repeat': bool} per
+    clip, or, with `batch_size=B`, whole batches {'key': list of B, 'frames': (B, T, crop, crop, 3)
+    uint8, 'label': (B,) int64, 'repeat': (B,) bool, 'faults': list}. 'repeat' marks a clip given
+    again to top the epoch up (`epoch_fill="pad"`: every clip once, then repeats, so that every rank
+    gets the same number; `"drop"`: each rank's surplus left unread instead). Use it as `DataLoader(ds, batch_size=None, num_workers=W,
     persistent_workers=True)` and call `ds.set_epoch(e)` before each epoch (without it, each pass
     counts as the next epoch in every worker).
 
@@ -68,8 +71,9 @@ class ClipDataset(wds.DataPipeline, wds.FluidInterface):
     replaced by the worker's previous good clip (counts stay as planned), in testing skipped.
 
     `shards` takes what train-stream's --shards takes: `<000..031>` or `{000..031}` ranges, lists,
-    http(s) URLs, a packed folder. Rank and world size default to torch.distributed's when it is
-    initialised (create the dataset after `init_process_group`).
+    http(s) and s3:// URLs, a packed folder (local or s3://bucket/prefix/). Rank and world size
+    default to torch.distributed's when it is initialised (create the dataset after
+    `init_process_group`).
     """
 
     def __init__(
@@ -86,17 +90,22 @@ class ClipDataset(wds.DataPipeline, wds.FluidInterface):
         resample: bool = False,
         allow_pipe: bool = False,
         shuffle_buffer: int = 256,
+        epoch_fill: str = "pad",
+        temporal: str = "segment",
     ):
         super().__init__()
         if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
             raise UserError(f"`batch_size` must be None (single clips) or >= 1, got {batch_size!r}")
         if split not in ("train", "test"):
             raise UserError(f"`split` must be 'train' or 'test', got {split!r}")
+        if crop is None and batch_size is not None:
+            raise UserError("`crop` None gives whole frames, whose sizes differ from clip to clip: leave `batch_size` None")
         self.rank, self.world_size = rank_and_world(rank, world_size)
         # Single clips are planned as batches of one: every rank still gets the same number.
         self.cfg = stream_config(
-            shards, batch_size=batch_size or 1, crop=crop, seed=seed, resample=resample, allow_pipe=allow_pipe, shuffle_buffer=shuffle_buffer
-        )
+            shards, batch_size=batch_size or 1, crop=crop, seed=seed, resample=resample, allow_pipe=allow_pipe,
+            shuffle_buffer=shuffle_buffer, epoch_fill=epoch_fill, temporal=temporal,
+        )  # fmt: skip
         self.split, self.batch_size = split, batch_size
         self.source = resolve(self.cfg.shards, split, index, allow_pipe)
         self.cfg.check_memory(self.source.frames, 1)  # each DataLoader worker builds its batches in memory of its own
@@ -111,6 +120,16 @@ class ClipDataset(wds.DataPipeline, wds.FluidInterface):
             # decoded, cropped and flipped (clip-consistent), one clip or one batch at a time
             self._decode,
         ]
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        """Class names; a label is an index into them."""
+        return self.source.classes
+
+    @property
+    def frames(self) -> int:
+        """Frames per clip (T)."""
+        return self.source.frames
 
     def set_epoch(self, epoch: int) -> None:
         """Plan the next pass as epoch `epoch` (shard order, shuffle, crops), in every worker."""
@@ -149,23 +168,50 @@ class ClipDataset(wds.DataPipeline, wds.FluidInterface):
     def _decode(self, raw: Iterator[dict]) -> Iterator[dict]:
         now = self.state.current
         cfg, frames, classes = self.cfg, self.source.frames, len(self.source.classes)
+        if cfg.crop is None:
+            yield from self._whole_frames(raw, now)
+            return
         shape = (self.batch_size or 1, frames, cfg.crop, cfg.crop, 3)
         if self.split == "train":
-            clips = TrainClips(raw, cfg.crop, classes, cfg.seed, now.epoch, now.faults)
+            clips = TrainClips(raw, cfg.crop, classes, cfg.seed, now.epoch, now.faults, cfg.temporal)
             for _ in range(now.plan.quota // shape[0]):
                 rows = np.empty(shape, np.uint8)
-                keys, labels = clips.fill(rows)
-                yield self._output(rows, keys, labels, now.faults)
+                keys, labels, repeats = clips.fill(rows)
+                yield self._output(rows, keys, labels, now.faults, repeats)
             return
-        for rows, keys, labels in eval_clips(raw, cfg.crop, classes, now.faults, lambda: (np.empty(shape, np.uint8),) * 2):
-            yield self._output(rows[: len(keys)], keys, labels, now.faults)
+        for rows, keys, labels, _ in eval_clips(raw, cfg.crop, classes, now.faults, lambda: (np.empty(shape, np.uint8),) * 2):
+            yield self._output(rows[: len(keys)], keys, labels, now.faults, [False] * len(keys))
         self._log(now.faults.take())
 
-    def _output(self, rows: np.ndarray, keys: list[str], labels: list[int], faults: Faults) -> dict:
+    def _output(self, rows: np.ndarray, keys: list[str], labels: list[int], faults: Faults, repeats: list[bool]) -> dict:
         if self.batch_size is None:
             self._log(faults.take())
-            return {"key": keys[0], "frames": torch.from_numpy(rows[0]), "label": labels[0]}
-        return {"key": keys, "frames": torch.from_numpy(rows), "label": torch.tensor(labels, dtype=torch.int64), "faults": faults.take()}
+            return {"key": keys[0], "frames": torch.from_numpy(rows[0]), "label": labels[0], "repeat": repeats[0]}
+        return {
+            "key": keys,
+            "frames": torch.from_numpy(rows),
+            "label": torch.tensor(labels, dtype=torch.int64),
+            "repeat": torch.tensor(repeats, dtype=torch.bool),
+            "faults": faults.take(),
+        }
+
+    def _whole_frames(self, raw: Iterator[dict], now: _Pass) -> Iterator[dict]:
+        """`crop=None`: each clip's T frames whole, (T, H, W, 3), chosen as in training (or view 0 in
+        testing), no flip; an unreadable clip is logged and skipped."""
+        cfg, frames, classes, scratch = self.cfg, self.source.frames, len(self.source.classes), {}
+        for sample in raw:
+            key = sample.get("__key__", "?")
+            if self.split == "train" and cfg.temporal == "segment":
+                choose = lambda stored: segment_positions(stored, frames, cfg.seed, now.epoch, key)  # noqa: E731
+            else:
+                choose = lambda stored: view_positions(stored, frames)  # noqa: E731
+            try:
+                label, clip = decode_sample(sample, None, classes, None, None, scratch, choose)
+            except ShardFormatError as e:
+                now.faults.add(f"{sample.get('__url__', '?')}:{key}", str(e))
+                self._log(now.faults.take())
+                continue
+            yield {"key": key, "frames": torch.from_numpy(clip), "label": label, "repeat": "__repeat__" in sample}
 
     @staticmethod
     def _log(faults: list[dict]) -> None:

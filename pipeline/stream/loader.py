@@ -20,10 +20,11 @@ from pipeline.config import StreamConfig
 from pipeline.device import cores_per_rank, rank_and_world
 from pipeline.errors import UserError
 from pipeline.shardformat import ShardFormatError
-from pipeline.stream.clips import TrainClips, decode_sample
+from pipeline.stream.clips import TrainClips, decode_sample, view_positions
 from pipeline.stream.plan import WorkerPlan, auto_workers, check_enough_shards, eval_plan, key_rank, step_schedule, train_plan, worker_parts
 from pipeline.stream.samples import Faults, fit_to_quota, read_samples, resampled_shards, shuffle, skip_consumed
 from pipeline.stream.sources import ShardSet, resolve, shard_name
+from pipeline.stream.workers import Closing
 
 
 class WorkerGaveUp(UserError):
@@ -35,7 +36,9 @@ class WorkerGaveUp(UserError):
         self.faults = faults
 
 
-def stream_config(shards, *, batch_size, crop, seed, resample, allow_pipe, shuffle_buffer=256, workers=None, prefetch=2) -> StreamConfig:
+def stream_config(
+    shards, *, batch_size, crop, seed, resample, allow_pipe, shuffle_buffer=256, workers=None, prefetch=2, epoch_fill="pad", temporal="segment", test_views=(1, 1)
+) -> StreamConfig:
     """The library's keyword arguments as a checked StreamConfig (errors name the parameters)."""
     patterns = (str(shards),) if isinstance(shards, (str, Path)) else tuple(map(str, shards))
     return StreamConfig(
@@ -48,6 +51,9 @@ def stream_config(shards, *, batch_size, crop, seed, resample, allow_pipe, shuff
         shuffle_buffer=shuffle_buffer,
         workers=workers,
         prefetch=prefetch,
+        epoch_fill=epoch_fill,
+        temporal=temporal,
+        test_views=tuple(test_views),
     )
 
 
@@ -102,36 +108,48 @@ class TrainProducer:
                 faults = Faults()
                 # On resume: drop what was already trained on, before decoding it.
                 src = skip_consumed(worker_samples(self.source, self.cfg, plans[worker], epoch, self.rank, worker, faults), skip)
-                clips = TrainClips(src, self.cfg.crop, len(self.source.classes), self.cfg.seed, epoch, faults)
+                clips = TrainClips(src, self.cfg.crop, len(self.source.classes), self.cfg.seed, epoch, faults, self.cfg.temporal)
                 for n in sizes:
                     slot, rows = ring.take()
-                    keys, labels = clips.fill(rows[:n])
-                    yield {"slot": slot, "n": n, "epoch": epoch, "key": keys, "label": labels, "faults": faults.take()}
+                    keys, labels, repeats = clips.fill(rows[:n])
+                    yield {"slot": slot, "n": n, "epoch": epoch, "key": keys, "label": labels, "repeat": repeats, "faults": faults.take()}
         except UserError as e:
             yield {"fatal": str(e), "faults": faults.take()}  # the bad clips behind it, for the faults log
 
 
-def eval_clips(raw: Iterable[dict], crop: int, num_classes: int, faults: Faults, rows_for) -> Iterator[tuple]:
-    """Centre-cropped test clips decoded into rows handed out by `rows_for()` -> (handle, rows):
-    yields (handle, keys, labels) for every full set of rows and for the last, partial one.
-    Unreadable clips are skipped and counted, never repeated."""
-    handle, rows, keys, labels, scratch = None, None, [], [], {}
+def eval_clips(raw: Iterable[dict], crop: int, num_classes: int, faults: Faults, rows_for, views: tuple[int, int] = (1, 1)) -> Iterator[tuple]:
+    """Test clips decoded into rows handed out by `rows_for()` -> (handle, rows), K x C rows a clip
+    for `views` (K temporal, C spatial; view 0 is the fixed frames and the centre crop): yields
+    (handle, keys, labels, view numbers) for every full set of rows and for the last, partial one.
+    A clip's views follow each other (they may straddle two sets). Unreadable clips are skipped and
+    counted, never repeated."""
+    temporal, spatial = views
+    handle, rows, keys, labels, numbers, scratch = None, None, [], [], [], {}
     for sample in raw:
         key = sample.get("__key__", "?")
-        if handle is None:
-            handle, rows = rows_for()
         try:
-            label = decode_sample(sample, crop, num_classes, None, rows[len(keys)], scratch)
+            decoded = []
+            for v in range(temporal * spatial):
+                k, c = divmod(v, spatial)
+                if handle is None:
+                    handle, rows = rows_for()
+                row = rows[len(keys)]
+                choose = lambda stored, k=k, t=len(row): view_positions(stored, t, k, temporal)  # noqa: E731
+                label = decode_sample(sample, crop, num_classes, None, row, scratch, choose, c)
+                keys.append(key)
+                labels.append(label)
+                numbers.append(v)
+                decoded.append(v)
+                if len(keys) == len(rows):
+                    yield handle, keys, labels, numbers
+                    handle, keys, labels, numbers = None, [], [], []
         except ShardFormatError as e:
-            faults.add(f"{sample.get('__url__', '?')}:{key}", str(e))
-            continue
-        keys.append(key)
-        labels.append(label)
-        if len(keys) == len(rows):
-            yield handle, keys, labels
-            handle, keys, labels = None, [], []
+            # A frame only a later view uses can fail after earlier views were delivered: the clip
+            # then counts on those views, and the fault is named but not counted as a lost clip.
+            reason = f"{e} (evaluated on {len(decoded)} view(s))" if decoded else str(e)
+            faults.add(f"{sample.get('__url__', '?')}:{key}", reason, 0 if decoded else 1)
     if keys:
-        yield handle, keys, labels
+        yield handle, keys, labels, numbers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,8 +168,8 @@ class EvalProducer:
         raw = read_samples(self.per_worker[worker], self.cfg.allow_pipe, faults)
         if self.by_key:  # fewer test shards than ranks: only this rank's keys
             raw = (s for s in raw if key_rank(s.get("__key__", ""), self.world_size) == self.rank)
-        for slot, keys, labels in eval_clips(raw, self.cfg.crop, len(self.source.classes), faults, ring.take):
-            yield {"slot": slot, "n": len(keys), "key": keys, "label": labels, "faults": faults.take()}
+        for slot, keys, labels, views in eval_clips(raw, self.cfg.crop, len(self.source.classes), faults, ring.take, self.cfg.test_views):
+            yield {"slot": slot, "n": len(keys), "key": keys, "label": labels, "view": views, "faults": faults.take()}
         if faults.pending:
             yield {"n": 0, "key": [], "label": [], "faults": faults.take()}
 
@@ -160,11 +178,12 @@ class EvalProducer:
 # The loader
 
 
-class ClipLoader:
+class ClipLoader(Closing):
     """One rank's batches of clips from persistent loader workers, epoch after epoch.
 
     `for batch in loader.epoch(e)` yields the batches of epoch e: 'frames' (B, T, crop, crop, 3)
-    uint8, 'label' (B,) int64, 'key' list of B str, 'worker' (B,) int64 (which worker read each clip)
+    uint8, 'label' (B,) int64, 'key' list of B str, 'worker' (B,) int64 (which worker read each clip),
+    'repeat' (B,) bool (a clip delivered again to fill the epoch's last batches, `epoch_fill="pad"`)
     and 'faults' (unreadable clips replaced since the last batch: {'what', 'reason', 'samples'}).
     Every rank gets the same number of batches (`len(loader)`, from the index). Epochs must be asked
     for in order; `state_dict()` / `load_state_dict()` resume mid-epoch exactly.
@@ -180,7 +199,7 @@ class ClipLoader:
     Workers start with the first epoch asked for and stop on `close()` (or the `with` block's end).
 
     Rank and world size default to torch.distributed's when it is initialised. `workers=None`: a
-    core each (one core left to the trainer), at most 8, at most shards / ranks.
+    core each (one core left to the trainer), at most 8, and in training at most shards / ranks.
     """
 
     def __init__(
@@ -201,16 +220,22 @@ class ClipLoader:
         pin_memory: bool = False,
         copy: bool = True,
         shuffle_buffer: int = 256,
+        epoch_fill: str = "pad",
+        temporal: str = "segment",
+        test_views: tuple[int, int] = (1, 1),
         epochs: int | None = None,
     ):
         rank, world_size = rank_and_world(rank, world_size)
+        if crop is None:
+            raise UserError("`crop` None (whole frames) is for ClipDataset with single clips: ClipLoader batches need one size")
         cfg = stream_config(
             shards, batch_size=batch_size, crop=crop, seed=seed, resample=resample, allow_pipe=allow_pipe,
-            shuffle_buffer=shuffle_buffer, workers=workers, prefetch=prefetch,
+            shuffle_buffer=shuffle_buffer, workers=workers, prefetch=prefetch, epoch_fill=epoch_fill,
+            temporal=temporal, test_views=test_views,
         )  # fmt: skip
         source = resolve(cfg.shards, split, index, allow_pipe)
-        if workers is None and split == "train":
-            cfg = dataclasses.replace(cfg, workers=auto_workers(len(source.shards), world_size, cores_per_rank(), resample))
+        if workers is None:
+            cfg = dataclasses.replace(cfg, workers=auto_workers(len(source.shards), world_size, cores_per_rank(), resample or split == "test"))
         self._setup(source, cfg, split, rank, world_size, pin_memory, copy, epochs, None)
 
     @classmethod
@@ -247,11 +272,28 @@ class ClipLoader:
         """(epoch, step) of the next batch to deliver."""
 
     @property
+    def classes(self) -> tuple[str, ...]:
+        """Class names; a label is an index into them."""
+        return self.source.classes
+
+    @property
+    def frames(self) -> int:
+        """Frames per clip (T)."""
+        return self.source.frames
+
+    @property
+    def views(self) -> int:
+        """Rows a test clip takes: K x C evaluation views (1 in training)."""
+        return 1 if self.split == "train" else self.cfg.test_views[0] * self.cfg.test_views[1]
+
+    @property
     def slot_shape(self) -> tuple[int, ...]:
         return (self.cfg.batch_size, self.source.frames, self.cfg.crop, self.cfg.crop, 3)
 
     def steps(self, epoch: int) -> int:
         """Batches this rank (and every rank) gets in `epoch` (training)."""
+        if self.split != "train":
+            raise TypeError("a test-split ClipLoader has no planned number of batches (each worker's last batch may be short)")
         plans = train_plan(self.source.shards, self.cfg, epoch, self.rank, self.world_size, self.n_workers)
         return sum(p.quota for p in plans) // self.cfg.batch_size
 
@@ -272,6 +314,8 @@ class ClipLoader:
             "batch_size": cfg.batch_size,
             "shuffle_buffer": cfg.shuffle_buffer,
             "resample": cfg.resample,
+            "epoch_fill": cfg.epoch_fill,
+            "temporal": cfg.temporal,
             "shards": [shard_name(s.url) for s in self.source.shards],
         }
 
@@ -315,6 +359,8 @@ class ClipLoader:
         self.position = self._next()
         if epoch != self.position[0]:
             raise ValueError(f"epoch {epoch} asked for; the loader is at epoch {self.position[0]}, step {self.position[1]}")
+        if self.epochs is not None and epoch >= self.epochs:
+            raise ValueError(f"epoch {epoch} asked for; the loader was made for `epochs`={self.epochs} (epochs 0..{self.epochs - 1})")
         if self.pool is None:
             from pipeline.stream.workers import WorkerPool
 
@@ -358,6 +404,7 @@ class ClipLoader:
                     "label": torch.tensor([label for _, m in got for label in m["label"]], dtype=torch.int64),
                     "key": [k for _, m in got for k in m["key"]],
                     "worker": torch.tensor([w for w, m in got for _ in range(m["n"])], dtype=torch.int64),
+                    "repeat": torch.tensor([r for _, m in got for r in m["repeat"]], dtype=torch.bool),
                     "faults": [f for _, m in got for f in m["faults"]],
                 }
                 for w, m in held:
@@ -397,6 +444,7 @@ class ClipLoader:
                             "frames": frames.clone() if self.copy and frames is not None else frames,
                             "label": torch.tensor(message["label"], dtype=torch.int64) if message["n"] else None,
                             "key": message["key"],
+                            "view": torch.tensor(message.get("view", []), dtype=torch.int64),
                             "faults": message["faults"],
                         }
                         pool.release(w, message)
@@ -414,18 +462,6 @@ class ClipLoader:
         if self.pool is not None:
             self.pool.close()
             self.pool = None
-
-    def __enter__(self) -> "ClipLoader":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:  # noqa: BLE001 - interpreter shutdown
-            pass
 
 
 def _pinning(batches: Iterator[dict]) -> Iterator[dict]:

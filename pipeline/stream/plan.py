@@ -10,6 +10,7 @@ of the quotas, which is what makes a mid-epoch resume exact by construction.
 from __future__ import annotations
 
 import dataclasses
+import math
 import zlib
 
 import numpy as np
@@ -50,14 +51,16 @@ def rank_shards(n_shards: int, seed: int, epoch: int, rank: int, world_size: int
 
 
 def steps_per_epoch(
-    counts: list[int], batch_size: int, world_size: int, seed: int, epoch: int, resample: bool, separate_workers: int = 0
+    counts: list[int], batch_size: int, world_size: int, seed: int, epoch: int, resample: bool, separate_workers: int = 0, pad: bool = False
 ) -> int:
     """Batches every rank runs in `epoch`.
 
-    Without resampling: the smallest rank's floor(samples / batch_size), where a rank's samples are
-    those of the shards it reads this epoch. Ranks with more samples leave their surplus unread (at
-    most one batch's worth plus the difference of one shard); when the shards split evenly and the
-    batch size divides a rank's share, every clip is used exactly once.
+    Without resampling (`drop`): the smallest rank's floor(samples / batch_size), where a rank's
+    samples are those of the shards it reads this epoch. Ranks with more samples leave their surplus
+    unread (at most one batch's worth plus the difference of one shard); when the shards split
+    evenly and the batch size divides a rank's share, every clip is used exactly once.
+    `pad`: the largest rank's ceil(samples / batch_size): every rank reads all its clips, and the
+    ranks with fewer top their last batches up with repeats of this epoch's clips.
     `separate_workers` = W > 0: each of a rank's W workers delivers whole batches of its own (under a
     torch DataLoader, which cannot merge the workers' remainders into shared batches), so a rank's
     batches are the sum over its workers of floor(worker samples / batch_size).
@@ -65,14 +68,15 @@ def steps_per_epoch(
     """
     if resample:
         return sum(counts) // (world_size * batch_size)
+    batches = (lambda n: math.ceil(n / batch_size)) if pad else (lambda n: n // batch_size)
     per_rank = []
     for r in range(world_size):
         mine = [counts[i] for i in rank_shards(len(counts), seed, epoch, r, world_size)]
         if separate_workers:
-            per_rank.append(sum(sum(mine[w::separate_workers]) // batch_size for w in range(separate_workers)))
+            per_rank.append(sum(batches(sum(mine[w::separate_workers])) for w in range(separate_workers)))
         else:
-            per_rank.append(sum(mine) // batch_size)
-    return min(per_rank)
+            per_rank.append(batches(sum(mine)))
+    return max(per_rank) if pad else min(per_rank)
 
 
 def worker_quotas(worker_samples: list[int], total: int) -> list[int]:
@@ -95,6 +99,18 @@ def worker_quotas(worker_samples: list[int], total: int) -> list[int]:
     return quotas
 
 
+def padded_quotas(worker_samples: list[int], total: int) -> list[int]:
+    """`pad`: every worker delivers all it holds, and the `total - sum` extra (repeats) go one at a
+    time to the worker with the fewest so far (lowest index on ties) among those holding any."""
+    if total < sum(worker_samples):
+        raise ValueError(f"workers hold {sum(worker_samples)} samples, only {total} wanted")
+    quotas = list(worker_samples)
+    able = [w for w, n in enumerate(worker_samples) if n > 0] or list(range(len(quotas)))
+    for _ in range(total - sum(quotas)):
+        quotas[min(able, key=lambda w: (quotas[w], w))] += 1
+    return quotas
+
+
 @dataclasses.dataclass(frozen=True)
 class WorkerPlan:
     """What one worker of one rank reads in one epoch."""
@@ -111,18 +127,19 @@ def train_plan(
     """One WorkerPlan per worker of `rank` in `epoch` (n_workers >= 1). `separate`: every worker's
     quota is whole batches (see steps_per_epoch's `separate_workers`)."""
     counts = [s.samples for s in shards]
-    batch = cfg.batch_size
-    steps = steps_per_epoch(counts, batch, world_size, cfg.seed, epoch, cfg.resample, n_workers if separate else 0)
+    batch, pad = cfg.batch_size, cfg.epoch_fill == "pad"
+    steps = steps_per_epoch(counts, batch, world_size, cfg.seed, epoch, cfg.resample, n_workers if separate else 0, pad)
     if cfg.resample:
         unit, total = (batch, steps) if separate else (1, steps * batch)
         return [WorkerPlan(shards, unit * (total // n_workers + (w < total % n_workers))) for w in range(n_workers)]
     mine = [shards[i] for i in rank_shards(len(counts), cfg.seed, epoch, rank, world_size)]
     per_worker = [tuple(mine[w::n_workers]) for w in range(n_workers)]
     held = [sum(s.samples for s in ws) for ws in per_worker]
+    fit = padded_quotas if pad else worker_quotas
     if separate:
-        quotas = [batch * q for q in worker_quotas([h // batch for h in held], steps)]
+        quotas = [batch * q for q in fit([math.ceil(h / batch) if pad else h // batch for h in held], steps)]
     else:
-        quotas = worker_quotas(held, steps * batch)
+        quotas = fit(held, steps * batch)
     return [WorkerPlan(per_worker[w], quotas[w]) for w in range(n_workers)]
 
 

@@ -91,8 +91,8 @@ def read_samples(shards: Iterable[Shard], allow_pipe: bool, faults: Faults) -> I
 def read_shard(url: str | Path, allow_pipe: bool = False) -> Iterator[dict]:
     """Yield every sample of one shard as {'key', 'frames' (T, H, W, 3) uint8, 'label' int, 'meta' dict}.
 
-    `url` is a local path or an http(s):// URL; a `pipe:` command runs only with `allow_pipe=True`.
-    Members are read as bytes and decoded here; nothing is unpickled. A damaged shard raises
+    `url` is a local path, an http(s):// URL or an object-store URL (s3://...); a `pipe:` command
+    runs only with `allow_pipe=True`. Members are read as bytes and decoded here; nothing is unpickled. A damaged shard raises
     ShardFormatError (a ValueError) naming the sample, after yielding the samples before it.
     """
     url = str(url)
@@ -144,9 +144,10 @@ REFILL_KEPT = 256
 
 
 def fit_to_quota(src: Iterable[dict], quota: int) -> Iterator[dict]:
-    """Exactly `quota` raw samples: surplus cut; a shortfall (lost shards) filled by cycling over the
-    last REFILL_KEPT samples delivered, so the rank still runs its planned steps (and a worker's
-    memory does not grow with its share of the epoch)."""
+    """Exactly `quota` raw samples: surplus cut; a shortfall (`pad`'s top-up, lost shards) filled by
+    cycling over the last REFILL_KEPT samples delivered (at most RAW_BYTES_HELD of them), each
+    marked '__repeat__', so the rank still runs its planned steps (and a worker's memory does not
+    grow with its share of the epoch)."""
     recent: collections.deque = collections.deque()
     kept = delivered = 0
     for sample in itertools.islice(src, quota):
@@ -158,7 +159,8 @@ def fit_to_quota(src: Iterable[dict], quota: int) -> Iterator[dict]:
         yield sample
     if delivered == quota or not recent:
         return
-    yield from itertools.islice(itertools.cycle(list(recent)), quota - delivered)
+    for sample in itertools.islice(itertools.cycle(list(recent)), quota - delivered):
+        yield {**sample, "__repeat__": True}
 
 
 def skip_consumed(src: Iterable[dict], skip: int) -> Iterator[dict]:

@@ -1,9 +1,11 @@
 """Where shards come from: URL schemes, pattern expansion, the index, and opening one shard.
 
 A shard is a local path, a `file://`, `http(s)://` URL (pre-signed ones included: the query string
-is not part of the shard's name) or, only when the caller allows it, a `pipe:` command. A pattern
-may also name a packed folder (a local folder, or a URL ending in `/`): its index lists the shards.
-Every reader (training, evaluation, `read_shard`, inspect and verify) resolves shards here.
+is not part of the shard's name), an object-store URL (`s3://`, `gs://`, `az://` and any other
+scheme fsspec knows, through the package that serves it: see `pipeline.objectstore`) or, only when
+the caller allows it, a `pipe:` command. A pattern may also name a packed folder (a local folder, a
+URL ending in `/`, or an object-store prefix): its index lists the shards. Every reader (training,
+evaluation, `read_shard`, inspect and verify) resolves shards here.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 from typing import Iterable
 from urllib.parse import urlparse
 
-from pipeline import shardformat
+from pipeline import objectstore, shardformat
 from pipeline.errors import UserError
 from pipeline.shardformat import INDEX_NAME
 
@@ -74,12 +76,17 @@ def local_path(url: str) -> Path | None:
     return None
 
 
+def is_object_store(url: str) -> bool:
+    """True for URLs read through fsspec: every scheme but local paths, file://, http(s):// and pipe:."""
+    return scheme(url) not in ("", "file", "http", "https", "pipe")
+
+
 def _check_scheme(url: str, allow_pipe: bool) -> None:
     found = scheme(url)
     if found == "pipe" and not allow_pipe:
         raise UserError(f"{url!r} would run a shell command; set `allow_pipe` to allow pipe: URLs")
-    if found not in ("", "file", "http", "https", "pipe"):
-        raise UserError(f"unsupported URL scheme {found!r} in {url!r} (use a local path, http(s):// or pipe:)")
+    if is_object_store(url):
+        objectstore.filesystem(url)  # UserError for an unknown scheme or a missing extra
 
 
 def _is_file(path: Path) -> bool:
@@ -92,12 +99,18 @@ def _is_file(path: Path) -> bool:
 
 def _is_folder(pattern: str) -> bool:
     local = local_path(pattern)
-    if local is None:
-        return scheme(pattern) in ("http", "https") and pattern.endswith("/")
-    try:
-        return local.is_dir()
-    except OSError:  # e.g. ENAMETOOLONG: not a folder, and the pattern is checked as a pattern
-        return False
+    if local is not None:
+        try:
+            return local.is_dir()
+        except OSError:  # e.g. ENAMETOOLONG: not a folder, and the pattern is checked as a pattern
+            return False
+    if pattern.endswith("/"):
+        return scheme(pattern) in ("http", "https") or is_object_store(pattern)
+    # `s3://bucket/hmdb51` names the packed folder as well as `s3://bucket/hmdb51/` does (one
+    # request to ask the store); shard names and patterns are not asked about.
+    last = pattern.rsplit("/", 1)[-1]
+    plain = "." not in last and not any(c in pattern for c in ("{", "<", "::"))
+    return is_object_store(pattern) and plain and objectstore.is_folder(pattern)
 
 
 def expand_pattern(pattern: str) -> list[str]:
@@ -148,7 +161,7 @@ def index_location(shard_url: str) -> str:
     local = local_path(shard_url)
     if local is not None:
         return str(local.parent / INDEX_NAME)
-    if scheme(shard_url) in ("http", "https"):
+    if scheme(shard_url) in ("http", "https") or is_object_store(shard_url):
         return _without_query(shard_url).rsplit("/", 1)[0] + "/" + INDEX_NAME
     raise UserError(f"cannot tell where the index of {shard_url!r} is; pass `index`")
 
@@ -193,7 +206,7 @@ MAX_INDEX_BYTES = 256 << 20
 
 
 def read_index(location: str) -> dict:
-    """THE index reader for a path or http(s) URL: fetched here, checked by shardformat.parse_index."""
+    """THE index reader for a path, http(s) or object-store URL: fetched here, checked by shardformat.parse_index."""
     try:
         local = local_path(location)
         if local is not None:
@@ -203,6 +216,8 @@ def read_index(location: str) -> dict:
                 raw = f.read(MAX_INDEX_BYTES + 1)  # bounded whatever stat says
             if len(raw) > MAX_INDEX_BYTES:
                 raise UserError(f"index {location!r} is larger than {MAX_INDEX_BYTES} bytes")
+        elif is_object_store(location):
+            raw = objectstore.read_bytes(location, MAX_INDEX_BYTES, what="index")
         else:
             raw = _http_get(location, MAX_INDEX_BYTES)
     except FileNotFoundError:
@@ -242,7 +257,7 @@ def resolve(patterns: Iterable[str], split: str = "train", index: str | None = N
     shards: list[Shard] = []
     for pattern in map(str, patterns):
         if _is_folder(pattern):
-            location = index or (str(Path(pattern) / INDEX_NAME) if local_path(pattern) else pattern + INDEX_NAME)
+            location = index or (str(Path(pattern) / INDEX_NAME) if local_path(pattern) else pattern.rstrip("/") + "/" + INDEX_NAME)
             if location not in indexes:
                 indexes[location] = read_index(location)
             shards += [Shard(sibling(location, name), n) for name, n in counts(indexes[location], split).items()]
@@ -282,20 +297,23 @@ def test_beside(train: ShardSet) -> ShardSet:
 
 
 def open_shard(url: str, allow_pipe: bool = False):
-    """A binary stream of one shard: a local file, an HTTP(S) response, or (when allowed) a pipe."""
+    """A binary stream of one shard: a local file, an HTTP(S) response, an object-store file read
+    ahead in large blocks, or (when allowed) a pipe."""
     local = local_path(url)
     if local is not None:
         return open(local, "rb")
     found = scheme(url)
     if found in ("http", "https"):
         return io.BufferedReader(_ResumingHTTPBody(url), buffer_size=1 << 20)
+    if is_object_store(url):
+        return objectstore.open_read(url)
     if found == "pipe":
         if not allow_pipe:
             raise UserError(f"{url!r} would run a shell command; set `allow_pipe` to allow pipe: URLs")
         import webdataset as wds
 
         return wds.gopen(url)
-    raise UserError(f"unsupported URL scheme {found!r} in {url!r} (use a local path, http(s):// or pipe:)")
+    raise UserError(f"unsupported URL scheme {found!r} in {url!r}")
 
 
 def _urlopen(request: urllib.request.Request):

@@ -130,7 +130,26 @@ def _worker_main(produce: Producer, worker: int, conn, ring, slot_shape: tuple[i
         conn.close()
 
 
-class WorkerPool:
+class Closing:
+    """`with` support and a last-chance close for objects that own worker processes."""
+
+    def close(self) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+
+class WorkerPool(Closing):
     """`workers` processes (0: none, the producer runs here), each with `slots` buffers of `slot_shape`.
 
     `get(w)` returns worker w's next message, with "frames" set to a uint8 tensor view of its slot's
@@ -231,18 +250,6 @@ class WorkerPool:
 
     def pids(self) -> list[int]:
         return [] if self.workers == 0 else [p.pid for p in self.procs if p.pid is not None]
-
-    def __enter__(self) -> "WorkerPool":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:  # noqa: BLE001 - interpreter shutdown
-            pass
 
 
 def _died(worker: int, code: int | None) -> str:
