@@ -77,6 +77,10 @@ class BenchConfig:
             raise UserError("--workers must list at least one worker count, e.g. 0,1,2")
         if any(w < 0 for w in self.workers):
             raise UserError(f"--workers counts must be >= 0, got {','.join(map(str, self.workers))}")
+        from pipeline.config import MAX_LOADER_WORKERS
+
+        if any(w > MAX_LOADER_WORKERS for w in self.workers):  # before the first configuration runs
+            raise UserError(f"--workers counts must be at most {MAX_LOADER_WORKERS}, got {','.join(map(str, self.workers))}")
         if self.batches < 1:
             raise UserError(f"--batches must be >= 1, got {self.batches}")
         if self.warmup < 0:

@@ -10,7 +10,7 @@ from typing import Annotated, Callable, Optional
 import typer
 import typer.core
 
-from pipeline.errors import UserError, as_options
+from pipeline.errors import UserError, as_options, printable
 
 
 def one_line_errors(fn: Callable) -> Callable:
@@ -21,7 +21,8 @@ def one_line_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except UserError as e:
-            typer.echo(f"error: {as_options(str(e))}", err=True)
+            # printable: the message may quote a key or member name from a shard (one line, no escapes)
+            typer.echo(f"error: {printable(as_options(str(e)))}", err=True)
             raise typer.Exit(getattr(e, "exit_code", 2)) from None
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
@@ -293,7 +294,7 @@ def verify_shards(
 
     report = verify_pack(as_path(folder), workers if workers is not None else default_workers(), quiet=quiet)
     for line in report.problems:
-        typer.echo(line)
+        typer.echo(printable(line))  # names and keys come from the shards and the index
     typer.echo(report.summary())
     if report.problems:
         raise typer.Exit(1)

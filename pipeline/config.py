@@ -137,6 +137,26 @@ class PackConfig:
         }
 
 
+MAX_BATCH_SIZE = 1 << 16
+MAX_CROP = 8192
+"""As large as the largest frame a reader accepts (shardformat.MAX_JPEG_SIDE)."""
+MAX_PREFETCH = 64
+MAX_LOADER_WORKERS = 256
+MAX_SHUFFLE_BUFFER = 1_000_000
+MAX_BATCH_BYTES = 4 << 30
+"""Largest batch buffer (B x T x crop x crop x 3 bytes): r3d18's recipe batch is 4.8 MB, a batch of 64
+clips of 64 frames at 224 px is 0.6 GiB. Each worker holds prefetch + 1 of them."""
+MAX_EPOCHS = 100_000
+
+
+def physical_memory() -> int | None:
+    """Bytes of RAM of this machine; None where it cannot be told."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 OPTIMIZERS = ("adamw", "sgd")
 EPOCH_FILLS = ("pad", "drop")
 TEMPORAL = ("segment", "fixed")
@@ -184,16 +204,19 @@ class StreamConfig:
             raise TypeError("shards and eval_shards are tuples of patterns, not strings")
         if not self.shards or not all(s.strip() for s in self.shards):
             raise UserError(f"`shards` must name at least one pattern, got {self.shards!r}")
-        if self.batch_size < 1:
-            raise UserError(f"`batch_size` must be >= 1, got {self.batch_size}")
-        if self.workers is not None and self.workers < 0:
-            raise UserError(f"`workers` must be >= 0, got {self.workers}")
-        if self.shuffle_buffer < 1:
-            raise UserError(f"`shuffle_buffer` must be >= 1 (1 = no shuffle), got {self.shuffle_buffer}")
-        if self.crop is not None and self.crop < 1:
-            raise UserError(f"`crop` must be >= 1, got {self.crop}")
-        if self.prefetch < 1:
-            raise UserError(f"`prefetch` must be >= 1, got {self.prefetch}")
+        # Bounded here, before anything is sized from them (a typo of a few zeros is gigabytes).
+        for name, low, high in (
+            ("batch_size", 1, MAX_BATCH_SIZE),
+            ("workers", 0, MAX_LOADER_WORKERS),
+            ("shuffle_buffer", 1, MAX_SHUFFLE_BUFFER),
+            ("crop", 1, MAX_CROP),
+            ("prefetch", 1, MAX_PREFETCH),
+        ):
+            value = getattr(self, name)
+            if value is not None and value < low:
+                raise UserError(f"`{name}` must be >= {low}, got {value}")
+            if value is not None and value > high:
+                raise UserError(f"`{name}` must be at most {high:,}, got {value:,}")
         if self.temporal not in TEMPORAL:
             raise UserError(f"`temporal` must be one of {', '.join(TEMPORAL)}, got {self.temporal!r}")
         k, c = self.test_views
@@ -203,6 +226,22 @@ class StreamConfig:
             raise UserError(f"`epoch_fill` must be one of {', '.join(EPOCH_FILLS)}, got {self.epoch_fill!r}")
         if not self.max_bad >= 0:
             raise UserError(f"`max_bad` must be >= 0 (a fraction if < 1, else a count), got {self.max_bad}")
+
+    def check_memory(self, frames: int, workers: int) -> None:
+        """The batch buffers a loader with `workers` workers allocates for clips of `frames` frames
+        (known from the index) must fit: one slot at most MAX_BATCH_BYTES, all of them in RAM."""
+        if self.crop is None:  # whole frames, one clip at a time (ClipDataset): no batch buffer
+            return
+        slot = self.batch_size * frames * self.crop * self.crop * 3
+        shape = f"`batch_size` {self.batch_size} x {frames} frames x `crop` {self.crop}x{self.crop} x 3"
+        if slot > MAX_BATCH_BYTES:
+            raise UserError(f"a batch of {shape} bytes is {slot / 2**30:.1f} GiB, more than the {MAX_BATCH_BYTES >> 30} GiB a batch may take")
+        total, ram = slot * max(1, workers) * (self.prefetch + 1), physical_memory()
+        if ram and total > ram:
+            raise UserError(
+                f"the loader's batch buffers ({max(1, workers)} `workers` x (`prefetch` {self.prefetch} + 1) x {shape} bytes) "
+                f"take {total / 2**30:.1f} GiB, more than this machine's {ram / 2**30:.1f} GiB of memory"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -267,6 +306,8 @@ class TrainConfig:
             raise UserError("`model` must name a model")
         if self.epochs < 1:
             raise UserError(f"`epochs` must be >= 1, got {self.epochs}")
+        if self.epochs > MAX_EPOCHS:  # the plan of every epoch is computed at the start
+            raise UserError(f"`epochs` must be at most {MAX_EPOCHS:,}, got {self.epochs:,}")
         if self.optimizer not in OPTIMIZERS:
             raise UserError(f"`optimizer` must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.lr is not None and not self.lr > 0:

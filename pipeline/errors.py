@@ -15,3 +15,9 @@ class UserError(Exception):
 def as_options(message: str) -> str:
     """A library message in CLI words: each `parameter` becomes --parameter (underscores to dashes)."""
     return _PARAMETER.sub(lambda m: "--" + m.group(1).replace("_", "-"), message)
+
+
+def printable(text: str) -> str:
+    """`text` safe for a terminal and for one line: control characters (escape sequences or a newline
+    in a hostile member name, key or metadata string) shown as escapes, not sent raw."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)

@@ -23,10 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, printable
 from pipeline.objectstore import ObjectPath
 from pipeline.progress import progress
-from pipeline.shardformat import INDEX_NAME, MANIFEST_NAME, ShardFormatError, decode_jpegs
+from pipeline.shardformat import INDEX_NAME, MANIFEST_NAME, ShardFormatError, decode_jpegs, is_valid_key
 from pipeline.stream.sources import expand_shards, is_object_store, local_path, read_index
 from pipeline.stream.tar import Member, group_samples, tar_members
 
@@ -37,6 +37,7 @@ GAP = 2
 """Pixels between two frames of a row; the sheet has no outer margin."""
 BACKGROUND = (24, 24, 24)
 MAX_PROBLEMS_PER_SHARD = 10
+MAX_VERIFY_WORKERS = 256
 
 
 # ---------------------------------------------------------------- which shards
@@ -119,10 +120,7 @@ def scan_shard(path: Path | ObjectPath) -> list[SampleEntry]:
     return out
 
 
-def _printable(text: str) -> str:
-    """`text` safe for a terminal: control characters (escape sequences in a hostile member name)
-    shown as escapes, not sent raw."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+_printable = printable
 
 
 def scan_shards(paths: list[Path | ObjectPath], quiet: bool = False) -> list[SampleEntry]:
@@ -203,6 +201,10 @@ class Summary:
         return sum(c[split] for c in self.per_class.values())
 
     def render(self) -> str:
+        """The summary, every line safe for a terminal (names and metadata come from the shards)."""
+        return "\n".join(_printable(line) for line in self._lines())
+
+    def _lines(self) -> list[str]:
         n, t = self.clips, "/".join(map(str, sorted(self.frames_per_clip))) or "?"
         of = f" of {self.index_shards}" if self.index_shards is not None and self.index_shards != len(self.shards) else ""
         lines = [
@@ -212,7 +214,7 @@ class Summary:
         ]
         if n:
             j = self.jpgs_bytes
-            per_frame = sum(j) / len(j) / max(self.frames_per_clip)
+            per_frame = sum(j) / len(j) / max(max(self.frames_per_clip, default=1), 1)
             lines.append(
                 f"bytes per clip: {_kb(self.shard_bytes / n)} on disk; frames {_kb(sum(j) / len(j))} "
                 f"(min {_kb(min(j))}, max {_kb(max(j))}), {_kb(per_frame)} a frame"
@@ -245,7 +247,25 @@ class Summary:
         if self.warnings:
             lines.append("")
             lines += [f"warning: {w}" for w in self.warnings]
-        return "\n".join(lines)
+        return lines
+
+
+def _meta_text(meta: dict, field: str) -> str | None:
+    value = meta.get(field)
+    return value if isinstance(value, str) else None
+
+
+def _meta_size(meta: dict) -> tuple:
+    """(width, height) from a sample's metadata; ('?', '?') for anything but two whole numbers."""
+    size = meta.get("frame_size")
+    if isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in size):
+        return tuple(size)
+    return ("?", "?")
+
+
+def _splits(index: dict) -> list[dict]:
+    """The train and test entries of an index (parse_index checks only those two; others are not read)."""
+    return [index["splits"].get(split, {"samples": 0, "shards": []}) for split in ("train", "test")]
 
 
 def summarize(paths: list[Path | ObjectPath], samples: list[SampleEntry]) -> Summary:
@@ -255,18 +275,20 @@ def summarize(paths: list[Path | ObjectPath], samples: list[SampleEntry]) -> Sum
     warnings = []
     if index is None:
         warnings.append(f"no {INDEX_NAME} beside the shards: sample counts are not cross-checked")
-    classes = list(index["classes"]) if index else sorted({s.meta.get("class_name", str(s.label)) for s in samples})
+    # Metadata fields are what a shard says: anything but the expected type counts as unknown.
+    classes = list(index["classes"]) if index else sorted({_meta_text(s.meta, "class_name") or str(s.label) for s in samples})
     per_class = {c: collections.Counter() for c in classes}
     frame_sizes: collections.Counter = collections.Counter()
     padded: collections.Counter = collections.Counter()
     per_shard = collections.Counter(s.shard.name for s in samples)
     for s in samples:
-        name = classes[s.label] if index and 0 <= s.label < len(classes) else s.meta.get("class_name", str(s.label))
-        per_class.setdefault(name, collections.Counter())[s.meta.get("split", "?")] += 1
-        frame_sizes[tuple(s.meta.get("frame_size", ("?", "?")))] += 1
-        padded[s.meta.get("split", "?")] += bool(s.meta.get("padded"))
+        name = classes[s.label] if index and 0 <= s.label < len(classes) else _meta_text(s.meta, "class_name") or str(s.label)
+        split = _meta_text(s.meta, "split") or "?"
+        per_class.setdefault(name, collections.Counter())[split] += 1
+        frame_sizes[_meta_size(s.meta)] += 1
+        padded[split] += s.meta.get("padded") is True
     if index:
-        listed = {e["name"]: e["samples"] for split in index["splits"].values() for e in split["shards"]}
+        listed = {e["name"]: e["samples"] for split in _splits(index) for e in split["shards"]}
         for p in paths:
             if p.name not in listed:
                 warnings.append(f"{p.name} is not in {INDEX_NAME}")
@@ -284,7 +306,7 @@ def summarize(paths: list[Path | ObjectPath], samples: list[SampleEntry]) -> Sum
         folder=folder,
         shards=[p.name for p in paths],
         classes=list(per_class),
-        frames_per_clip={len(s.meta.get("indices", ())) for s in samples},
+        frames_per_clip={index["frames_per_clip"]} if index else {len(s.meta["indices"]) for s in samples if isinstance(s.meta.get("indices"), list)},
         per_class=per_class,
         frame_sizes=frame_sizes,
         padded=padded,
@@ -294,7 +316,7 @@ def summarize(paths: list[Path | ObjectPath], samples: list[SampleEntry]) -> Sum
         manifest_status=status,
         failed=failed or [],
         warnings=warnings,
-        layout=f"{index['layout']}, {index['split_source']} split" if index and "layout" in index else None,
+        layout=f"{index['layout']}, {index.get('split_source', '?')} split" if index and isinstance(index.get("layout"), str) else None,
     )
 
 
@@ -438,6 +460,8 @@ def check_shard(path: Path | ObjectPath, entry: dict, frames: int, classes: int)
         report.keys.append(key)
         if key in seen:
             sample_problem(key, "key appears twice in this shard")
+        if not is_valid_key(key):
+            sample_problem(key, "key is not made of ASCII letters, digits, '_' and '-' (docs/FORMAT.md)")
         seen.add(key)
         found = {k for k in parts if not k.startswith("__")}
         missing, extra = set(MEMBERS) - found, found - set(MEMBERS)
@@ -467,6 +491,8 @@ def check_shard(path: Path | ObjectPath, entry: dict, frames: int, classes: int)
                     expected = len(stored)
                 if label is not None and meta.get("label") != label:
                     sample_problem(key, f"label {label} in .cls but {_printable(repr(meta.get('label')))[:40]} in .json")
+                for what in _meta_problems(meta, frames):
+                    sample_problem(key, what)
         if "jpgs" in parts:
             try:
                 t = len(decode_jpegs(parts["jpgs"]))
@@ -484,6 +510,30 @@ def check_shard(path: Path | ObjectPath, entry: dict, frames: int, classes: int)
     return report
 
 
+def _meta_problems(meta: dict, frames: int) -> list[str]:
+    """The metadata fields docs/FORMAT.md defines, where present, of the wrong type or shape (what
+    inspect-shards would otherwise show as '?')."""
+    out = []
+    for field in ("class_name", "key"):
+        if field in meta and not isinstance(meta[field], str):
+            out.append(f".json '{field}' is {_short_repr(meta[field])}, not a string")
+    if "split" in meta and meta["split"] not in ("train", "test"):
+        out.append(f".json 'split' is {_short_repr(meta['split'])}, not 'train' or 'test'")
+    if "frame_size" in meta and _meta_size(meta) == ("?", "?"):
+        out.append(f".json 'frame_size' is {_short_repr(meta['frame_size'])}, not [width, height]")
+    indices = meta.get("indices")
+    if "indices" in meta and not (isinstance(indices, list) and len(indices) == frames and all(isinstance(i, int) and not isinstance(i, bool) for i in indices)):
+        out.append(f".json 'indices' is {_short_repr(indices)}, not {frames} frame numbers")
+    if "padded" in meta and not isinstance(meta["padded"], bool):
+        out.append(f".json 'padded' is {_short_repr(meta['padded'])}, not true or false")
+    return out
+
+
+def _short_repr(value) -> str:
+    text = _printable(repr(value))
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def _sha256(path: Path | ObjectPath) -> str:
     if isinstance(path, Path):
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
@@ -497,8 +547,8 @@ def _sha256(path: Path | ObjectPath) -> str:
 
 def _check_index_and_manifest(folder: Path | ObjectPath, index: dict) -> list[str]:
     problems = []
-    entries = [e for split in index["splits"].values() for e in split["shards"]]
-    for split, s in index["splits"].items():
+    entries = [e for split in _splits(index) for e in split["shards"]]
+    for split, s in zip(("train", "test"), _splits(index)):
         total = sum(e["samples"] for e in s["shards"])
         if s["samples"] != total:
             problems.append(f"{INDEX_NAME}: split {split} says {s['samples']} samples, its shards add up to {total}")
@@ -546,6 +596,8 @@ def verify_pack(folder: Path | ObjectPath, workers: int, quiet: bool = False) ->
         raise UserError(f"not a folder: {folder}")
     if workers < 1:
         raise UserError(f"--workers must be >= 1, got {workers}")
+    if workers > MAX_VERIFY_WORKERS:  # each is a process: a typo of a few zeros would fork thousands
+        raise UserError(f"--workers must be at most {MAX_VERIFY_WORKERS}, got {workers:,}")
     index = _index_or_none(folder)
     if index is None:
         raise UserError(f"no {INDEX_NAME} in {folder}: not a packed folder (or the pack has not finished)")
@@ -569,7 +621,7 @@ def verify_pack(folder: Path | ObjectPath, workers: int, quiet: bool = False) ->
     for e in entries:
         for key in checks[e["name"]].keys:
             if key in owner and owner[key] != e["name"]:
-                problems.append(f"{e['name']}: sample {key}: key also in {owner[key]}")
+                problems.append(f"{e['name']}: sample {_printable(key)}: key also in {owner[key]}")
             owner.setdefault(key, e["name"])
     listed = {e["name"] for e in entries}
     for p in sorted(folder.glob("*.tar")):

@@ -40,6 +40,8 @@ def read_metrics(path: Path) -> list[dict]:
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise UserError(f"{path}:{n}: not a JSON line ({e.msg})") from None
+        except RecursionError:  # [[[[...]]]] deeper than the parser's stack
+            raise UserError(f"{path}:{n}: not a JSON line (nested too deeply)") from None
         if not isinstance(record, dict):
             raise UserError(f"{path}:{n}: expected a JSON object")
         records.append(record)

@@ -144,7 +144,7 @@ def parse_index(raw: bytes, where: str) -> dict:
             if not isinstance(shard, dict):
                 raise bad(f"a shard of split {split} is {_short(shard)}, not an object")
             name, samples = shard.get("name"), shard.get("samples")
-            if not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", "..") or len(name) > 255:
+            if not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", "..") or len(name) > 255 or not name.isprintable():
                 raise bad(f"shard name {_short(name)} of split {split} is not a plain file name")
             if name in names:
                 raise bad(f"shard {name!r} is listed twice in split {split}")
@@ -175,6 +175,45 @@ def split_member_name(name: str) -> tuple[str | None, str | None]:
     return (m.group(1), m.group(2)) if m else (None, None)
 
 
+MAX_PATTERN_URLS = 1_000_000
+"""Most shard URLs one pattern may name (as many as an index may list), counted before expanding."""
+MAX_PATTERN_NESTING = 16
+
+
+def _count_expansions(pattern: str) -> int:
+    """How many strings braceexpand makes of `pattern` (its own rules: escapes, nested groups,
+    `a,b` alternatives, `000..031` and `a..z` ranges, a group without either kept as text), without
+    making them. Iterative, so a deeply nested pattern is a ValueError, not a RecursionError."""
+    stack = [[0, 1, 0, -1]]  # per open group: alternatives closed so far, the current one's count, commas, start
+    i = 0
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "\\":
+            i += 2
+            continue
+        if c == "{":
+            if len(stack) > MAX_PATTERN_NESTING:
+                raise ValueError(f"{_short(pattern)} nests braces more than {MAX_PATTERN_NESTING} deep")
+            stack.append([0, 1, 0, i])
+        elif c == "," and len(stack) > 1:
+            frame = stack[-1]
+            frame[0], frame[1], frame[2] = frame[0] + frame[1], 1, frame[2] + 1
+        elif c == "}" and len(stack) > 1:
+            closed, current, commas, start = stack.pop()
+            inner = pattern[start + 1 : i]
+            numbers = re.match(r"^(-?\d+)\.\.(-?\d+)$", inner)
+            letters = re.match(r"^([A-Za-z])\.\.([A-Za-z])$", inner)
+            if numbers:
+                n = abs(int(numbers[2]) - int(numbers[1])) + 1
+            elif letters:
+                n = abs(ord(letters[2]) - ord(letters[1])) + 1
+            else:
+                n = closed + current if commas else current
+            stack[-1][1] *= n
+        i += 1
+    return stack[0][1]  # unbalanced braces: braceexpand says so
+
+
 def expand_pattern(pattern: str) -> list[str]:
     """Expand one shard pattern into URLs, in order.
 
@@ -184,6 +223,7 @@ def expand_pattern(pattern: str) -> list[str]:
     import braceexpand
 
     urls: list[str] = []
+    count = 0
     for part in pattern.split("::"):
         part = part.strip()
         if not part:
@@ -197,6 +237,11 @@ def expand_pattern(pattern: str) -> list[str]:
         for inner in _BRACE.findall(braced):
             if ".." in inner and not _NUMERIC_RANGE.match(inner) and not re.match(r"^[A-Za-z]\.\.[A-Za-z]$", inner):
                 raise ValueError(f"malformed range {{{inner}}} in {pattern!r} (expected {{000..031}})")
+        # braceexpand builds every URL of a range before yielding the first (itertools.product holds
+        # its inputs whole): `{000000..999999999}` is a billion strings. Count first, expand after.
+        count += _count_expansions(braced)
+        if count > MAX_PATTERN_URLS:
+            raise ValueError(f"{_short(pattern)} names {count:,} shards or more; a pattern may name at most {MAX_PATTERN_URLS:,}")
         try:
             expanded = list(braceexpand.braceexpand(braced))
         except braceexpand.UnbalancedBracesError:

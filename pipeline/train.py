@@ -14,6 +14,8 @@ import json
 import logging
 import math
 import os
+import pickle
+import signal
 import sys
 import tempfile
 import time
@@ -26,11 +28,11 @@ import torch.distributed as dist
 
 from pipeline.config import StreamConfig, TrainConfig
 from pipeline.device import DistEnv, ModelInput, cores_per_rank, model_memory_format, pick_device
-from pipeline.stream.loader import ClipLoader
+from pipeline.stream.loader import ClipLoader, WorkerGaveUp
 from pipeline.stream.plan import auto_workers, check_enough_shards
-from pipeline.stream.sources import ShardSet, resolve, shard_name, test_beside
+from pipeline.stream.sources import ShardSet, local_path, resolve, shard_name, test_beside
 from pipeline.durable import failpoint, publish
-from pipeline.errors import UserError
+from pipeline.errors import UserError, printable
 
 CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_VERSION = 1
@@ -49,7 +51,21 @@ def resolve_data(sc: StreamConfig) -> RunData:
     """--shards, and --eval-shards or the test shards the training index lists beside them."""
     train = resolve(sc.shards, "train", sc.index, sc.allow_pipe)
     test = resolve(sc.eval_shards, "test", sc.index or train.index, sc.allow_pipe) if sc.eval_shards else test_beside(train)
+    # A shard an index lists (a packed folder given, or the test shards beside) that is gone, or is a
+    # folder, would cost its clips in every epoch or evaluation, after hours of training: say so now,
+    # as for a shard pattern naming a missing file.
+    for kind, shards in (("training", train.shards), ("test", test.shards)):
+        missing = [s.url for s in shards if local_path(s.url) is not None and not _is_file(local_path(s.url))]
+        if missing:
+            raise UserError(f"{len(missing)} of the {len(shards)} {kind} shards listed in {train.index if kind == 'training' else test.index} are missing or not files, e.g. {missing[0]!r}")
     return RunData(train, test)
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:
+        return False
 
 
 def with_workers(cfg: TrainConfig, n_shards: int, world_size: int, local_world_size: int) -> TrainConfig:
@@ -64,6 +80,7 @@ def prepare(cfg: TrainConfig, world_size: int, local_world_size: int) -> RunData
     """Check everything a user can get wrong before any process starts: shards, index, model name."""
     data = resolve_data(cfg.stream)
     cfg = with_workers(cfg, len(data.train.shards), world_size, local_world_size)
+    cfg.stream.check_memory(data.train.frames, cfg.stream.workers)  # T is known from here
     check_enough_shards(data.train.shards, cfg.stream, world_size, cfg.stream.workers)
     from pipeline.models import MODEL_NAMES, build_model
 
@@ -72,7 +89,28 @@ def prepare(cfg: TrainConfig, world_size: int, local_world_size: int) -> RunData
     if cfg.resume and not Path(resolve_checkpoint(cfg.resume)).is_file():
         raise UserError(f"no checkpoint at {cfg.resume!r}")
     check_log_dir(cfg.log_dir)
+    check_run_folder(default_log_dir(cfg), cfg.resume)
     return data
+
+
+RUN_FILES = ("metrics.jsonl", CHECKPOINT_NAME, "options.json")
+"""Files whose presence means a folder holds a run's output."""
+
+
+def holds_run(folder: Path) -> bool:
+    return any((folder / name).exists() for name in RUN_FILES)
+
+
+def check_run_folder(log_dir: str, resume: str | None) -> None:
+    """A run folder is never mixed with another run's output (metrics appended to, a checkpoint
+    overwritten) unless that run is the one being resumed."""
+    folder = Path(log_dir)
+    if not folder.is_dir() or not holds_run(folder):
+        return
+    if resume and Path(resolve_checkpoint(resume)).resolve().parent == folder.resolve():
+        return
+    what = "another run" if resume else "a run"
+    raise UserError(f"the run folder {log_dir} already holds {what}; continue it with --resume {log_dir}, or pass a new `log_dir`")
 
 
 def check_log_dir(log_dir: str | None) -> None:
@@ -103,6 +141,7 @@ def launch(cfg: TrainConfig) -> dict | None:
     prepare(cfg, nproc, nproc)
     # Decided once here, so that every process writes to the same run folder.
     cfg = dataclasses.replace(cfg, log_dir=default_log_dir(cfg), nproc_per_node=1)
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -119,13 +158,20 @@ def launch(cfg: TrainConfig) -> dict | None:
     )
     # A rank that stops on a UserError leaves its message in `errors` for this process to print as the
     # run's one line; torch elastic's own failure reports (a traceback of the launcher) are muted.
-    muted = [logging.getLogger(n) for n in ("torch.distributed.elastic.multiprocessing.api", "torch.multiprocessing.spawn")]
+    muted = [logging.getLogger(n) for n in ("torch.distributed.elastic.multiprocessing.api", "torch.multiprocessing.spawn", "torch.distributed.elastic.agent.server.api")]
     levels = [m.level for m in muted]
     with tempfile.TemporaryDirectory(prefix="clipstream-errors-") as errors:
         try:
             for m in muted:
                 m.setLevel(logging.CRITICAL)
             results = elastic_launch(config, _launched)(cfg, errors)
+        except SignalException as e:
+            # torch elastic turns Ctrl-C (SIGINT) and SIGTERM into this, with a launcher traceback;
+            # it has stopped the ranks by then. Ctrl-C is `interrupted` and exit code 130, as in
+            # one process.
+            if e.sigval == signal.SIGINT:
+                raise KeyboardInterrupt from None
+            raise Stopped(f"stopped by {signal.Signals(e.sigval).name}", 128 + int(e.sigval)) from None
         except ChildFailedError as e:
             messages = sorted(Path(errors).glob("rank-*.txt"))
             if messages:
@@ -138,8 +184,30 @@ def launch(cfg: TrainConfig) -> dict | None:
     return results.get(0)
 
 
+class Stopped(UserError):
+    """The run was stopped by a signal: one line, exit code 128 + the signal's number."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def _stop_quietly(signum, frame) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the second signal (terminal, then launcher) must not cut the unwinding short
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    raise SystemExit(128 + signum)
+
+
 def _launched(cfg: TrainConfig, errors: str) -> dict:
     """Entry point of each process started by `launch`."""
+    # Ctrl-C reaches every process of the terminal's group, and the launcher passes the signal on to
+    # the ranks too: a rank unwinds once (its loader workers and their semaphores closed), quietly,
+    # since an interrupted collective or loader would print a traceback the launcher's one line is
+    # there to replace.
+    signal.signal(signal.SIGINT, _stop_quietly)
+    signal.signal(signal.SIGTERM, _stop_quietly)
     env = DistEnv.from_env()
     try:
         return train(cfg, env)
@@ -154,7 +222,31 @@ def default_log_dir(cfg: TrainConfig) -> str:
     if cfg.resume:
         path = Path(cfg.resume)
         return str(path if path.is_dir() else path.parent)
-    return str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+    stamp = Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    folder, n = stamp, 2
+    while holds_run(folder):  # two runs started within one second
+        folder, n = stamp.with_name(f"{stamp.name}-{n}"), n + 1
+    return str(folder)
+
+
+def write_options(log_dir: Path, cfg: TrainConfig, env: DistEnv) -> Path:
+    """Record what this run (or this resume of it) ran with: options.json, then options-resume-N.json."""
+    path, n = log_dir / "options.json", 1
+    while path.exists():
+        path, n = log_dir / f"options-resume-{n}.json", n + 1
+    from pipeline import __version__
+
+    record = {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "clipstream": __version__,
+        "command": sys.argv,
+        "world_size": env.world_size,
+        "options": dataclasses.asdict(cfg),
+    }
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(record, indent=1, default=str) + "\n")
+    os.replace(tmp, path)
+    return path
 
 
 def resolve_checkpoint(resume: str) -> str:
@@ -195,7 +287,7 @@ def evaluate(model, test: ShardSet, cfg: TrainConfig, env: DistEnv, device, chan
     num_classes = len(test.classes)
     k = min(5, num_classes)
     clips: dict[str, list] = {}  # key -> [label, summed softmax, view-0 logits]
-    skipped = 0
+    skipped, faults = 0, []
     was_training = model.training
     model_input = ModelInput(device, channels_last)
     model.eval()
@@ -203,6 +295,7 @@ def evaluate(model, test: ShardSet, cfg: TrainConfig, env: DistEnv, device, chan
         loader = ClipLoader.from_config(test, cfg.stream, env.rank, env.world_size, split="test", pin_memory=device.type == "cuda", copy=False)
         for batch in loader.epoch(0):
             skipped += sum(f["samples"] for f in batch["faults"])
+            faults += batch["faults"]
             if batch["frames"] is None:
                 continue
             with autocast:
@@ -240,6 +333,7 @@ def evaluate(model, test: ShardSet, cfg: TrainConfig, env: DistEnv, device, chan
         "per_class": per_class,
         "clips": n,
         "skipped": int(extra.item()),
+        "faults": faults,
     }
 
 
@@ -278,23 +372,58 @@ def _broadcast_text(text: str, env: DistEnv, device) -> str:
     return bytes(buf.cpu().tolist()).rstrip(b"\0").decode()
 
 
+_CHECKPOINT_FIELDS = {"model": dict, "optimizer": dict, "step": int, "opt_step": int, "epoch": int, "step_in_epoch": int, "rng": dict, "run": dict}
+
+
+def read_checkpoint(path: str) -> dict:
+    """A checkpoint `save_checkpoint` wrote, its fields checked; anything else (another program's
+    file, a text file, a pickle of arbitrary objects, which is never unpickled) is one line.
+    torch's own messages run to a dozen lines and advise weights_only=False, which we never use."""
+
+    def not_ours(why: str) -> UserError:
+        return UserError(f"cannot load checkpoint {path!r}: it is not a clipstream checkpoint ({why})")
+
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "unsupported global" in str(e).lower():
+            raise not_ours("it holds Python objects, which clipstream never unpickles") from None
+        raise not_ours("not a file torch.save wrote") from None
+    except (OSError, EOFError) as e:
+        raise UserError(f"cannot load checkpoint {path!r}: {getattr(e, 'strerror', None) or e}") from None
+    except Exception:  # torch raises KeyError, RuntimeError, ValueError ... for foreign files
+        raise not_ours("not a file torch.save wrote") from None
+    if not isinstance(ckpt, dict):
+        raise not_ours(f"it holds a {type(ckpt).__name__}")
+    if ckpt.get("version") != CHECKPOINT_VERSION:
+        raise not_ours(f"format version {str(ckpt.get('version'))[:20]}, expected {CHECKPOINT_VERSION}")
+    wrong = [k for k, kind in _CHECKPOINT_FIELDS.items() if not isinstance(ckpt.get(k), kind)]
+    run = ckpt.get("run") if isinstance(ckpt.get("run"), dict) else {}
+    if not isinstance(run.get("model"), str) or not isinstance(run.get("classes"), list):
+        wrong.append("run")
+    if not isinstance(ckpt.get("rng", {}).get("torch") if isinstance(ckpt.get("rng"), dict) else None, torch.Tensor):
+        wrong.append("rng")
+    if wrong:
+        raise not_ours("missing or malformed " + ", ".join(sorted(set(wrong))))
+    return ckpt
+
+
 def load_resume(path: str, run_identity: dict, model, optimizer, env: DistEnv, use_cuda: bool) -> dict:
     """Load a checkpoint into `model` and `optimizer` (and this rank's RNG state); returns its
     position {'step', 'opt_step', 'epoch', 'step_in_epoch'}. Nothing is unpickled (weights_only)."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"cannot load checkpoint {path!r}: {e}") from None
-    if not isinstance(ckpt, dict) or ckpt.get("version") != CHECKPOINT_VERSION:
-        raise UserError(f"{path!r} is not a clipstream v{CHECKPOINT_VERSION} checkpoint")
+    ckpt = read_checkpoint(path)
     saved = ckpt["run"]
     if saved["model"] != run_identity["model"] or saved["classes"] != run_identity["classes"]:
         raise UserError(f"checkpoint {path!r} is of model {saved['model']!r} on {len(saved['classes'])} classes")
     if ckpt["step_in_epoch"] > 0 and saved != run_identity:
         changed = sorted(k for k in {*saved, *run_identity} if saved.get(k) != run_identity.get(k))
         raise UserError(f"checkpoint {path!r} stopped mid-epoch; resuming it needs the same {', '.join(changed)}")
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
+    try:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"checkpoint {path!r} does not fit model {saved['model']!r}: {first[:200]}") from None
     if env.rank < len(ckpt["rng"]["torch"]):
         # A row of the stacked states is a view at an offset; set_rng_state reads from the start of
         # its storage (rank 1 of a two-rank resume crashed with SIGSEGV), so hand it a copy.
@@ -315,22 +444,49 @@ class BadClipBudget:
     def new_epoch(self, planned_clips: int) -> None:
         self.epoch_bad, self.limit = 0, self.cfg.bad_limit(planned_clips)
 
+    def write(self, faults: list[dict], epoch: int, step: int, **extra) -> None:
+        if not faults:
+            return  # no empty log: its presence says this rank met faults
+        with open(self.log, "a") as f:
+            for fault in faults:
+                f.write(json.dumps({"epoch": epoch, "step": step, **extra, **fault}) + "\n")
+
     def add(self, faults: list[dict], epoch: int, step: int) -> None:
         if not faults:
             return
         bad = sum(f["samples"] for f in faults)
         self.total += bad
         self.epoch_bad += bad
-        with open(self.log, "a") as f:
-            for fault in faults:
-                f.write(json.dumps({"epoch": epoch, "step": step, **fault}) + "\n")
-                self.say(f"warning: skipped {fault['what']}: {fault['reason']}")
+        self.write(faults, epoch, step)
+        for fault in faults:
+            self.say(f"warning: skipped {fault['what']}: {fault['reason']}")
         if self.epoch_bad > self.limit:
             last = faults[-1]
             raise UserError(
                 f"rank {self.rank}: {self.epoch_bad} unreadable clips in epoch {epoch + 1}, more than --max-bad {self.cfg.stream.max_bad:g} allows "
                 f"({self.limit}); last: {last['what']}: {last['reason']} (all in {self.log})"
             )
+
+
+def check_eval_faults(result: dict, faults: list[dict], test: ShardSet, cfg: TrainConfig, bad_clips: "BadClipBudget", log_dir: Path, epoch: int, step: int, say) -> None:
+    """Test clips an evaluation could not read: written to the rank's faults log, warned about in one
+    line (an accuracy over a subset is not the accuracy), and held against --max-bad as in training.
+    `result["skipped"]` is summed over ranks, so every rank decides alike (no rank left waiting)."""
+    bad_clips.write(faults, epoch - 1, step, split="test")
+    skipped = result["skipped"]
+    if not skipped:
+        return
+    planned = test.samples if all(s.samples >= 0 for s in test.shards) else result["clips"] + skipped
+    what = sorted({f["what"] for f in faults if f["samples"]})  # shards, or shard:key for single clips
+    named = ", ".join(what[:3]) + (f" and {len(what) - 3} more" if len(what) > 3 else "") if what else "on other ranks"
+    where = f"{log_dir}/faults-rank*.jsonl"
+    limit = cfg.bad_limit(planned)
+    if skipped > limit:
+        raise UserError(
+            f"evaluation after epoch {epoch}: {skipped} of {planned} test clips unreadable ({named}), more than --max-bad "
+            f"{cfg.stream.max_bad:g} allows ({limit}); accuracy on the rest would mislead (all in {where})"
+        )
+    say(f"warning: evaluation after epoch {epoch} skipped {skipped} of {planned} test clips ({named}): accuracy is on the other {result['clips']}; named in {where}")
 
 
 class Meter:
@@ -380,7 +536,8 @@ def train(cfg: TrainConfig, env: DistEnv) -> dict:
     from pipeline.progress import progress
 
     started = time.perf_counter()
-    say = (lambda msg: tqdm.write(msg, file=sys.stdout)) if env.rank == 0 else (lambda msg: None)
+    # printable: keys, member names and class names in messages come from shards and the index
+    say = (lambda msg: tqdm.write(printable(msg), file=sys.stdout)) if env.rank == 0 else (lambda msg: None)
 
     # --- process group ----------------------------------------------------------------------
     device = pick_device(cfg.device, env.local_rank)
@@ -414,6 +571,7 @@ def train(cfg: TrainConfig, env: DistEnv) -> dict:
     log_dir = Path(_broadcast_text(default_log_dir(cfg), env, device))
     if env.rank == 0:
         log_dir.mkdir(parents=True, exist_ok=True)
+        write_options(log_dir, cfg, env)
     if env.world_size > 1:
         dist.barrier()
     metrics = open(log_dir / "metrics.jsonl", "a") if env.rank == 0 else None
@@ -513,7 +671,11 @@ def train(cfg: TrainConfig, env: DistEnv) -> dict:
             meter.reset()
             for in_epoch in range(first, steps_per[epoch]):
                 t0 = time.perf_counter()
-                batch = next(batches, None)
+                try:
+                    batch = next(batches, None)
+                except WorkerGaveUp as e:
+                    bad_clips.write(e.faults, epoch, step)  # the message points at the log: it must hold them
+                    raise UserError(f"rank {env.rank}: {e}; named in {bad_clips.log}") from None
                 t1 = time.perf_counter()
                 if batch is None or batch["frames"] is None or len(batch["key"]) != sc.batch_size:
                     raise UserError(f"rank {env.rank}: training stream of epoch {epoch + 1} ended after {in_epoch} of {steps_per[epoch]} batches")
@@ -568,9 +730,16 @@ def train(cfg: TrainConfig, env: DistEnv) -> dict:
             epochs_done = epoch + 1
             if data.test.shards and (epochs_done == cfg.epochs or (cfg.eval_every and epochs_done % cfg.eval_every == 0)):
                 last_eval = evaluate(model, data.test, cfg, env, device, channels_last, autocast)
+                eval_faults = last_eval.pop("faults")
                 record("eval", step=step, epoch=epochs_done, **last_eval)
+                try:
+                    check_eval_faults(last_eval, eval_faults, data.test, cfg, bad_clips, log_dir, epochs_done, step, say)
+                except UserError:
+                    checkpoint(epochs_done, 0)  # the epoch is trained: keep it (every rank raises alike)
+                    raise
                 if last_eval["clips"]:
-                    per_class = ", ".join(f"{n} {a:.0%}" for n, a in last_eval["per_class"].items() if a is not None)
+                    # every class, so that one without any test clip left shows, not drops out
+                    per_class = ", ".join(f"{n} {'n/a' if a is None else f'{a:.0%}'}" for n, a in last_eval["per_class"].items())
                     views = "" if last_eval["views"] == "1x1" else (
                         f" over {last_eval['views']} views (one view: top-1 {last_eval['single_top1']:.1%}, top-5 {last_eval['single_top5']:.1%})"
                     )
@@ -607,7 +776,10 @@ def train(cfg: TrainConfig, env: DistEnv) -> dict:
     if summary["top1"] is not None:
         say(f"done: test top-1 {summary['top1']:.1%}, top-5 {summary['top5']:.1%}; {summary['clips_per_s']:.1f} clips/s, data wait {summary['data_wait']:.0%}, {summary['wall_s']:.0f} s")
     if summary["bad_samples"]:
-        say(f"warning: {summary['bad_samples']} unreadable clips replaced or skipped, named in {log_dir}/faults-rank*.jsonl")
+        # Name the logs this machine can see: ranks on other machines write theirs to their own disks
+        # when LOG_DIR is not shared.
+        where = f"{log_dir}/faults-rank*.jsonl" if summary["fault_logs"] else f"faults-rankR.jsonl in {log_dir} of the machines whose ranks met them"
+        say(f"warning: {summary['bad_samples']} unreadable clips replaced or skipped, named in {where}")
     say(f"metrics: {log_dir / 'metrics.jsonl'}")
 
     # --- teardown ---------------------------------------------------------------------------

@@ -25,7 +25,7 @@ CASES = [
     ("pack_app", ["{tree}", "{file}/sub"], "not writable"),
     ("pack_app", ["{tree}", "{tmp}/o", "--part", "2..3"], "--part"),
     ("pack_app", ["{tree}", "{tmp}/o", "--shards", "0"], "--shards must be >= 1"),
-    ("pack_app", ["{tree}", "{tmp}/o", "--frames", "-3"], "--frames must be >= 1"),
+    ("pack_app", ["{tree}", "{tmp}/o", "--frames", "-3"], r"--frames must be >= 1, got -3"),
     ("pack_app", ["{tree}", "{tmp}/o", "--timeout", "0"], "--timeout must be > 0"),
     ("pack_app", ["{tree}", "{tmp}/o", "--workers", "0"], "--workers must be >= 1"),
     ("pack_app", ["{tree}", "{tmp}/o", "--quality", "high"], "Invalid value for '--quality'"),

@@ -108,6 +108,7 @@ class ClipDataset(wds.DataPipeline, wds.FluidInterface):
         )  # fmt: skip
         self.split, self.batch_size = split, batch_size
         self.source = resolve(self.cfg.shards, split, index, allow_pipe)
+        self.cfg.check_memory(self.source.frames, 1)  # each DataLoader worker builds its batches in memory of its own
         if split == "train":
             check_enough_shards(self.source.shards, self.cfg, self.world_size, 1)
         self.state = _PassState()

@@ -27,6 +27,15 @@ from pipeline.stream.sources import ShardSet, resolve, shard_name
 from pipeline.stream.workers import Closing
 
 
+class WorkerGaveUp(UserError):
+    """A loader worker stopped on bad data (every clip of its shards unreadable); `faults` are the
+    clips and shards it met since its last batch, for the caller to log."""
+
+    def __init__(self, message: str, faults: list[dict]):
+        super().__init__(message)
+        self.faults = faults
+
+
 def stream_config(
     shards, *, batch_size, crop, seed, resample, allow_pipe, shuffle_buffer=256, workers=None, prefetch=2, epoch_fill="pad", temporal="segment", test_views=(1, 1)
 ) -> StreamConfig:
@@ -89,6 +98,7 @@ class TrainProducer:
 
     def __call__(self, worker: int, ring) -> Iterator[dict]:
         epochs = itertools.count(self.start_epoch) if self.epochs is None else range(self.start_epoch, self.epochs)
+        faults = Faults()
         try:
             for epoch in epochs:
                 plans, schedule = self.schedule(epoch)
@@ -104,7 +114,7 @@ class TrainProducer:
                     keys, labels, repeats = clips.fill(rows[:n])
                     yield {"slot": slot, "n": n, "epoch": epoch, "key": keys, "label": labels, "repeat": repeats, "faults": faults.take()}
         except UserError as e:
-            yield {"fatal": str(e)}
+            yield {"fatal": str(e), "faults": faults.take()}  # the bad clips behind it, for the faults log
 
 
 def eval_clips(raw: Iterable[dict], crop: int, num_classes: int, faults: Faults, rows_for, views: tuple[int, int] = (1, 1)) -> Iterator[tuple]:
@@ -252,6 +262,7 @@ class ClipLoader(Closing):
             raise UserError(f"`split` must be 'train' or 'test', got {split!r}")
         self.source, self.cfg, self.split, self.rank, self.world_size = source, cfg, split, rank, world_size
         self.n_workers = max(1, cfg.workers or 0)
+        cfg.check_memory(source.frames, self.n_workers)  # before any buffer is allocated
         self.pin_memory, self.copy, self.epochs, self.start_method = pin_memory, copy, epochs, start_method
         if split == "train":
             check_enough_shards(source.shards, cfg, world_size, self.n_workers)
@@ -406,7 +417,7 @@ class ClipLoader(Closing):
     def _get(self, worker: int, epoch: int, n: int) -> dict:
         message = self.pool.get(worker)
         if "fatal" in message:
-            raise UserError(message["fatal"])
+            raise WorkerGaveUp(message["fatal"], message.get("faults", []))
         if message.get("epoch") != epoch or message.get("n") != n:
             raise RuntimeError(f"loader worker {worker} sent {message.get('n')} clips of epoch {message.get('epoch')}; expected {n} of epoch {epoch}")
         return message

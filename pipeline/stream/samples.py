@@ -16,9 +16,29 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from pipeline.shardformat import ShardFormatError, decode_jpegs
+from pipeline.shardformat import ShardFormatError, decode_jpegs, split_member_name
 from pipeline.stream.sources import Shard, open_shard
-from pipeline.stream.tar import tar_samples
+from pipeline.stream.tar import group_samples, tar_members, tar_samples
+
+STREAM_MEMBERS = ("jpgs", "cls")
+"""The members a training or evaluation clip is made of; the stream passes over any other member
+(its `.json`, a `.pickle`) without keeping it: it costs no memory however large it claims to be."""
+RAW_BYTES_HELD = 1 << 30
+"""Most bytes of raw samples a worker's shuffle buffer holds, and its refill keeps (each). Ordinary
+samples never come near it (256 clips of ~150 KB are 38 MB), but a .tar.gz of a few MB can hold
+samples of up to a GiB each (MAX_MEMBER_BYTES of zeros), and 256 of those would be 256 GiB."""
+
+
+def _not_streamed(name: str) -> bool:
+    suffix = split_member_name(name)[1]
+    return suffix is None or suffix.lower() not in STREAM_MEMBERS
+
+
+def nbytes(sample) -> int:
+    """Bytes a raw sample holds (0 for anything that is not one)."""
+    if not isinstance(sample, dict):
+        return 0
+    return sum(len(v) for v in sample.values() if isinstance(v, (bytes, bytearray, memoryview)))
 
 
 class Faults:
@@ -41,7 +61,8 @@ def read_samples(shards: Iterable[Shard], allow_pipe: bool, faults: Faults) -> I
     """Raw samples of each shard in turn.
 
     A shard that cannot be opened or breaks off is a fault worth its missing samples (per the index),
-    not the end of the run; `tar_samples` does the parsing and grouping.
+    not the end of the run; the tar reader does the parsing and grouping. Members other than
+    STREAM_MEMBERS are passed over unread (they stand in the sample as their tar.Member, no bytes).
     """
     for shard in shards:
         seen = 0
@@ -51,7 +72,7 @@ def read_samples(shards: Iterable[Shard], allow_pipe: bool, faults: Faults) -> I
             faults.add(shard.url, f"cannot open: {e}", max(shard.samples, 0))
             continue
         try:
-            for sample in tar_samples(stream, shard.url):
+            for sample in group_samples(tar_members(stream, skip=_not_streamed), shard.url):
                 seen += 1
                 yield sample
         except Exception as e:
@@ -94,16 +115,26 @@ def resampled_shards(shards: tuple[Shard, ...], rng: np.random.Generator) -> Ite
         yield shards[int(rng.integers(len(shards)))]
 
 
-def shuffle(src: Iterable, buffer: int, rng: np.random.Generator) -> Iterator:
-    """Reservoir shuffle: fill `buffer` items, then emit a random one for every one read."""
+def shuffle(src: Iterable, buffer: int, rng: np.random.Generator, max_bytes: int | None = None) -> Iterator:
+    """Reservoir shuffle: fill `buffer` items, then emit a random one for every one read; while the
+    raw samples held exceed `max_bytes` (default RAW_BYTES_HELD), emit random ones instead of
+    holding them (ordinary samples never get there, so their order is as without the bound)."""
+    max_bytes = RAW_BYTES_HELD if max_bytes is None else max_bytes
     held: list = []
+    size = 0
     for item in src:
         if len(held) < buffer:
             held.append(item)
-            continue
-        i = int(rng.integers(buffer))
-        held[i], item = item, held[i]
-        yield item
+            size += nbytes(item)
+        else:
+            i = int(rng.integers(buffer))
+            held[i], item = item, held[i]
+            size += nbytes(held[i]) - nbytes(item)
+            yield item
+        while size > max_bytes and len(held) > 1:
+            out = held.pop(int(rng.integers(len(held))))
+            size -= nbytes(out)
+            yield out
     while held:
         yield held.pop(int(rng.integers(len(held))))
 
@@ -114,12 +145,16 @@ REFILL_KEPT = 256
 
 def fit_to_quota(src: Iterable[dict], quota: int) -> Iterator[dict]:
     """Exactly `quota` raw samples: surplus cut; a shortfall (`pad`'s top-up, lost shards) filled by
-    cycling over the last REFILL_KEPT samples delivered, each marked '__repeat__', so the rank
-    still runs its planned steps (and a worker's memory does not grow with its share of the epoch)."""
-    recent: collections.deque = collections.deque(maxlen=REFILL_KEPT)
-    delivered = 0
+    cycling over the last REFILL_KEPT samples delivered (at most RAW_BYTES_HELD of them), each
+    marked '__repeat__', so the rank still runs its planned steps (and a worker's memory does not
+    grow with its share of the epoch)."""
+    recent: collections.deque = collections.deque()
+    kept = delivered = 0
     for sample in itertools.islice(src, quota):
         recent.append(sample)
+        kept += nbytes(sample)
+        while len(recent) > REFILL_KEPT or (kept > RAW_BYTES_HELD and len(recent) > 1):
+            kept -= nbytes(recent.popleft())
         delivered += 1
         yield sample
     if delivered == quota or not recent:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import http.client
 import io
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -25,6 +26,13 @@ from pipeline.shardformat import INDEX_NAME
 
 HTTP_TIMEOUT_S = 60
 HTTP_ATTEMPTS = 3
+HTTP_SHARD_DEADLINE_S = 120.0
+"""Every HTTP(S) shard must arrive whole within this many seconds plus its size at
+HTTP_MIN_BYTES_PER_S (all its connections together): HTTP_TIMEOUT_S bounds one read only, and a
+server sending a byte every few seconds would hold a loader worker, and the run, for ever."""
+HTTP_MIN_BYTES_PER_S = 64 << 10
+HTTP_UNKNOWN_SIZE_DEADLINE_S = 3600.0
+"""The deadline of a shard served without Content-Length."""
 SPLITS = ("train", "test")
 
 
@@ -81,10 +89,21 @@ def _check_scheme(url: str, allow_pipe: bool) -> None:
         objectstore.filesystem(url)  # UserError for an unknown scheme or a missing extra
 
 
+def _is_file(path: Path) -> bool:
+    """Path.is_file, False for any path the system cannot even look up (a name too long for it)."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False
+
+
 def _is_folder(pattern: str) -> bool:
     local = local_path(pattern)
     if local is not None:
-        return local.is_dir()
+        try:
+            return local.is_dir()
+        except OSError:  # e.g. ENAMETOOLONG: not a folder, and the pattern is checked as a pattern
+            return False
     if pattern.endswith("/"):
         return scheme(pattern) in ("http", "https") or is_object_store(pattern)
     # `s3://bucket/hmdb51` names the packed folder as well as `s3://bucket/hmdb51/` does (one
@@ -111,7 +130,7 @@ def expand_shards(patterns: Iterable[str], allow_pipe: bool) -> list[str]:
         for url in expanded:
             _check_scheme(url, allow_pipe)
         local = [u for u in expanded if local_path(u) is not None]
-        missing = [u for u in local if not local_path(u).is_file()]
+        missing = [u for u in local if not _is_file(local_path(u))]
         if missing and len(missing) == len(expanded):
             raise UserError(f"no shards match {pattern!r}")
         if missing:
@@ -191,9 +210,12 @@ def read_index(location: str) -> dict:
     try:
         local = local_path(location)
         if local is not None:
-            if local.is_file() and local.stat().st_size > MAX_INDEX_BYTES:
+            if local.exists() and not local.is_file():  # a folder, a FIFO (open would wait), /dev/zero
+                raise UserError(f"cannot read index {location!r}: not a regular file")
+            with open(local, "rb") as f:
+                raw = f.read(MAX_INDEX_BYTES + 1)  # bounded whatever stat says
+            if len(raw) > MAX_INDEX_BYTES:
                 raise UserError(f"index {location!r} is larger than {MAX_INDEX_BYTES} bytes")
-            raw = local.read_bytes()
         elif is_object_store(location):
             raw = objectstore.read_bytes(location, MAX_INDEX_BYTES, what="index")
         else:
@@ -299,6 +321,10 @@ def _urlopen(request: urllib.request.Request):
     return with_retries(lambda: urllib.request.urlopen(request, timeout=HTTP_TIMEOUT_S))
 
 
+class ShardDeadline(ConnectionError):
+    """An HTTP(S) shard did not arrive within its deadline (see HTTP_SHARD_DEADLINE_S)."""
+
+
 class _ResumingHTTPBody(io.RawIOBase):
     """The body of one HTTP(S) shard, surviving dropped connections: a read that fails, or ends
     before Content-Length, re-requests the rest (HTTP_ATTEMPTS connections in all) with a Range
@@ -307,9 +333,12 @@ class _ResumingHTTPBody(io.RawIOBase):
 
     def __init__(self, url: str):
         self.url, self.pos, self.attempts = url, 0, 1
+        started = time.monotonic()
         self.response = _urlopen(urllib.request.Request(url))
         length = self.response.headers.get("Content-Length")
         self.length = int(length) if length and length.isdigit() else None
+        budget = HTTP_SHARD_DEADLINE_S + self.length / HTTP_MIN_BYTES_PER_S if self.length is not None else HTTP_UNKNOWN_SIZE_DEADLINE_S
+        self.budget, self.deadline = budget, started + budget
 
     def readable(self) -> bool:
         return True
@@ -325,15 +354,32 @@ class _ResumingHTTPBody(io.RawIOBase):
                     raise ConnectionError(f"{self.url} ended after {self.pos - left} bytes on a retry")
                 left -= len(chunk)
 
+    def _read_some(self, buffer) -> int:
+        """One socket read's worth (read1, not readinto, which waits until the buffer is full), so
+        the deadline is checked between reads; the read itself is bounded by what is left of it."""
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise ShardDeadline(f"{self.url}: not read whole within {self.budget:.0f} s ({self.pos} of {self.length or '?'} bytes arrived)")
+        sock = getattr(getattr(getattr(self.response, "fp", None), "raw", None), "_sock", None)
+        if sock is not None:
+            sock.settimeout(min(HTTP_TIMEOUT_S, max(left, 0.01)))
+        data = self.response.read1(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
     def readinto(self, buffer) -> int:
         while True:
             try:
-                n = self.response.readinto(buffer)
+                n = self._read_some(buffer)
                 if n == 0 and len(buffer) and self.length is not None and self.pos < self.length:
                     raise ConnectionError(f"connection closed after {self.pos} of {self.length} bytes")
                 self.pos += n
                 return n
+            except ShardDeadline:
+                raise
             except (OSError, http.client.HTTPException) as e:
+                if time.monotonic() >= self.deadline:
+                    raise ShardDeadline(f"{self.url}: not read whole within {self.budget:.0f} s ({self.pos} of {self.length or '?'} bytes arrived)") from None
                 if self.attempts >= HTTP_ATTEMPTS:
                     raise ConnectionError(f"{e} ({self.attempts} connections tried)") from None
                 self.attempts += 1
