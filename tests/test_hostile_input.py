@@ -23,11 +23,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, assert_one_line_error, cli_command, cli_env, run_cli
+from conftest import assert_one_line_error, cli_command, cli_env, run_cli
 from pipeline import cli, read_shard
 from pipeline.config import StreamConfig
 from pipeline.errors import UserError
-from pipeline.shardformat import MAX_MEMBER_BYTES, ShardFormatError, parse_index
+from pipeline.shardformat import MAX_MEMBER_BYTES, parse_index
 from pipeline.stream import sources
 from pipeline.stream.samples import Faults, read_samples
 from pipeline.stream.sources import Shard
