@@ -82,14 +82,19 @@ class LocalDir:
         path = self.path / name
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.partial")
-        with open(tmp, "wb") as f:
-            f.write(data[: len(data) // 2])
-            f.flush()
-            midway()
-            f.write(data[len(data) // 2 :])
-            f.flush()
-            os.fsync(f.fileno())
-        publish(tmp, path)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data[: len(data) // 2])
+                f.flush()
+                midway()
+                f.write(data[len(data) // 2 :])
+                f.flush()
+                os.fsync(f.fileno())
+            publish(tmp, path)
+        except OSError as e:
+            # A full disk (or a quota, or a file size limit): one line, and no half-written file left.
+            tmp.unlink(missing_ok=True)
+            raise UserError(f"cannot write {path}: {e.strerror or e}; {len(data)} bytes were to be written") from None
 
     def delete(self, name: str) -> None:
         (self.path / name).unlink(missing_ok=True)

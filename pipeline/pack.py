@@ -442,10 +442,23 @@ def _clear(out: LocalDir | StoreDir, names: set[str]) -> None:
     out.delete_tree(f"{STATE_DIR}/state")
 
 
-def _shard_done(out: LocalDir | StoreDir, plan: ShardPlan) -> dict | None:
-    """The saved state of a complete shard, or None when it must be (re)written."""
+def _file_stamp(path: Path) -> list[int] | None:
+    """(size, mtime in ns) of an input file, None when it cannot be read."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns]
+
+
+def _shard_done(out: LocalDir | StoreDir, plan: ShardPlan, data_dir: Path) -> dict | None:
+    """The saved state of a complete shard, or None when it must be (re)written: missing, of another
+    size than recorded, or holding a clip that failed from a file that has changed since (fixed)."""
     try:
         saved = json.loads(out.read(f"{STATE_DIR}/state/{plan.name}.json") or b"null")
+        failed = saved.get("failed_inputs", {}) if saved is not None else {}
+        if any(_file_stamp(data_dir / source) != stamp for source, stamp in failed.items()):
+            return None
         if saved is not None and out.size(plan.name) == saved["bytes"]:
             return saved
     except (OSError, ValueError, KeyError, TypeError):
@@ -484,7 +497,7 @@ def run_pack(cfg: PackConfig, quiet: bool = False, log=_stderr) -> PackReport:
     _prepare_out_dir(cfg, out, fp, plans)
     part_i, part_n = cfg.part
     mine = [p for g, p in enumerate(plans) if g % part_n == part_i - 1]
-    todo = [p for p in mine if _shard_done(out, p) is None]
+    todo = [p for p in mine if _shard_done(out, p, cfg.data_dir) is None]
     report = PackReport(out_dir=cfg.out_dir, shards_total=len(plans), split_source=catalog.split_source)
     index_done = out.exists(INDEX_NAME) and out.exists(MANIFEST_NAME)
 
@@ -523,6 +536,8 @@ def run_pack(cfg: PackConfig, quiet: bool = False, log=_stderr) -> PackReport:
                         "bytes": len(data),
                         "sha256": hashlib.sha256(data).hexdigest(),
                         "rows": rows,
+                        # a failed clip's file as it was: a fixed file makes the shard be packed again
+                        "failed_inputs": {r["source"]: _file_stamp(cfg.data_dir / r["source"]) for r in rows if r["status"] == "failed"},
                     }
                     _atomic_write(out, f"{STATE_DIR}/state/{p.name}.json", _json_bytes(saved))
                     written, shard = shard_ends[shard], shard + 1
@@ -535,7 +550,7 @@ def run_pack(cfg: PackConfig, quiet: bool = False, log=_stderr) -> PackReport:
             bar.close()
         pool.close()
 
-    saved = {p.name: _shard_done(out, p) for p in plans}
+    saved = {p.name: _shard_done(out, p, cfg.data_dir) for p in plans}
     report.complete = all(saved.values())
     report.already_complete = not todo and index_done
     report.seconds = time.monotonic() - t0
@@ -553,6 +568,10 @@ def run_pack(cfg: PackConfig, quiet: bool = False, log=_stderr) -> PackReport:
     report.layout = catalog.layout
     report.videos = len(catalog.videos)
     return report
+
+
+def _utf8(text: str) -> str:
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _assemble(cfg: PackConfig, out: LocalDir | StoreDir, catalog: Catalog, plans: list[ShardPlan], saved: dict[str, dict]) -> list[dict]:
@@ -593,6 +612,9 @@ def _assemble(cfg: PackConfig, out: LocalDir | StoreDir, catalog: Catalog, plans
             ("split_source", pa.string()),
         ]
     )  # fmt: skip
+    # A file name the OS allows need not be UTF-8 (Python keeps its stray bytes as surrogates, which
+    # Parquet strings cannot hold): such bytes are written as \xNN, so the manifest is always written.
+    rows = [{k: _utf8(v) if isinstance(v, str) else v for k, v in r.items()} for r in rows]
     table = pa.Table.from_pylist(rows, schema=schema)
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="zstd")

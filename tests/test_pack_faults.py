@@ -170,3 +170,70 @@ def test_worker_pool_replaces_dead_and_hung_workers():
     assert results[1] == {"error": "decoder process died (exit code -9)"}
     assert results[3] == {"error": "decoding took longer than 2 s (time-out)"}
     assert {i: r for i, r in results.items() if i not in (1, 3)} == {i: {"value": t} for i, t in enumerate(tasks) if i not in (1, 3)}
+
+
+def test_a_file_name_that_is_not_utf8_still_gets_an_index_and_a_manifest(small_tree, copy_tree, tmp_path):
+    """Linux allows any bytes in a name; Parquet strings are UTF-8. Such a name crashed the pack after
+    every clip was decoded, with no index or manifest written (and again on every re-run)."""
+    root = copy_tree(small_tree)
+    good = next((root / "hmdb51_org" / "brush_hair").glob("*.avi")).read_bytes()
+    folder = os.fsencode(root / "hmdb51_org" / "brush_hair")
+    with open(folder + b"/strange \xff\xfe name_0.avi", "wb") as f:
+        f.write(good)
+    with open(os.fsencode(root / "testTrainMulti_7030_splits" / "brush_hair_test_split1.txt"), "ab") as f:
+        f.write(b"strange \xff\xfe name_0.avi 1 \n")
+    out = tmp_path / "out"
+    result = run_cli(pack_app, root, out, "--quiet", "--shards", "4")
+    assert result.exit_code == 0, result.output
+    assert (out / "index.json").exists()
+    rows = pq.read_table(out / "manifest.parquet").to_pylist()
+    strange = [r for r in rows if "strange" in r["source"]]
+    assert [r["source"].rsplit("/", 1)[1] for r in strange] == ["strange \\xff\\xfe name_0.avi"]
+    assert strange[0]["status"] == "packed"
+
+
+def test_a_video_that_failed_and_was_fixed_is_packed_on_the_next_run(small_tree, copy_tree, tmp_path):
+    root = copy_tree(small_tree)
+    source = next((root / "hmdb51_org" / "chew").glob("*.avi"))
+    good = source.read_bytes()
+    source.write_bytes(good[:300])  # damaged: the header only
+    out = tmp_path / "out"
+    first = run_cli(pack_app, root, out, "--quiet", "--shards", "4", "--max-failures", "1")
+    assert first.exit_code == 0, first.output
+    name = source.name
+
+    def status():
+        return {r["source"].rsplit("/", 1)[1]: r["status"] for r in pq.read_table(out / "manifest.parquet").to_pylist()}[name]
+
+    assert status() == "failed"
+    unchanged = run_cli(pack_app, root, out, "--quiet", "--shards", "4", "--max-failures", "1")
+    assert "nothing to do" in unchanged.stdout and status() == "failed"  # still broken: no work
+    source.write_bytes(good)  # fixed
+    again = run_cli(pack_app, root, out, "--quiet", "--shards", "4", "--max-failures", "1")
+    assert again.exit_code == 0, again.output
+    assert "nothing to do" not in again.stdout and "1/" in again.stdout  # its shard, packed again
+    assert status() == "packed"
+    keys = {s["meta"]["source"].rsplit("/", 1)[1] for p in out.glob("*.tar") for s in read_shard(p)}
+    assert name in keys
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_partial_file(small_tree, tmp_path):
+    """A file size limit (RLIMIT_FSIZE) makes the kernel refuse the write as a full disk does."""
+    import resource
+    import signal
+    import subprocess
+
+    from tests.conftest import cli_command, cli_env
+
+    def limited():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a kill, like ENOSPC
+        resource.setrlimit(resource.RLIMIT_FSIZE, (40_000, 40_000))
+
+    out = tmp_path / "out"
+    cmd = cli_command("pack_app") + [str(small_tree[0]), str(out), "--shards", "2", "--quiet"]
+    done = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=300, preexec_fn=limited)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: cannot write ") and "File too large" in lines[0], done.stderr
+    assert "Traceback" not in done.stderr
+    assert not list(out.rglob("*.partial")), "a half-written file was left behind"
