@@ -45,6 +45,14 @@ def segment_positions(stored: int, frames: int, seed: int, epoch: int, key: str)
     return out
 
 
+def training_positions(temporal: str, frames: int, seed: int, epoch: int, key: str):
+    """`choose(S)` for a training clip (see decode_clip): one frame per segment (`segment`), or
+    the evaluation frames (`fixed`)."""
+    if temporal == "segment":
+        return lambda stored: segment_positions(stored, frames, seed, epoch, key)
+    return lambda stored: view_positions(stored, frames)
+
+
 def view_positions(stored: int, frames: int, view: int = 0, views: int = 1) -> list[int]:
     """Evaluation frames. View 0 (and `fixed` training) is round(i*(S-1)/(T-1)): with S - 1 a
     multiple of T - 1, or every frame stored, exactly the source frames round(i*(n-1)/(T-1)).
@@ -198,11 +206,8 @@ class TrainClips:
         self.repeat: tuple[np.ndarray, str, int, int] | None = None  # (clip, key, label, rows still owed)
 
     def _decode(self, raw: dict, row: np.ndarray) -> int:
-        key, frames = raw["__key__"], len(row)
-        if self.temporal == "segment":
-            choose = lambda stored: segment_positions(stored, frames, self.seed, self.epoch, key)  # noqa: E731
-        else:
-            choose = lambda stored: view_positions(stored, frames)  # noqa: E731
+        key = raw["__key__"]
+        choose = training_positions(self.temporal, len(row), self.seed, self.epoch, key)
         return decode_sample(raw, self.crop, self.num_classes, clip_draw(self.seed, self.epoch, key), row, self.scratch, choose)
 
     def fill(self, rows: np.ndarray) -> tuple[list[str], list[int], list[bool]]:

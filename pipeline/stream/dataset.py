@@ -21,10 +21,10 @@ import webdataset as wds
 from pipeline.device import rank_and_world
 from pipeline.errors import UserError
 from pipeline.shardformat import ShardFormatError
-from pipeline.stream.clips import TrainClips, decode_sample, segment_positions, view_positions
-from pipeline.stream.loader import eval_clips, stream_config, worker_samples
-from pipeline.stream.plan import WorkerPlan, check_enough_shards, eval_plan, key_rank, train_plan
-from pipeline.stream.samples import Faults, read_samples
+from pipeline.stream.clips import TrainClips, decode_sample, training_positions
+from pipeline.stream.loader import eval_clips, stream_config, test_samples, worker_samples
+from pipeline.stream.plan import WorkerPlan, check_enough_shards, eval_plan, train_plan
+from pipeline.stream.samples import Faults
 from pipeline.stream.sources import resolve
 
 log = logging.getLogger("clipstream")
@@ -160,10 +160,7 @@ class ClipDataset(wds.DataPipeline, wds.FluidInterface):
             if self.split == "train":
                 yield from worker_samples(self.source, self.cfg, plan, now.epoch, now.rank, now.worker, now.faults)
                 continue
-            raw = read_samples(plan.shards, self.cfg.allow_pipe, now.faults)
-            if now.by_key:  # fewer test shards than ranks: only this rank's keys
-                raw = (s for s in raw if key_rank(s.get("__key__", ""), self.world_size) == self.rank)
-            yield from raw
+            yield from test_samples(plan.shards, self.cfg.allow_pipe, now.faults, now.by_key, self.rank, self.world_size)
 
     def _decode(self, raw: Iterator[dict]) -> Iterator[dict]:
         now = self.state.current
@@ -201,10 +198,8 @@ class ClipDataset(wds.DataPipeline, wds.FluidInterface):
         cfg, frames, classes, scratch = self.cfg, self.source.frames, len(self.source.classes), {}
         for sample in raw:
             key = sample.get("__key__", "?")
-            if self.split == "train" and cfg.temporal == "segment":
-                choose = lambda stored: segment_positions(stored, frames, cfg.seed, now.epoch, key)  # noqa: E731
-            else:
-                choose = lambda stored: view_positions(stored, frames)  # noqa: E731
+            temporal = cfg.temporal if self.split == "train" else "fixed"
+            choose = training_positions(temporal, frames, cfg.seed, now.epoch, key)
             try:
                 label, clip = decode_sample(sample, None, classes, None, None, scratch, choose)
             except ShardFormatError as e:

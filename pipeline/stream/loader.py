@@ -117,6 +117,15 @@ class TrainProducer:
             yield {"fatal": str(e), "faults": faults.take()}  # the bad clips behind it, for the faults log
 
 
+def test_samples(shards, allow_pipe: bool, faults: Faults, by_key: bool, rank: int, world_size: int) -> Iterator[dict]:
+    """The raw test samples a worker of `rank` reads from `shards` (see plan.eval_plan): all of them,
+    or with fewer test shards than ranks (`by_key`) only the keys that hash to this rank."""
+    raw = read_samples(shards, allow_pipe, faults)
+    if by_key:
+        raw = (s for s in raw if key_rank(s.get("__key__", ""), world_size) == rank)
+    return raw
+
+
 def eval_clips(raw: Iterable[dict], crop: int, num_classes: int, faults: Faults, rows_for, views: tuple[int, int] = (1, 1)) -> Iterator[tuple]:
     """Test clips decoded into rows handed out by `rows_for()` -> (handle, rows), K x C rows a clip
     for `views` (K temporal, C spatial; view 0 is the fixed frames and the centre crop): yields
@@ -127,8 +136,8 @@ def eval_clips(raw: Iterable[dict], crop: int, num_classes: int, faults: Faults,
     handle, rows, keys, labels, numbers, scratch = None, None, [], [], [], {}
     for sample in raw:
         key = sample.get("__key__", "?")
+        decoded = 0
         try:
-            decoded = []
             for v in range(temporal * spatial):
                 k, c = divmod(v, spatial)
                 if handle is None:
@@ -139,14 +148,14 @@ def eval_clips(raw: Iterable[dict], crop: int, num_classes: int, faults: Faults,
                 keys.append(key)
                 labels.append(label)
                 numbers.append(v)
-                decoded.append(v)
+                decoded += 1
                 if len(keys) == len(rows):
                     yield handle, keys, labels, numbers
                     handle, keys, labels, numbers = None, [], [], []
         except ShardFormatError as e:
             # A frame only a later view uses can fail after earlier views were delivered: the clip
             # then counts on those views, and the fault is named but not counted as a lost clip.
-            reason = f"{e} (evaluated on {len(decoded)} view(s))" if decoded else str(e)
+            reason = f"{e} (evaluated on {decoded} view(s))" if decoded else str(e)
             faults.add(f"{sample.get('__url__', '?')}:{key}", reason, 0 if decoded else 1)
     if keys:
         yield handle, keys, labels, numbers
@@ -165,9 +174,7 @@ class EvalProducer:
 
     def __call__(self, worker: int, ring) -> Iterator[dict]:
         faults = Faults()
-        raw = read_samples(self.per_worker[worker], self.cfg.allow_pipe, faults)
-        if self.by_key:  # fewer test shards than ranks: only this rank's keys
-            raw = (s for s in raw if key_rank(s.get("__key__", ""), self.world_size) == self.rank)
+        raw = test_samples(self.per_worker[worker], self.cfg.allow_pipe, faults, self.by_key, self.rank, self.world_size)
         for slot, keys, labels, views in eval_clips(raw, self.cfg.crop, len(self.source.classes), faults, ring.take, self.cfg.test_views):
             yield {"slot": slot, "n": len(keys), "key": keys, "label": labels, "view": views, "faults": faults.take()}
         if faults.pending:
