@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import gc
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Callable, Optional
@@ -50,8 +52,21 @@ class _OneLineUsageErrors(typer.core.TyperCommand):
         sys.exit(code if isinstance(code, int) else 0)
 
 
+class _Script(typer.Typer):
+    """A console script: calling it runs the command, and then the process ends."""
+
+    def __call__(self, *args, **kwargs):
+        try:
+            return super().__call__(*args, **kwargs)
+        finally:
+            # Keep what exists now out of the interpreter's last garbage collection, which otherwise
+            # walks every object numpy, PyAV, OpenCV and pyarrow made: measured on pack-shards here,
+            # 59 ms from the command's end to the process's, 19 ms with the freeze.
+            gc.freeze()
+
+
 def _app(fn: Callable) -> typer.Typer:
-    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
+    app = _Script(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
     app.command(help=fn.__doc__, cls=_OneLineUsageErrors)(one_line_errors(fn))
     return app
 
@@ -105,6 +120,9 @@ def pack_shards(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ):
     """Pack class folders of videos into frame-exact WebDataset tar shards."""
+    # Nothing in a pack multiplies matrices, and OpenBLAS starts a spinning thread per core when
+    # numpy is imported: 0.04 s of start-up and 0.15 s of CPU here. Set before numpy is first imported.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     from pipeline.config import PackConfig, default_workers
     from pipeline.pack import check_failures, run_pack
 
