@@ -164,14 +164,6 @@ def _wanted(n: int, t: int) -> set[int]:
     return set(clip_indices(n, t)) if n else set()
 
 
-_DECODER_THREADS = 2
-"""FFmpeg frame threads per pyav decode (same frames, same order as one thread). The recipe's
-OpenCV starts 3 per capture. Measured on this 2-core machine shared with other jobs, pack_clip over
-the 153 benchmark clips: one process 4.1-5.0 s with 1 thread, 4.5-4.8 s with 2; two processes at once
-6.0-10.4 s each with 1 thread, 6.0-7.3 s with 2 (where a process with more threads also gets a bigger
-share of cores other jobs use). 2 keeps a 16-worker pack at 32 threads."""
-
-
 def _pass_pyav(path: str, wanted: set[int], planes: bool = False):
     """One sequential decode: (frames kept by index, frames decoded, error or None, size).
 
@@ -183,11 +175,10 @@ def _pass_pyav(path: str, wanted: set[int], planes: bool = False):
     kept, count, error, size = {}, 0, None, None
     with av.open(path) as container:
         stream = container.streams.video[0]
-        if _DECODER_THREADS > 1:
-            stream.thread_type = "AUTO"
-            stream.codec_context.thread_count = _DECODER_THREADS
-        else:
-            stream.thread_type = "NONE"
+        # One decoder thread: pack-shards runs a worker per core. Measured on the 153 HMDB-shaped
+        # clips, whole packs alternated on the quiet 2-core machine: 2 FFmpeg frame threads took
+        # 2.60 s with 1 worker and 1.81 s with 2, one thread 2.32 s and 1.49 s (medians of 7).
+        stream.thread_type = "NONE"
         try:
             for frame in container.decode(stream):
                 if size is None:
