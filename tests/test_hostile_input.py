@@ -28,7 +28,7 @@ from pipeline import cli, read_shard
 from pipeline.config import StreamConfig
 from pipeline.errors import UserError
 from pipeline.shardformat import MAX_MEMBER_BYTES, parse_index
-from pipeline.stream import sources
+from pipeline.stream import httpio
 from pipeline.stream.samples import Faults, read_samples
 from pipeline.stream.sources import Shard
 from shardmaker import make_packed, shard_keys
@@ -309,8 +309,8 @@ class _Trickle:
 
 
 def test_a_slow_loris_server_is_cut_off_at_the_shard_deadline(packed, monkeypatch):
-    monkeypatch.setattr(sources, "HTTP_SHARD_DEADLINE_S", 1.5, raising=False)
-    monkeypatch.setattr(sources, "HTTP_MIN_BYTES_PER_S", 1 << 40, raising=False)  # the deadline is the 1.5 s alone
+    monkeypatch.setattr(httpio, "HTTP_SHARD_DEADLINE_S", 1.5)
+    monkeypatch.setattr(httpio, "HTTP_MIN_BYTES_PER_S", 1 << 40)  # the deadline is the 1.5 s alone
     faults, got = Faults(), []
     with _Trickle(packed / "000.tar") as url:
         started = time.monotonic()
@@ -327,9 +327,9 @@ def test_a_slow_loris_server_is_cut_off_at_the_shard_deadline(packed, monkeypatc
 def test_the_shard_deadline_grows_with_the_shard_size(packed):
     served = packed / "000.tar"
     with _Trickle(served, every=0.001) as url:
-        body = sources._ResumingHTTPBody(url)
+        body = httpio.ResumingBody(url)
         try:
-            assert body.budget == pytest.approx(sources.HTTP_SHARD_DEADLINE_S + served.stat().st_size / sources.HTTP_MIN_BYTES_PER_S)
+            assert body.budget == pytest.approx(httpio.HTTP_SHARD_DEADLINE_S + served.stat().st_size / httpio.HTTP_MIN_BYTES_PER_S)
         finally:
             body.close()
 

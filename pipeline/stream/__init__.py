@@ -2,6 +2,7 @@
 
 One job a file:
 - sources.py  URL schemes, shard patterns and packed folders, THE index reader, opening a shard
+- httpio.py   HTTP(S) reads: retries, resumed connections, deadlines (imported for http URLs only)
 - tar.py      THE tar reader (every tool uses it)
 - samples.py  raw-sample stages: read with fault counting, shuffle, quota, resume skip; read_shard
 - plan.py     epoch permutation, rank/worker split, steps per epoch, step schedule (pure)
