@@ -66,6 +66,26 @@ def test_kill_9_at_a_random_moment(small_tree, clean, tmp_path):
     assert _snapshot(out) == _snapshot(clean)
 
 
+def test_shard_records_lost_in_a_power_cut_only_repack_their_shards(small_tree, clean, tmp_path):
+    """A shard's record (.clipstream/state/NAME.json) is not fsynced: after a power cut it may be
+    missing, empty or cut short. Each such shard is packed again, and nothing else is."""
+    import shutil
+
+    root, _ = small_tree
+    out = tmp_path / "out"
+    shutil.copytree(clean, out)
+    state = out / ".clipstream" / "state"
+    (state / "001.tar.json").unlink()
+    (state / "003.tar.json").write_bytes(b"")
+    record = (state / "test-001.tar.json").read_bytes()
+    (state / "test-001.tar.json").write_bytes(record[: len(record) // 2])
+    result = run_cli(pack_app, root, out, *ARGS)
+    assert result.exit_code == 0, result.output
+    assert "3/8 shards written this run" in result.stdout
+    assert _snapshot(out) == _snapshot(clean)
+    assert (state / "test-001.tar.json").read_bytes() == record
+
+
 def test_one_worker_gives_the_same_bytes(small_tree, clean, tmp_path):
     root, _ = small_tree
     result = run_cli(pack_app, root, tmp_path / "one", *ARGS, "--workers", "1")
