@@ -8,11 +8,8 @@ import os
 import pickle
 import shutil
 import tarfile
-import threading
 import time
 import tracemalloc
-from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +19,7 @@ import torch
 
 from conftest import run_cli
 from pipeline.stream import clips, plan, sources
+import httpkit
 import streamkit
 from pipeline import read_shard, train
 from pipeline.cli import train_app
@@ -160,38 +158,22 @@ def test_faults_reach_the_log_and_the_summary_and_max_bad_stops_the_run(copy, tm
 # --- 2. remote shards -------------------------------------------------------------------------
 
 
-class _Server:
-    """A real ThreadingHTTPServer on 127.0.0.1 (port 0) serving `folder`; `drop` = (shard name, bytes,
-    'once' | 'always') closes that shard's connection after so many bytes of its body."""
+def _server(folder: Path, drop=None):
+    """httpkit.serve(folder); `drop` = (shard name, bytes, 'once' | 'always') closes that shard's
+    connection after so many bytes of its body."""
+    dropped = []
 
-    def __init__(self, folder: Path, drop=None):
-        served = {"drops": 0}
+    class Dropping(httpkit.Quiet):
+        def copyfile(self, source, outputfile):
+            if drop and self.path.endswith("/" + drop[0]) and (drop[2] == "always" or not dropped):
+                dropped.append(self.path)
+                outputfile.write(source.read(drop[1]))
+                outputfile.flush()
+                self.close_connection = True
+                return
+            shutil.copyfileobj(source, outputfile)
 
-        class Handler(SimpleHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def copyfile(self, source, outputfile):
-                if drop and self.path.endswith("/" + drop[0]) and (drop[2] == "always" or served["drops"] == 0):
-                    served["drops"] += 1
-                    outputfile.write(source.read(drop[1]))
-                    outputfile.flush()
-                    self.close_connection = True
-                    return
-                shutil.copyfileobj(source, outputfile)
-
-        self.served = served
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(Handler, directory=str(folder)))
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join(timeout=10)
+    return httpkit.serve(folder, Dropping)
 
 
 def _keys(batches):
@@ -202,7 +184,7 @@ def _keys(batches):
 def test_http_shards_stream_like_local_files_and_survive_dropped_connections(packed, drop, faults):
     local = epoch_batches(streamkit.resolve(cfg_for(packed)), cfg_for(packed))
     size = (packed / "002.tar").stat().st_size
-    with _Server(packed, drop=("002.tar", size // 2, drop) if drop else None) as base:
+    with _server(packed, drop=("002.tar", size // 2, drop) if drop else None) as base:
         cfg = StreamConfig(shards=(f"{base}/<000..007>.tar",), batch_size=4, workers=2, crop=24, shuffle_buffer=8)
         started = time.monotonic()
         got = epoch_batches(streamkit.resolve(cfg), cfg)
@@ -219,10 +201,10 @@ def test_http_shards_stream_like_local_files_and_survive_dropped_connections(pac
 
 def test_a_dropped_connection_is_retried_from_where_it_broke(packed):
     data = (packed / "004.tar").read_bytes()
-    with _Server(packed, drop=("004.tar", 3000, "once")) as base:
+    with _server(packed, drop=("004.tar", 3000, "once")) as base:
         with sources.open_shard(f"{base}/004.tar", False) as f:
             assert f.read() == data
-    with _Server(packed, drop=("004.tar", 3000, "always")) as base:
+    with _server(packed, drop=("004.tar", 3000, "always")) as base:
         with pytest.raises(ConnectionError, match="3 connections tried"):
             with sources.open_shard(f"{base}/004.tar", False) as f:
                 f.read()

@@ -2,6 +2,7 @@
 never runs a command, never allocates what a number claims, never stalls training for ever, never
 prints a traceback or a raw escape sequence, and nothing is lost or mixed without a word."""
 
+import contextlib
 import copy as copy_module
 import hashlib
 import io
@@ -16,13 +17,13 @@ import threading
 import time
 import zipfile
 import zlib
-from functools import partial
-from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
 import torch
 
+import httpkit
 from conftest import assert_one_line_error, cli_command, cli_env, run_cli
 from pipeline import cli, read_shard
 from pipeline.config import StreamConfig
@@ -268,51 +269,42 @@ def test_the_library_bounds_batch_memory_at_loader_construction(packed):
 # --- 4. a slow HTTP server cannot stall training ----------------------------------------------
 
 
-class _Trickle:
+@contextlib.contextmanager
+def _trickle(shard: Path, every: float = 0.05):
     """A real HTTP server on 127.0.0.1 that sends its shard's headers at once, then one byte every
     `every` seconds: each read succeeds well within any read time-out, the shard never ends."""
+    data = shard.read_bytes()
+    stop = threading.Event()
 
-    def __init__(self, shard: Path, every: float = 0.05):
-        data = shard.read_bytes()
-        self.stop = threading.Event()
-        stop = self.stop
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
+        def do_GET(self):  # noqa: N802 - http.server's name
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            for i in range(len(data)):
+                if stop.wait(every):
+                    return
+                try:
+                    self.wfile.write(data[i : i + 1])
+                    self.wfile.flush()
+                except OSError:
+                    return
 
-            def do_GET(self):
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                for i in range(len(data)):
-                    if stop.wait(every):
-                        return
-                    try:
-                        self.wfile.write(data[i : i + 1])
-                        self.wfile.flush()
-                    except OSError:
-                        return
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}/000.tar"
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        self.httpd.shutdown()
-        self.httpd.server_close()
+    with httpkit.serve(handler=Handler) as base:
+        try:
+            yield f"{base}/000.tar"
+        finally:
+            stop.set()  # before the server's shutdown, which waits for nothing but its own loop
 
 
 def test_a_slow_loris_server_is_cut_off_at_the_shard_deadline(packed, monkeypatch):
     monkeypatch.setattr(httpio, "HTTP_SHARD_DEADLINE_S", 1.5)
     monkeypatch.setattr(httpio, "HTTP_MIN_BYTES_PER_S", 1 << 40)  # the deadline is the 1.5 s alone
     faults, got = Faults(), []
-    with _Trickle(packed / "000.tar") as url:
+    with _trickle(packed / "000.tar") as url:
         started = time.monotonic()
         reader = threading.Thread(target=lambda: got.extend(read_samples([Shard(url, 6)], False, faults)), daemon=True)
         reader.start()
@@ -326,7 +318,7 @@ def test_a_slow_loris_server_is_cut_off_at_the_shard_deadline(packed, monkeypatc
 
 def test_the_shard_deadline_grows_with_the_shard_size(packed):
     served = packed / "000.tar"
-    with _Trickle(served, every=0.001) as url:
+    with _trickle(served, every=0.001) as url:
         body = httpio.ResumingBody(url)
         try:
             assert body.budget == pytest.approx(httpio.HTTP_SHARD_DEADLINE_S + served.stat().st_size / httpio.HTTP_MIN_BYTES_PER_S)
@@ -729,38 +721,25 @@ def test_a_listed_shard_that_is_a_folder_or_a_symlink_loop_is_one_line_at_the_st
     no_traceback(result)
 
 
-class _Status:
-    """A real HTTP server on 127.0.0.1 serving `folder`, answering `status` for names in `refuse`."""
+def _refusing(folder: Path, refuse: set, status: int):
+    """httpkit.serve(folder), answering `status` for the names in `refuse`."""
 
-    def __init__(self, folder: Path, refuse: set, status: int):
-        class Handler(SimpleHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
+    class Refusing(httpkit.Quiet):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            if self.path.rsplit("/", 1)[-1] in refuse:
+                self.send_error(status)
+                return
+            super().do_GET()
 
-            def do_GET(self):
-                if self.path.rsplit("/", 1)[-1] in refuse:
-                    self.send_error(status)
-                    return
-                super().do_GET()
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(Handler, directory=str(folder)))
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+    return httpkit.serve(folder, Refusing)
 
 
 @pytest.mark.parametrize("status", [403, 404])
 def test_http_refusals_are_one_line(packed, tmp_path, status):
-    with _Status(packed, {"index.json"}, status) as base:
+    with _refusing(packed, {"index.json"}, status) as base:
         result = run_cli(cli.train_app, "--shards", f"{base}/<000..007>.tar", *SMALL, "--epochs", "1", "--log-dir", tmp_path / "a")
         assert_one_line_error(result, rf"cannot read index '{base}/index.json': HTTP Error {status}")
-    with _Status(packed, {"005.tar"}, status) as base:  # a shard refused mid-run: a broken shard
+    with _refusing(packed, {"005.tar"}, status) as base:  # a shard refused mid-run: a broken shard
         result = run_cli(cli.train_app, "--shards", f"{base}/<000..007>.tar", *SMALL, "--epochs", "1", "--log-dir", tmp_path / "b")
         assert_one_line_error(result, rf"more than --max-bad 0.01 allows \(0\); last: {base}/005.tar: cannot open: HTTP Error {status}")
 

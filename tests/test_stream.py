@@ -1,8 +1,5 @@
 import json
 import shutil
-import threading
-from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +7,7 @@ import pytest
 import simplejpeg
 
 from pipeline.stream import clips, plan, sources
+import httpkit
 import streamkit
 from pipeline.config import StreamConfig
 from pipeline.errors import UserError
@@ -343,12 +341,7 @@ def test_a_corrupt_sample_is_replaced_counted_and_named(tmp_path, packed):
 
 
 def test_streams_over_http(packed):
-    handler = partial(SimpleHTTPRequestHandler, directory=str(packed))
-    handler.log_message = lambda *a, **k: None
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        base = f"http://127.0.0.1:{server.server_address[1]}"
+    with httpkit.serve(packed) as base:
         cfg = StreamConfig(shards=(f"{base}/<000..007>.tar",), batch_size=4, workers=2, crop=24)
         ds = streamkit.resolve(cfg)
         assert ds.test.shards[0].url == f"{base}/test-000.tar"
@@ -358,8 +351,6 @@ def test_streams_over_http(packed):
         assert remote == local
         with pytest.raises(UserError, match="cannot read index"):
             streamkit.resolve(StreamConfig(shards=(f"{base}/nothere/000.tar",)))
-    finally:
-        server.shutdown()
 
 
 def test_a_truncated_shard_costs_its_missing_clips_not_the_epoch(tmp_path, packed):
@@ -393,20 +384,14 @@ def test_pre_signed_urls_are_matched_to_the_index_by_their_path(packed):
     """Pre-signed object-store URLs carry their signature in the query string: the shard's name in
     the index is its path's last segment, and index.json is looked for beside the path."""
 
-    class Signed(SimpleHTTPRequestHandler):
+    class Signed(httpkit.Quiet):
         def do_GET(self):  # noqa: N802 - http.server's name
             if self.path.split("?")[0].endswith(".tar") and "sig=" not in self.path:
                 self.send_error(403, "unsigned")
                 return
             super().do_GET()
 
-        def log_message(self, *a, **k):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(Signed, directory=str(packed)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        base = f"http://127.0.0.1:{server.server_address[1]}"
+    with httpkit.serve(packed, Signed) as base:
         cfg = StreamConfig(shards=(f"{base}/<000..007>.tar?sig=a%2Fb&X-Expires=60",), batch_size=4, workers=2, crop=24)
         assert sources.index_location(cfg.shards[0]) == f"{base}/index.json"
         ds = streamkit.resolve(cfg)
@@ -417,5 +402,3 @@ def test_pre_signed_urls_are_matched_to_the_index_by_their_path(packed):
         local = epoch_batches(streamkit.resolve(local_cfg), local_cfg, 0, 0, 1)
         assert [b["key"] for b in signed] == [b["key"] for b in local]
         assert all(a["frames"].equal(b["frames"]) for a, b in zip(signed, local))
-    finally:
-        server.shutdown()
