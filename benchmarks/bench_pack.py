@@ -57,7 +57,7 @@ def _decode_all(path: str) -> int:
         return sum(1 for _ in c.decode(stream))
 
 
-def commands(data: Path, out: Path, workers: list[int], decoders: list[str]) -> dict[str, list[str]]:
+def commands(data: Path, out: Path, workers: list[int], decoders: list[str], shards: int) -> dict[str, list[str]]:
     py = sys.executable
     variants = {}
     for w in workers:
@@ -65,7 +65,7 @@ def commands(data: Path, out: Path, workers: list[int], decoders: list[str]) -> 
         variants[f"floor-w{w}"] = [py, str(Path(__file__).resolve()), "--floor-run", str(data), "--workers", str(w)]
         for d in decoders:
             pack = [py, "-c", "from pipeline.cli import pack_app; pack_app()"]
-            variants[f"{d}-w{w}"] = pack + [str(data), str(out), "--workers", str(w), "--decoder", d, "--quiet"]
+            variants[f"{d}-w{w}"] = pack + [str(data), str(out), "--workers", str(w), "--decoder", d, "--shards", str(shards), "--quiet"]
     return variants
 
 
@@ -97,6 +97,7 @@ def main() -> None:
     ap.add_argument("--workers", default="1,2", help="comma-separated worker counts")
     ap.add_argument("--decoders", default="pyav,decord", help="comma-separated pack-shards decoders")
     ap.add_argument("--data", type=Path, help="clip folder to reuse (made if missing) [default: a temporary one]")
+    ap.add_argument("--shards", type=int, default=32, help="pack-shards --shards (its default; fewer for a handful of clips)")
     ap.add_argument("--floor-run", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     workers = [int(x) for x in args.workers.split(",")]
@@ -106,19 +107,21 @@ def main() -> None:
     from pipeline.sampledata import make_bench_data
 
     work = Path(tempfile.mkdtemp(prefix="bench-pack-"))
-    data = args.data or work / "data"
-    if not (data / "hmdb51_org").is_dir():
-        make_bench_data(data, clips=args.clips)
-    clips = len(list(data.glob("hmdb51_org/*/*.avi")))
-    out = work / "out"
-    variants = commands(data, out, workers, [d for d in args.decoders.split(",") if d])
-    times: dict[str, list[float]] = {k: [] for k in variants}
-    for cmd in variants.values():  # warm-up: page cache, .pyc files
-        run_once(cmd, out, clips)
-    for _ in range(args.repeats):
-        for name, cmd in variants.items():  # alternated: drift on a shared machine hits all alike
-            times[name].append(run_once(cmd, out, clips))
-    shutil.rmtree(work)
+    try:
+        data = args.data or work / "data"
+        if not (data / "hmdb51_org").is_dir():
+            make_bench_data(data, clips=args.clips)
+        clips = len(list(data.glob("hmdb51_org/*/*.avi")))
+        out = work / "out"
+        variants = commands(data, out, workers, [d for d in args.decoders.split(",") if d], args.shards)
+        times: dict[str, list[float]] = {k: [] for k in variants}
+        for cmd in variants.values():  # warm-up: page cache, .pyc files
+            run_once(cmd, out, clips)
+        for _ in range(args.repeats):
+            for name, cmd in variants.items():  # alternated: drift on a shared machine hits all alike
+                times[name].append(run_once(cmd, out, clips))
+    finally:
+        shutil.rmtree(work)
 
     med = {k: statistics.median(v) for k, v in times.items()}
     rate = {k: clips / v for k, v in med.items()}
