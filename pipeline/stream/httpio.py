@@ -95,12 +95,15 @@ class ResumingBody(io.RawIOBase):
                     raise ConnectionError(f"{self.url} ended after {self.pos - left} bytes on a retry")
                 left -= len(chunk)
 
+    def _late(self) -> ShardDeadline:
+        return ShardDeadline(f"{self.url}: not read whole within {self.budget:.0f} s ({self.pos} of {self.length or '?'} bytes arrived)")
+
     def _read_some(self, buffer) -> int:
         """One socket read's worth (read1, not readinto, which waits until the buffer is full), so
         the deadline is checked between reads; the read itself is bounded by what is left of it."""
         left = self.deadline - time.monotonic()
         if left <= 0:
-            raise ShardDeadline(f"{self.url}: not read whole within {self.budget:.0f} s ({self.pos} of {self.length or '?'} bytes arrived)")
+            raise self._late()
         sock = getattr(getattr(getattr(self.response, "fp", None), "raw", None), "_sock", None)
         if sock is not None:
             sock.settimeout(min(HTTP_TIMEOUT_S, max(left, 0.01)))
@@ -120,7 +123,7 @@ class ResumingBody(io.RawIOBase):
                 raise
             except (OSError, http.client.HTTPException) as e:
                 if time.monotonic() >= self.deadline:
-                    raise ShardDeadline(f"{self.url}: not read whole within {self.budget:.0f} s ({self.pos} of {self.length or '?'} bytes arrived)") from None
+                    raise self._late() from None
                 if self.attempts >= HTTP_ATTEMPTS:
                     raise ConnectionError(f"{e} ({self.attempts} connections tried)") from None
                 self.attempts += 1
