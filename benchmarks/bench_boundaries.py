@@ -9,7 +9,7 @@ a GPU (bench-stream --step-ms). Generated clips are packed into a small set whos
 dozen steps long, so that epoch boundaries come often (as they did in the H100 run of
 docs/BENCHMARKS.md, where they dragged real / synthetic down to 0.44-0.66). Each run takes a few
 warm-up batches, then consumes `--epochs` epochs with one simulated step per batch, in a fresh
-process running the chosen checkout's `pipeline.bench.endless_batches`. Reported per (checkout,
+process running the chosen checkout's `pipeline.tools.bench.endless_batches`. Reported per (checkout,
 workers): clips/s against what the simulated accelerator alone allows (real / synthetic), the
 data-wait share, and the wait at the first step of each epoch. Medians of `--repeats`.
 """
@@ -27,12 +27,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline.config import PackConfig  # noqa: E402
-from pipeline.pack import run_pack  # noqa: E402
-from pipeline.sampledata import make_sample_data  # noqa: E402
+from pipeline.pack.job import run_pack  # noqa: E402
+from pipeline.tools.sampledata import make_sample_data  # noqa: E402
 
 RUN = r"""
 import json, sys, time
-from pipeline.bench import endless_batches
+from pipeline.tools.bench import endless_batches
 from pipeline.config import StreamConfig
 try:
     from pipeline.stream.plan import steps_per_epoch

@@ -60,11 +60,11 @@ import simplejpeg  # noqa: E402
 import torch  # noqa: E402
 
 from pipeline import ClipDataset  # noqa: E402
-from pipeline.bench import endless_batches  # noqa: E402
+from pipeline.tools.bench import endless_batches  # noqa: E402
 from pipeline.config import PackConfig, StreamConfig  # noqa: E402
-from pipeline.pack import run_pack  # noqa: E402
-from pipeline.sample import clip_indices, decode_clip, resized_size  # noqa: E402
-from pipeline.sampledata import make_sample_data  # noqa: E402
+from pipeline.pack.job import run_pack  # noqa: E402
+from pipeline.video import clip_indices, decode_clip, resized_size  # noqa: E402
+from pipeline.tools.sampledata import make_sample_data  # noqa: E402
 from pipeline.shardformat import unpack_jpegs  # noqa: E402
 from pipeline.device import MEAN, STD, ModelInput  # noqa: E402
 from pipeline.stream.sources import resolve  # noqa: E402

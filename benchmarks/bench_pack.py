@@ -104,7 +104,7 @@ def main() -> None:
     if args.floor_run:
         return floor_run(args.floor_run, workers[0])
 
-    from pipeline.sampledata import make_bench_data
+    from pipeline.tools.sampledata import make_bench_data
 
     work = Path(tempfile.mkdtemp(prefix="bench-pack-"))
     try:

@@ -36,10 +36,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.bench import endless_batches, measure  # noqa: E402
+from pipeline.tools.bench import endless_batches, measure  # noqa: E402
 from pipeline.config import PackConfig, StreamConfig  # noqa: E402
-from pipeline.pack import run_pack  # noqa: E402
-from pipeline.sampledata import make_sample_data  # noqa: E402
+from pipeline.pack.job import run_pack  # noqa: E402
+from pipeline.tools.sampledata import make_sample_data  # noqa: E402
 from pipeline.stream.sources import resolve  # noqa: E402
 
 

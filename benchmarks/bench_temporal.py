@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline import ClipLoader  # noqa: E402
 from pipeline.config import PackConfig  # noqa: E402
-from pipeline.pack import run_pack  # noqa: E402
-from pipeline.sampledata import make_sample_data  # noqa: E402
+from pipeline.pack.job import run_pack  # noqa: E402
+from pipeline.tools.sampledata import make_sample_data  # noqa: E402
 
 T = 16
 

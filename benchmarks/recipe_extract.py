@@ -19,7 +19,7 @@ import cv2
 
 
 def clip_indices(n: int, t: int) -> list[int]:
-    # The same integer math as pipeline.sample.clip_indices, copied so the recipe imports nothing of ours.
+    # The same integer math as pipeline.video.clip_indices, copied so the recipe imports nothing of ours.
     if t == 1:
         return [n // 2]
     return [(2 * i * (n - 1) + (t - 1)) // (2 * (t - 1)) for i in range(t)]

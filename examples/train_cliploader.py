@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import ClipLoader, ModelInput
-from pipeline.models import build_model
+from pipeline.train.models import build_model
 
 
 def start(args, checkpoint=None):

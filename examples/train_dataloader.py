@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from pipeline import ClipDataset, ModelInput
-from pipeline.models import build_model
+from pipeline.train.models import build_model
 
 
 def main():

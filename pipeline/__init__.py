@@ -13,7 +13,7 @@ _WHERE = {
     "ClipDataset": "pipeline.stream.dataset",
     "ClipLoader": "pipeline.stream.loader",
     "ModelInput": "pipeline.device",
-    "read_shard": "pipeline.stream.samples",
+    "read_shard": "pipeline.stream.stages",
 }
 
 

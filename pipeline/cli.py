@@ -124,7 +124,7 @@ def pack_shards(
     # numpy is imported: 0.04 s of start-up and 0.15 s of CPU here. Set before numpy is first imported.
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     from pipeline.config import PackConfig, default_workers
-    from pipeline.pack import check_failures, run_pack
+    from pipeline.pack.job import check_failures, run_pack
 
     cfg = PackConfig(
         data_dir=data_dir,
@@ -162,8 +162,8 @@ def make_sample_data(
 ):
     """Write a sample set in the HMDB51, UCF101 or Kinetics layout: real MPEG-4 clips whose frames show their own index and class."""
     from pipeline.progress import progress
-    from pipeline.sampledata import MAX_CLASSES
-    from pipeline.sampledata import make_sample_data as make
+    from pipeline.tools.sampledata import MAX_CLASSES
+    from pipeline.tools.sampledata import make_sample_data as make
 
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"output path is a file, not a folder: {out_dir}")
@@ -223,7 +223,7 @@ def train_stream(
 ):
     """Stream WebDataset shards into (distributed) training of a video classifier, then evaluate on the test shards."""
     from pipeline.config import StreamConfig, TrainConfig
-    from pipeline.train import launch
+    from pipeline.train.loop import launch
 
     stream_cfg = StreamConfig(
         shards=tuple(shards),
@@ -282,7 +282,7 @@ def inspect_shards(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ):
     """Summarise packed shards (clips per class and split, frame sizes, bytes per clip, padded and failed clips) and optionally draw a contact sheet."""
-    from pipeline.inspect import choose_samples, contact_sheet, expand_pattern, scan_shards, summarize, write_png
+    from pipeline.tools.inspect import choose_samples, contact_sheet, expand_pattern, scan_shards, summarize, write_png
 
     if samples < 1:
         raise UserError(f"--samples must be >= 1, got {samples}")
@@ -308,7 +308,7 @@ def verify_shards(
 ):
     """Re-read every shard listed in index.json: bytes, sha256, sample count, members, JPEG decodes, labels. Prints one line per problem; exit code 1 when there is any."""
     from pipeline.config import default_workers
-    from pipeline.inspect import as_path, verify_pack
+    from pipeline.tools.inspect import as_path, verify_pack
 
     report = verify_pack(as_path(folder), workers if workers is not None else default_workers(), quiet=quiet)
     for line in report.problems:
@@ -323,7 +323,7 @@ def plot_run(
     out: Annotated[Optional[Path], typer.Option(help="PNG to write [default: LOG_DIR/curves.png].", show_default=False)] = None,
 ):
     """Draw a training run's curves: loss, test top-1/top-5, clips/s and data-wait share over steps."""
-    from pipeline.plots import plot_run as draw
+    from pipeline.tools.plots import plot_run as draw
 
     typer.echo(f"wrote {draw(log_dir, out)}")
 
@@ -356,7 +356,7 @@ def bench_stream(
     """Measure the loading pipeline: clips/s, frames/s, MB/s, data-wait share and peak memory for 0, 1, 2, ... workers, and the time of each stage."""
     import json
 
-    from pipeline.bench import BenchConfig, parse_workers, run_bench, table
+    from pipeline.tools.bench import BenchConfig, parse_workers, run_bench, table
     from pipeline.config import StreamConfig
 
     stream_cfg = StreamConfig(
@@ -387,7 +387,7 @@ def bench_stream(
         step_ms=step_ms,
     )
     if model:
-        from pipeline.models import MODEL_NAMES, build_model
+        from pipeline.train.models import MODEL_NAMES, build_model
 
         if model not in MODEL_NAMES:
             build_model(model, 2)  # UserError for unknown names, before any shard is read

@@ -43,7 +43,7 @@ class PackConfig:
     splits_dir: Path | None = None
     """Folder with the official split files (HMDB51 split files, UCF101 ucfTrainTestlist/, Kinetics CSVs); default: searched for inside data_dir."""
     layout: str = "auto"
-    """Dataset layout: hmdb51, ucf101, kinetics or folders (see pipeline.layouts); auto: detected from data_dir."""
+    """Dataset layout: hmdb51, ucf101, kinetics or folders (see pipeline.pack.layouts); auto: detected from data_dir."""
     seed: int = 0
     """Seed of the shard plan (which clip goes to which shard, in which order) and of the fallback split."""
     decoder: str = "pyav"
@@ -251,7 +251,7 @@ class TrainConfig:
     stream: StreamConfig
     """The data side."""
     model: str = "r3d18"
-    """Model name (see pipeline.models.MODEL_NAMES) or `torchvision:<name>`."""
+    """Model name (see pipeline.train.models.MODEL_NAMES) or `torchvision:<name>`."""
     epochs: int = 10
     """Passes over the training shards."""
     optimizer: str = "adamw"

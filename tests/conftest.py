@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.sampledata import make_sample_data
+from pipeline.tools.sampledata import make_sample_data
 
 sys.path.insert(0, str(Path(__file__).parent))
 

@@ -1,6 +1,6 @@
 """Writes small packed datasets in the shard format of docs/FORMAT.md, for tests.
 
-Frames come from `pipeline.sampledata.draw_frame`, so their pixels carry the class (colour, moving
+Frames come from `pipeline.tools.sampledata.draw_frame`, so their pixels carry the class (colour, moving
 square, code band) and the frame index: a model can learn them, and a test can read them back.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import simplejpeg
 
-from pipeline.sampledata import HMDB51_CLASSES, draw_frame
+from pipeline.tools.sampledata import HMDB51_CLASSES, draw_frame
 from pipeline.shardformat import FORMAT_VERSION, pack_jpegs
 
 WIDTHS = (40, 48, 56)  # frames vary in width per clip, as after a shorter-side resize
@@ -105,7 +105,7 @@ def make_temporal_pack(out: Path, lengths: list[int], frames: int, stored: int |
     most `cap`, longer clips at the formula with S = cap). Frames carry their source index and
     class (sampledata.read_code). One training shard per clip length, two clips each (one per
     class); the same clips again as test shards. Returns the index."""
-    from pipeline.sample import clip_indices
+    from pipeline.video import clip_indices
 
     out.mkdir(parents=True, exist_ok=True)
     names = sorted(HMDB51_CLASSES)[:classes]

@@ -10,7 +10,7 @@ import pytest
 from conftest import run_cli
 from pipeline.stream import plan
 import streamkit
-from pipeline import bench
+from pipeline.tools import bench
 from pipeline.cli import bench_app
 from pipeline.config import StreamConfig
 

@@ -21,7 +21,8 @@ from conftest import run_cli
 from pipeline.stream import clips, plan, sources
 import httpkit
 import streamkit
-from pipeline import read_shard, train
+from pipeline import read_shard
+from pipeline.train import loop as train
 from pipeline.cli import train_app
 from pipeline.config import StreamConfig, TrainConfig
 from pipeline.errors import UserError

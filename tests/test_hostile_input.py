@@ -29,8 +29,8 @@ from pipeline import cli, read_shard
 from pipeline.config import StreamConfig
 from pipeline.errors import UserError
 from pipeline.shardformat import MAX_MEMBER_BYTES, parse_index
-from pipeline.stream import httpio
-from pipeline.stream.samples import Faults, read_samples
+from pipeline.storage import httpio
+from pipeline.stream.stages import Faults, read_samples
 from pipeline.stream.sources import Shard
 from shardmaker import make_packed, shard_keys
 
@@ -151,7 +151,7 @@ def test_a_gzip_shard_claiming_a_huge_member_fails_before_allocating(tmp_path):
     probe = f"""
 import json, sys
 from pipeline import read_shard
-from pipeline.stream.samples import Faults, read_samples
+from pipeline.stream.stages import Faults, read_samples
 from pipeline.stream.sources import Shard
 out = {{}}
 try:
@@ -186,7 +186,7 @@ def test_giant_samples_in_a_small_gzip_shard_do_not_pile_up_in_a_worker(tmp_path
     probe = f"""
 import json, sys
 import numpy as np
-from pipeline.stream import samples
+from pipeline.stream import stages as samples
 from pipeline.stream.sources import Shard
 samples.RAW_BYTES_HELD = 32 << 20
 faults = samples.Faults()

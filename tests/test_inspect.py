@@ -15,7 +15,7 @@ import pytest
 
 from pipeline import read_shard
 from pipeline.cli import inspect_app, pack_app, plot_app, verify_app
-from pipeline.inspect import (
+from pipeline.tools.inspect import (
     GAP,
     LABEL_STRIP,
     choose_samples,
@@ -26,9 +26,9 @@ from pipeline.inspect import (
 )
 from pipeline.shardformat import split_member_name
 from pipeline.errors import UserError
-from pipeline.plots import plot_run
+from pipeline.tools.plots import plot_run
 from pipeline.progress import progress
-from pipeline.sampledata import read_code
+from pipeline.tools.sampledata import read_code
 from tests.conftest import assert_one_line_error, run_cli
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -16,7 +16,7 @@ import torch
 from conftest import REPO
 from pipeline.stream import plan
 import streamkit
-from pipeline.bench import child_pids
+from pipeline.tools.bench import child_pids
 from pipeline.config import StreamConfig
 from pipeline.stream.workers import LocalRing, WorkerDied, WorkerPool, threaded
 from pipeline.device import MEAN, STD, to_model_input

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import UserError
-from pipeline.models import MODEL_NAMES, build_model
+from pipeline.train.models import MODEL_NAMES, build_model
 
 HEAVY = ("r3d18", "r2plus1d18", "cnn-lstm")
 MODELS_3D = ("r3d18", "r2plus1d18", "tiny")
@@ -352,7 +352,7 @@ def test_built_in_models_never_import_torchvision():
         "        assert name.split('.')[0] != 'torchvision', 'torchvision was imported'\n"
         "sys.meta_path.insert(0, NoTorchvision())\n"
         "sys.modules.pop('torchvision', None)\n"
-        "from pipeline.models import MODEL_NAMES, build_model\n"
+        "from pipeline.train.models import MODEL_NAMES, build_model\n"
         "for name in MODEL_NAMES: build_model(name, 3)\n"
     )
     repo = Path(__file__).resolve().parents[1]

@@ -153,7 +153,7 @@ def _task(x):
 def test_worker_pool_replaces_dead_and_hung_workers():
     """Real forked workers: one kills itself, one hangs past the time-out; each costs its own task
     only, and the tasks queued behind them on the same worker still run."""
-    from pipeline.pack import WorkerPool
+    from pipeline.pack.job import WorkerPool
 
     pool = WorkerPool(2, _task, timeout=2.0, depth=2)
     tasks = ["a", "die", "b", "hang", "c", "d", "e"]

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import cli_command, cli_env
-from pipeline import train
+from pipeline.train import loop as train
 from pipeline.config import StreamConfig, TrainConfig
 from shardmaker import shard_keys
 

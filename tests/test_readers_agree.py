@@ -17,9 +17,9 @@ import pytest
 
 from pipeline import read_shard
 from pipeline.errors import UserError
-from pipeline.inspect import check_shard, scan_shard
+from pipeline.tools.inspect import check_shard, scan_shard
 from pipeline.shardformat import ShardFormatError
-from pipeline.stream.samples import Faults, read_samples
+from pipeline.stream.stages import Faults, read_samples
 from pipeline.stream.sources import Shard
 from shardmaker import encode_clip
 

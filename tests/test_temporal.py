@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from pipeline import ClipDataset, ClipLoader
-from pipeline.sample import clip_indices
-from pipeline.sampledata import read_code
+from pipeline.video import clip_indices
+from pipeline.tools.sampledata import read_code
 from pipeline.stream.clips import segment_positions, view_positions
 from shardmaker import make_temporal_pack
 
@@ -131,9 +131,9 @@ def test_test_views_cover_each_clip_exactly_once_on_two_ranks(temporal, views):
 def test_multi_view_evaluation_scores_every_clip_once_and_view_zero_is_the_one_view_figure(temporal):
     from contextlib import nullcontext
 
-    from pipeline import train
+    from pipeline.train import loop as train
     from pipeline.config import StreamConfig, TrainConfig
-    from pipeline.models import build_model
+    from pipeline.train.models import build_model
 
     torch.manual_seed(0)
     model = build_model("tiny", 2)

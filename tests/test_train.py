@@ -11,7 +11,7 @@ import torch
 from conftest import cli_command, cli_env, run_cli
 from pipeline.stream import plan
 import streamkit
-from pipeline import train
+from pipeline.train import loop as train
 from pipeline.cli import train_app
 from pipeline.config import StreamConfig, TrainConfig
 from pipeline.errors import UserError
@@ -164,7 +164,7 @@ def test_two_processes_split_the_epoch_and_evaluate_like_one(packed, tmp_path):
     assert done.stdout.count("epoch 2: test top-1") == 1  # only rank 0 prints
     # the two-rank evaluation equals a one-process evaluation of the saved weights
     final = [r for r in recs if r["kind"] == "eval"][-1]
-    from pipeline.models import build_model
+    from pipeline.train.models import build_model
 
     cfg = cfg_for(packed, tmp_path / "eval")
     dataset = streamkit.resolve(cfg.stream)
@@ -179,7 +179,7 @@ def test_two_processes_split_the_epoch_and_evaluate_like_one(packed, tmp_path):
 def test_plain_torchrun_with_the_same_arguments(packed, tmp_path):
     import sys
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "pipeline.train"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "pipeline.train.loop"]
     cmd += ["--shards", f"{packed}/<000..007>.tar", *SMALL, "--epochs", "1", "--audit-keys"]
     done = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -18,9 +18,9 @@ import cv2
 import numpy as np
 
 from pipeline.errors import UserError
-from pipeline.sample import clip_indices
+from pipeline.video import clip_indices
 from pipeline.shardformat import ShardFormatError, jpeg_size, unpack_jpegs
-from pipeline.stream.samples import Faults
+from pipeline.stream.stages import Faults
 
 TEMPORAL = ("segment", "fixed")
 

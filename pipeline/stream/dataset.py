@@ -24,7 +24,7 @@ from pipeline.shardformat import ShardFormatError
 from pipeline.stream.clips import TrainClips, decode_sample, training_positions
 from pipeline.stream.loader import eval_clips, stream_config, test_samples, worker_samples
 from pipeline.stream.plan import WorkerPlan, check_enough_shards, eval_plan, train_plan
-from pipeline.stream.samples import Faults
+from pipeline.stream.stages import Faults
 from pipeline.stream.sources import resolve
 
 log = logging.getLogger("clipstream")

@@ -22,7 +22,7 @@ from pipeline.errors import UserError
 from pipeline.shardformat import ShardFormatError
 from pipeline.stream.clips import TrainClips, decode_sample, view_positions
 from pipeline.stream.plan import WorkerPlan, auto_workers, check_enough_shards, eval_plan, key_rank, step_schedule, train_plan, worker_parts
-from pipeline.stream.samples import Faults, fit_to_quota, read_samples, resampled_shards, shuffle, skip_consumed
+from pipeline.stream.stages import Faults, fit_to_quota, read_samples, resampled_shards, shuffle, skip_consumed
 from pipeline.stream.sources import ShardSet, resolve, shard_name
 from pipeline.stream.workers import Closing
 

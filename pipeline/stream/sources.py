@@ -2,7 +2,7 @@
 
 A shard is a local path, a `file://`, `http(s)://` URL (pre-signed ones included: the query string
 is not part of the shard's name), an object-store URL (`s3://`, `gs://`, `az://` and any other
-scheme fsspec knows, through the package that serves it: see `pipeline.objectstore`) or, only when
+scheme fsspec knows, through the package that serves it: see `pipeline.storage.objectstore`) or, only when
 the caller allows it, a `pipe:` command. A pattern may also name a packed folder (a local folder, a
 URL ending in `/`, or an object-store prefix): its index lists the shards. Every reader (training,
 evaluation, `read_shard`, inspect and verify) resolves shards here; HTTP(S) is read through
@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Iterable
 from urllib.parse import urlparse
 
-from pipeline import objectstore, shardformat
+from pipeline import shardformat
+from pipeline.storage import objectstore
 from pipeline.errors import UserError
 from pipeline.shardformat import INDEX_NAME
 
@@ -180,7 +181,7 @@ def read_index(location: str) -> dict:
         elif is_object_store(location):
             raw = objectstore.read_bytes(location, MAX_INDEX_BYTES, what="index")
         else:
-            from pipeline.stream import httpio
+            from pipeline.storage import httpio
 
             raw = httpio.get(location, MAX_INDEX_BYTES)
     except FileNotFoundError:
@@ -267,7 +268,7 @@ def open_shard(url: str, allow_pipe: bool = False):
         return open(local, "rb")
     found = scheme(url)
     if found in ("http", "https"):
-        from pipeline.stream import httpio
+        from pipeline.storage import httpio
 
         return io.BufferedReader(httpio.ResumingBody(url), buffer_size=1 << 20)
     if is_object_store(url):

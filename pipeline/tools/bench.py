@@ -38,7 +38,7 @@ from pipeline.shardformat import jpeg_size, unpack_jpegs
 from pipeline.stream.clips import clip_draw, crop_box, crop_frame, decode_frame, frame_buffer
 from pipeline.stream.loader import ClipLoader
 from pipeline.stream.plan import check_enough_shards, steps_per_epoch
-from pipeline.stream.samples import Faults, read_samples
+from pipeline.stream.stages import Faults, read_samples
 from pipeline.stream.sources import ShardSet, local_path, resolve
 from pipeline.errors import UserError
 
@@ -235,7 +235,7 @@ class SleepStep:
 
 
 def build_step(name: str, num_classes: int, device: torch.device, amp: bool, channels_last: bool) -> Step:
-    from pipeline.models import build_model
+    from pipeline.train.models import build_model
 
     torch.manual_seed(0)
     model = build_model(name, num_classes).to(device)

@@ -115,10 +115,10 @@ class LocalDir:
 
 
 class StoreDir:
-    """A prefix in an object store, through fsspec (see pipeline.objectstore)."""
+    """A prefix in an object store, through fsspec (see pipeline.storage.objectstore)."""
 
     def __init__(self, url: str):
-        from pipeline import objectstore
+        from pipeline.storage import objectstore
 
         self._store = objectstore
         self.url = url.rstrip("/") + "/"

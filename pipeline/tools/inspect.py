@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import UserError, printable
-from pipeline.objectstore import ObjectPath
+from pipeline.storage.objectstore import ObjectPath
 from pipeline.progress import progress
 from pipeline.shardformat import INDEX_NAME, MANIFEST_NAME, ShardFormatError, decode_jpegs, is_valid_key
 from pipeline.stream.sources import expand_shards, is_object_store, local_path, read_index
@@ -135,7 +135,7 @@ def scan_shards(paths: list[Path | ObjectPath], quiet: bool = False) -> list[Sam
 def read_frames(entry: SampleEntry) -> np.ndarray:
     """Decode one scanned sample's frames: (T, H, W, 3) uint8 RGB (of a pack storing S > T frames,
     the T evaluation frames)."""
-    from pipeline.sample import clip_indices
+    from pipeline.video import clip_indices
 
     with entry.shard.open("rb") as f:
         f.seek(entry.jpgs_offset)

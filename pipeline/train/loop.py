@@ -82,7 +82,7 @@ def prepare(cfg: TrainConfig, world_size: int, local_world_size: int) -> RunData
     cfg = with_workers(cfg, len(data.train.shards), world_size, local_world_size)
     cfg.stream.check_memory(data.train.frames, cfg.stream.workers)  # T is known from here
     check_enough_shards(data.train.shards, cfg.stream, world_size, cfg.stream.workers)
-    from pipeline.models import MODEL_NAMES, build_model
+    from pipeline.train.models import MODEL_NAMES, build_model
 
     if cfg.model not in MODEL_NAMES:
         build_model(cfg.model, len(data.train.classes))  # UserError for unknown names
@@ -532,7 +532,7 @@ def train(cfg: TrainConfig, env: DistEnv) -> dict:
     """Train and evaluate; returns the summary record (on every rank)."""
     from tqdm import tqdm
 
-    from pipeline.models import build_model
+    from pipeline.train.models import build_model
     from pipeline.progress import progress
 
     started = time.perf_counter()
@@ -786,7 +786,7 @@ def train(cfg: TrainConfig, env: DistEnv) -> dict:
     if metrics is not None:
         metrics.close()
         if cfg.plot:
-            from pipeline.plots import plot_run
+            from pipeline.tools.plots import plot_run
 
             say(f"curves: {plot_run(log_dir)}")
     if env.world_size > 1:
@@ -796,7 +796,7 @@ def train(cfg: TrainConfig, env: DistEnv) -> dict:
 
 
 if __name__ == "__main__":
-    # `torchrun ... -m pipeline.train --shards ...`: the train-stream options, without installing the package.
+    # `torchrun ... -m pipeline.train.loop --shards ...`: the train-stream options, without installing the package.
     from pipeline.cli import train_app
 
     train_app()

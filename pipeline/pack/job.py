@@ -3,7 +3,7 @@
 The unit of work and of recovery is the shard. The plan (which clip goes to which shard, in which
 order) depends only on the inputs and the output options, so a re-run, another worker count or
 another machine packing `--part i/N` writes the same bytes. A shard appears under its final name
-only when complete (pipeline.outdir: a local `.NAME.partial` renamed, or one upload to an object
+only when complete (pipeline.pack.outdir: a local `.NAME.partial` renamed, or one upload to an object
 store); its manifest rows go to `.clipstream/state/` in the same folder or bucket. The index and
 manifest are written last, once every shard of the plan is there.
 """
@@ -25,9 +25,9 @@ from pathlib import Path
 from pipeline.config import PackConfig
 from pipeline.durable import failpoint
 from pipeline.errors import UserError
-from pipeline.layouts import Catalog, Video, discover
-from pipeline.sample import clip_indices
-from pipeline.outdir import LocalDir, StoreDir, open_out_dir
+from pipeline.pack.layouts import Catalog, Video, discover
+from pipeline.video import clip_indices
+from pipeline.pack.outdir import LocalDir, StoreDir, open_out_dir
 from pipeline.shardformat import FORMAT_VERSION, INDEX_NAME, MANIFEST_NAME, MAX_JPEG_SIDE, pack_jpegs
 
 STATE_DIR = ".clipstream"
@@ -234,7 +234,7 @@ def pack_clip(path: str, frames: int, short_side: int | None, quality: int, deco
     import cv2
     import simplejpeg
 
-    from pipeline.sample import DecodeError, decode_clip, probe_video, resized_size
+    from pipeline.video import DecodeError, decode_clip, probe_video, resized_size
 
     try:
         probe = probe_video(path)
@@ -288,7 +288,7 @@ def _even_padded(y):
 
 def _too_big(width: int, height: int, short_side: int | None) -> str | None:
     """Why frames of this source would be refused by our own readers (shardformat.MAX_JPEG_SIDE)."""
-    from pipeline.sample import resized_size
+    from pipeline.video import resized_size
 
     if not (width and height):
         return None  # the header does not say; checked again on the decoded size
@@ -473,7 +473,7 @@ def _preload(decoder: str) -> None:
     import cv2  # noqa: F401
     import simplejpeg  # noqa: F401
 
-    import pipeline.sample  # noqa: F401
+    import pipeline.video  # noqa: F401
 
     if decoder == "decord":
         import decord  # noqa: F401
