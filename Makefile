@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 EPOCHS ?= 6
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -25,6 +25,11 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q -n 2
+
+# One formatter, one linter (configured in pyproject.toml).
+lint: setup
+	$(BIN)/ruff format --check pipeline tests benchmarks examples
+	$(BIN)/ruff check pipeline tests benchmarks examples
 
 bench: setup
 	$(BIN)/python benchmarks/bench_pack.py

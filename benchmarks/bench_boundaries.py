@@ -114,19 +114,36 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="clipstream-bounds-") as tmp:
         work = Path(tmp)
         make_sample_data(work / "data", classes=args.classes, clips_per_class=args.clips_per_class, seed=0)
-        run_pack(PackConfig(data_dir=work / "data", out_dir=work / "shards", shards=8, workers=2), quiet=True, log=lambda m: None)
+        run_pack(
+            PackConfig(data_dir=work / "data", out_dir=work / "shards", shards=8, workers=2),
+            quiet=True,
+            log=lambda m: None,
+        )
         pattern = str(work / "shards" / "<000..007>.tar")
         runs: dict[tuple[str, int], list[dict]] = {}
         for _ in range(args.repeats):
             for w in workers:
                 for name, tree in trees.items():
-                    runs.setdefault((name, w), []).append(run_once(tree, pattern, args.batch, w, args.step_ms, args.epochs, args.warmup))
-    print(f"simulated accelerator: {args.step_ms} ms a batch of {args.batch} = {1000 * args.batch / args.step_ms:.0f} clips/s at most; medians of {args.repeats}")
-    print(f"{'checkout':9} {'workers':>7} {'clips/s':>8} {'real/synth':>10} {'wait':>6} {'1st step of an epoch, ms':>25}")
+                    runs.setdefault((name, w), []).append(
+                        run_once(tree, pattern, args.batch, w, args.step_ms, args.epochs, args.warmup)
+                    )
+    print(
+        f"simulated accelerator: {args.step_ms} ms a batch of {args.batch} = {1000 * args.batch / args.step_ms:.0f} clips/s at most; medians of {args.repeats}"
+    )
+    print(
+        f"{'checkout':9} {'workers':>7} {'clips/s':>8} {'real/synth':>10} {'wait':>6} {'1st step of an epoch, ms':>25}"
+    )
     for (name, w), rs in runs.items():
         med = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
-        print(json.dumps({"bench": "boundaries", "checkout": name, "workers": w, **{k: round(v, 4) for k, v in med.items()}}), file=sys.stderr)
-        print(f"{name:9} {w:>7} {med['clips_per_s']:8.1f} {med['real_vs_synthetic']:10.2f} {med['data_wait']:6.1%} {med['first_step_wait_ms']:25.1f}")
+        print(
+            json.dumps(
+                {"bench": "boundaries", "checkout": name, "workers": w, **{k: round(v, 4) for k, v in med.items()}}
+            ),
+            file=sys.stderr,
+        )
+        print(
+            f"{name:9} {w:>7} {med['clips_per_s']:8.1f} {med['real_vs_synthetic']:10.2f} {med['data_wait']:6.1%} {med['first_step_wait_ms']:25.1f}"
+        )
 
 
 if __name__ == "__main__":

@@ -42,10 +42,10 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import random
 import json
 import multiprocessing as mp
 import os
+import random
 import shutil
 import statistics
 import sys
@@ -60,14 +60,14 @@ import simplejpeg  # noqa: E402
 import torch  # noqa: E402
 
 from pipeline import ClipDataset  # noqa: E402
-from pipeline.tools.bench import endless_batches  # noqa: E402
 from pipeline.config import PackConfig, StreamConfig  # noqa: E402
-from pipeline.pack.job import run_pack  # noqa: E402
-from pipeline.video import clip_indices, decode_clip, resized_size  # noqa: E402
-from pipeline.tools.sampledata import make_sample_data  # noqa: E402
-from pipeline.shardformat import unpack_jpegs  # noqa: E402
 from pipeline.device import MEAN, STD, ModelInput  # noqa: E402
+from pipeline.pack.job import run_pack  # noqa: E402
+from pipeline.shardformat import unpack_jpegs  # noqa: E402
 from pipeline.stream.sources import resolve  # noqa: E402
+from pipeline.tools.bench import endless_batches  # noqa: E402
+from pipeline.tools.sampledata import make_sample_data  # noqa: E402
+from pipeline.video import clip_indices, decode_clip, resized_size  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 T, CROP, SHORT = 16, 112, 128
@@ -438,7 +438,12 @@ def write_outputs(results: list[dict], runs: dict, out_md: Path, out_png: Path, 
         "| target | workers | ratio of medians | median of per-repeat ratios | met? |",
         "| --- | ---: | ---: | ---: | --- |",
     ]
-    names = {"ours-u8": "ClipLoader", "clipdataset": "DataLoader(ClipDataset)", "wds": "plain webdataset", "ceiling": "decode ceiling"}
+    names = {
+        "ours-u8": "ClipLoader",
+        "clipdataset": "DataLoader(ClipDataset)",
+        "wds": "plain webdataset",
+        "ceiling": "decode ceiling",
+    }
     for t in targets(rate, runs):
         lines.append(
             f"| {names[t['variant']]} >= {t['target']}x {names[t['base']]} | {t['workers']} | {t['ratio']:.2f} "
@@ -500,7 +505,15 @@ def main() -> None:
     results = []
     for (v, w), rates in runs.items():
         med = statistics.median(rates)
-        results.append({"bench": "loaders", "variant": v, "workers": w, "clips_per_s": round(med, 2), "runs": [round(x, 2) for x in rates]})
+        results.append(
+            {
+                "bench": "loaders",
+                "variant": v,
+                "workers": w,
+                "clips_per_s": round(med, 2),
+                "runs": [round(x, 2) for x in rates],
+            }
+        )
     rate = {(r["variant"], r["workers"]): r["clips_per_s"] for r in results}
     for r in results:
         w = r["workers"]

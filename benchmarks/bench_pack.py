@@ -61,11 +61,28 @@ def commands(data: Path, out: Path, workers: list[int], decoders: list[str], sha
     py = sys.executable
     variants = {}
     for w in workers:
-        variants[f"recipe-w{w}"] = [py, str(REPO / "benchmarks" / "recipe_extract.py"), str(data), str(out), "--workers", str(w)]
+        variants[f"recipe-w{w}"] = [
+            py,
+            str(REPO / "benchmarks" / "recipe_extract.py"),
+            str(data),
+            str(out),
+            "--workers",
+            str(w),
+        ]
         variants[f"floor-w{w}"] = [py, str(Path(__file__).resolve()), "--floor-run", str(data), "--workers", str(w)]
         for d in decoders:
             pack = [py, "-c", "from pipeline.cli import pack_app; pack_app()"]
-            variants[f"{d}-w{w}"] = pack + [str(data), str(out), "--workers", str(w), "--decoder", d, "--shards", str(shards), "--quiet"]
+            variants[f"{d}-w{w}"] = pack + [
+                str(data),
+                str(out),
+                "--workers",
+                str(w),
+                "--decoder",
+                d,
+                "--shards",
+                str(shards),
+                "--quiet",
+            ]
     return variants
 
 
@@ -97,7 +114,9 @@ def main() -> None:
     ap.add_argument("--workers", default="1,2", help="comma-separated worker counts")
     ap.add_argument("--decoders", default="pyav,decord", help="comma-separated pack-shards decoders")
     ap.add_argument("--data", type=Path, help="clip folder to reuse (made if missing) [default: a temporary one]")
-    ap.add_argument("--shards", type=int, default=32, help="pack-shards --shards (its default; fewer for a handful of clips)")
+    ap.add_argument(
+        "--shards", type=int, default=32, help="pack-shards --shards (its default; fewer for a handful of clips)"
+    )
     ap.add_argument("--floor-run", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     workers = [int(x) for x in args.workers.split(",")]
@@ -144,7 +163,9 @@ def main() -> None:
     print(f"{clips} HMDB-shaped clips, {args.repeats} alternated runs, medians, process wall time")
     print(f"{'variant':12} {'s':>7} {'clips/s':>8} {'x recipe':>9} {'x recipe-wN':>12}")
     for r in results:
-        print(f"{r['variant']:12} {r['median_s']:7.2f} {r['clips_per_s']:8.1f} {r['vs_recipe']:9.2f} {r['vs_recipe_same_workers']:12.2f}")
+        print(
+            f"{r['variant']:12} {r['median_s']:7.2f} {r['clips_per_s']:8.1f} {r['vs_recipe']:9.2f} {r['vs_recipe_same_workers']:12.2f}"
+        )
     scaling = []
     for base in sorted({k.rsplit("-w", 1)[0] for k in variants}):
         for w in workers[1:]:
@@ -152,8 +173,18 @@ def main() -> None:
             s = statistics.median(one) / statistics.median(many)
             # each round ran both within seconds: its ratio is free of the drift between rounds
             per_round = statistics.median(a / b for a, b in zip(one, many))
-            scaling.append({"bench": "pack-scaling", "variant": base, "workers": [workers[0], w], "speedup": round(s, 3), "speedup_per_round_median": round(per_round, 3)})
-            print(f"{base} scaling {workers[0]} -> {w} workers: {s:.2f}x (ratio of medians), {per_round:.2f}x (median of the rounds' ratios)")
+            scaling.append(
+                {
+                    "bench": "pack-scaling",
+                    "variant": base,
+                    "workers": [workers[0], w],
+                    "speedup": round(s, 3),
+                    "speedup_per_round_median": round(per_round, 3),
+                }
+            )
+            print(
+                f"{base} scaling {workers[0]} -> {w} workers: {s:.2f}x (ratio of medians), {per_round:.2f}x (median of the rounds' ratios)"
+            )
     for r in results + scaling:
         print(json.dumps(r))
 

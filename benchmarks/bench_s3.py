@@ -36,18 +36,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.tools.bench import endless_batches, measure  # noqa: E402
 from pipeline.config import PackConfig, StreamConfig  # noqa: E402
 from pipeline.pack.job import run_pack  # noqa: E402
-from pipeline.tools.sampledata import make_sample_data  # noqa: E402
 from pipeline.stream.sources import resolve  # noqa: E402
+from pipeline.tools.bench import endless_batches, measure  # noqa: E402
+from pipeline.tools.sampledata import make_sample_data  # noqa: E402
 
 
 def start_moto() -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
@@ -92,7 +96,14 @@ def main() -> None:
 
     proc, endpoint = start_moto()
     # The standard variables, as a user would set them for MinIO or Ceph: read by botocore itself.
-    os.environ.update({"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint})
+    os.environ.update(
+        {
+            "AWS_ACCESS_KEY_ID": "bench",
+            "AWS_SECRET_ACCESS_KEY": "bench",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL": endpoint,
+        }
+    )
     try:
         import s3fs
 
@@ -102,7 +113,11 @@ def main() -> None:
             make_sample_data(work / "data", classes=args.classes, clips_per_class=args.clips_per_class, seed=0)
             local, remote = work / "shards", "s3://bench-clips/hmdb51/"
             for out in (local, remote):
-                run_pack(PackConfig(data_dir=work / "data", out_dir=out, shards=args.shards, workers=2), quiet=True, log=lambda m: None)
+                run_pack(
+                    PackConfig(data_dir=work / "data", out_dir=out, shards=args.shards, workers=2),
+                    quiet=True,
+                    log=lambda m: None,
+                )
             runs: list[dict] = []
             for r in range(args.repeats):
                 order = (("local", str(local)), ("s3", remote))
@@ -114,7 +129,9 @@ def main() -> None:
         proc.kill()
         proc.wait()
     med = {
-        where: {k: statistics.median(x[k] for x in runs if x["source"] == where) for k in ("clips_per_s", "first_batch_s")}
+        where: {
+            k: statistics.median(x[k] for x in runs if x["source"] == where) for k in ("clips_per_s", "first_batch_s")
+        }
         for where in ("local", "s3")
     }
     pairs = [{x["source"]: x["clips_per_s"] for x in runs if x["repeat"] == r} for r in range(args.repeats)]

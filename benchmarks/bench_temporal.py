@@ -81,11 +81,20 @@ def main() -> None:
             base = statistics.median(runs[("S=T", w)])
             for name in packs:
                 rate = statistics.median(runs[(name, w)])
-                print(json.dumps({
-                    "bench": "temporal", "pack": name, "workers": w, "clips_per_s": round(rate, 1),
-                    "vs_S_eq_T": round(rate / base, 3), "runs": [round(r, 1) for r in runs[(name, w)]],
-                    "bytes_per_clip": round(per_clip[name]),
-                }), flush=True)
+                print(
+                    json.dumps(
+                        {
+                            "bench": "temporal",
+                            "pack": name,
+                            "workers": w,
+                            "clips_per_s": round(rate, 1),
+                            "vs_S_eq_T": round(rate / base, 3),
+                            "runs": [round(r, 1) for r in runs[(name, w)]],
+                            "bytes_per_clip": round(per_clip[name]),
+                        }
+                    ),
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

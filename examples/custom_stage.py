@@ -37,7 +37,9 @@ def main():
     args = parser.parse_args()
 
     dataset = (
-        ClipDataset(args.shards, crop=args.crop)  # single clips: {'key', 'frames' (T, crop, crop, 3) uint8, 'label' int}
+        ClipDataset(
+            args.shards, crop=args.crop
+        )  # single clips: {'key', 'frames' (T, crop, crop, 3) uint8, 'label' int}
         # keep the chosen classes
         .select(functools.partial(in_classes, classes=frozenset(args.classes)))
         # add a derived field
@@ -51,7 +53,9 @@ def main():
         clips, batches = clips + len(batch["key"]), batches + 1
         labels.update(torch.as_tensor(batch["label"]).tolist())
         motion += float(torch.as_tensor(batch["motion"]).sum())
-    print(f"custom_stage: clips={clips} batches={batches} labels={sorted(labels)} mean_motion={motion / max(clips, 1):.2f}")
+    print(
+        f"custom_stage: clips={clips} batches={batches} labels={sorted(labels)} mean_motion={motion / max(clips, 1):.2f}"
+    )
 
 
 if __name__ == "__main__":

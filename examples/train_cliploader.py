@@ -59,12 +59,17 @@ def main():
                 seen_in_epoch0.update(batch["key"])
             if steps == interrupt_at:  # simulate a crash: save, throw everything away, restore
                 buffer = io.BytesIO()
-                torch.save({"loader": loader.state_dict(), "model": model.state_dict(), "optimiser": optimiser.state_dict()}, buffer)
+                torch.save(
+                    {"loader": loader.state_dict(), "model": model.state_dict(), "optimiser": optimiser.state_dict()},
+                    buffer,
+                )
                 loader.close()
                 loader, model, optimiser = start(args, buffer.getvalue())
                 break
     loader.close()
-    print(f"train_cliploader: epochs={args.epochs} steps={steps} clips={clips} epoch0_distinct={len(seen_in_epoch0)} resumed_at_step={interrupt_at} loss={loss.item():.4f}")
+    print(
+        f"train_cliploader: epochs={args.epochs} steps={steps} clips={clips} epoch0_distinct={len(seen_in_epoch0)} resumed_at_step={interrupt_at} loss={loss.item():.4f}"
+    )
 
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -31,7 +31,13 @@ def main():
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     dataset = ClipDataset(args.shards, batch_size=args.batch_size, crop=args.crop, seed=args.seed)
-    loader = DataLoader(dataset, batch_size=None, num_workers=args.workers, persistent_workers=args.workers > 0, pin_memory=device.type == "cuda")
+    loader = DataLoader(
+        dataset,
+        batch_size=None,
+        num_workers=args.workers,
+        persistent_workers=args.workers > 0,
+        pin_memory=device.type == "cuda",
+    )
     torch.manual_seed(args.seed)
     model = build_model("tiny", len(dataset.classes)).to(device, memory_format=torch.channels_last_3d)
     optimiser = torch.optim.AdamW(model.parameters(), lr=args.lr)
@@ -47,7 +53,9 @@ def main():
             optimiser.step()
             steps, clips = steps + 1, clips + len(batch["key"])
             seen.update(batch["key"])
-    print(f"train_dataloader: epochs={args.epochs} steps={steps} clips={clips} distinct={len(seen)} loss={loss.item():.4f}")
+    print(
+        f"train_dataloader: epochs={args.epochs} steps={steps} clips={clips} distinct={len(seen)} loss={loss.item():.4f}"
+    )
 
 
 if __name__ == "__main__":

@@ -6,8 +6,9 @@ import functools
 import gc
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Callable, Optional
+from typing import Annotated
 
 import typer
 import typer.core
@@ -97,26 +98,92 @@ def _parse_part(text: str) -> tuple[int, int]:
 
 
 def pack_shards(
-    data_dir: Annotated[Path, typer.Argument(help="Folder with one sub-folder of videos per class (HMDB51: the folder holding hmdb51_org/ or the class folders; UCF101: UCF-101/ or the class folders; Kinetics: the folder holding train/ and val/).", show_default=False)],
-    out_dir: Annotated[str, typer.Argument(help="Output folder for the shards, index.json and manifest.parquet: a local folder or an object-store prefix such as s3://bucket/hmdb51/ (needs the s3 extra).")] = "shards",
-    split: Annotated[int, typer.Option(help="Official split to pack: 1, 2 or 3 (HMDB51, UCF101 and the grouped fallback; Kinetics has only 1).")] = 1,
-    frames: Annotated[int, typer.Option("--frames", "-t", help="Frames per clip (T), equally spaced over the decodable length.")] = 16,
-    stored_frames: Annotated[Optional[str], typer.Option(help="Frames stored per clip, S: a number with S - 1 a multiple of T - 1 (e.g. 61 for T = 16), or 'all' (every frame up to --max-stored-frames), so that training can draw other frames each epoch (train-stream --temporal segment) [default: T].", show_default=False)] = None,
-    max_stored_frames: Annotated[int, typer.Option(help="Cap of --stored-frames all (cap - 1 a multiple of T - 1); longer clips store this many, equally spaced.")] = 301,
-    short_side: Annotated[int, typer.Option(help="Resize frames so the shorter side has this many pixels (aspect kept).")] = 128,
-    keep_size: Annotated[bool, typer.Option("--keep-size", help="Store frames at their original size (ignores --short-side).")] = False,
+    data_dir: Annotated[
+        Path,
+        typer.Argument(
+            help="Folder with one sub-folder of videos per class (HMDB51: the folder holding hmdb51_org/ or the class folders; UCF101: UCF-101/ or the class folders; Kinetics: the folder holding train/ and val/).",
+            show_default=False,
+        ),
+    ],
+    out_dir: Annotated[
+        str,
+        typer.Argument(
+            help="Output folder for the shards, index.json and manifest.parquet: a local folder or an object-store prefix such as s3://bucket/hmdb51/ (needs the s3 extra)."
+        ),
+    ] = "shards",
+    split: Annotated[
+        int,
+        typer.Option(
+            help="Official split to pack: 1, 2 or 3 (HMDB51, UCF101 and the grouped fallback; Kinetics has only 1)."
+        ),
+    ] = 1,
+    frames: Annotated[
+        int, typer.Option("--frames", "-t", help="Frames per clip (T), equally spaced over the decodable length.")
+    ] = 16,
+    stored_frames: Annotated[
+        str | None,
+        typer.Option(
+            help="Frames stored per clip, S: a number with S - 1 a multiple of T - 1 (e.g. 61 for T = 16), or 'all' (every frame up to --max-stored-frames), so that training can draw other frames each epoch (train-stream --temporal segment) [default: T].",
+            show_default=False,
+        ),
+    ] = None,
+    max_stored_frames: Annotated[
+        int,
+        typer.Option(
+            help="Cap of --stored-frames all (cap - 1 a multiple of T - 1); longer clips store this many, equally spaced."
+        ),
+    ] = 301,
+    short_side: Annotated[
+        int, typer.Option(help="Resize frames so the shorter side has this many pixels (aspect kept).")
+    ] = 128,
+    keep_size: Annotated[
+        bool, typer.Option("--keep-size", help="Store frames at their original size (ignores --short-side).")
+    ] = False,
     quality: Annotated[int, typer.Option(help="JPEG quality of stored frames, 1-100.")] = 90,
     shards: Annotated[int, typer.Option(help="Number of training shards (000.tar ...).")] = 32,
-    test_shards: Annotated[Optional[int], typer.Option(help="Number of test shards (test-000.tar ...) [default: as many as --shards, at most one per test clip].", show_default=False)] = None,
-    splits_dir: Annotated[Optional[Path], typer.Option(help="Folder with the official split files: HMDB51's <class>_test_split1.txt ..., UCF101's classInd.txt and trainlist01.txt ... (ucfTrainTestlist/), or Kinetics' train.csv, validate.csv, test.csv [default: searched for inside DATA_DIR; UCF101's ucfTrainTestlist/ also beside it].", show_default=False)] = None,
-    layout: Annotated[str, typer.Option(help="Dataset layout: hmdb51 (split files <class>_test_split{1,2,3}.txt), ucf101 (ucfTrainTestlist/: classInd.txt decides the labels), kinetics (train/ and val/ folders of class folders: val/ fills the test shards; annotation CSVs name missing clips), folders (class folders, grouped 70/30 split), or auto: detected from DATA_DIR.")] = "auto",
+    test_shards: Annotated[
+        int | None,
+        typer.Option(
+            help="Number of test shards (test-000.tar ...) [default: as many as --shards, at most one per test clip].",
+            show_default=False,
+        ),
+    ] = None,
+    splits_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Folder with the official split files: HMDB51's <class>_test_split1.txt ..., UCF101's classInd.txt and trainlist01.txt ... (ucfTrainTestlist/), or Kinetics' train.csv, validate.csv, test.csv [default: searched for inside DATA_DIR; UCF101's ucfTrainTestlist/ also beside it].",
+            show_default=False,
+        ),
+    ] = None,
+    layout: Annotated[
+        str,
+        typer.Option(
+            help="Dataset layout: hmdb51 (split files <class>_test_split{1,2,3}.txt), ucf101 (ucfTrainTestlist/: classInd.txt decides the labels), kinetics (train/ and val/ folders of class folders: val/ fills the test shards; annotation CSVs name missing clips), folders (class folders, grouped 70/30 split), or auto: detected from DATA_DIR."
+        ),
+    ] = "auto",
     seed: Annotated[int, typer.Option(help="Seed of the shard plan and of the fallback 70/30 split.")] = 0,
-    decoder: Annotated[str, typer.Option(help="Video decoder: pyav (fastest here) or decord; both frame-exact.")] = "pyav",
-    workers: Annotated[Optional[int], typer.Option(help="Decoding processes [default: all cores].", show_default=False)] = None,
+    decoder: Annotated[
+        str, typer.Option(help="Video decoder: pyav (fastest here) or decord; both frame-exact.")
+    ] = "pyav",
+    workers: Annotated[
+        int | None, typer.Option(help="Decoding processes [default: all cores].", show_default=False)
+    ] = None,
     timeout: Annotated[float, typer.Option(help="Seconds one video may take before it is recorded as failed.")] = 120.0,
-    max_failures: Annotated[float, typer.Option(help="Failed videos allowed: a fraction of all videos if < 1, else a count; above it exit code 1.")] = 0.01,
-    part: Annotated[str, typer.Option(help="Pack only part i of N of the shard plan (i/N), for several machines sharing OUT_DIR (a shared folder or a bucket).")] = "1/1",
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an OUT_DIR packed with different inputs or options.")] = False,
+    max_failures: Annotated[
+        float,
+        typer.Option(
+            help="Failed videos allowed: a fraction of all videos if < 1, else a count; above it exit code 1."
+        ),
+    ] = 0.01,
+    part: Annotated[
+        str,
+        typer.Option(
+            help="Pack only part i of N of the shard plan (i/N), for several machines sharing OUT_DIR (a shared folder or a bucket)."
+        ),
+    ] = "1/1",
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an OUT_DIR packed with different inputs or options.")
+    ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ):
     """Pack class folders of videos into frame-exact WebDataset tar shards."""
@@ -153,11 +220,26 @@ def pack_shards(
 
 
 def make_sample_data(
-    out_dir: Annotated[Path, typer.Argument(help="Folder to write the sample set into (hmdb51: hmdb51_org/ and testTrainMulti_7030_splits/; ucf101: class folders and ucfTrainTestlist/; kinetics: train/, val/ and annotations/).")] = Path("data"),
-    classes: Annotated[int, typer.Option(help="Number of classes (hmdb51: the first N HMDB51 names, sorted, 1-51; ucf101: 1-16; kinetics: 1-12).")] = 8,
+    out_dir: Annotated[
+        Path,
+        typer.Argument(
+            help="Folder to write the sample set into (hmdb51: hmdb51_org/ and testTrainMulti_7030_splits/; ucf101: class folders and ucfTrainTestlist/; kinetics: train/, val/ and annotations/)."
+        ),
+    ] = Path("data"),
+    classes: Annotated[
+        int,
+        typer.Option(
+            help="Number of classes (hmdb51: the first N HMDB51 names, sorted, 1-51; ucf101: 1-16; kinetics: 1-12)."
+        ),
+    ] = 8,
     clips_per_class: Annotated[int, typer.Option(help="Clips per class.")] = 24,
     seed: Annotated[int, typer.Option(help="Seed for clip lengths, sizes and split tags.")] = 0,
-    layout: Annotated[str, typer.Option(help="hmdb51 (official HMDB51 archive layout), ucf101 (v_<Class>_gNN_cNN.avi files, classInd.txt in an unsorted order, the six split lists) or kinetics (.mp4 files in train/ and val/ class folders, annotation CSVs with a few rows whose file is missing).")] = "hmdb51",
+    layout: Annotated[
+        str,
+        typer.Option(
+            help="hmdb51 (official HMDB51 archive layout), ucf101 (v_<Class>_gNN_cNN.avi files, classInd.txt in an unsorted order, the six split lists) or kinetics (.mp4 files in train/ and val/ class folders, annotation CSVs with a few rows whose file is missing)."
+        ),
+    ] = "hmdb51",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ):
     """Write a sample set in the HMDB51, UCF101 or Kinetics layout: real MPEG-4 clips whose frames show their own index and class."""
@@ -174,52 +256,165 @@ def make_sample_data(
     if clips_per_class < 1:
         raise UserError(f"--clips-per-class must be >= 1, got {clips_per_class}")
     with progress(classes * clips_per_class, "sample data", quiet=quiet) as bar:
-        plan = make(out_dir, classes=classes, clips_per_class=clips_per_class, seed=seed, progress=lambda c: bar.update(1), layout=layout)
+        plan = make(
+            out_dir,
+            classes=classes,
+            clips_per_class=clips_per_class,
+            seed=seed,
+            progress=lambda c: bar.update(1),
+            layout=layout,
+        )
     written = [c for c in plan if c.kind != "missing"]
-    typer.echo(f"wrote {len(written)} clips in {classes} classes to {out_dir} ({layout} layout" + (f", {len(plan) - len(written)} CSV rows without a file)" if len(written) < len(plan) else ")"))
+    typer.echo(
+        f"wrote {len(written)} clips in {classes} classes to {out_dir} ({layout} layout"
+        + (f", {len(plan) - len(written)} CSV rows without a file)" if len(written) < len(plan) else ")")
+    )
 
 
 def train_stream(
-    shards: Annotated[list[str], typer.Option("--shards", help="Training shards: 'shards/<000..031>.tar', '{000..031}' ranges, '::'-separated lists, local paths, http(s):// or s3:// URLs, or a packed folder (shards/, s3://bucket/hmdb51/); repeatable.", show_default=False)],
-    eval_shards: Annotated[Optional[list[str]], typer.Option("--eval-shards", help="Test shards, same syntax [default: the test shards listed in the index beside the training shards].", show_default=False)] = None,
-    index: Annotated[Optional[str], typer.Option(help="Path or URL of index.json [default: beside the training shards].", show_default=False)] = None,
+    shards: Annotated[
+        list[str],
+        typer.Option(
+            "--shards",
+            help="Training shards: 'shards/<000..031>.tar', '{000..031}' ranges, '::'-separated lists, local paths, http(s):// or s3:// URLs, or a packed folder (shards/, s3://bucket/hmdb51/); repeatable.",
+            show_default=False,
+        ),
+    ],
+    eval_shards: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--eval-shards",
+            help="Test shards, same syntax [default: the test shards listed in the index beside the training shards].",
+            show_default=False,
+        ),
+    ] = None,
+    index: Annotated[
+        str | None,
+        typer.Option(help="Path or URL of index.json [default: beside the training shards].", show_default=False),
+    ] = None,
     model: Annotated[str, typer.Option(help="r3d18, r2plus1d18, cnn-lstm, tiny, or torchvision:<name>.")] = "r3d18",
     epochs: Annotated[int, typer.Option(help="Passes over the training shards.")] = 10,
-    batch_size: Annotated[int, typer.Option(help="Clips per batch on each rank (global batch: x ranks x --grad-accum).")] = 8,
-    workers: Annotated[Optional[int], typer.Option(help="Loader worker processes per rank; each reads its own shards and builds whole batches [default: one per core left to the rank, at most 8 and at most shards / ranks].", show_default=False)] = None,
-    shuffle_buffer: Annotated[int, typer.Option(help="Samples in each worker's shuffle buffer (about 150 KB each).")] = 256,
-    crop: Annotated[int, typer.Option(help="Side of the square crop (random in training, centred in evaluation).")] = 112,
+    batch_size: Annotated[
+        int, typer.Option(help="Clips per batch on each rank (global batch: x ranks x --grad-accum).")
+    ] = 8,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            help="Loader worker processes per rank; each reads its own shards and builds whole batches [default: one per core left to the rank, at most 8 and at most shards / ranks].",
+            show_default=False,
+        ),
+    ] = None,
+    shuffle_buffer: Annotated[
+        int, typer.Option(help="Samples in each worker's shuffle buffer (about 150 KB each).")
+    ] = 256,
+    crop: Annotated[
+        int, typer.Option(help="Side of the square crop (random in training, centred in evaluation).")
+    ] = 112,
     seed: Annotated[int, typer.Option(help="Seed of shard order, shuffle, crops, flips and model initialisation.")] = 0,
-    resample: Annotated[bool, typer.Option("--resample", help="Draw shards with replacement (allows fewer shards than ranks x workers).")] = False,
-    epoch_fill: Annotated[str, typer.Option(help="pad: every training clip once per epoch, the last batches topped up with marked repeats so every rank runs the same steps; drop: each rank's surplus left unread.")] = "pad",
-    temporal: Annotated[str, typer.Option(help="Training frames: segment (one stored frame drawn per segment each epoch) or fixed (the evaluation frames); the same for packs of T stored frames.")] = "segment",
-    test_views: Annotated[str, typer.Option(help="Evaluation views KxC: K temporal offsets x C spatial crops (1: centre, 3: centre and both ends); scores averaged per clip.")] = "1x1",
-    allow_pipe: Annotated[bool, typer.Option("--allow-pipe", help="Allow pipe: shard URLs, which run shell commands.")] = False,
-    prefetch: Annotated[int, typer.Option(help="Batches each worker prepares ahead; each worker holds this many + 1 batch buffers in shared memory.")] = 2,
-    max_bad: Annotated[float, typer.Option("--max-bad", "--max-bad-fraction", help="Unreadable training clips allowed per rank and epoch: a fraction of its clips if < 1, else a count; above it the run stops.")] = 0.01,
+    resample: Annotated[
+        bool,
+        typer.Option("--resample", help="Draw shards with replacement (allows fewer shards than ranks x workers)."),
+    ] = False,
+    epoch_fill: Annotated[
+        str,
+        typer.Option(
+            help="pad: every training clip once per epoch, the last batches topped up with marked repeats so every rank runs the same steps; drop: each rank's surplus left unread."
+        ),
+    ] = "pad",
+    temporal: Annotated[
+        str,
+        typer.Option(
+            help="Training frames: segment (one stored frame drawn per segment each epoch) or fixed (the evaluation frames); the same for packs of T stored frames."
+        ),
+    ] = "segment",
+    test_views: Annotated[
+        str,
+        typer.Option(
+            help="Evaluation views KxC: K temporal offsets x C spatial crops (1: centre, 3: centre and both ends); scores averaged per clip."
+        ),
+    ] = "1x1",
+    allow_pipe: Annotated[
+        bool, typer.Option("--allow-pipe", help="Allow pipe: shard URLs, which run shell commands.")
+    ] = False,
+    prefetch: Annotated[
+        int,
+        typer.Option(
+            help="Batches each worker prepares ahead; each worker holds this many + 1 batch buffers in shared memory."
+        ),
+    ] = 2,
+    max_bad: Annotated[
+        float,
+        typer.Option(
+            "--max-bad",
+            "--max-bad-fraction",
+            help="Unreadable training clips allowed per rank and epoch: a fraction of its clips if < 1, else a count; above it the run stops.",
+        ),
+    ] = 0.01,
     optimizer: Annotated[str, typer.Option(help="adamw or sgd (momentum 0.9, Nesterov).")] = "adamw",
-    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate [default: 1e-3 for adamw, 0.05 for sgd].", show_default=False)] = None,
+    lr: Annotated[
+        float | None,
+        typer.Option(help="Peak learning rate [default: 1e-3 for adamw, 0.05 for sgd].", show_default=False),
+    ] = None,
     weight_decay: Annotated[float, typer.Option(help="Weight decay.")] = 1e-4,
-    schedule: Annotated[str, typer.Option(help="cosine (to zero at the last step) or step (x --lr-gamma every --lr-step-epochs).")] = "cosine",
+    schedule: Annotated[
+        str, typer.Option(help="cosine (to zero at the last step) or step (x --lr-gamma every --lr-step-epochs).")
+    ] = "cosine",
     warmup_steps: Annotated[int, typer.Option(help="Linear warm-up over this many optimiser steps.")] = 0,
     lr_step_epochs: Annotated[int, typer.Option(help="Epochs between decays of the step schedule.")] = 10,
     lr_gamma: Annotated[float, typer.Option(help="Decay factor of the step schedule.")] = 0.1,
     grad_accum: Annotated[int, typer.Option(help="Batches whose gradients are summed before each optimiser step.")] = 1,
     compile: Annotated[bool, typer.Option("--compile", help="Wrap the model in torch.compile.")] = False,
     amp: Annotated[bool, typer.Option("--amp/--no-amp", help="bf16 autocast on CUDA (ignored on CPU).")] = True,
-    channels_last: Annotated[bool, typer.Option("--channels-last/--no-channels-last", help="channels_last_3d memory format on CUDA (ignored on CPU).")] = True,
+    channels_last: Annotated[
+        bool,
+        typer.Option(
+            "--channels-last/--no-channels-last", help="channels_last_3d memory format on CUDA (ignored on CPU)."
+        ),
+    ] = True,
     device: Annotated[str, typer.Option(help="auto (CUDA when available), cpu or cuda.")] = "auto",
-    threads: Annotated[Optional[int], typer.Option(help="Intra-op CPU threads per training process [default: its share of the cores minus --workers, at least 1].", show_default=False)] = None,
-    eval_every: Annotated[int, typer.Option(help="Evaluate every N epochs (and after the last); 0: only after the last.")] = 1,
-    log_dir: Annotated[Optional[str], typer.Option(help="Run folder for metrics.jsonl, checkpoint.pt and audit logs [default: runs/<timestamp>, or the resumed run's folder].", show_default=False)] = None,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            help="Intra-op CPU threads per training process [default: its share of the cores minus --workers, at least 1].",
+            show_default=False,
+        ),
+    ] = None,
+    eval_every: Annotated[
+        int, typer.Option(help="Evaluate every N epochs (and after the last); 0: only after the last.")
+    ] = 1,
+    log_dir: Annotated[
+        str | None,
+        typer.Option(
+            help="Run folder for metrics.jsonl, checkpoint.pt and audit logs [default: runs/<timestamp>, or the resumed run's folder].",
+            show_default=False,
+        ),
+    ] = None,
     log_every: Annotated[int, typer.Option(help="Steps between step records in metrics.jsonl.")] = 10,
-    checkpoint_every: Annotated[int, typer.Option(help="Also checkpoint every N steps (0: only at the end of each epoch).")] = 0,
-    resume: Annotated[Optional[str], typer.Option(help="Checkpoint file or run folder to continue from, mid-epoch included.", show_default=False)] = None,
-    max_steps: Annotated[int, typer.Option(help="Stop with a checkpoint after this many steps in total (0: no limit).")] = 0,
-    audit_keys: Annotated[bool, typer.Option("--audit-keys", help="Write the sample keys each rank consumed, per epoch, to LOG_DIR/audit/.")] = False,
+    checkpoint_every: Annotated[
+        int, typer.Option(help="Also checkpoint every N steps (0: only at the end of each epoch).")
+    ] = 0,
+    resume: Annotated[
+        str | None,
+        typer.Option(help="Checkpoint file or run folder to continue from, mid-epoch included.", show_default=False),
+    ] = None,
+    max_steps: Annotated[
+        int, typer.Option(help="Stop with a checkpoint after this many steps in total (0: no limit).")
+    ] = 0,
+    audit_keys: Annotated[
+        bool,
+        typer.Option("--audit-keys", help="Write the sample keys each rank consumed, per epoch, to LOG_DIR/audit/."),
+    ] = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bar (rank 0 only).")] = True,
-    plot: Annotated[bool, typer.Option("--plot", help="At the end, draw LOG_DIR/curves.png: loss, test accuracy, clips/s and data-wait share over steps (as plot-run does).")] = False,
-    nproc_per_node: Annotated[int, typer.Option(help="Start N local processes (gloo on CPU, NCCL on GPU); under torchrun leave at 1.")] = 1,
+    plot: Annotated[
+        bool,
+        typer.Option(
+            "--plot",
+            help="At the end, draw LOG_DIR/curves.png: loss, test accuracy, clips/s and data-wait share over steps (as plot-run does).",
+        ),
+    ] = False,
+    nproc_per_node: Annotated[
+        int, typer.Option(help="Start N local processes (gloo on CPU, NCCL on GPU); under torchrun leave at 1.")
+    ] = 1,
 ):
     """Stream WebDataset shards into (distributed) training of a video classifier, then evaluate on the test shards."""
     from pipeline.config import StreamConfig, TrainConfig
@@ -274,11 +469,27 @@ def train_stream(
 
 
 def inspect_shards(
-    pattern: Annotated[str, typer.Argument(help="Shards to look at: 'shards/<000..031>.tar', 'shards/{000..031}.tar', one .tar file, or a packed folder (all shards in its index.json); local or in an object store (s3://bucket/hmdb51/).", show_default=False)],
-    sheet: Annotated[Optional[Path], typer.Option(help="Also write a contact sheet PNG here: one labelled row of T frames per randomly drawn clip.", show_default=False)] = None,
-    samples: Annotated[int, typer.Option("--samples", "-n", help="Clips drawn for the contact sheet (all, if the shards hold fewer).")] = 8,
+    pattern: Annotated[
+        str,
+        typer.Argument(
+            help="Shards to look at: 'shards/<000..031>.tar', 'shards/{000..031}.tar', one .tar file, or a packed folder (all shards in its index.json); local or in an object store (s3://bucket/hmdb51/).",
+            show_default=False,
+        ),
+    ],
+    sheet: Annotated[
+        Path | None,
+        typer.Option(
+            help="Also write a contact sheet PNG here: one labelled row of T frames per randomly drawn clip.",
+            show_default=False,
+        ),
+    ] = None,
+    samples: Annotated[
+        int, typer.Option("--samples", "-n", help="Clips drawn for the contact sheet (all, if the shards hold fewer).")
+    ] = 8,
     seed: Annotated[int, typer.Option(help="Seed of the contact sheet's draw.")] = 0,
-    frame_height: Annotated[int, typer.Option(help="Height of each frame on the contact sheet in pixels (frames are scaled, aspect kept).")] = 128,
+    frame_height: Annotated[
+        int, typer.Option(help="Height of each frame on the contact sheet in pixels (frames are scaled, aspect kept).")
+    ] = 128,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ):
     """Summarise packed shards (clips per class and split, frame sizes, bytes per clip, padded and failed clips) and optionally draw a contact sheet."""
@@ -302,8 +513,17 @@ def inspect_shards(
 
 
 def verify_shards(
-    folder: Annotated[str, typer.Argument(help="Packed folder holding index.json, manifest.parquet and the shards: a local folder or an object-store prefix (s3://bucket/hmdb51/).", show_default=False)],
-    workers: Annotated[Optional[int], typer.Option(help="Processes checking shards in parallel [default: all cores].", show_default=False)] = None,
+    folder: Annotated[
+        str,
+        typer.Argument(
+            help="Packed folder holding index.json, manifest.parquet and the shards: a local folder or an object-store prefix (s3://bucket/hmdb51/).",
+            show_default=False,
+        ),
+    ],
+    workers: Annotated[
+        int | None,
+        typer.Option(help="Processes checking shards in parallel [default: all cores].", show_default=False),
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ):
     """Re-read every shard listed in index.json: bytes, sha256, sample count, members, JPEG decodes, labels. Prints one line per problem; exit code 1 when there is any."""
@@ -319,8 +539,12 @@ def verify_shards(
 
 
 def plot_run(
-    log_dir: Annotated[Path, typer.Argument(help="Run folder holding metrics.jsonl (train-stream --log-dir).", show_default=False)],
-    out: Annotated[Optional[Path], typer.Option(help="PNG to write [default: LOG_DIR/curves.png].", show_default=False)] = None,
+    log_dir: Annotated[
+        Path, typer.Argument(help="Run folder holding metrics.jsonl (train-stream --log-dir).", show_default=False)
+    ],
+    out: Annotated[
+        Path | None, typer.Option(help="PNG to write [default: LOG_DIR/curves.png].", show_default=False)
+    ] = None,
 ):
     """Draw a training run's curves: loss, test top-1/top-5, clips/s and data-wait share over steps."""
     from pipeline.tools.plots import plot_run as draw
@@ -329,35 +553,102 @@ def plot_run(
 
 
 def bench_stream(
-    shards: Annotated[list[str], typer.Option("--shards", help="Training shards to read: 'shards/<000..031>.tar', '{000..031}' ranges, '::'-separated lists, local paths, http(s):// or s3:// URLs, or a packed folder; repeatable.", show_default=False)],
-    workers: Annotated[str, typer.Option(help="Loader worker counts to measure, comma-separated; one configuration each.")] = "0,1,2",
+    shards: Annotated[
+        list[str],
+        typer.Option(
+            "--shards",
+            help="Training shards to read: 'shards/<000..031>.tar', '{000..031}' ranges, '::'-separated lists, local paths, http(s):// or s3:// URLs, or a packed folder; repeatable.",
+            show_default=False,
+        ),
+    ],
+    workers: Annotated[
+        str, typer.Option(help="Loader worker counts to measure, comma-separated; one configuration each.")
+    ] = "0,1,2",
     batches: Annotated[int, typer.Option(help="Measured batches per configuration.")] = 20,
     warmup: Annotated[int, typer.Option(help="Batches taken before the clock starts.")] = 3,
-    model: Annotated[Optional[str], typer.Option(help="End to end: forward + backward of this model (r3d18, r2plus1d18, cnn-lstm, tiny, ...) on --device for every batch, so the data-wait share means something [default: loader only].", show_default=False)] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="End to end: forward + backward of this model (r3d18, r2plus1d18, cnn-lstm, tiny, ...) on --device for every batch, so the data-wait share means something [default: loader only].",
+            show_default=False,
+        ),
+    ] = None,
     device: Annotated[str, typer.Option(help="auto (CUDA when available), cpu or cuda.")] = "auto",
-    synthetic: Annotated[bool, typer.Option("--synthetic", help="Also run the model on the same batches held in memory (no decoding) and print real / synthetic; needs --model.")] = False,
-    stages: Annotated[bool, typer.Option("--stages/--no-stages", help="Time each stage of the stream in this process (tar read and grouping, JPEG decode, crop, collate, host to device).")] = True,
+    synthetic: Annotated[
+        bool,
+        typer.Option(
+            "--synthetic",
+            help="Also run the model on the same batches held in memory (no decoding) and print real / synthetic; needs --model.",
+        ),
+    ] = False,
+    stages: Annotated[
+        bool,
+        typer.Option(
+            "--stages/--no-stages",
+            help="Time each stage of the stream in this process (tar read and grouping, JPEG decode, crop, collate, host to device).",
+        ),
+    ] = True,
     batch_size: Annotated[int, typer.Option(help="Clips per batch.")] = 8,
     shuffle_buffer: Annotated[int, typer.Option(help="Samples in each worker's shuffle buffer.")] = 256,
     crop: Annotated[int, typer.Option(help="Side of the random square crop.")] = 112,
-    prefetch: Annotated[int, typer.Option(help="Batches each worker prepares ahead; each worker holds this many + 1 batch buffers in shared memory.")] = 2,
-    index: Annotated[Optional[str], typer.Option(help="Path or URL of index.json [default: beside the shards].", show_default=False)] = None,
-    resample: Annotated[bool, typer.Option("--resample", help="Draw shards with replacement (allows fewer shards than workers).")] = False,
-    epoch_fill: Annotated[str, typer.Option(help="pad: every training clip once per epoch, the last batches topped up with marked repeats so every rank runs the same steps; drop: each rank's surplus left unread.")] = "pad",
-    temporal: Annotated[str, typer.Option(help="Training frames: segment (one stored frame drawn per segment each epoch) or fixed (the evaluation frames); the same for packs of T stored frames.")] = "segment",
-    allow_pipe: Annotated[bool, typer.Option("--allow-pipe", help="Allow pipe: shard URLs, which run shell commands.")] = False,
+    prefetch: Annotated[
+        int,
+        typer.Option(
+            help="Batches each worker prepares ahead; each worker holds this many + 1 batch buffers in shared memory."
+        ),
+    ] = 2,
+    index: Annotated[
+        str | None, typer.Option(help="Path or URL of index.json [default: beside the shards].", show_default=False)
+    ] = None,
+    resample: Annotated[
+        bool, typer.Option("--resample", help="Draw shards with replacement (allows fewer shards than workers).")
+    ] = False,
+    epoch_fill: Annotated[
+        str,
+        typer.Option(
+            help="pad: every training clip once per epoch, the last batches topped up with marked repeats so every rank runs the same steps; drop: each rank's surplus left unread."
+        ),
+    ] = "pad",
+    temporal: Annotated[
+        str,
+        typer.Option(
+            help="Training frames: segment (one stored frame drawn per segment each epoch) or fixed (the evaluation frames); the same for packs of T stored frames."
+        ),
+    ] = "segment",
+    allow_pipe: Annotated[
+        bool, typer.Option("--allow-pipe", help="Allow pipe: shard URLs, which run shell commands.")
+    ] = False,
     amp: Annotated[bool, typer.Option("--amp/--no-amp", help="bf16 autocast on CUDA.")] = True,
-    channels_last: Annotated[bool, typer.Option("--channels-last/--no-channels-last", help="channels_last_3d on CUDA.")] = True,
-    threads: Annotated[Optional[int], typer.Option(help="Intra-op threads of the main process [default: cores minus workers, at least 1].", show_default=False)] = None,
-    step_ms: Annotated[Optional[float], typer.Option(help="Simulate an accelerator instead of --model: each batch is consumed by waiting this many ms without using the CPU, as a GPU step would; with --synthetic, real / synthetic shows whether the loader keeps up, epoch boundaries included.", show_default=False)] = None,
+    channels_last: Annotated[
+        bool, typer.Option("--channels-last/--no-channels-last", help="channels_last_3d on CUDA.")
+    ] = True,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            help="Intra-op threads of the main process [default: cores minus workers, at least 1].", show_default=False
+        ),
+    ] = None,
+    step_ms: Annotated[
+        float | None,
+        typer.Option(
+            help="Simulate an accelerator instead of --model: each batch is consumed by waiting this many ms without using the CPU, as a GPU step would; with --synthetic, real / synthetic shows whether the loader keeps up, epoch boundaries included.",
+            show_default=False,
+        ),
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed of shard order, shuffle and crops.")] = 0,
-    json_lines: Annotated[bool, typer.Option("--json", help="Print one JSON line per configuration (and one for the stage breakdown) instead of the table.")] = False,
+    json_lines: Annotated[
+        bool,
+        typer.Option(
+            "--json",
+            help="Print one JSON line per configuration (and one for the stage breakdown) instead of the table.",
+        ),
+    ] = False,
 ):
     """Measure the loading pipeline: clips/s, frames/s, MB/s, data-wait share and peak memory for 0, 1, 2, ... workers, and the time of each stage."""
     import json
 
-    from pipeline.tools.bench import BenchConfig, parse_workers, run_bench, table
     from pipeline.config import StreamConfig
+    from pipeline.tools.bench import BenchConfig, parse_workers, run_bench, table
 
     stream_cfg = StreamConfig(
         shards=tuple(shards),

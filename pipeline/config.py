@@ -75,7 +75,9 @@ class PackConfig:
         if self.short_side is not None and self.short_side < 1:
             raise UserError(f"--short-side must be >= 1, got {self.short_side}")
         if self.short_side is not None and self.short_side > MAX_JPEG_SIDE:
-            raise UserError(f"--short-side must be <= {MAX_JPEG_SIDE} (what shard readers accept), got {self.short_side}")
+            raise UserError(
+                f"--short-side must be <= {MAX_JPEG_SIDE} (what shard readers accept), got {self.short_side}"
+            )
         if self.stored_frames is not None:
             self._check_stored()
         if not 1 <= self.quality <= 100:
@@ -101,11 +103,15 @@ class PackConfig:
 
         s, t = self.stored_frames, self.frames
         if t < 2:
-            raise UserError("--stored-frames needs --frames of 2 or more (the stored frames must hold the T evaluation frames)")
+            raise UserError(
+                "--stored-frames needs --frames of 2 or more (the stored frames must hold the T evaluation frames)"
+            )
         if s == "all":
             cap = self.max_stored_frames
             if not (t <= cap <= MAX_FRAMES_PER_CLIP and (cap - 1) % (t - 1) == 0):
-                raise UserError(f"--max-stored-frames must be in {t}..{MAX_FRAMES_PER_CLIP} with cap - 1 a multiple of T - 1 = {t - 1}, got {cap}")
+                raise UserError(
+                    f"--max-stored-frames must be in {t}..{MAX_FRAMES_PER_CLIP} with cap - 1 a multiple of T - 1 = {t - 1}, got {cap}"
+                )
             return
         if not isinstance(s, int) or not (t <= s <= MAX_FRAMES_PER_CLIP and (s - 1) % (t - 1) == 0):
             raise UserError(
@@ -123,7 +129,11 @@ class PackConfig:
 
     def output_options(self) -> dict:
         """The options that decide the bytes written: a changed one means a different pack."""
-        stored = {} if self.stored_frames is None else {"stored_frames": self.stored_frames, "max_stored_frames": self.max_stored_frames}
+        stored = (
+            {}
+            if self.stored_frames is None
+            else {"stored_frames": self.stored_frames, "max_stored_frames": self.max_stored_frames}
+        )
         return {
             **stored,
             "split": self.split,
@@ -235,7 +245,9 @@ class StreamConfig:
         slot = self.batch_size * frames * self.crop * self.crop * 3
         shape = f"`batch_size` {self.batch_size} x {frames} frames x `crop` {self.crop}x{self.crop} x 3"
         if slot > MAX_BATCH_BYTES:
-            raise UserError(f"a batch of {shape} bytes is {slot / 2**30:.1f} GiB, more than the {MAX_BATCH_BYTES >> 30} GiB a batch may take")
+            raise UserError(
+                f"a batch of {shape} bytes is {slot / 2**30:.1f} GiB, more than the {MAX_BATCH_BYTES >> 30} GiB a batch may take"
+            )
         total, ram = slot * max(1, workers) * (self.prefetch + 1), physical_memory()
         if ram and total > ram:
             raise UserError(

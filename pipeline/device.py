@@ -34,7 +34,7 @@ class DistEnv:
             raise UserError(f"rank {self.rank} outside a world of {self.world_size}")
 
     @classmethod
-    def from_env(cls) -> "DistEnv":
+    def from_env(cls) -> DistEnv:
         """The torchrun variables, or a single process when they are absent."""
         env = os.environ
         if "WORLD_SIZE" not in env:
@@ -124,4 +124,6 @@ class ModelInput:
             return rows.view(batch, frames, height, width, channels).permute(0, 4, 1, 2, 3)
         # One pass, uint8 in, float out, written straight in contiguous layout: x * scale - shift.
         dense = self.buffer.view(batch, channels, frames, height, width)
-        return torch.addcmul(self.shift.view(1, 3, 1, 1, 1), x.permute(0, 4, 1, 2, 3), self.scale.view(1, 3, 1, 1, 1), out=dense)
+        return torch.addcmul(
+            self.shift.view(1, 3, 1, 1, 1), x.permute(0, 4, 1, 2, 3), self.scale.view(1, 3, 1, 1, 1), out=dense
+        )

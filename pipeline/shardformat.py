@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 import struct
+
 import numpy as np
 
 FORMAT_VERSION = 1
@@ -127,7 +128,11 @@ def parse_index(raw: bytes, where: str) -> dict:
         return UserError(f"unreadable index {where}: {what}")
 
     classes = index.get("classes")
-    if not isinstance(classes, list) or not 1 <= len(classes) <= MAX_CLASSES or not all(isinstance(c, str) and c for c in classes):
+    if (
+        not isinstance(classes, list)
+        or not 1 <= len(classes) <= MAX_CLASSES
+        or not all(isinstance(c, str) and c for c in classes)
+    ):
         raise bad(f"'classes' must be a list of 1 to {MAX_CLASSES} names")
     frames = index.get("frames_per_clip")
     if not _is_int(frames) or not 1 <= frames <= MAX_FRAMES_PER_CLIP:
@@ -137,14 +142,26 @@ def parse_index(raw: bytes, where: str) -> dict:
         raise bad("'splits' must map 'train' and 'test' to their shards")
     for split in ("train", "test"):
         entry = splits.get(split, {"samples": 0, "shards": []})
-        if not isinstance(entry, dict) or not isinstance(entry.get("shards"), list) or len(entry["shards"]) > MAX_SHARDS:
+        if (
+            not isinstance(entry, dict)
+            or not isinstance(entry.get("shards"), list)
+            or len(entry["shards"]) > MAX_SHARDS
+        ):
             raise bad(f"'splits.{split}.shards' must be a list of at most {MAX_SHARDS} shards")
         names = set()
         for shard in entry["shards"]:
             if not isinstance(shard, dict):
                 raise bad(f"a shard of split {split} is {_short(shard)}, not an object")
             name, samples = shard.get("name"), shard.get("samples")
-            if not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", "..") or len(name) > 255 or not name.isprintable():
+            if (
+                not isinstance(name, str)
+                or not name
+                or "/" in name
+                or "\\" in name
+                or name in (".", "..")
+                or len(name) > 255
+                or not name.isprintable()
+            ):
                 raise bad(f"shard name {_short(name)} of split {split} is not a plain file name")
             if name in names:
                 raise bad(f"shard {name!r} is listed twice in split {split}")
@@ -241,7 +258,9 @@ def expand_pattern(pattern: str) -> list[str]:
         # its inputs whole): `{000000..999999999}` is a billion strings. Count first, expand after.
         count += _count_expansions(braced)
         if count > MAX_PATTERN_URLS:
-            raise ValueError(f"{_short(pattern)} names {count:,} shards or more; a pattern may name at most {MAX_PATTERN_URLS:,}")
+            raise ValueError(
+                f"{_short(pattern)} names {count:,} shards or more; a pattern may name at most {MAX_PATTERN_URLS:,}"
+            )
         try:
             expanded = list(braceexpand.braceexpand(braced))
         except braceexpand.UnbalancedBracesError:

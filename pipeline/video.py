@@ -110,7 +110,9 @@ def probe_video(path: str | Path) -> Probe:
                         looking = False  # an undecodable start is the decode pass's to report
                         continue
                     if frames and not frames[0].key_frame:
-                        raise DecodeError("the first frame is not a keyframe (file cut before its first keyframe): it would decode as grey")
+                        raise DecodeError(
+                            "the first frame is not a keyframe (file cut before its first keyframe): it would decode as grey"
+                        )
                     looking = not frames
         except DecodeError:
             raise
@@ -119,7 +121,9 @@ def probe_video(path: str | Path) -> Probe:
         return Probe(packets, stream.frames or None, float(rate) if rate else 0.0, (ctx.width, ctx.height))
 
 
-def decode_clip(path: str | Path, t, decoder: str = "pyav", planes: bool = False, probe: Probe | None = None) -> SampledClip:
+def decode_clip(
+    path: str | Path, t, decoder: str = "pyav", planes: bool = False, probe: Probe | None = None
+) -> SampledClip:
     """Decode the whole file sequentially, keeping only the T frames of `clip_indices`.
 
     `t` is T, or a function n -> how many frames to keep of an n-frame clip (`pack-shards
@@ -185,7 +189,9 @@ def _pass_pyav(path: str, wanted: set[int], planes: bool = False):
                     turns = round(frame.rotation / 90) % 4
                     size = (frame.height, frame.width) if turns % 2 else (frame.width, frame.height)
                 if count in wanted:  # only the kept frames are converted
-                    kept[count] = _upright((planes and _yuv420_planes(frame)) or frame.to_ndarray(format="rgb24"), turns)
+                    kept[count] = _upright(
+                        (planes and _yuv420_planes(frame)) or frame.to_ndarray(format="rgb24"), turns
+                    )
                 count += 1
         except Exception as e:
             error = _first_line(e)
@@ -273,7 +279,9 @@ def _yuv420_planes(frame) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
         return None
     w, h = frame.width, frame.height
     out = []
-    for k, (plane, (pw, ph)) in enumerate(zip(frame.planes, ((w, h), ((w + 1) // 2, (h + 1) // 2), ((w + 1) // 2, (h + 1) // 2)))):
+    for k, (plane, (pw, ph)) in enumerate(
+        zip(frame.planes, ((w, h), ((w + 1) // 2, (h + 1) // 2), ((w + 1) // 2, (h + 1) // 2)))
+    ):
         a = np.frombuffer(plane, np.uint8).reshape(-1, plane.line_size)[:ph, :pw]
         out.append(a.copy() if name == "yuvj420p" else cv2.LUT(a, _Y_TO_FULL if k == 0 else _C_TO_FULL))
     return out[0], out[1], out[2]

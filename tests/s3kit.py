@@ -67,7 +67,10 @@ def s3fs_for(endpoint: str):
     import s3fs
 
     return s3fs.S3FileSystem(
-        key=DUMMY_ENV["AWS_ACCESS_KEY_ID"], secret=DUMMY_ENV["AWS_SECRET_ACCESS_KEY"], endpoint_url=endpoint, skip_instance_cache=True
+        key=DUMMY_ENV["AWS_ACCESS_KEY_ID"],
+        secret=DUMMY_ENV["AWS_SECRET_ACCESS_KEY"],
+        endpoint_url=endpoint,
+        skip_instance_cache=True,
     )
 
 
@@ -126,7 +129,11 @@ class CuttingProxy:
                     if not data:
                         break
                     line = data.split(b"\r\n", 1)[0]
-                    if line.startswith(b"GET ") and line.split(b" ")[1].split(b"?")[0].endswith(self.suffix) and not state["cut"]:
+                    if (
+                        line.startswith(b"GET ")
+                        and line.split(b" ")[1].split(b"?")[0].endswith(self.suffix)
+                        and not state["cut"]
+                    ):
                         if self._take_cut():
                             state["cut"], state["sent"] = True, 0
                     upstream.sendall(data)

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import simplejpeg
 
-from pipeline.tools.sampledata import HMDB51_CLASSES, draw_frame
 from pipeline.shardformat import FORMAT_VERSION, pack_jpegs
+from pipeline.tools.sampledata import HMDB51_CLASSES, draw_frame
 
 WIDTHS = (40, 48, 56)  # frames vary in width per clip, as after a shorter-side resize
 
@@ -60,7 +60,10 @@ def make_packed(
     names = sorted(HMDB51_CLASSES)[:classes]
     rng = np.random.default_rng(seed)
     splits = {}
-    for split, per_class, n_shards, prefix in (("train", train_per_class, train_shards, ""), ("test", test_per_class, test_shards, "test-")):
+    for split, per_class, n_shards, prefix in (
+        ("train", train_per_class, train_shards, ""),
+        ("test", test_per_class, test_shards, "test-"),
+    ):
         samples = []
         for ci, name in enumerate(names):
             for i in range(per_class):
@@ -78,7 +81,9 @@ def make_packed(
             name = f"{prefix}{s:03d}.tar"
             write_tar(out / name, shard)
             data = (out / name).read_bytes()
-            entries.append({"name": name, "samples": len(shard), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+            entries.append(
+                {"name": name, "samples": len(shard), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+            )
         splits[split] = {"samples": len(samples), "shards": entries}
     index = {
         "format": "clipstream",
@@ -88,7 +93,13 @@ def make_packed(
         "frame_size": {"short_side": height},
         "options": {"frames": frames, "short_side": height, "quality": 90, "shards": train_shards},
         "splits": splits,
-        "counts": {"videos": 0, "packed": sum(v["samples"] for v in splits.values()), "padded": 0, "failed": 0, "unused": 0},
+        "counts": {
+            "videos": 0,
+            "packed": sum(v["samples"] for v in splits.values()),
+            "padded": 0,
+            "failed": 0,
+            "unused": 0,
+        },
     }
     (out / "index.json").write_text(json.dumps(index, indent=1))
     return index
@@ -99,7 +110,16 @@ def shard_keys(path: Path) -> list[str]:
         return sorted({m.name.split(".", 1)[0] for m in tar.getmembers()})
 
 
-def make_temporal_pack(out: Path, lengths: list[int], frames: int, stored: int | None, classes: int = 2, width: int = 128, height: int = 96, cap: int = 0) -> dict:
+def make_temporal_pack(
+    out: Path,
+    lengths: list[int],
+    frames: int,
+    stored: int | None,
+    classes: int = 2,
+    width: int = 128,
+    height: int = 96,
+    cap: int = 0,
+) -> dict:
     """A pack whose clips store S frames each, as `pack-shards --stored-frames` writes them: stored
     frame j is source frame round(j*(n-1)/(S-1)) of an n-frame clip (`stored=None`: every frame, at
     most `cap`, longer clips at the formula with S = cap). Frames carry their source index and
@@ -119,12 +139,20 @@ def make_temporal_pack(out: Path, lengths: list[int], frames: int, stored: int |
                 indices = clip_indices(n, count)
                 key = clip_key(name, 100 * s + (1000 if split == "test" else 0))
                 clip = [draw_frame(i, ci, width, height) for i in indices]
-                meta = {"key": key, "label": ci, "decoded_frames": n, "stored_indices": indices, "indices": clip_indices(n, frames)}
+                meta = {
+                    "key": key,
+                    "label": ci,
+                    "decoded_frames": n,
+                    "stored_indices": indices,
+                    "indices": clip_indices(n, frames),
+                }
                 samples.append({"key": key, "label": ci, "jpgs": encode_clip(clip), "meta": meta})
             name = f"{prefix}{s:03d}.tar"
             write_tar(out / name, samples)
             data = (out / name).read_bytes()
-            entries.append({"name": name, "samples": len(samples), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+            entries.append(
+                {"name": name, "samples": len(samples), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+            )
         splits[split] = {"samples": sum(e["samples"] for e in entries), "shards": entries}
     index = {
         "format": "clipstream",

@@ -12,10 +12,22 @@ def resolve(cfg: StreamConfig) -> RunData:
 
 
 def train_loader(
-    data: RunData, cfg: StreamConfig, rank: int = 0, world: int = 1, start_epoch: int = 0, start_step: int = 0, *, epochs=None, copy=False, start_method=None, pin_memory=False
+    data: RunData,
+    cfg: StreamConfig,
+    rank: int = 0,
+    world: int = 1,
+    start_epoch: int = 0,
+    start_step: int = 0,
+    *,
+    epochs=None,
+    copy=False,
+    start_method=None,
+    pin_memory=False,
 ) -> ClipLoader:
     """A ClipLoader over the run's training shards, positioned at (start_epoch, start_step)."""
-    loader = ClipLoader.from_config(data.train, cfg, rank, world, epochs=epochs, copy=copy, start_method=start_method, pin_memory=pin_memory)
+    loader = ClipLoader.from_config(
+        data.train, cfg, rank, world, epochs=epochs, copy=copy, start_method=start_method, pin_memory=pin_memory
+    )
     if start_epoch or start_step:
         loader.load_state_dict({**loader.state_dict(), "epoch": start_epoch, "step": start_step})
     return loader

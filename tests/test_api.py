@@ -8,11 +8,11 @@ import itertools
 import pytest
 import torch
 import webdataset as wds
+from shardmaker import shard_keys
 
 from pipeline import ClipDataset, ClipLoader
 from pipeline.errors import UserError
 from pipeline.stream.plan import steps_per_epoch
-from shardmaker import shard_keys
 
 ARGS = dict(crop=24, seed=5, shuffle_buffer=8)
 
@@ -53,7 +53,9 @@ def test_dataloader_epochs_are_disjoint_across_ranks_equal_in_length_and_pixel_e
         for ds, dl in zip(sets, loaders):
             ds.set_epoch(epoch)
             batches = list(dl)
-            assert all(tuple(b["frames"].shape) == (batch, 4, 24, 24, 3) and b["label"].dtype == torch.int64 for b in batches)
+            assert all(
+                tuple(b["frames"].shape) == (batch, 4, 24, 24, 3) and b["label"].dtype == torch.int64 for b in batches
+            )
             per_rank.append(batches)
         expected = steps_per_epoch(counts, batch, world, 5, epoch, False, separate_workers=max(1, workers))
         assert [len(b) for b in per_rank] == [expected] * world  # every rank runs the same steps

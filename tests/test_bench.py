@@ -6,13 +6,13 @@ import re
 
 import numpy as np
 import pytest
-
-from conftest import run_cli
-from pipeline.stream import plan
 import streamkit
-from pipeline.tools import bench
+from conftest import run_cli
+
 from pipeline.cli import bench_app
 from pipeline.config import StreamConfig
+from pipeline.stream import plan
+from pipeline.tools import bench
 
 SMALL = ["--crop", "24", "--batch-size", "4", "--shuffle-buffer", "8", "--batches", "3", "--warmup", "1"]
 
@@ -37,7 +37,20 @@ def test_json_lines_one_per_configuration(packed):
 
 
 def test_end_to_end_with_synthetic_source_and_table(packed):
-    result = run_cli(bench_app, "--shards", f"{packed}/<000..007>.tar", *SMALL, "--workers", "1", "--model", "tiny", "--device", "cpu", "--synthetic", "--no-stages")
+    result = run_cli(
+        bench_app,
+        "--shards",
+        f"{packed}/<000..007>.tar",
+        *SMALL,
+        "--workers",
+        "1",
+        "--model",
+        "tiny",
+        "--device",
+        "cpu",
+        "--synthetic",
+        "--no-stages",
+    )
     assert result.exit_code == 0, result.output
     out = result.stdout
     assert re.search(r"^shards\s+1\s+[\d.]+", out, re.M), out

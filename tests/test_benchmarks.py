@@ -10,7 +10,16 @@ from conftest import REPO
 def test_bench_pack_runs_every_variant_and_checks_every_pack():
     """bench_pack exits non-zero when a variant fails or a pack lacks a clip, so a clean exit with a
     result per variant means every pack-shards run packed all 8 clips, for both decoders."""
-    cmd = [sys.executable, str(REPO / "benchmarks" / "bench_pack.py"), "--clips", "8", "--repeats", "1", "--shards", "2"]
+    cmd = [
+        sys.executable,
+        str(REPO / "benchmarks" / "bench_pack.py"),
+        "--clips",
+        "8",
+        "--repeats",
+        "1",
+        "--shards",
+        "2",
+    ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]

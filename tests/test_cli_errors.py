@@ -4,8 +4,8 @@ click's own usage errors (unknown option, non-integer value, missing argument) i
 import subprocess
 
 import pytest
-
 from conftest import assert_one_line_error, cli_command, cli_env, run_cli
+
 from pipeline import cli
 
 SMALL = ["--model", "tiny", "--crop", "24", "--batch-size", "4", "--workers", "2", "--no-progress"]

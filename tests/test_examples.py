@@ -29,7 +29,11 @@ def run_example(name: str, *args) -> dict[str, str]:
 
 def test_every_example_is_tested():
     scripts = {p.name for p in EXAMPLES.glob("*.py")}
-    tested = {name.removeprefix("test_") + ".py" for name in globals() if name.startswith("test_") and name != "test_every_example_is_tested"}
+    tested = {
+        name.removeprefix("test_") + ".py"
+        for name in globals()
+        if name.startswith("test_") and name != "test_every_example_is_tested"
+    }
     assert scripts == tested
 
 

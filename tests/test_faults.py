@@ -12,22 +12,22 @@ import time
 import tracemalloc
 from pathlib import Path
 
+import httpkit
 import numpy as np
 import pytest
 import simplejpeg
-import torch
-
-from conftest import run_cli
-from pipeline.stream import clips, plan, sources
-import httpkit
 import streamkit
+import torch
+from conftest import run_cli
+from shardmaker import shard_keys
+
 from pipeline import read_shard
-from pipeline.train import loop as train
 from pipeline.cli import train_app
 from pipeline.config import StreamConfig, TrainConfig
 from pipeline.errors import UserError
 from pipeline.shardformat import ShardFormatError, pack_jpegs, unpack_jpegs
-from shardmaker import shard_keys
+from pipeline.stream import clips, plan, sources
+from pipeline.train import loop as train
 
 
 def cfg_for(folder: Path, **kw) -> StreamConfig:
@@ -37,7 +37,15 @@ def cfg_for(folder: Path, **kw) -> StreamConfig:
 
 def train_cfg(folder: Path, log_dir: Path, **kw) -> TrainConfig:
     stream_kw = {k: kw.pop(k) for k in list(kw) if k in StreamConfig.__dataclass_fields__}
-    return TrainConfig(stream=cfg_for(folder, **stream_kw), model="tiny", log_dir=str(log_dir), progress=False, lr=3e-3, eval_every=0, **kw)
+    return TrainConfig(
+        stream=cfg_for(folder, **stream_kw),
+        model="tiny",
+        log_dir=str(log_dir),
+        progress=False,
+        lr=3e-3,
+        eval_every=0,
+        **kw,
+    )
 
 
 def epoch_batches(ds, cfg, epoch=0, rank=0, world=1):
@@ -146,14 +154,36 @@ def test_faults_reach_the_log_and_the_summary_and_max_bad_stops_the_run(copy, tm
     assert sorted(f["what"].split("/")[-1].split(":")[0] for f in logged) == ["003.tar", "006.tar"]
     recorded = json.loads((log / "metrics.jsonl").read_text().splitlines()[-1])
     assert recorded["kind"] == "summary" and recorded["bad_samples"] == 2
-    with pytest.raises(UserError, match=r"rank 0: 2 unreadable clips in epoch 1, more than --max-bad 1 allows \(1\); last: .*JPEG pack"):
+    with pytest.raises(
+        UserError, match=r"rank 0: 2 unreadable clips in epoch 1, more than --max-bad 1 allows \(1\); last: .*JPEG pack"
+    ):
         train.launch(train_cfg(copy, tmp_path / "count", epochs=1, max_bad=1))
     with pytest.raises(UserError, match=r"more than --max-bad 0.02 allows \(0\)"):  # a fraction: 2 % of 48 clips
         train.launch(train_cfg(copy, tmp_path / "fraction", epochs=1, max_bad=0.02))
-    result = run_cli(train_app, "--shards", f"{copy}/<000..007>.tar", "--model", "tiny", "--crop", "24", "--batch-size", "4",
-                     "--workers", "2", "--epochs", "1", "--no-progress", "--max-bad", "0", "--log-dir", tmp_path / "cli")
+    result = run_cli(
+        train_app,
+        "--shards",
+        f"{copy}/<000..007>.tar",
+        "--model",
+        "tiny",
+        "--crop",
+        "24",
+        "--batch-size",
+        "4",
+        "--workers",
+        "2",
+        "--epochs",
+        "1",
+        "--no-progress",
+        "--max-bad",
+        "0",
+        "--log-dir",
+        tmp_path / "cli",
+    )
     assert result.exit_code == 2 and "Traceback" not in result.output
-    assert [line for line in result.stderr.splitlines()] == [result.stderr.splitlines()[0]] and result.stderr.startswith("error: rank 0: 1 unreadable")
+    assert [line for line in result.stderr.splitlines()] == [
+        result.stderr.splitlines()[0]
+    ] and result.stderr.startswith("error: rank 0: 1 unreadable")
 
 
 # --- 2. remote shards -------------------------------------------------------------------------
@@ -284,19 +314,34 @@ def test_frame_and_frame_count_claims_are_bounded_before_allocating(copy):
     write_members(copy / "005.tar", m)
     got = epoch_batches(ds, cfg_for(copy))
     faults = [f for b in got for f in b["faults"]]
-    assert len(got) == 12 and len(faults) == 1 and victim in faults[0]["what"] and "8192 px limit" in faults[0]["reason"]
+    assert (
+        len(got) == 12 and len(faults) == 1 and victim in faults[0]["what"] and "8192 px limit" in faults[0]["reason"]
+    )
 
 
 def test_pipe_urls_need_allow_pipe(packed, tmp_path):
     result = run_cli(train_app, "--shards", f"pipe:cat {packed}/000.tar", "--log-dir", tmp_path / "run")
     assert result.exit_code == 2 and result.stderr.strip().count("\n") == 0 and "--allow-pipe" in result.stderr
-    cfg = StreamConfig(shards=(f"pipe:cat {packed}/<000..007>.tar",), index=str(packed / "index.json"), batch_size=4, workers=2, crop=24, shuffle_buffer=8, allow_pipe=True)
+    cfg = StreamConfig(
+        shards=(f"pipe:cat {packed}/<000..007>.tar",),
+        index=str(packed / "index.json"),
+        batch_size=4,
+        workers=2,
+        crop=24,
+        shuffle_buffer=8,
+        allow_pipe=True,
+    )
     ds = streamkit.resolve(cfg)
     assert len(epoch_batches(ds, cfg)) == 12  # allowed explicitly, it works
     broken = dataclasses.replace(cfg, shards=(f"pipe:cat {packed}/<000..006>.tar::pipe:cat /nonexistent/007.tar",))
     got = epoch_batches(streamkit.resolve(broken), broken)
     faults = [f for b in got for f in b["faults"]]
-    assert len(got) == 12 and faults and faults[0]["what"] == "pipe:cat /nonexistent/007.tar" and sum(f["samples"] for f in faults) == 6
+    assert (
+        len(got) == 12
+        and faults
+        and faults[0]["what"] == "pipe:cat /nonexistent/007.tar"
+        and sum(f["samples"] for f in faults) == 6
+    )
 
 
 # --- 1. one rank's shards broken, two real processes ------------------------------------------
@@ -307,8 +352,31 @@ def _two_ranks(copy, log, *extra):
 
     from conftest import cli_command, cli_env
 
-    cmd = cli_command("train_app") + ["--shards", f"{copy}/<000..007>.tar", "--model", "tiny", "--crop", "24", "--batch-size", "4"]
-    cmd += ["--workers", "2", "--epochs", "1", "--eval-every", "0", "--no-progress", "--audit-keys", "--nproc-per-node", "2", "--log-dir", str(log), *extra]
+    cmd = cli_command("train_app") + [
+        "--shards",
+        f"{copy}/<000..007>.tar",
+        "--model",
+        "tiny",
+        "--crop",
+        "24",
+        "--batch-size",
+        "4",
+    ]
+    cmd += [
+        "--workers",
+        "2",
+        "--epochs",
+        "1",
+        "--eval-every",
+        "0",
+        "--no-progress",
+        "--audit-keys",
+        "--nproc-per-node",
+        "2",
+        "--log-dir",
+        str(log),
+        *extra,
+    ]
     return subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=300)
 
 
@@ -329,7 +397,9 @@ def test_only_one_ranks_shards_broken_two_processes_neither_hangs_nor_loses_coun
     assert len(audits[0]) == len(audits[1]) == 24  # the same 6 steps on both ranks
     summary = json.loads((log / "metrics.jsonl").read_text().splitlines()[-1])
     logged = [json.loads(line) for line in (log / "faults-rank1.jsonl").read_text().splitlines()]
-    assert summary["bad_samples"] == sum(f["samples"] for f in logged) >= 2 and summary["fault_logs"] == ["faults-rank1.jsonl"]
+    assert summary["bad_samples"] == sum(f["samples"] for f in logged) >= 2 and summary["fault_logs"] == [
+        "faults-rank1.jsonl"
+    ]
     assert {f["what"].split("/")[-1].split(":")[0] for f in logged} == {"004.tar", "006.tar"}
     assert len(set(audits[1])) == 24 - summary["bad_samples"] and not set(audits[0]) & set(audits[1])
     # the clips of the cut shard are made up with repeats, and the audit marks them

@@ -20,19 +20,19 @@ import zlib
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
+import httpkit
 import pytest
 import torch
-
-import httpkit
 from conftest import assert_one_line_error, cli_command, cli_env, run_cli
+from shardmaker import make_packed, shard_keys
+
 from pipeline import cli, read_shard
 from pipeline.config import StreamConfig
 from pipeline.errors import UserError
 from pipeline.shardformat import MAX_MEMBER_BYTES, parse_index
 from pipeline.storage import httpio
-from pipeline.stream.stages import Faults, read_samples
 from pipeline.stream.sources import Shard
-from shardmaker import make_packed, shard_keys
+from pipeline.stream.stages import Faults, read_samples
 
 SMALL = ["--model", "tiny", "--crop", "24", "--batch-size", "4", "--workers", "2", "--no-progress"]
 
@@ -68,7 +68,9 @@ def reindex(folder: Path) -> None:
 
 
 def train(folder: Path, log: Path, *extra):
-    return run_cli(cli.train_app, "--shards", f"{folder}/<000..007>.tar", *SMALL, "--epochs", "1", "--log-dir", log, *extra)
+    return run_cli(
+        cli.train_app, "--shards", f"{folder}/<000..007>.tar", *SMALL, "--epochs", "1", "--log-dir", log, *extra
+    )
 
 
 def _limited(cmd: list[str], gib: int = 1) -> subprocess.CompletedProcess:
@@ -168,7 +170,10 @@ print(json.dumps(out))
     done = subprocess.run([sys.executable, "-c", probe], env=cli_env(), capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     out = json.loads(done.stdout)
-    assert out["read_shard"] == f"ShardFormatError: tar member of {3 << 29} bytes exceeds the {MAX_MEMBER_BYTES} byte limit"
+    assert (
+        out["read_shard"]
+        == f"ShardFormatError: tar member of {3 << 29} bytes exceeds the {MAX_MEMBER_BYTES} byte limit"
+    )
     assert len(out["faults"]) == 1 and "exceeds the 1073741824 byte limit" in out["faults"][0]["reason"]
     assert out["maxrss_mb"] < 200, out  # the member is 1536 MB
 
@@ -206,7 +211,9 @@ print(json.dumps({{"seen": seen, "faults": faults.take(), "hwm_mb": hwm}}))
 # --- 3. numbers from the user or a file are bounded before anything is allocated ----------------
 
 
-@pytest.mark.parametrize("pattern", ["{000000000..999999999}.tar", "<000000..999999999>.tar", "{0000..9999}/{000..999}.tar"])
+@pytest.mark.parametrize(
+    "pattern", ["{000000000..999999999}.tar", "<000000..999999999>.tar", "{0000..9999}/{000..999}.tar"]
+)
 def test_a_huge_shard_range_is_one_line_before_expanding(packed, pattern):
     started = time.monotonic()
     done = _limited(cli_command("inspect_app") + [f"{packed}/{pattern}"])
@@ -218,12 +225,20 @@ def test_a_huge_shard_range_is_one_line_before_expanding(packed, pattern):
 
 
 def test_verify_and_bench_bound_their_processes(packed):
-    assert_one_line_error(run_cli(cli.verify_app, packed, "--workers", "100000"), "--workers must be at most 256, got 100,000")
-    assert_one_line_error(run_cli(cli.bench_app, "--shards", f"{packed}/<000..007>.tar", "--workers", "0,100000"), "--workers counts must be at most 256, got 0,100000")
+    assert_one_line_error(
+        run_cli(cli.verify_app, packed, "--workers", "100000"), "--workers must be at most 256, got 100,000"
+    )
+    assert_one_line_error(
+        run_cli(cli.bench_app, "--shards", f"{packed}/<000..007>.tar", "--workers", "0,100000"),
+        "--workers counts must be at most 256, got 0,100000",
+    )
 
 
 def test_deeply_nested_braces_are_one_line(packed):
-    assert_one_line_error(run_cli(cli.train_app, "--shards", f"{packed}/" + "{" * 50_000 + "0" + "}" * 50_000), "nests braces more than 16 deep")
+    assert_one_line_error(
+        run_cli(cli.train_app, "--shards", f"{packed}/" + "{" * 50_000 + "0" + "}" * 50_000),
+        "nests braces more than 16 deep",
+    )
 
 
 def test_an_index_claiming_a_trillion_samples_is_refused(copy):
@@ -245,22 +260,44 @@ def test_an_index_claiming_a_trillion_samples_is_refused(copy):
         (["--shuffle-buffer", str(10**9)], "--shuffle-buffer must be at most 1,000,000"),
         (["--epochs", str(10**9)], "--epochs must be at most 100,000"),
         # 4096 clips x 4 frames x 4096 x 4096 x 3: 824 GB for one batch
-        (["--batch-size", "4096", "--crop", "4096"], r"a batch of --batch-size 4096 x 4 frames x --crop 4096x4096 x 3 bytes is 768.0 GiB, more than the 4 GiB"),
+        (
+            ["--batch-size", "4096", "--crop", "4096"],
+            r"a batch of --batch-size 4096 x 4 frames x --crop 4096x4096 x 3 bytes is 768.0 GiB, more than the 4 GiB",
+        ),
         # 3 GiB a batch fits the limit; 256 workers x 65 of them do not fit any machine
-        (["--batch-size", "64", "--crop", "2048", "--prefetch", "64", "--workers", "256", "--resample"], r"the loader's batch buffers .* more than this machine's .* GiB of memory"),
+        (
+            ["--batch-size", "64", "--crop", "2048", "--prefetch", "64", "--workers", "256", "--resample"],
+            r"the loader's batch buffers .* more than this machine's .* GiB of memory",
+        ),
     ],
 )
 def test_sizes_that_would_run_out_of_memory_are_one_line(packed, tmp_path, args, message):
-    result = run_cli(cli.train_app, "--shards", f"{packed}/<000..007>.tar", "--model", "tiny", "--no-progress", "--epochs", "1", "--log-dir", tmp_path / "run", *args)
+    result = run_cli(
+        cli.train_app,
+        "--shards",
+        f"{packed}/<000..007>.tar",
+        "--model",
+        "tiny",
+        "--no-progress",
+        "--epochs",
+        "1",
+        "--log-dir",
+        tmp_path / "run",
+        *args,
+    )
     assert_one_line_error(result, message)
 
 
 def test_the_library_bounds_batch_memory_at_loader_construction(packed):
     from pipeline import ClipDataset, ClipLoader
 
-    with pytest.raises(UserError, match=r"a batch of `batch_size` 4096 x 4 frames x `crop` 4096x4096 x 3 bytes is 768.0 GiB"):
+    with pytest.raises(
+        UserError, match=r"a batch of `batch_size` 4096 x 4 frames x `crop` 4096x4096 x 3 bytes is 768.0 GiB"
+    ):
         ClipLoader(packed, batch_size=4096, crop=4096, workers=1)
-    with pytest.raises(UserError, match=r"a batch of `batch_size` 4096 x 4 frames x `crop` 4096x4096 x 3 bytes is 768.0 GiB"):
+    with pytest.raises(
+        UserError, match=r"a batch of `batch_size` 4096 x 4 frames x `crop` 4096x4096 x 3 bytes is 768.0 GiB"
+    ):
         ClipDataset(packed, batch_size=4096, crop=4096)
     with pytest.raises(UserError, match="`crop` must be at most 8,192"):
         StreamConfig(shards=(str(packed),), crop=9000)
@@ -321,7 +358,9 @@ def test_the_shard_deadline_grows_with_the_shard_size(packed):
     with _trickle(served, every=0.001) as url:
         body = httpio.ResumingBody(url)
         try:
-            assert body.budget == pytest.approx(httpio.HTTP_SHARD_DEADLINE_S + served.stat().st_size / httpio.HTTP_MIN_BYTES_PER_S)
+            assert body.budget == pytest.approx(
+                httpio.HTTP_SHARD_DEADLINE_S + served.stat().st_size / httpio.HTTP_MIN_BYTES_PER_S
+            )
         finally:
             body.close()
 
@@ -352,11 +391,17 @@ INDEX_CASES = {
     "frames missing": (_without("frames_per_clip"), "'frames_per_clip' must be a whole number"),
     "sha256 missing": (_without("splits", "train", "shards", 0, "sha256"), "shard '000.tar' has no valid 'sha256'"),
     "classes a string": (lambda i: {**i, "classes": "brush_hair"}, "'classes' must be a list"),
-    "frames a string": (lambda i: {**i, "frames_per_clip": "4"}, r"'frames_per_clip' must be a whole number in 1..4096, got '4'"),
+    "frames a string": (
+        lambda i: {**i, "frames_per_clip": "4"},
+        r"'frames_per_clip' must be a whole number in 1..4096, got '4'",
+    ),
     "samples a string": (lambda i: _shard0(i, samples="6"), "shard '000.tar' claims '6' samples"),
     "bytes negative": (lambda i: _shard0(i, bytes=-1), "shard '000.tar' has no valid 'bytes'"),
     "shards a dict": (lambda i: (i["splits"]["train"].update(shards={}), i)[1], "'splits.train.shards' must be a list"),
-    "a shard a list": (lambda i: (i["splits"]["train"]["shards"].__setitem__(0, [1]), i)[1], "a shard of split train is \\[1\\], not an object"),
+    "a shard a list": (
+        lambda i: (i["splits"]["train"]["shards"].__setitem__(0, [1]), i)[1],
+        "a shard of split train is \\[1\\], not an object",
+    ),
     "nested 100k deep": (lambda i: b"[" * 100_000 + b"]" * 100_000, "unreadable index .*recursion"),
     "nested objects": (lambda i: b'{"a":' * 100_000 + b"1" + b"}" * 100_000, "unreadable index .*recursion"),
     "samples 10^12": (lambda i: _shard0(i, samples=10**12), "claims 1000000000000 samples"),
@@ -403,14 +448,18 @@ def test_index_fields_readers_do_not_rely_on_are_no_traceback(copy, tmp_path, mu
     assert result.exit_code == 0 and "48 clips (train 48" not in result.stderr
     no_traceback(result)
     result = run_cli(cli.verify_app, copy, "-q", "--workers", "1")
-    assert result.exit_code == 1 and result.stdout.splitlines()[:-1] == ["manifest.parquet: missing"], result.stdout  # the fixture has no manifest
+    assert result.exit_code == 1 and result.stdout.splitlines()[:-1] == ["manifest.parquet: missing"], (
+        result.stdout
+    )  # the fixture has no manifest
     no_traceback(result)
     result = train(copy, tmp_path / "run", "--max-steps", "1")
     assert result.exit_code == 0, result.output
     no_traceback(result)
 
 
-def _plant(folder: Path, shard: str = "003.tar", *, meta=None, key: str | None = None, jpgs: bytes | None = None) -> str:
+def _plant(
+    folder: Path, shard: str = "003.tar", *, meta=None, key: str | None = None, jpgs: bytes | None = None
+) -> str:
     """Rewrite the first sample of `shard`: its .json bytes, its key, its frames; the index follows."""
     members = read_members(folder / shard)
     victim = members[0][0].split(".", 1)[0]
@@ -437,7 +486,11 @@ META_CASES = {
     # .json bytes -> inspect-shards (None: it summarises; else its one error line), verify-shards' problem
     "meta a number": (lambda m: b"5", "its .json is not an object", r"\.json unreadable \(not an object\)"),
     "meta a list": (lambda m: _js([m]), "its .json is not an object", r"\.json unreadable \(not an object\)"),
-    "meta nested 100k deep": (lambda m: b"[" * 100_000 + b"]" * 100_000, "recursion", r"\.json unreadable \(maximum recursion"),
+    "meta nested 100k deep": (
+        lambda m: b"[" * 100_000 + b"]" * 100_000,
+        "recursion",
+        r"\.json unreadable \(maximum recursion",
+    ),
     "meta not utf-8": (lambda m: b'{"a": "\xff"}', "can't decode", r"\.json unreadable"),
     "label a string": (lambda m: _js({**m, "label": str(m["label"])}), None, r"label \d in \.cls but '\d' in \.json"),
     "class_name a list": (lambda m: _js({**m, "class_name": ["x"]}), None, r"'class_name' is \['x'\], not a string"),
@@ -506,7 +559,9 @@ def test_escape_sequences_and_newlines_in_a_bad_samples_key_stay_one_escaped_lin
 def test_a_missing_test_shard_is_one_line_before_training(copy, tmp_path):
     (copy / "test-001.tar").unlink()
     result = train(copy, tmp_path / "run")
-    assert_one_line_error(result, r"1 of the 2 test shards listed in .*index.json are missing or not files, e.g. '.*/test-001.tar'")
+    assert_one_line_error(
+        result, r"1 of the 2 test shards listed in .*index.json are missing or not files, e.g. '.*/test-001.tar'"
+    )
     assert not (tmp_path / "run").exists()  # nothing trained, nothing written
 
 
@@ -518,16 +573,26 @@ def _truncate(path: Path) -> None:
 def test_unreadable_test_clips_are_warned_about_and_count_against_max_bad(copy, tmp_path):
     _truncate(copy / "test-001.tar")
     result = train(copy, tmp_path / "stop")  # --max-bad 0.01 of 16 test clips: none may be lost
-    assert_one_line_error(result, r"evaluation after epoch 1: \d of 16 test clips unreadable \(.*/test-001.tar\), more than --max-bad 0.01 allows \(0\)")
+    assert_one_line_error(
+        result,
+        r"evaluation after epoch 1: \d of 16 test clips unreadable \(.*/test-001.tar\), more than --max-bad 0.01 allows \(0\)",
+    )
     assert (tmp_path / "stop" / "checkpoint.pt").is_file()  # the trained epoch is kept
     result = train(copy, tmp_path / "run", "--max-bad", "8")
     assert result.exit_code == 0, result.output
     [warning] = [line for line in result.stdout.splitlines() if "evaluation after epoch 1 skipped" in line]
     lost = int(warning.split(" skipped ")[1].split()[0])
-    assert 1 <= lost <= 8 and warning.startswith("warning: ") and "/test-001.tar" in warning and f"accuracy is on the other {16 - lost}" in warning
+    assert (
+        1 <= lost <= 8
+        and warning.startswith("warning: ")
+        and "/test-001.tar" in warning
+        and f"accuracy is on the other {16 - lost}" in warning
+    )
     logged = [json.loads(line) for line in (tmp_path / "run" / "faults-rank0.jsonl").read_text().splitlines()]
     assert sum(f["samples"] for f in logged if f.get("split") == "test") == lost
-    record = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"eval"' in line][-1]
+    record = [
+        json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"eval"' in line
+    ][-1]
     assert record["skipped"] == lost and record["clips"] == 16 - lost
 
 
@@ -555,7 +620,10 @@ def test_a_worker_giving_up_names_its_clips_in_the_faults_log(copy, tmp_path):
         write_members(copy / f"{i:03d}.tar", [(n, b"garbage!" if n.endswith(".jpgs") else d) for n, d in members])
     log = tmp_path / "run"
     result = train(copy, log, "--max-bad", "1000")
-    assert_one_line_error(result, r"every clip of a loader worker's shards is unreadable \((\d+) bad\); named in .*/run/faults-rank0.jsonl")
+    assert_one_line_error(
+        result,
+        r"every clip of a loader worker's shards is unreadable \((\d+) bad\); named in .*/run/faults-rank0.jsonl",
+    )
     bad = int(result.stderr.split("(")[1].split()[0])
     logged = [json.loads(line) for line in (log / "faults-rank0.jsonl").read_text().splitlines()]
     assert sum(f["samples"] for f in logged) >= bad >= 1 and all("not a JPEG pack" in f["reason"] for f in logged)
@@ -572,9 +640,19 @@ def test_no_faults_log_when_nothing_was_skipped(packed, tmp_path):
 
 @pytest.mark.slow
 def test_ctrl_c_of_a_two_process_run_is_one_line_and_exit_130(packed, tmp_path):
-    cmd = cli_command("train_app") + ["--shards", f"{packed}/<000..007>.tar", *SMALL, "--workers", "1", "--epochs", "1000"]
+    cmd = cli_command("train_app") + [
+        "--shards",
+        f"{packed}/<000..007>.tar",
+        *SMALL,
+        "--workers",
+        "1",
+        "--epochs",
+        "1000",
+    ]
     cmd += ["--nproc-per-node", "2", "--log-dir", str(tmp_path / "run")]
-    proc = subprocess.Popen(cmd, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
         first = proc.stdout.readline()  # rank 0 says "training ..." once every rank is up
         assert first.startswith("training tiny"), first + proc.stderr.read()
@@ -604,12 +682,18 @@ def test_a_finished_run_folder_is_not_reused_without_resume_and_records_its_opti
     log = tmp_path / "run"
     assert train(packed, log, "--max-steps", "2", "--seed", "7").exit_code == 0
     options = json.loads((log / "options.json").read_text())
-    assert options["options"]["stream"]["seed"] == 7 and options["options"]["stream"]["batch_size"] == 4 and options["options"]["max_steps"] == 2
+    assert (
+        options["options"]["stream"]["seed"] == 7
+        and options["options"]["stream"]["batch_size"] == 4
+        and options["options"]["max_steps"] == 2
+    )
     assert options["options"]["model"] == "tiny" and options["world_size"] == 1 and options["command"]
     metrics = (log / "metrics.jsonl").read_bytes()
     checkpoint = (log / "checkpoint.pt").read_bytes()
     result = train(packed, log, "--max-steps", "4")
-    assert_one_line_error(result, rf"the run folder {log} already holds a run; continue it with --resume {log}, or pass a new --log-dir")
+    assert_one_line_error(
+        result, rf"the run folder {log} already holds a run; continue it with --resume {log}, or pass a new --log-dir"
+    )
     assert (log / "metrics.jsonl").read_bytes() == metrics and (log / "checkpoint.pt").read_bytes() == checkpoint
     # resuming it is what mixes them, on purpose; each resume records its own options
     assert train(packed, log, "--max-steps", "4", "--seed", "7", "--resume", log).exit_code == 0
@@ -684,11 +768,21 @@ def test_an_index_that_is_a_device_or_a_fifo_is_one_line_not_a_hang(copy, tmp_pa
     (copy / "index.json").unlink()
     (copy / "index.json").symlink_to("/dev/zero")
     done = _limited(cli_command("inspect_app") + [str(copy), "-q"])
-    assert done.returncode == 2 and done.stderr.splitlines() == [f"error: cannot read index '{copy}/index.json': not a regular file"], done.stderr[-2000:]
+    assert done.returncode == 2 and done.stderr.splitlines() == [
+        f"error: cannot read index '{copy}/index.json': not a regular file"
+    ], done.stderr[-2000:]
     fifo = tmp_path / "index.fifo"
     os.mkfifo(fifo)
-    done = subprocess.run(cli_command("train_app") + ["--shards", f"{copy}/<000..007>.tar", "--index", str(fifo)], env=cli_env(), capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2 and done.stderr.splitlines() == [f"error: cannot read index '{fifo}': not a regular file"], done.stderr[-2000:]
+    done = subprocess.run(
+        cli_command("train_app") + ["--shards", f"{copy}/<000..007>.tar", "--index", str(fifo)],
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2 and done.stderr.splitlines() == [
+        f"error: cannot read index '{fifo}': not a regular file"
+    ], done.stderr[-2000:]
 
 
 def test_a_2_gb_index_is_refused_unread(copy):
@@ -713,8 +807,12 @@ def _shard_a_symlink_loop(folder):
 def test_a_listed_shard_that_is_a_folder_or_a_symlink_loop_is_one_line_at_the_start(copy, tmp_path, damage):
     damage(copy)
     assert_one_line_error(train(copy, tmp_path / "a"), r"1 of 8 shards of .* do not exist, e.g. '.*/003.tar'")
-    result = run_cli(cli.train_app, "--shards", copy, *SMALL, "--epochs", "1", "--log-dir", tmp_path / "b")  # the packed folder's index lists it
-    assert_one_line_error(result, r"1 of the 8 training shards listed in .*index.json are missing or not files, e.g. '.*/003.tar'")
+    result = run_cli(
+        cli.train_app, "--shards", copy, *SMALL, "--epochs", "1", "--log-dir", tmp_path / "b"
+    )  # the packed folder's index lists it
+    assert_one_line_error(
+        result, r"1 of the 8 training shards listed in .*index.json are missing or not files, e.g. '.*/003.tar'"
+    )
     assert_one_line_error(run_cli(cli.inspect_app, copy, "-q"), r"cannot read .*/003.tar: ")
     result = run_cli(cli.verify_app, copy, "-q", "--workers", "1")
     assert result.exit_code == 1 and "003.tar: missing (the index lists it with 6 samples)" in result.stdout
@@ -737,18 +835,35 @@ def _refusing(folder: Path, refuse: set, status: int):
 @pytest.mark.parametrize("status", [403, 404])
 def test_http_refusals_are_one_line(packed, tmp_path, status):
     with _refusing(packed, {"index.json"}, status) as base:
-        result = run_cli(cli.train_app, "--shards", f"{base}/<000..007>.tar", *SMALL, "--epochs", "1", "--log-dir", tmp_path / "a")
+        result = run_cli(
+            cli.train_app, "--shards", f"{base}/<000..007>.tar", *SMALL, "--epochs", "1", "--log-dir", tmp_path / "a"
+        )
         assert_one_line_error(result, rf"cannot read index '{base}/index.json': HTTP Error {status}")
     with _refusing(packed, {"005.tar"}, status) as base:  # a shard refused mid-run: a broken shard
-        result = run_cli(cli.train_app, "--shards", f"{base}/<000..007>.tar", *SMALL, "--epochs", "1", "--log-dir", tmp_path / "b")
-        assert_one_line_error(result, rf"more than --max-bad 0.01 allows \(0\); last: {base}/005.tar: cannot open: HTTP Error {status}")
+        result = run_cli(
+            cli.train_app, "--shards", f"{base}/<000..007>.tar", *SMALL, "--epochs", "1", "--log-dir", tmp_path / "b"
+        )
+        assert_one_line_error(
+            result, rf"more than --max-bad 0.01 allows \(0\); last: {base}/005.tar: cannot open: HTTP Error {status}"
+        )
 
 
 def test_eval_shards_matching_nothing_is_one_line(packed, tmp_path):
-    result = run_cli(cli.train_app, "--shards", f"{packed}/<000..007>.tar", "--eval-shards", f"{tmp_path}/test-<000..001>.tar", *SMALL, "--log-dir", tmp_path / "run")
+    result = run_cli(
+        cli.train_app,
+        "--shards",
+        f"{packed}/<000..007>.tar",
+        "--eval-shards",
+        f"{tmp_path}/test-<000..001>.tar",
+        *SMALL,
+        "--log-dir",
+        tmp_path / "run",
+    )
     assert_one_line_error(result, r"no shards match '.*/test-<000..001>.tar'")
 
 
 def test_plot_run_on_a_metrics_line_nested_100k_deep_is_one_line(tmp_path):
-    (tmp_path / "metrics.jsonl").write_text('{"kind": "step", "step": 1, "loss": 1.0}\n' + "[" * 100_000 + "]" * 100_000 + "\n")
+    (tmp_path / "metrics.jsonl").write_text(
+        '{"kind": "step", "step": 1, "loss": 1.0}\n' + "[" * 100_000 + "]" * 100_000 + "\n"
+    )
     assert_one_line_error(run_cli(cli.plot_app, tmp_path), r"metrics.jsonl:2: not a JSON line \(nested too deeply\)")

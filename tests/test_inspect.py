@@ -15,6 +15,9 @@ import pytest
 
 from pipeline import read_shard
 from pipeline.cli import inspect_app, pack_app, plot_app, verify_app
+from pipeline.errors import UserError
+from pipeline.progress import progress
+from pipeline.shardformat import split_member_name
 from pipeline.tools.inspect import (
     GAP,
     LABEL_STRIP,
@@ -24,10 +27,7 @@ from pipeline.tools.inspect import (
     scan_shards,
     write_png,
 )
-from pipeline.shardformat import split_member_name
-from pipeline.errors import UserError
 from pipeline.tools.plots import plot_run
-from pipeline.progress import progress
 from pipeline.tools.sampledata import read_code
 from tests.conftest import assert_one_line_error, run_cli
 
@@ -83,7 +83,17 @@ def test_patterns_expand_like_the_streaming_side(pack):
 def test_member_names_split_like_webdataset():
     from webdataset.tariterators import base_plus_ext
 
-    for name in ("a-1.jpgs", "a.b.c", "dir/key.json", "dir.x/key.cls", "noext", "dir/", ".hidden", "k.", "x/y.z/w.tar.gz"):
+    for name in (
+        "a-1.jpgs",
+        "a.b.c",
+        "dir/key.json",
+        "dir.x/key.cls",
+        "noext",
+        "dir/",
+        ".hidden",
+        "k.",
+        "x/y.z/w.tar.gz",
+    ):
         assert split_member_name(name) == base_plus_ext(name), name
 
 
@@ -136,10 +146,12 @@ def test_summary_of_shards_without_index_or_manifest(pack, tmp_path):
         shutil.copy(pack / name, tmp_path / name)
         # Without class 0 the classes present are not the pack's class list: names must come from the metadata.
         first = {s["key"] for s in read_shard(tmp_path / name) if s["label"] == 0}
-        _rewrite(tmp_path / name, lambda key, ext, data: None if key in first else data)
+        _rewrite(tmp_path / name, lambda key, ext, data: None if key in first else data)  # noqa: B023 (called at once)
     result = run_cli(inspect_app, f"{tmp_path}/<001..002>.tar", "--quiet")
     assert result.exit_code == 0, result.output
-    expected = collections.Counter(s["meta"]["class_name"] for p in ("001.tar", "002.tar") for s in read_shard(tmp_path / p))
+    expected = collections.Counter(
+        s["meta"]["class_name"] for p in ("001.tar", "002.tar") for s in read_shard(tmp_path / p)
+    )
     got = {m[1]: int(m[2]) for m in re.finditer(r"^(\S+)\s+(\d+)\s+0\s+\d+$", result.stdout, re.M)}
     assert got == {**expected, "all": sum(expected.values())}
     assert "warning: no index.json beside the shards" in result.stdout
@@ -235,7 +247,11 @@ def test_verify_passes_on_a_clean_pack(pack):
     serial = run_cli(verify_app, pack, "--workers", "1")  # not a terminal: a plain progress line or two
     assert serial.exit_code == 0 and serial.stdout.endswith("all well\n")
     bar = serial.stderr.splitlines()
-    assert "\r" not in serial.stderr and bar[0].startswith("verify:   0% 0/") and bar[-1].startswith(f"verify: 100% {n}/{n} [")
+    assert (
+        "\r" not in serial.stderr
+        and bar[0].startswith("verify:   0% 0/")
+        and bar[-1].startswith(f"verify: 100% {n}/{n} [")
+    )
 
 
 def _member(path, suffix, which=0):
@@ -272,7 +288,10 @@ def test_verify_names_the_shard_after_a_byte_flip_in_a_tar_header(damaged):
     problems, _ = _problems(result)
     assert all(p.startswith("002.tar: ") for p in problems), problems
     assert any("sha256 mismatch" in p for p in problems)
-    assert f"002.tar: unreadable after 1 samples (corrupt tar header (bad checksum) at byte {m.offset}); readers lose the rest of the shard" in problems
+    assert (
+        f"002.tar: unreadable after 1 samples (corrupt tar header (bad checksum) at byte {m.offset}); readers lose the rest of the shard"
+        in problems
+    )
     assert any(re.fullmatch(r"002\.tar: 1 sample, index says \d+", p) for p in problems)
 
 
@@ -390,7 +409,12 @@ def _write_metrics(path, evals=True, ranks=2):
 
 def _quadrants(png):
     h, w = png.shape[:2]
-    return {"loss": png[: h // 2, : w // 2], "accuracy": png[: h // 2, w // 2 :], "speed": png[h // 2 :, : w // 2], "wait": png[h // 2 :, w // 2 :]}
+    return {
+        "loss": png[: h // 2, : w // 2],
+        "accuracy": png[: h // 2, w // 2 :],
+        "speed": png[h // 2 :, : w // 2],
+        "wait": png[h // 2 :, w // 2 :],
+    }
 
 
 def _has_colour(img, rgb):

@@ -10,8 +10,8 @@ import pytest
 
 from pipeline import read_shard
 from pipeline.cli import inspect_app, pack_app
-from pipeline.video import clip_indices
 from pipeline.tools.sampledata import UCF101_CLASSES, make_sample_data, read_code
+from pipeline.video import clip_indices
 from tests.conftest import assert_one_line_error, run_cli
 
 
@@ -206,12 +206,19 @@ def test_damaged_ucf_lists_are_one_line_errors(ucf_tree, copy_tree, tmp_path):
     lists = root / "ucfTrainTestlist"
     train1 = (lists / "trainlist01.txt").read_bytes()
     (lists / "trainlist01.txt").write_bytes(train1.replace(b".avi 1\r\n", b".avi 3\r\n", 1))
-    assert_one_line_error(run_cli(pack_app, root, tmp_path / "o1", "--quiet"), r"trainlist01\.txt:\d+: class id 3 but classInd\.txt gives ApplyEyeMakeup id 1")
+    assert_one_line_error(
+        run_cli(pack_app, root, tmp_path / "o1", "--quiet"),
+        r"trainlist01\.txt:\d+: class id 3 but classInd\.txt gives ApplyEyeMakeup id 1",
+    )
     (lists / "trainlist01.txt").write_bytes(train1)
     (lists / "testlist02.txt").unlink()
-    assert_one_line_error(run_cli(pack_app, root, tmp_path / "o2", "--quiet", "--split", "2"), r"split 2 has no testlist02\.txt")
+    assert_one_line_error(
+        run_cli(pack_app, root, tmp_path / "o2", "--quiet", "--split", "2"), r"split 2 has no testlist02\.txt"
+    )
     (lists / "classInd.txt").write_bytes(b"1 ApplyEyeMakeup\r\n3 Archery\r\n")
-    assert_one_line_error(run_cli(pack_app, root, tmp_path / "o3", "--quiet"), r"classInd\.txt: class ids must be 1\.\.N")
+    assert_one_line_error(
+        run_cli(pack_app, root, tmp_path / "o3", "--quiet"), r"classInd\.txt: class ids must be 1\.\.N"
+    )
 
 
 def test_ucf_lists_beside_the_data_folder_and_splits_dir(ucf_tree, tmp_path):

@@ -11,15 +11,15 @@ import time
 
 import numpy as np
 import pytest
-import torch
-
-from conftest import REPO
-from pipeline.stream import plan
 import streamkit
-from pipeline.tools.bench import child_pids
+import torch
+from conftest import REPO
+
 from pipeline.config import StreamConfig
-from pipeline.stream.workers import LocalRing, WorkerDied, WorkerPool, threaded
 from pipeline.device import MEAN, STD, to_model_input
+from pipeline.stream import plan
+from pipeline.stream.workers import LocalRing, WorkerDied, WorkerPool, threaded
+from pipeline.tools.bench import child_pids
 
 
 def cfg_for(folder, **kw) -> StreamConfig:
@@ -237,7 +237,9 @@ def test_transfer_thread_keeps_order_runs_ahead_and_passes_errors_on():
         raise KeyError("broken source")
 
     ran_in = []
-    got = threaded(source(), lambda item: {**item, "copied": True}, depth=2, init=lambda: ran_in.append(threading.current_thread()))
+    got = threaded(
+        source(), lambda item: {**item, "copied": True}, depth=2, init=lambda: ran_in.append(threading.current_thread())
+    )
     first = next(got)
     assert ran_in and ran_in[0] is not threading.main_thread()
     assert first == {"i": 0, "copied": True}
@@ -272,7 +274,9 @@ def got_until_error(got):
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_model_input_is_the_normalised_batch_in_the_asked_layout(channels_last):
     video = torch.randint(0, 256, (3, 4, 10, 14, 3), dtype=torch.uint8)
-    want = (video.permute(0, 4, 1, 2, 3).double() / 255 - torch.tensor(MEAN).view(1, 3, 1, 1, 1).double()) / torch.tensor(STD).view(1, 3, 1, 1, 1).double()
+    want = (
+        video.permute(0, 4, 1, 2, 3).double() / 255 - torch.tensor(MEAN).view(1, 3, 1, 1, 1).double()
+    ) / torch.tensor(STD).view(1, 3, 1, 1, 1).double()
     got = to_model_input(video, torch.device("cpu"), channels_last)
     assert got.shape == (3, 3, 4, 10, 14) and got.dtype == torch.float32
     assert (got.double() - want).abs().max() < 1e-5
@@ -297,8 +301,31 @@ def test_train_stream_stops_with_one_line_when_a_loader_worker_is_killed(packed,
     on one line, exits 1, and leaves no process behind."""
     from conftest import cli_command, cli_env
 
-    args = ["--shards", f"{packed}/<000..007>.tar", "--model", "tiny", "--crop", "24", "--batch-size", "4", "--workers", "2"]
-    args += ["--shuffle-buffer", "8", "--no-progress", "--epochs", "500", "--eval-every", "0", "--log-every", "1", "--threads", "1"]
+    args = [
+        "--shards",
+        f"{packed}/<000..007>.tar",
+        "--model",
+        "tiny",
+        "--crop",
+        "24",
+        "--batch-size",
+        "4",
+        "--workers",
+        "2",
+    ]
+    args += [
+        "--shuffle-buffer",
+        "8",
+        "--no-progress",
+        "--epochs",
+        "500",
+        "--eval-every",
+        "0",
+        "--log-every",
+        "1",
+        "--threads",
+        "1",
+    ]
     proc = subprocess.Popen(
         cli_command("train_app") + args + ["--log-dir", str(tmp_path / "run")],
         env=cli_env(),

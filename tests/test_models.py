@@ -18,7 +18,7 @@ HEAVY = ("r3d18", "r2plus1d18", "cnn-lstm")
 MODELS_3D = ("r3d18", "r2plus1d18", "tiny")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _built(name, num_classes):
     torch.manual_seed(0)
     return build_model(name, num_classes)

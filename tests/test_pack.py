@@ -12,8 +12,8 @@ import pytest
 
 from pipeline import read_shard
 from pipeline.cli import pack_app
-from pipeline.video import clip_indices
 from pipeline.tools.sampledata import read_code
+from pipeline.video import clip_indices
 from tests.conftest import run_cli
 
 
@@ -119,7 +119,11 @@ def test_index_and_manifest(packed, hmdb_tree):
     rows = pq.read_table(out / "manifest.parquet").to_pylist()
     assert len(rows) == len(truth)
     status = collections.Counter(r["status"] for r in rows)
-    assert status["packed"] == index["counts"]["packed"] == index["splits"]["train"]["samples"] + index["splits"]["test"]["samples"]
+    assert (
+        status["packed"]
+        == index["counts"]["packed"]
+        == index["splits"]["train"]["samples"] + index["splits"]["test"]["samples"]
+    )
     assert status["unused"] == sum(c.tags[0] == 0 for c in truth)
     assert all(r["shard"] for r in rows if r["status"] == "packed")
     assert {(r["layout"], r["split_source"]) for r in rows} == {("hmdb51", "official")}
@@ -207,7 +211,9 @@ def test_pack_imports_nothing_it_does_not_use(small_tree, tmp_path):
         "print(sorted(m for m in ('torch', 'matplotlib', 'webdataset', 'pebble', 'pydantic', 'http.client', 'tqdm') if m in sys.modules))"
     )
     args = [str(root), str(tmp_path / "out"), "--quiet", "--shards", "4", "--workers", "1"]
-    proc = subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *args], cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr
     *_, threads, imported = proc.stdout.strip().splitlines()
     assert imported == "[]" and threads == "1", proc.stdout

@@ -16,7 +16,6 @@ import pytest
 
 from pipeline import read_shard
 from pipeline.cli import pack_app
-from pipeline.video import DECODERS, clip_indices
 from pipeline.tools.sampledata import (
     draw_frame,
     drop_leading_keyframe,
@@ -24,6 +23,7 @@ from pipeline.tools.sampledata import (
     write_avi,
     write_rotated_mp4,
 )
+from pipeline.video import DECODERS, clip_indices
 from tests.conftest import REPO, cli_command, cli_env, run_cli
 
 
@@ -51,7 +51,9 @@ def test_every_decoder_packs_exact_frames_on_the_traps(decoder, small_tree, tmp_
             continue  # tag 0 in split 1
         assert s["meta"]["decoded_frames"] == c.frames, (c.kind, c.file_name)
         assert s["meta"]["indices"] == clip_indices(c.frames, 16)
-        assert [read_code(f) for f in s["frames"]] == [(i, c.class_index) for i in clip_indices(c.frames, 16)], c.file_name
+        assert [read_code(f) for f in s["frames"]] == [(i, c.class_index) for i in clip_indices(c.frames, 16)], (
+            c.file_name
+        )
         kinds.add(c.kind)
     assert kinds == {"plain", "bframes", "overstated", "truncated"}
 
@@ -68,7 +70,9 @@ def _tree(tmp_path, files: dict):
 
 
 def _pack(root, out, decoder, *extra):
-    result = run_cli(pack_app, root, out, "--quiet", "--shards", "1", "--max-failures", "100", "--decoder", decoder, *extra)
+    result = run_cli(
+        pack_app, root, out, "--quiet", "--shards", "1", "--max-failures", "100", "--decoder", decoder, *extra
+    )
     assert result.exit_code == 0, result.output
     return _samples(out), _rows(out)
 
@@ -125,7 +129,9 @@ def test_rotation_metadata_is_applied(decoder, tmp_path):
     """A 128x64 clip whose MP4 header says 'turn 90 degrees clockwise' is stored 64 wide, 128 high,
     code band on the right: what players show."""
 
-    root = _tree(tmp_path, {"phone_0.mp4": lambda p: write_rotated_mp4(p, [draw_frame(f, 0, 128, 64) for f in range(20)], 90)})
+    root = _tree(
+        tmp_path, {"phone_0.mp4": lambda p: write_rotated_mp4(p, [draw_frame(f, 0, 128, 64) for f in range(20)], 90)}
+    )
     samples, rows = _pack(root, tmp_path / "out", decoder, "--keep-size")
     s = samples["phone_0.mp4"]
     assert s["meta"]["original_size"] == [64, 128] and s["frames"].shape == (16, 128, 64, 3)
@@ -138,7 +144,10 @@ def test_frames_readers_would_refuse_are_refused_at_pack_time(decoder, tmp_path)
     root = _tree(tmp_path, {"wide_0.avi": lambda p: write_avi(p, [draw_frame(f, 0, 64, 16) for f in range(5)])})
     samples, rows = _pack(root, tmp_path / "out", decoder, "--short-side", "4200")
     assert rows["wide_0.avi"]["status"] == "failed"
-    assert rows["wide_0.avi"]["reason"] == "frames would be 16800x4200 px (64x16 source), above the 8192 px a side shard readers accept"
+    assert (
+        rows["wide_0.avi"]["reason"]
+        == "frames would be 16800x4200 px (64x16 source), above the 8192 px a side shard readers accept"
+    )
 
 
 @pytest.mark.parametrize("decoder", DECODERS)
@@ -148,12 +157,26 @@ def test_decoder_logs_stay_out_of_stderr_and_reasons(decoder, small_tree, tmp_pa
     root = tmp_path / "data"
     shutil.copytree(small_tree[0], root)
     good = next((root / "hmdb51_org" / "brush_hair").glob("*.avi")).read_bytes()
-    for name, data in {"half_0.avi": good[:300], "garbage_0.avi": bytes(range(256)) * 20, "tail_0.avi": good[: len(good) * 2 // 3]}.items():
+    for name, data in {
+        "half_0.avi": good[:300],
+        "garbage_0.avi": bytes(range(256)) * 20,
+        "tail_0.avi": good[: len(good) * 2 // 3],
+    }.items():
         (root / "hmdb51_org" / "brush_hair" / name).write_bytes(data)
         with open(root / "testTrainMulti_7030_splits" / "brush_hair_test_split1.txt", "a") as f:
             f.write(f"{name} 1\n")
     out = tmp_path / "out"
-    cmd = cli_command("pack_app") + [str(root), str(out), "--quiet", "--shards", "4", "--max-failures", "10", "--decoder", decoder]
+    cmd = cli_command("pack_app") + [
+        str(root),
+        str(out),
+        "--quiet",
+        "--shards",
+        "4",
+        "--max-failures",
+        "10",
+        "--decoder",
+        decoder,
+    ]
     proc = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == "", proc.stderr
@@ -199,7 +222,14 @@ def test_pack_memory_is_bounded_by_the_frames_kept(decoder, long_720p):
         "assert r['decoded_frames'] == 600, r['decoded_frames']; "
         "print(int(re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read())[1]) // 1024)"
     )
-    proc = subprocess.run([sys.executable, "-c", code, str(long_720p)], cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(long_720p)],
+        cwd=REPO,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     peak_mb = int(proc.stdout.strip())
     assert peak_mb < MEMORY_BOUND_MB, f"{decoder}: peak RSS {peak_mb} MB"

@@ -29,8 +29,14 @@ def test_bad_arguments_table(tmp_path, small_tree):
         ((root, a_file / "sub"), "not writable"),
         ((root, tmp_path / "o5", "--split", "4"), "unknown split 4"),
         ((root, tmp_path / "o6", "--frames", "0"), "frames must be >= 1"),
-        ((root, tmp_path / "o6b", "--frames", "4097"), r"frames must be <= 4096 \(what shard readers accept\), got 4097"),
-        ((root, tmp_path / "o6c", "--short-side", "8193"), r"short-side must be <= 8192 \(what shard readers accept\), got 8193"),
+        (
+            (root, tmp_path / "o6b", "--frames", "4097"),
+            r"frames must be <= 4096 \(what shard readers accept\), got 4097",
+        ),
+        (
+            (root, tmp_path / "o6c", "--short-side", "8193"),
+            r"short-side must be <= 8192 \(what shard readers accept\), got 8193",
+        ),
         ((root, tmp_path / "o7", "--part", "3/2"), "--part"),
         ((root, tmp_path / "o8", "--part", "one"), "--part"),
         ((root, tmp_path / "o9", "--decoder", "ffmpeg"), "unknown decoder"),
@@ -123,7 +129,9 @@ def test_changed_options_need_overwrite(small_tree, tmp_path):
     root, _ = small_tree
     out = tmp_path / "out"
     assert run_cli(pack_app, root, out, "--quiet", "--shards", "4").exit_code == 0
-    assert_one_line_error(run_cli(pack_app, root, out, "--quiet", "--shards", "4", "--quality", "80"), r"quality 90 -> 80.*--overwrite")
+    assert_one_line_error(
+        run_cli(pack_app, root, out, "--quiet", "--shards", "4", "--quality", "80"), r"quality 90 -> 80.*--overwrite"
+    )
     result = run_cli(pack_app, root, out, "--quiet", "--shards", "3", "--quality", "80", "--overwrite")
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in out.glob("[0-9]*.tar")) == ["000.tar", "001.tar", "002.tar"]
@@ -169,7 +177,9 @@ def test_worker_pool_replaces_dead_and_hung_workers():
         pool.close()
     assert results[1] == {"error": "decoder process died (exit code -9)"}
     assert results[3] == {"error": "decoding took longer than 2 s (time-out)"}
-    assert {i: r for i, r in results.items() if i not in (1, 3)} == {i: {"value": t} for i, t in enumerate(tasks) if i not in (1, 3)}
+    assert {i: r for i, r in results.items() if i not in (1, 3)} == {
+        i: {"value": t} for i, t in enumerate(tasks) if i not in (1, 3)
+    }
 
 
 def test_a_file_name_that_is_not_utf8_still_gets_an_index_and_a_manifest(small_tree, copy_tree, tmp_path):
@@ -203,7 +213,9 @@ def test_a_video_that_failed_and_was_fixed_is_packed_on_the_next_run(small_tree,
     name = source.name
 
     def status():
-        return {r["source"].rsplit("/", 1)[1]: r["status"] for r in pq.read_table(out / "manifest.parquet").to_pylist()}[name]
+        return {
+            r["source"].rsplit("/", 1)[1]: r["status"] for r in pq.read_table(out / "manifest.parquet").to_pylist()
+        }[name]
 
     assert status() == "failed"
     unchanged = run_cli(pack_app, root, out, "--quiet", "--shards", "4", "--max-failures", "1")

@@ -32,7 +32,9 @@ def _assert_no_partial_under_final_names(out, clean):
         assert data == ref[name], f"{name} exists but is not the complete file"
 
 
-@pytest.mark.parametrize("point", ["after-shards:1", "mid-write:002.tar", "after-shards:6", "before-index", "mid-write:index.json"])
+@pytest.mark.parametrize(
+    "point", ["after-shards:1", "mid-write:002.tar", "after-shards:6", "before-index", "mid-write:index.json"]
+)
 def test_kill_9_then_resume_gives_the_same_bytes(point, small_tree, clean, tmp_path):
     root, _ = small_tree
     out = tmp_path / "out"
@@ -51,7 +53,9 @@ def test_kill_9_at_a_random_moment(small_tree, clean, tmp_path):
     root, _ = small_tree
     out = tmp_path / "out"
     cmd = cli_command("pack_app") + [str(root), str(out), *ARGS, "--workers", "2"]
-    proc = subprocess.Popen(cmd, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     deadline = time.monotonic() + 120
     while not list(out.glob("00[0-9].tar")) and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.01)
@@ -116,7 +120,13 @@ def test_workers_do_not_outlive_a_killed_packer(small_tree, tmp_path):
 
     root, _ = small_tree
     cmd = cli_command("pack_app") + [str(root), str(tmp_path / "out"), *ARGS, "--workers", "2"]
-    packer = subprocess.Popen(cmd, env=cli_env(CLIPSTREAM_FAILPOINT="after-shards:1"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    packer = subprocess.Popen(
+        cmd,
+        env=cli_env(CLIPSTREAM_FAILPOINT="after-shards:1"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     assert packer.wait(timeout=300) == -9
 
     def in_packers_group():  # start_new_session: the group id is the packer's pid, workers inherit it

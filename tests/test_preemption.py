@@ -10,20 +10,48 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import cli_command, cli_env
-from pipeline.train import loop as train
-from pipeline.config import StreamConfig, TrainConfig
 from shardmaker import shard_keys
 
-ARGS = ["--model", "tiny", "--crop", "24", "--batch-size", "4", "--workers", "2", "--shuffle-buffer", "8", "--no-progress"]
-ARGS += ["--epochs", "2", "--lr", "0.003", "--eval-every", "0", "--audit-keys", "--checkpoint-every", "3", "--log-every", "1", "--threads", "1"]
+from pipeline.config import StreamConfig, TrainConfig
+from pipeline.train import loop as train
+
+ARGS = [
+    "--model",
+    "tiny",
+    "--crop",
+    "24",
+    "--batch-size",
+    "4",
+    "--workers",
+    "2",
+    "--shuffle-buffer",
+    "8",
+    "--no-progress",
+]
+ARGS += [
+    "--epochs",
+    "2",
+    "--lr",
+    "0.003",
+    "--eval-every",
+    "0",
+    "--audit-keys",
+    "--checkpoint-every",
+    "3",
+    "--log-every",
+    "1",
+    "--threads",
+    "1",
+]
 
 
 def start(packed: Path, log: Path, *extra, failpoint: str | None = None) -> subprocess.Popen:
     cmd = cli_command("train_app") + ["--shards", f"{packed}/<000..007>.tar", *ARGS, "--log-dir", str(log), *extra]
     env = cli_env(**({"CLIPSTREAM_FAILPOINT": failpoint} if failpoint else {}))
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
 
 
 def finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
@@ -87,7 +115,13 @@ def test_kill_9_mid_epoch_then_resume_gives_the_uninterrupted_run(packed, tmp_pa
     resumed = torch.load(log / "checkpoint.pt", weights_only=True)
     cfg = TrainConfig(
         stream=StreamConfig(shards=(f"{packed}/<000..007>.tar",), batch_size=4, workers=2, crop=24, shuffle_buffer=8),
-        model="tiny", epochs=2, lr=0.003, eval_every=0, log_dir=str(tmp_path / "straight"), progress=False, threads=1,
+        model="tiny",
+        epochs=2,
+        lr=0.003,
+        eval_every=0,
+        log_dir=str(tmp_path / "straight"),
+        progress=False,
+        threads=1,
     )
     train.launch(cfg)
     straight = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)
@@ -115,7 +149,9 @@ def test_kill_9_of_two_ranks_mid_epoch_then_resume(packed, tmp_path):
     assert step_records(log) == [*range(1, 5), *range(4, 13)]  # killed in step 5; went on from the checkpoint's step 3
     final = torch.load(log / "checkpoint.pt", weights_only=True)
     assert final["step"] == final["opt_step"] == 12 and final["epoch"] == 2
-    assert all(int(s["step"]) == 12 for s in final["optimizer"]["state"].values())  # Adam's own count: restored, not restarted
+    assert all(
+        int(s["step"]) == 12 for s in final["optimizer"]["state"].values()
+    )  # Adam's own count: restored, not restarted
 
 
 @pytest.mark.slow

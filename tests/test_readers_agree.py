@@ -14,14 +14,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from shardmaker import encode_clip
 
 from pipeline import read_shard
 from pipeline.errors import UserError
-from pipeline.tools.inspect import check_shard, scan_shard
 from pipeline.shardformat import ShardFormatError
-from pipeline.stream.stages import Faults, read_samples
 from pipeline.stream.sources import Shard
-from shardmaker import encode_clip
+from pipeline.stream.stages import Faults, read_samples
+from pipeline.tools.inspect import check_shard, scan_shard
 
 FRAMES = 2
 PACK = encode_clip([np.full((16, 16, 3), 40 * t, np.uint8) for t in range(FRAMES)])
@@ -29,7 +29,11 @@ LONG = "k" * 120  # needs a GNU long name or a PAX path
 
 
 def _members(key: str, label: int = 0) -> list[tuple[str, bytes]]:
-    return [(f"{key}.jpgs", PACK), (f"{key}.cls", str(label).encode()), (f"{key}.json", json.dumps({"label": label}).encode())]
+    return [
+        (f"{key}.jpgs", PACK),
+        (f"{key}.cls", str(label).encode()),
+        (f"{key}.json", json.dumps({"label": label}).encode()),
+    ]
 
 
 def _tar(members: list[tuple[str, bytes]], fmt=tarfile.PAX_FORMAT, extra=None) -> bytes:
@@ -76,13 +80,21 @@ ODD_SHARDS = {
     "pax": (_tar(_three()), ["a", "b", "c"], False),
     "gnu-long-names": (_tar(_members(LONG) + _members("b"), fmt=tarfile.GNU_FORMAT), [LONG, "b"], False),
     "pax-long-names": (_tar(_members(LONG) + _members("b"), fmt=tarfile.PAX_FORMAT), [LONG, "b"], False),
-    "ustar-prefix": (_tar(_members("some/folder/" + "p" * 90), fmt=tarfile.USTAR_FORMAT), ["some/folder/" + "p" * 90], False),
+    "ustar-prefix": (
+        _tar(_members("some/folder/" + "p" * 90), fmt=tarfile.USTAR_FORMAT),
+        ["some/folder/" + "p" * 90],
+        False,
+    ),
     "gzip": (gzip.compress(_tar(_three()), mtime=0), ["a", "b", "c"], False),
     "bzip2": (bz2.compress(_tar(_three())), ["a", "b", "c"], False),
     "xz": (lzma.compress(_tar(_three())), ["a", "b", "c"], False),
     "dirs-meta-and-dotless": (_tar(_three(), extra=_odd_entries), ["a", "b", "c"], False),
     "key-twice-apart": (_tar(_members("a") + _members("b") + _members("a")), ["a", "b", "a"], False),
-    "member-repeated-in-a-sample": (_tar(_members("a") + [("b.cls", b"1"), ("b.cls", b"1")] + _members("c")), ["a", "b"], True),
+    "member-repeated-in-a-sample": (
+        _tar(_members("a") + [("b.cls", b"1"), ("b.cls", b"1")] + _members("c")),
+        ["a", "b"],
+        True,
+    ),
     "truncated": (_cut_inside("b.jpgs"), ["a"], True),
     "corrupt-header": (_corrupt_second_header(_tar(_three())), ["a"], True),
     "garbage-after-the-end": (_tar(_three()) + b"\x01" * 600, ["a", "b", "c"], True),

@@ -12,16 +12,28 @@ import uuid
 from pathlib import Path
 
 import pytest
-
 import s3kit
 import streamkit
 from conftest import assert_one_line_error, cli_command, cli_env, run_cli
+
 from pipeline import ClipDataset, ClipLoader, read_shard
 from pipeline.cli import pack_app, train_app
 from pipeline.config import StreamConfig
 
 PACK_ARGS = ["--quiet", "--shards", "5", "--test-shards", "3", "--workers", "2"]
-TRAIN_ARGS = ["--model", "tiny", "--crop", "24", "--batch-size", "4", "--workers", "2", "--shuffle-buffer", "8", "--no-progress"]
+TRAIN_ARGS = [
+    "--model",
+    "tiny",
+    "--crop",
+    "24",
+    "--batch-size",
+    "4",
+    "--workers",
+    "2",
+    "--shuffle-buffer",
+    "8",
+    "--no-progress",
+]
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +114,14 @@ def assert_same_state(found: dict[str, bytes], local: dict[str, bytes]) -> None:
 
 def test_pack_into_a_bucket_gives_the_local_pack_byte_for_byte(server, bucket, small_tree, local_pack, tmp_path):
     url = f"s3://{bucket}/hmdb51/"
-    done = subprocess.run(cli_command("pack_app") + [str(small_tree[0]), url, *PACK_ARGS], env=cli_env(), capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    done = subprocess.run(
+        cli_command("pack_app") + [str(small_tree[0]), url, *PACK_ARGS],
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     assert "8/8 shards written this run" in done.stdout
     assert not list(tmp_path.iterdir()), "nothing may be written locally (the old s3:/ folder bug)"
@@ -118,7 +137,9 @@ def test_overwrite_in_a_bucket_leaves_only_the_new_pack(server, bucket, small_tr
     assert run_cli(pack_app, small_tree[0], url, *PACK_ARGS).exit_code == 0
     changed = ["--quiet", "--shards", "4", "--test-shards", "2", "--workers", "2"]
     refused = run_cli(pack_app, small_tree[0], url, *changed)
-    assert_one_line_error(refused, r"was packed with different inputs or options \(shards 5 -> 4, test_shards 3 -> 2\); pass --overwrite")
+    assert_one_line_error(
+        refused, r"was packed with different inputs or options \(shards 5 -> 4, test_shards 3 -> 2\); pass --overwrite"
+    )
     assert run_cli(pack_app, small_tree[0], url, *changed, "--overwrite").exit_code == 0
     local = tmp_path / "local"
     assert run_cli(pack_app, small_tree[0], local, *changed).exit_code == 0
@@ -166,14 +187,18 @@ def _keys_by_epoch(loader: ClipLoader, epochs: int) -> list[list[str]]:
 
 def test_two_ranks_stream_the_keys_and_frames_they_stream_locally(server, uploaded, packed):
     for rank in (0, 1):
-        remote = ClipLoader(uploaded + "/", batch_size=4, crop=24, rank=rank, world_size=2, workers=2, shuffle_buffer=8, epochs=2)
-        local = ClipLoader(str(packed), batch_size=4, crop=24, rank=rank, world_size=2, workers=2, shuffle_buffer=8, epochs=2)
+        remote = ClipLoader(
+            uploaded + "/", batch_size=4, crop=24, rank=rank, world_size=2, workers=2, shuffle_buffer=8, epochs=2
+        )
+        local = ClipLoader(
+            str(packed), batch_size=4, crop=24, rank=rank, world_size=2, workers=2, shuffle_buffer=8, epochs=2
+        )
         assert [s.samples for s in remote.source.shards] == [s.samples for s in local.source.shards]
         with remote, local:
             for epoch in (0, 1):
-                r, l = list(remote.epoch(epoch)), list(local.epoch(epoch))
-                assert [b["key"] for b in r] == [b["key"] for b in l] and len(r) == 6
-                assert all(a["frames"].equal(b["frames"]) for a, b in zip(r, l))
+                r, loc = list(remote.epoch(epoch)), list(local.epoch(epoch))
+                assert [b["key"] for b in r] == [b["key"] for b in loc] and len(r) == 6
+                assert all(a["frames"].equal(b["frames"]) for a, b in zip(r, loc))
                 assert not [f for b in r for f in b["faults"]]
 
 
@@ -199,7 +224,16 @@ def test_train_stream_from_a_bucket_consumes_the_local_keys(server, uploaded, pa
     logs = {}
     for where, shards in (("s3", uploaded + "/"), ("local", str(packed))):
         logs[where] = tmp_path / where
-        cmd = cli_command("train_app") + ["--shards", shards, *TRAIN_ARGS, "--epochs", "2", "--audit-keys", "--log-dir", str(logs[where])]
+        cmd = cli_command("train_app") + [
+            "--shards",
+            shards,
+            *TRAIN_ARGS,
+            "--epochs",
+            "2",
+            "--audit-keys",
+            "--log-dir",
+            str(logs[where]),
+        ]
         done = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
         assert "epoch 2: test top-1" in done.stdout
@@ -207,14 +241,33 @@ def test_train_stream_from_a_bucket_consumes_the_local_keys(server, uploaded, pa
         name = f"audit/epoch-{epoch:03d}-rank-0.txt"
         keys = (logs["s3"] / name).read_text().split()
         assert keys == (logs["local"] / name).read_text().split() and len(keys) == 48
-    evals = [[json.loads(line) for line in (logs[w] / "metrics.jsonl").read_text().splitlines() if '"eval"' in line][-1] for w in ("s3", "local")]
+    evals = [
+        [json.loads(line) for line in (logs[w] / "metrics.jsonl").read_text().splitlines() if '"eval"' in line][-1]
+        for w in ("s3", "local")
+    ]
     assert evals[0]["clips"] == evals[1]["clips"] == 16
 
 
 def test_bench_stream_reports_time_to_first_batch_from_a_bucket(server, uploaded):
     from pipeline.cli import bench_app
 
-    result = run_cli(bench_app, "--shards", uploaded + "/", "--workers", "2", "--batches", "3", "--warmup", "1", "--batch-size", "4", "--crop", "24", "--no-stages", "--json")
+    result = run_cli(
+        bench_app,
+        "--shards",
+        uploaded + "/",
+        "--workers",
+        "2",
+        "--batches",
+        "3",
+        "--warmup",
+        "1",
+        "--batch-size",
+        "4",
+        "--crop",
+        "24",
+        "--no-stages",
+        "--json",
+    )
     assert result.exit_code == 0, result.output
     (run,) = [json.loads(line) for line in result.stdout.splitlines()]
     assert run["clips"] == 12 and run["clips_per_s"] > 0 and 0 < run["first_batch_s"] < 60
@@ -254,7 +307,9 @@ def test_a_dropped_connection_resumes_and_loses_nothing(proxied, uploaded, packe
     proxy2 = proxied("/002.tar", after=3000, cuts=1)
     got = _keys_by_epoch(ClipLoader(uploaded + "/", batch_size=4, crop=24, workers=2, shuffle_buffer=8, epochs=1), 1)[0]
     assert proxy2.cut_count == 1
-    assert sorted(got) == sorted(_keys_by_epoch(ClipLoader(str(packed), batch_size=4, crop=24, workers=2, shuffle_buffer=8, epochs=1), 1)[0])
+    assert sorted(got) == sorted(
+        _keys_by_epoch(ClipLoader(str(packed), batch_size=4, crop=24, workers=2, shuffle_buffer=8, epochs=1), 1)[0]
+    )
 
 
 def test_a_connection_dropped_on_every_retry_makes_the_shard_a_fault(proxied, uploaded):
@@ -321,8 +376,17 @@ def test_a_missing_bucket_or_object_is_one_line(server, bucket, small_tree, uplo
 def test_without_the_s3_extra_an_s3_url_is_one_line(tmp_path):
     # s3fs made unimportable in a fresh process, as on an installation without the extra
     code = "import sys; sys.modules['s3fs'] = None; from pipeline.cli import {app}; {app}()"
-    for app, args in (("train_app", ["--shards", "s3://clips/hmdb51/"]), ("pack_app", [str(tmp_path), "s3://clips/hmdb51/"])):
-        done = subprocess.run([sys.executable, "-c", code.format(app=app), *args], env=cli_env(), capture_output=True, text=True, timeout=120)
+    for app, args in (
+        ("train_app", ["--shards", "s3://clips/hmdb51/"]),
+        ("pack_app", [str(tmp_path), "s3://clips/hmdb51/"]),
+    ):
+        done = subprocess.run(
+            [sys.executable, "-c", code.format(app=app), *args],
+            env=cli_env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert done.returncode == 2
         assert done.stderr.strip() == "error: s3:// needs the s3 extra: pip install 'clipstream[s3]'"
 
@@ -346,9 +410,14 @@ def test_inspect_and_verify_read_a_bucket_in_place(server, bucket, small_tree, l
 
     url = f"s3://{bucket}/hmdb51"
     assert run_cli(pack_app, small_tree[0], url, *PACK_ARGS).exit_code == 0
-    remote, local = run_cli(inspect_app, url, "--quiet", "--sheet", tmp_path / "s3.png"), run_cli(inspect_app, local_pack, "--quiet", "--sheet", tmp_path / "local.png")
+    remote, local = (
+        run_cli(inspect_app, url, "--quiet", "--sheet", tmp_path / "s3.png"),
+        run_cli(inspect_app, local_pack, "--quiet", "--sheet", tmp_path / "local.png"),
+    )
     assert remote.exit_code == 0 and local.exit_code == 0, remote.output
-    assert remote.stdout.replace(url, "FOLDER").replace(str(tmp_path / "s3.png"), "PNG") == local.stdout.replace(str(local_pack), "FOLDER").replace(str(tmp_path / "local.png"), "PNG")
+    assert remote.stdout.replace(url, "FOLDER").replace(str(tmp_path / "s3.png"), "PNG") == local.stdout.replace(
+        str(local_pack), "FOLDER"
+    ).replace(str(tmp_path / "local.png"), "PNG")
     assert (tmp_path / "s3.png").read_bytes() == (tmp_path / "local.png").read_bytes()
     pattern = run_cli(inspect_app, f"{url}/<000..001>.tar", "--quiet")
     assert pattern.exit_code == 0 and pattern.stdout.startswith(f"{url}: 2 of 8 shards")

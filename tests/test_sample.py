@@ -5,8 +5,8 @@ import decord
 import numpy as np
 import pytest
 
-from pipeline.video import DECODERS, clip_indices, decode_clip, probe_video, resized_size
 from pipeline.tools.sampledata import draw_frame, make_sample_data, read_code
+from pipeline.video import DECODERS, clip_indices, decode_clip, probe_video, resized_size
 
 
 @pytest.mark.parametrize(

@@ -8,8 +8,8 @@ import pytest
 
 from pipeline import ClipDataset, read_shard
 from pipeline.cli import pack_app
-from pipeline.video import clip_indices
 from pipeline.tools.sampledata import read_code
+from pipeline.video import clip_indices
 from tests.conftest import assert_one_line_error, run_cli
 
 T = 4
@@ -27,7 +27,11 @@ def test_stored_frames_are_the_source_frames_of_the_formula(small_tree, tmp_path
     root, truth = small_tree
     out = _pack(small_tree, tmp_path, "--stored-frames", stored, *(["--max-stored-frames", cap] if cap else []))
     index = json.loads((out / "index.json").read_text())
-    assert index["version"] == 2 and index["frames_per_clip"] == T and index["stored_frames"] == (stored if stored == "all" else int(stored))
+    assert (
+        index["version"] == 2
+        and index["frames_per_clip"] == T
+        and index["stored_frames"] == (stored if stored == "all" else int(stored))
+    )
     lengths = {c.file_name: c.frames for c in truth}
     checked = set()
     for shard in sorted(out.glob("*.tar")):
@@ -40,8 +44,12 @@ def test_stored_frames_are_the_source_frames_of_the_formula(small_tree, tmp_path
             checked.add(n)
     assert min(checked) < T and max(checked) > (cap or 0)  # short (padded) and long clips both met
     # the stream's evaluation frames are exactly the source frames round(i*(n-1)/(T-1))
-    length_of = {s["key"]: lengths[s["meta"]["source"].rsplit("/", 1)[1]] for p in out.glob("test-*.tar") for s in read_shard(p)}
-    streamed = {s["key"]: [read_code(f.numpy())[0] for f in s["frames"]] for s in ClipDataset(out, split="test", crop=None)}
+    length_of = {
+        s["key"]: lengths[s["meta"]["source"].rsplit("/", 1)[1]] for p in out.glob("test-*.tar") for s in read_shard(p)
+    }
+    streamed = {
+        s["key"]: [read_code(f.numpy())[0] for f in s["frames"]] for s in ClipDataset(out, split="test", crop=None)
+    }
     assert streamed.keys() == length_of.keys()
     assert all(frames == clip_indices(length_of[k], T) for k, frames in streamed.items())
 

@@ -2,18 +2,18 @@ import json
 import shutil
 from pathlib import Path
 
+import httpkit
 import numpy as np
 import pytest
 import simplejpeg
-
-from pipeline.stream import clips, plan, sources
-import httpkit
 import streamkit
+from shardmaker import shard_keys, write_tar
+
+from pipeline import read_shard
 from pipeline.config import StreamConfig
 from pipeline.errors import UserError
-from pipeline import read_shard
 from pipeline.shardformat import pack_jpegs
-from shardmaker import shard_keys, write_tar
+from pipeline.stream import clips, plan, sources
 
 
 def cfg_for(folder: Path, **kw) -> StreamConfig:
@@ -23,7 +23,9 @@ def cfg_for(folder: Path, **kw) -> StreamConfig:
 
 def epoch_batches(ds, cfg, epoch, rank, world, start_step=0, start_method=None):
     """One epoch of one rank from a fresh TrainLoader (batches copied out of the workers' slots)."""
-    with streamkit.train_loader(ds, cfg, rank, world, epoch, start_step, epochs=epoch + 1, copy=True, start_method=start_method) as loader:
+    with streamkit.train_loader(
+        ds, cfg, rank, world, epoch, start_step, epochs=epoch + 1, copy=True, start_method=start_method
+    ) as loader:
         return list(loader.epoch(epoch))
 
 
@@ -45,7 +47,9 @@ def test_expand_pattern(pattern, expected):
     assert sources.expand_pattern(pattern) == expected
 
 
-@pytest.mark.parametrize("pattern", ["s/<000..03x>.tar", "s/{000..}.tar", "s/<0..3.tar", "s/{0..3.tar", "s/0..3>.tar", "a.tar::"])
+@pytest.mark.parametrize(
+    "pattern", ["s/<000..03x>.tar", "s/{000..}.tar", "s/<0..3.tar", "s/{0..3.tar", "s/0..3>.tar", "a.tar::"]
+)
 def test_malformed_patterns_are_user_errors(pattern):
     with pytest.raises(UserError, match="malformed|empty entry"):
         sources.expand_pattern(pattern)
@@ -374,7 +378,9 @@ def test_a_frame_of_another_size_is_a_fault_not_garbage(other):
     from pipeline.shardformat import ShardFormatError
 
     rng = np.random.default_rng(0)
-    frames = [simplejpeg.encode_jpeg(rng.integers(0, 256, (40, 60, 3), dtype=np.uint8), colorspace="RGB") for _ in range(4)]
+    frames = [
+        simplejpeg.encode_jpeg(rng.integers(0, 256, (40, 60, 3), dtype=np.uint8), colorspace="RGB") for _ in range(4)
+    ]
     frames[2] = simplejpeg.encode_jpeg(rng.integers(0, 256, (*other, 3), dtype=np.uint8), colorspace="RGB")
     with pytest.raises(ShardFormatError, match="frames of one clip differ in size"):
         clips.decode_clip(pack_jpegs(frames), 24, None)

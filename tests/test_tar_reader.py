@@ -9,8 +9,8 @@ import pytest
 import webdataset as wds
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from pipeline.stream import tar
 from pipeline.shardformat import ShardFormatError
+from pipeline.stream import tar
 
 
 def webdataset_samples(data: bytes) -> list[dict]:
@@ -32,6 +32,7 @@ def test_same_samples_as_webdataset_on_packed_shards(packed):
 def test_same_samples_as_webdataset_on_odd_members(fmt):
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
+
         def add(name, data):
             info = tarfile.TarInfo(name)
             info.size = len(data)
@@ -84,7 +85,10 @@ def test_a_member_claiming_gigabytes_is_refused_before_it_is_read(tmp_path):
     shard.write_bytes(raw + huge.tobuf(format=tarfile.USTAR_FORMAT) + b"y" * 4096)
     tracemalloc.start()
     got = []
-    with open(shard, "rb") as f, pytest.raises(ShardFormatError, match=r"tar member of 2147483648 bytes exceeds the 1073741824 byte limit"):
+    with (
+        open(shard, "rb") as f,
+        pytest.raises(ShardFormatError, match=r"tar member of 2147483648 bytes exceeds the 1073741824 byte limit"),
+    ):
         for sample in tar.tar_samples(f, str(shard)):
             got.append(sample["__key__"])
     peak = tracemalloc.get_traced_memory()[1]

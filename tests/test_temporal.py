@@ -7,12 +7,12 @@ import itertools
 
 import pytest
 import torch
+from shardmaker import make_temporal_pack
 
 from pipeline import ClipDataset, ClipLoader
-from pipeline.video import clip_indices
-from pipeline.tools.sampledata import read_code
 from pipeline.stream.clips import segment_positions, view_positions
-from shardmaker import make_temporal_pack
+from pipeline.tools.sampledata import read_code
+from pipeline.video import clip_indices
 
 T = 4
 
@@ -118,7 +118,9 @@ def test_test_views_cover_each_clip_exactly_once_on_two_ranks(temporal, views):
     k, c = views
     got = {}
     for rank in range(2):
-        with ClipLoader(temporal, split="test", batch_size=4, crop=48, workers=2, rank=rank, world_size=2, test_views=views) as loader:
+        with ClipLoader(
+            temporal, split="test", batch_size=4, crop=48, workers=2, rank=rank, world_size=2, test_views=views
+        ) as loader:
             for b in loader.epoch(0):
                 for key, view in zip(b["key"], b["view"].tolist()):
                     got.setdefault(key, []).append((rank, view))
@@ -131,8 +133,8 @@ def test_test_views_cover_each_clip_exactly_once_on_two_ranks(temporal, views):
 def test_multi_view_evaluation_scores_every_clip_once_and_view_zero_is_the_one_view_figure(temporal):
     from contextlib import nullcontext
 
-    from pipeline.train import loop as train
     from pipeline.config import StreamConfig, TrainConfig
+    from pipeline.train import loop as train
     from pipeline.train.models import build_model
 
     torch.manual_seed(0)
@@ -142,7 +144,9 @@ def test_multi_view_evaluation_scores_every_clip_once_and_view_zero_is_the_one_v
         sc = StreamConfig(shards=(str(temporal),), batch_size=4, crop=48, workers=1, test_views=views)
         cfg = TrainConfig(stream=sc, model="tiny")
         data = train.resolve_data(sc)
-        results[views] = train.evaluate(model, data.test, cfg, train.DistEnv(), torch.device("cpu"), False, nullcontext())
+        results[views] = train.evaluate(
+            model, data.test, cfg, train.DistEnv(), torch.device("cpu"), False, nullcontext()
+        )
     one, many = results[(1, 1)], results[(2, 3)]
     assert one["clips"] == many["clips"] == 6 and many["views"] == "2x3"
     assert (one["top1"], one["top5"]) == (one["single_top1"], one["single_top5"])

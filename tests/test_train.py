@@ -6,18 +6,30 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import torch
-
-from conftest import cli_command, cli_env, run_cli
-from pipeline.stream import plan
 import streamkit
-from pipeline.train import loop as train
+import torch
+from conftest import cli_command, cli_env, run_cli
+from shardmaker import shard_keys
+
 from pipeline.cli import train_app
 from pipeline.config import StreamConfig, TrainConfig
 from pipeline.errors import UserError
-from shardmaker import shard_keys
+from pipeline.stream import plan
+from pipeline.train import loop as train
 
-SMALL = ["--model", "tiny", "--crop", "24", "--batch-size", "4", "--workers", "2", "--shuffle-buffer", "8", "--no-progress"]
+SMALL = [
+    "--model",
+    "tiny",
+    "--crop",
+    "24",
+    "--batch-size",
+    "4",
+    "--workers",
+    "2",
+    "--shuffle-buffer",
+    "8",
+    "--no-progress",
+]
 
 
 def cfg_for(packed: Path, log_dir: Path, **kw) -> TrainConfig:
@@ -43,7 +55,10 @@ def audit(log_dir: Path, epoch: int, rank: int) -> list[str]:
         (["--shards", "{packed}/<000..0x7>.tar"], "malformed range <000..0x7>"),
         (["--shards", "{packed}/{{000..007.tar"], "malformed range .* unbalanced braces"),
         (["--shards", "{packed}/<000..007>.tar", "--model", "resnet-9000"], "resnet-9000"),
-        (["--shards", "{packed}/<000..007>.tar", "--workers", "3", "--nproc-per-node", "3"], "8 training shards for 3 ranks x 3 workers"),
+        (
+            ["--shards", "{packed}/<000..007>.tar", "--workers", "3", "--nproc-per-node", "3"],
+            "8 training shards for 3 ranks x 3 workers",
+        ),
         (["--shards", "{packed}/<000..007>.tar", "--batch-size", "0"], "--batch-size must be >= 1, got 0"),
         (["--shards", "pipe:cat {packed}/000.tar"], "--allow-pipe"),
         (["--shards", "{broken}/<000..007>.tar"], "unreadable index"),
@@ -75,7 +90,9 @@ def test_learns_the_fixture_classes_and_writes_metrics(packed, tmp_path):
     for r in steps:
         assert set(r) >= {"step", "epoch", "loss", "lr", "clips_per_s", "clips_per_s_rank", "data_wait", "step_time"}
         assert 0 <= r["data_wait"] <= 1 and r["clips_per_s"] > 0 and len(r["clips_per_s_rank"]) == 1
-    assert [r["step"] for r in steps] == sorted(set(range(5, 61, 5)) | {12, 24, 36, 48})  # every 5th and each epoch's last
+    assert [r["step"] for r in steps] == sorted(
+        set(range(5, 61, 5)) | {12, 24, 36, 48}
+    )  # every 5th and each epoch's last
     assert evals[-1]["clips"] == 16 and set(evals[-1]["per_class"]) == {"brush_hair", "cartwheel", "catch", "chew"}
     assert summary["steps"] == 60 and summary["epochs"] == 5
     assert summary["top1"] >= 0.8, summary
@@ -119,7 +136,19 @@ def test_resume_refuses_a_different_world_mid_epoch(packed, tmp_path):
 
 def test_gradient_accumulation_and_sgd_step_schedule_run(packed, tmp_path):
     log = tmp_path / "run"
-    summary = train.launch(cfg_for(packed, log, epochs=2, grad_accum=5, optimizer="sgd", schedule="step", lr_step_epochs=1, lr_gamma=0.5, lr=0.05))
+    summary = train.launch(
+        cfg_for(
+            packed,
+            log,
+            epochs=2,
+            grad_accum=5,
+            optimizer="sgd",
+            schedule="step",
+            lr_step_epochs=1,
+            lr_gamma=0.5,
+            lr=0.05,
+        )
+    )
     steps = [r for r in records(log) if r["kind"] == "step"]
     assert summary["steps"] == 24
     assert {r["epoch"]: r["lr"] for r in steps} == {1: 0.05, 2: 0.025}
@@ -170,7 +199,9 @@ def test_two_processes_split_the_epoch_and_evaluate_like_one(packed, tmp_path):
     dataset = streamkit.resolve(cfg.stream)
     model = build_model("tiny", 4)
     model.load_state_dict(torch.load(log / "checkpoint.pt", weights_only=True)["model"])
-    alone = train.evaluate(model, dataset.test, cfg, train.DistEnv(), torch.device("cpu"), False, __import__("contextlib").nullcontext())
+    alone = train.evaluate(
+        model, dataset.test, cfg, train.DistEnv(), torch.device("cpu"), False, __import__("contextlib").nullcontext()
+    )
     assert alone["clips"] == final["clips"] == 16
     assert (alone["top1"], alone["top5"], alone["per_class"]) == (final["top1"], final["top5"], final["per_class"])
 
@@ -179,7 +210,16 @@ def test_two_processes_split_the_epoch_and_evaluate_like_one(packed, tmp_path):
 def test_plain_torchrun_with_the_same_arguments(packed, tmp_path):
     import sys
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "pipeline.train.loop"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "pipeline.train.loop",
+    ]
     cmd += ["--shards", f"{packed}/<000..007>.tar", *SMALL, "--epochs", "1", "--audit-keys"]
     done = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -191,7 +231,14 @@ def test_plain_torchrun_with_the_same_arguments(packed, tmp_path):
 
 @pytest.mark.parametrize(
     "shards, world, cores, resample, expected",
-    [(32, 1, 2, False, 1), (32, 1, 16, False, 8), (32, 8, 2, False, 1), (32, 8, 16, False, 4), (4, 8, 16, True, 8), (32, 2, 1, False, 1)],
+    [
+        (32, 1, 2, False, 1),
+        (32, 1, 16, False, 8),
+        (32, 8, 2, False, 1),
+        (32, 8, 16, False, 4),
+        (4, 8, 16, True, 8),
+        (32, 2, 1, False, 1),
+    ],
 )
 def test_auto_workers_table(shards, world, cores, resample, expected):
     assert plan.auto_workers(shards, world, cores, resample) == expected

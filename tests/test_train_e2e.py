@@ -4,7 +4,6 @@ import json
 import subprocess
 
 import pytest
-
 from conftest import cli_command, cli_env
 
 
@@ -14,13 +13,22 @@ def test_tiny_model_learns_the_packed_sample_data(tmp_path):
     data, shards, run = tmp_path / "data", tmp_path / "shards", tmp_path / "run"
 
     def cli(app, *args):
-        done = subprocess.run(cli_command(app) + [str(a) for a in args], env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+        done = subprocess.run(
+            cli_command(app) + [str(a) for a in args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            cwd=tmp_path,
+        )
         assert done.returncode == 0, done.stderr[-3000:]
         return done
 
     cli("sample_data_app", data, "--classes", 8, "--clips-per-class", 24, "-q")
     cli("pack_app", data, shards, "-q")
-    done = cli("train_app", "--shards", f"{shards}/<000..031>.tar", "--model", "tiny", "--no-progress", "--log-dir", run)
+    done = cli(
+        "train_app", "--shards", f"{shards}/<000..031>.tar", "--model", "tiny", "--no-progress", "--log-dir", run
+    )
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     summary = records[-1]
     assert summary["kind"] == "summary"

@@ -26,9 +26,9 @@ from pipeline.config import PackConfig
 from pipeline.durable import failpoint
 from pipeline.errors import UserError
 from pipeline.pack.layouts import Catalog, Video, discover
-from pipeline.video import clip_indices
 from pipeline.pack.outdir import LocalDir, StoreDir, open_out_dir
 from pipeline.shardformat import FORMAT_VERSION, INDEX_NAME, MANIFEST_NAME, MAX_JPEG_SIDE, pack_jpegs
+from pipeline.video import clip_indices
 
 STATE_DIR = ".clipstream"
 TAG_NAMES = {0: None, 1: "train", 2: "test"}
@@ -60,7 +60,9 @@ def plan_shards(catalog: Catalog, cfg: PackConfig) -> list[ShardPlan]:
     if not train:
         raise UserError(f"split {cfg.split} has no training clips")
     if len(train) < cfg.shards:
-        raise UserError(f"only {len(train)} training clips for --shards {cfg.shards}: use --shards {len(train)} or fewer")
+        raise UserError(
+            f"only {len(train)} training clips for --shards {cfg.shards}: use --shards {len(train)} or fewer"
+        )
     if cfg.test_shards is not None and cfg.test_shards > len(test):
         raise UserError(f"only {len(test)} test clips for --test-shards {cfg.test_shards}")
     n_test = cfg.test_shards or min(cfg.shards, len(test))
@@ -260,7 +262,9 @@ def pack_clip(path: str, frames: int, short_side: int | None, quality: int, deco
             y, u, v = _even_padded(fit(f[0], (w, h))), fit(f[1], chroma), fit(f[2], chroma)
             jpegs.append(simplejpeg.encode_jpeg_yuv_planes(y, u, v, quality=quality))
         else:
-            jpegs.append(simplejpeg.encode_jpeg(fit(f, (w, h)), quality=quality, colorspace="RGB", colorsubsampling="420"))
+            jpegs.append(
+                simplejpeg.encode_jpeg(fit(f, (w, h)), quality=quality, colorspace="RGB", colorsubsampling="420")
+            )
     return {
         "jpgs": pack_jpegs(jpegs),
         "indices": clip.indices,
@@ -411,7 +415,9 @@ class PackReport:
         if len(self.failed) > 10:
             lines.append(f"... and {len(self.failed) - 10} more failures (see {MANIFEST_NAME})")
         if not self.complete:
-            lines.append("this part is done; the index and manifest are written when every part has finished (re-run any part then)")
+            lines.append(
+                "this part is done; the index and manifest are written when every part has finished (re-run any part then)"
+            )
         return "\n".join(lines)
 
 
@@ -422,9 +428,15 @@ def _prepare_out_dir(cfg: PackConfig, out: LocalDir | StoreDir, fp: dict, plans:
     ours = {p.name for p in plans} | {INDEX_NAME, MANIFEST_NAME}
     if old is not None and {k: v for k, v in old.items() if k != "files"} != fp:
         if not cfg.overwrite:
-            changed = [f"{k} {old['options'].get(k)!r} -> {v!r}" for k, v in fp["options"].items() if old.get("options", {}).get(k) != v]
+            changed = [
+                f"{k} {old['options'].get(k)!r} -> {v!r}"
+                for k, v in fp["options"].items()
+                if old.get("options", {}).get(k) != v
+            ]
             what = ", ".join(changed) if changed else "the input videos or split files changed"
-            raise UserError(f"{out} was packed with different inputs or options ({what}); pass --overwrite to replace it")
+            raise UserError(
+                f"{out} was packed with different inputs or options ({what}); pass --overwrite to replace it"
+            )
         _clear(out, set(old.get("files", [])) | ours)
     elif old is None:
         clash = sorted(n for n in ours if out.exists(n))
@@ -517,7 +529,10 @@ def run_pack(cfg: PackConfig, quiet: bool = False, log=_stderr) -> PackReport:
                 while pool.idle() and scheduled < len(jobs) and scheduled - written < window:
                     v = jobs[scheduled][1]
                     stored = None if cfg.stored_frames is None else cfg.stored_count
-                    pool.submit(scheduled, (str(cfg.data_dir / v.source), cfg.frames, cfg.short_side, cfg.quality, cfg.decoder, stored))
+                    pool.submit(
+                        scheduled,
+                        (str(cfg.data_dir / v.source), cfg.frames, cfg.short_side, cfg.quality, cfg.decoder, stored),
+                    )
                     scheduled += 1
                 if pool.busy():
                     for i, result in pool.wait():
@@ -527,7 +542,9 @@ def run_pack(cfg: PackConfig, quiet: bool = False, log=_stderr) -> PackReport:
                 # Write every shard at the head whose clips are all back, in plan order.
                 while shard < len(todo) and all(i in results for i in range(written, shard_ends[shard])):
                     p = todo[shard]
-                    data, rows = build_shard(p, [results.pop(i) for i in range(written, shard_ends[shard])], catalog, cfg)
+                    data, rows = build_shard(
+                        p, [results.pop(i) for i in range(written, shard_ends[shard])], catalog, cfg
+                    )
                     _atomic_write(out, p.name, data)
                     saved = {
                         "name": p.name,
@@ -537,7 +554,11 @@ def run_pack(cfg: PackConfig, quiet: bool = False, log=_stderr) -> PackReport:
                         "sha256": hashlib.sha256(data).hexdigest(),
                         "rows": rows,
                         # a failed clip's file as it was: a fixed file makes the shard be packed again
-                        "failed_inputs": {r["source"]: _file_stamp(cfg.data_dir / r["source"]) for r in rows if r["status"] == "failed"},
+                        "failed_inputs": {
+                            r["source"]: _file_stamp(cfg.data_dir / r["source"])
+                            for r in rows
+                            if r["status"] == "failed"
+                        },
                     }
                     # The shard is on disk for good (fsynced, its folder too) before its record
                     # is written; a record lost or emptied by a power cut only has the shard packed
@@ -577,7 +598,9 @@ def _utf8(text: str) -> str:
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-def _assemble(cfg: PackConfig, out: LocalDir | StoreDir, catalog: Catalog, plans: list[ShardPlan], saved: dict[str, dict]) -> list[dict]:
+def _assemble(
+    cfg: PackConfig, out: LocalDir | StoreDir, catalog: Catalog, plans: list[ShardPlan], saved: dict[str, dict]
+) -> list[dict]:
     """Write manifest.parquet and index.json (in that order: the index marks a finished pack)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -636,7 +659,11 @@ def _assemble(cfg: PackConfig, out: LocalDir | StoreDir, catalog: Catalog, plans
         "version": FORMAT_VERSION if cfg.stored_frames is None else 2,
         "classes": catalog.classes,
         "frames_per_clip": cfg.frames,
-        **({} if cfg.stored_frames is None else {"stored_frames": cfg.stored_frames, "max_stored_frames": cfg.max_stored_frames}),
+        **(
+            {}
+            if cfg.stored_frames is None
+            else {"stored_frames": cfg.stored_frames, "max_stored_frames": cfg.max_stored_frames}
+        ),
         "frame_size": {"short_side": cfg.short_side} if cfg.short_side else {"original": True},
         "options": cfg.output_options(),
         "layout": catalog.layout,

@@ -138,7 +138,9 @@ def _scan(root: Path, data_dir: Path, skip: Path | None = None) -> tuple[dict[st
 
 def _require_videos(found: dict, root: Path) -> None:
     if not found:
-        raise UserError(f"no videos found in {root} (expected one sub-folder per class holding {', '.join(sorted(VIDEO_EXTENSIONS))} files)")
+        raise UserError(
+            f"no videos found in {root} (expected one sub-folder per class holding {', '.join(sorted(VIDEO_EXTENSIONS))} files)"
+        )
 
 
 def _class_root(data_dir: Path, top: str) -> Path:
@@ -225,7 +227,9 @@ def _hmdb51(cfg: PackConfig) -> Catalog:
     root = _class_root(data_dir, "hmdb51_org")
     files = _find_split_files(cfg)
     if cfg.layout == "hmdb51" and not files and root == data_dir and cfg.splits_dir is None:
-        raise UserError(f"--layout hmdb51 does not fit {data_dir}: no hmdb51_org/ folder and no <class>_test_split1.txt split files")
+        raise UserError(
+            f"--layout hmdb51 does not fit {data_dir}: no hmdb51_org/ folder and no <class>_test_split1.txt split files"
+        )
     found, ignored = _scan(root, data_dir)
     _require_videos(found, root)
     classes = sorted(found)  # class index = position in sorted order, never listing order
@@ -266,7 +270,15 @@ def _read_hmdb_splits(cfg, classes, found, files, root_rel):
                 tags[(c, parts[0])][s - 1] = int(parts[1])
             elif s == cfg.split:
                 where = f"{root_rel}/{c}/{parts[0]}" if root_rel != "." else f"{c}/{parts[0]}"
-                missing.append(Missing(where, c, classes.index(c), tuple(int(parts[1]) if k == s - 1 else 0 for k in range(3)), _rel(path, cfg.data_dir)))
+                missing.append(
+                    Missing(
+                        where,
+                        c,
+                        classes.index(c),
+                        tuple(int(parts[1]) if k == s - 1 else 0 for k in range(3)),
+                        _rel(path, cfg.data_dir),
+                    )
+                )
     return {k: tuple(v) for k, v in tags.items()}, missing
 
 
@@ -314,7 +326,9 @@ def _read_class_ind(path: Path) -> list[str]:
     names = [by_id[i] for i in range(1, len(by_id) + 1)]
     lower = collections.Counter(n.lower() for n in names)
     if any(k > 1 for k in lower.values()):
-        raise UserError(f"{path}: class {next(n for n in names if lower[n.lower()] > 1)!r} is listed twice (names are matched case-insensitively)")
+        raise UserError(
+            f"{path}: class {next(n for n in names if lower[n.lower()] > 1)!r} is listed twice (names are matched case-insensitively)"
+        )
     return names
 
 
@@ -323,10 +337,14 @@ def _ucf101(cfg: PackConfig) -> Catalog:
     root = _class_root(data_dir, "UCF-101")
     lists = _find_ucf_lists(cfg)
     if lists is None and cfg.splits_dir is not None:
-        raise UserError(f"no classInd.txt in {cfg.splits_dir} (UCF101's ucfTrainTestlist/ holds classInd.txt, trainlist01.txt ...)")
+        raise UserError(
+            f"no classInd.txt in {cfg.splits_dir} (UCF101's ucfTrainTestlist/ holds classInd.txt, trainlist01.txt ...)"
+        )
     found, ignored = _scan(root, data_dir, skip=lists)
     if lists is None and not found:
-        raise UserError(f"--layout ucf101 does not fit {data_dir}: no classInd.txt (ucfTrainTestlist/) and no class folders of v_<Class>_gNN_cNN videos")
+        raise UserError(
+            f"--layout ucf101 does not fit {data_dir}: no classInd.txt (ucfTrainTestlist/) and no class folders of v_<Class>_gNN_cNN videos"
+        )
     _require_videos(found, root)
     notes = []
     if lists is None:
@@ -361,7 +379,9 @@ def _ucf101(cfg: PackConfig) -> Catalog:
             if class_of[folder] != folder:
                 case_only.append(f"{folder} = {class_of[folder]}")
         if len(set(class_of.values())) < len(class_of):
-            raise UserError(f"two class folders in {root} differ only in case; classInd.txt matches them case-insensitively")
+            raise UserError(
+                f"two class folders in {root} differ only in case; classInd.txt matches them case-insensitively"
+            )
         if case_only:
             notes.append(
                 f"{len(case_only)} class folder(s) match classInd.txt only case-insensitively ({', '.join(case_only[:3])}); "
@@ -398,14 +418,26 @@ def _read_ucf_lists(cfg, lists: Path, classes: list[str], found: dict, root_rel:
                 entry = parts[0]
                 cls = entry.split("/")[0].lower()
                 if len(parts) > 2 or entry.count("/") != 1 or cls not in ids:
-                    raise UserError(f"{path}:{lineno}: expected '<class>/<file name>[ <class id>]' with a class of classInd.txt, got {line.strip()!r}")
+                    raise UserError(
+                        f"{path}:{lineno}: expected '<class>/<file name>[ <class id>]' with a class of classInd.txt, got {line.strip()!r}"
+                    )
                 if len(parts) == 2 and parts[1] != str(ids[cls]):
-                    raise UserError(f"{path}:{lineno}: class id {parts[1]} but classInd.txt gives {classes[ids[cls] - 1]} id {ids[cls]}")
+                    raise UserError(
+                        f"{path}:{lineno}: class id {parts[1]} but classInd.txt gives {classes[ids[cls] - 1]} id {ids[cls]}"
+                    )
                 if entry.lower() in on_disk:
                     tags[on_disk[entry.lower()]][s - 1] = tag
                 elif s == cfg.split:
                     where = f"{root_rel}/{entry}" if root_rel != "." else entry
-                    missing.append(Missing(where, classes[ids[cls] - 1], ids[cls] - 1, tuple(tag if k == s - 1 else 0 for k in range(3)), _rel(path, cfg.data_dir)))
+                    missing.append(
+                        Missing(
+                            where,
+                            classes[ids[cls] - 1],
+                            ids[cls] - 1,
+                            tuple(tag if k == s - 1 else 0 for k in range(3)),
+                            _rel(path, cfg.data_dir),
+                        )
+                    )
     return {k: tuple(v) for k, v in tags.items()}, missing
 
 
@@ -448,12 +480,16 @@ def _read_kinetics_csv(path: Path) -> list[tuple[str, str]]:
         reader = csv.DictReader(f)
         need = {"youtube_id", "time_start", "time_end"}
         if not need <= set(reader.fieldnames or ()):
-            raise UserError(f"{path}: expected columns label,youtube_id,time_start,time_end,split, got {','.join(reader.fieldnames or ())!r}")
+            raise UserError(
+                f"{path}: expected columns label,youtube_id,time_start,time_end,split, got {','.join(reader.fieldnames or ())!r}"
+            )
         for lineno, row in enumerate(reader, 2):
             try:
                 start, end = int(float(row["time_start"])), int(float(row["time_end"]))
             except (TypeError, ValueError):
-                raise UserError(f"{path}:{lineno}: time_start/time_end are not numbers: {row['time_start']!r}, {row['time_end']!r}") from None
+                raise UserError(
+                    f"{path}:{lineno}: time_start/time_end are not numbers: {row['time_start']!r}, {row['time_end']!r}"
+                ) from None
             rows.append((row.get("label") or "", f"{row['youtube_id']}_{start:06d}_{end:06d}"))
     return rows
 
@@ -462,9 +498,13 @@ def _kinetics(cfg: PackConfig) -> Catalog:
     data_dir = cfg.data_dir
     dirs = _kinetics_dirs(data_dir)
     if not dirs:
-        raise UserError(f"--layout kinetics does not fit {data_dir}: no train/, val/ or test/ folder of class folders of videos")
+        raise UserError(
+            f"--layout kinetics does not fit {data_dir}: no train/, val/ or test/ folder of class folders of videos"
+        )
     if cfg.split != 1:
-        raise UserError(f"--split {cfg.split} does not apply to the kinetics layout: its split folders are its only split (use --split 1)")
+        raise UserError(
+            f"--split {cfg.split} does not apply to the kinetics layout: its split folders are its only split (use --split 1)"
+        )
     csvs = _find_kinetics_csvs(cfg)
     if cfg.splits_dir is not None and not csvs:
         raise UserError(f"no annotation CSVs (train.csv, validate.csv, test.csv) in {cfg.splits_dir}")
@@ -488,7 +528,9 @@ def _kinetics(cfg: PackConfig) -> Catalog:
                         # The split folder is part of the hashed path: one clip may sit in two folders.
                         key=make_key(f"{d.name}/{c}", name),
                         tags=(tag_of[role],),
-                        unused_reason=f"{d.name}/ is not packed when val/ exists (val/ fills the test shards)" if tag_of[role] == 0 else None,
+                        unused_reason=f"{d.name}/ is not packed when val/ exists (val/ fills the test shards)"
+                        if tag_of[role] == 0
+                        else None,
                     )
                 )
         if role not in csvs:
@@ -501,11 +543,15 @@ def _kinetics(cfg: PackConfig) -> Catalog:
                 continue
             cls = by_norm.get(_norm_label(label), label) if label else "?"
             missing.append(
-                Missing(f"{d.name}/{cls}/{stem}.mp4", cls, label_of.get(cls), (tag_of[role],), _rel(csvs[role], data_dir))
+                Missing(
+                    f"{d.name}/{cls}/{stem}.mp4", cls, label_of.get(cls), (tag_of[role],), _rel(csvs[role], data_dir)
+                )
             )
         extra = sorted(s for s in on_disk if s not in listed)
         if extra:
-            notes.append(f"{len(extra)} clip(s) in {d.name}/ are not in {csvs[role].name}, e.g. {extra[0]} (packed all the same)")
+            notes.append(
+                f"{len(extra)} clip(s) in {d.name}/ are not in {csvs[role].name}, e.g. {extra[0]} (packed all the same)"
+            )
     if missing:
         notes.append(f"{len(missing)} clip(s) listed in the annotation CSVs are not on disk, e.g. {missing[0].source}")
     return Catalog(classes, videos, ignored, "folders", missing, notes, "kinetics")

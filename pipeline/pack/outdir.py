@@ -18,8 +18,8 @@ from __future__ import annotations
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from pipeline.durable import publish
 from pipeline.errors import UserError

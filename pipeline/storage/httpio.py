@@ -78,7 +78,11 @@ class ResumingBody(io.RawIOBase):
         self.response = urlopen(urllib.request.Request(url))
         length = self.response.headers.get("Content-Length")
         self.length = int(length) if length and length.isdigit() else None
-        budget = HTTP_SHARD_DEADLINE_S + self.length / HTTP_MIN_BYTES_PER_S if self.length is not None else HTTP_UNKNOWN_SIZE_DEADLINE_S
+        budget = (
+            HTTP_SHARD_DEADLINE_S + self.length / HTTP_MIN_BYTES_PER_S
+            if self.length is not None
+            else HTTP_UNKNOWN_SIZE_DEADLINE_S
+        )
         self.budget, self.deadline = budget, started + budget
 
     def readable(self) -> bool:
@@ -96,7 +100,9 @@ class ResumingBody(io.RawIOBase):
                 left -= len(chunk)
 
     def _late(self) -> ShardDeadline:
-        return ShardDeadline(f"{self.url}: not read whole within {self.budget:.0f} s ({self.pos} of {self.length or '?'} bytes arrived)")
+        return ShardDeadline(
+            f"{self.url}: not read whole within {self.budget:.0f} s ({self.pos} of {self.length or '?'} bytes arrived)"
+        )
 
     def _read_some(self, buffer) -> int:
         """One socket read's worth (read1, not readinto, which waits until the buffer is full), so

@@ -48,7 +48,7 @@ def _options(proto: str) -> dict:
             "connect_timeout": CONNECT_TIMEOUT_S,
             "read_timeout": READ_TIMEOUT_S,
             "retries": {"max_attempts": ATTEMPTS, "mode": "standard"},
-        }
+        },
     }
     return options  # no endpoint_url: botocore reads AWS_ENDPOINT_URL(_S3) and profiles itself
 
@@ -67,9 +67,13 @@ def filesystem(url: str):
         extra = EXTRAS.get(proto)
         if extra:
             raise UserError(f"{proto}:// needs the {extra} extra: pip install 'clipstream[{extra}]'") from None
-        raise UserError(f"{proto}:// needs a package fsspec could not import (see fsspec's known_implementations)") from None
+        raise UserError(
+            f"{proto}:// needs a package fsspec could not import (see fsspec's known_implementations)"
+        ) from None
     except ValueError:
-        raise UserError(f"unsupported URL scheme {proto!r} in {url!r} (use a local path, http(s)://, s3://, gs://, az:// or pipe:)") from None
+        raise UserError(
+            f"unsupported URL scheme {proto!r} in {url!r} (use a local path, http(s)://, s3://, gs://, az:// or pipe:)"
+        ) from None
     return cls(**_options(proto)), cls._strip_protocol(url)
 
 
@@ -77,7 +81,11 @@ def describe(e: BaseException) -> str:
     """A store error in one line, without the request (which may carry a signature)."""
     if isinstance(e, FileNotFoundError):
         # s3fs says "The specified bucket does not exist" (NoSuchBucket); a missing key is its path
-        return "no such bucket" if "bucket does not exist" in str(e).lower() or "NoSuchBucket" in str(e.__cause__) else "no such object"
+        return (
+            "no such bucket"
+            if "bucket does not exist" in str(e).lower() or "NoSuchBucket" in str(e.__cause__)
+            else "no such object"
+        )
     if type(e).__name__ == "NoCredentialsError":
         return "no credentials found (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE, or write ~/.aws/credentials)"
     if isinstance(e, PermissionError):

@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from typing import Iterable
+from collections.abc import Iterable
 
 import cv2
 import numpy as np
 
 from pipeline.errors import UserError
-from pipeline.video import clip_indices
 from pipeline.shardformat import ShardFormatError, jpeg_size, unpack_jpegs
 from pipeline.stream.stages import Faults
+from pipeline.video import clip_indices
 
 TEMPORAL = ("segment", "fixed")
 
@@ -28,7 +28,9 @@ TEMPORAL = ("segment", "fixed")
 def clip_draw(seed: int, epoch: int, key: str) -> int:
     """One clip's 64 random bits for its augmentation in `epoch`. A keyed hash (1 us) rather than a
     seeded numpy Generator (25 us a clip, 2 % of decoding)."""
-    digest = hashlib.blake2b(key.encode("utf-8", "surrogateescape"), digest_size=8, key=struct.pack("<2q", seed, epoch)).digest()
+    digest = hashlib.blake2b(
+        key.encode("utf-8", "surrogateescape"), digest_size=8, key=struct.pack("<2q", seed, epoch)
+    ).digest()
     return int.from_bytes(digest, "little")
 
 
@@ -61,7 +63,9 @@ def view_positions(stored: int, frames: int, view: int = 0, views: int = 1) -> l
     if view == 0 or frames == 1:
         return clip_indices(stored, frames)
     den = 2 * views * (frames - 1)
-    return [min(stored - 1, (2 * (i * views + view) * (stored - 1) + views * (frames - 1)) // den) for i in range(frames)]
+    return [
+        min(stored - 1, (2 * (i * views + view) * (stored - 1) + views * (frames - 1)) // den) for i in range(frames)
+    ]
 
 
 def _words(seed: int, epoch: int, key: str, n: int) -> list[int]:
@@ -70,7 +74,9 @@ def _words(seed: int, epoch: int, key: str, n: int) -> list[int]:
     words: list[int] = []
     block = 0
     while len(words) < n:
-        digest = hashlib.blake2b(data, digest_size=64, key=struct.pack("<3q", seed, epoch, block), person=b"segments").digest()
+        digest = hashlib.blake2b(
+            data, digest_size=64, key=struct.pack("<3q", seed, epoch, block), person=b"segments"
+        ).digest()
         words += struct.unpack("<32H", digest)
         block += 1
     return words[:n]
@@ -97,7 +103,13 @@ def crop_box(height: int, width: int, crop: int, draw: int | None, spatial: int 
 
 
 def decode_clip(
-    pack: bytes, crop: int | None, draw: int | None, out: np.ndarray | None = None, scratch: dict | None = None, choose=None, spatial: int = 0
+    pack: bytes,
+    crop: int | None,
+    draw: int | None,
+    out: np.ndarray | None = None,
+    scratch: dict | None = None,
+    choose=None,
+    spatial: int = 0,
 ) -> np.ndarray:
     """Decode the chosen frames of a `.jpgs` pack and cut one crop (and flip) out of each:
     (T, crop, crop, 3) uint8, written into `out` when given (a row of a batch slot: no allocation,
@@ -180,7 +192,16 @@ def parse_label(raw: bytes, num_classes: int) -> int:
     return label
 
 
-def decode_sample(raw: dict, crop: int | None, num_classes: int, draw: int | None, row: np.ndarray | None, scratch: dict, choose=None, spatial: int = 0):
+def decode_sample(
+    raw: dict,
+    crop: int | None,
+    num_classes: int,
+    draw: int | None,
+    row: np.ndarray | None,
+    scratch: dict,
+    choose=None,
+    spatial: int = 0,
+):
     """Check a raw sample's members and label, decode its clip into `row` (see decode_clip); returns
     the label (and the frames when `row` is None). Anything unreadable is a ShardFormatError."""
     if "jpgs" not in raw or "cls" not in raw:
@@ -198,8 +219,24 @@ class TrainClips:
     count stays as planned.
     """
 
-    def __init__(self, src: Iterable[dict], crop: int, num_classes: int, seed: int, epoch: int, faults: Faults, temporal: str = "segment"):
-        self.src, self.crop, self.num_classes, self.seed, self.epoch, self.faults = iter(src), crop, num_classes, seed, epoch, faults
+    def __init__(
+        self,
+        src: Iterable[dict],
+        crop: int,
+        num_classes: int,
+        seed: int,
+        epoch: int,
+        faults: Faults,
+        temporal: str = "segment",
+    ):
+        self.src, self.crop, self.num_classes, self.seed, self.epoch, self.faults = (
+            iter(src),
+            crop,
+            num_classes,
+            seed,
+            epoch,
+            faults,
+        )
         self.temporal = temporal
         self.scratch: dict = {}
         self.last_good: tuple[dict, int] | None = None  # (raw, label)
@@ -208,7 +245,9 @@ class TrainClips:
     def _decode(self, raw: dict, row: np.ndarray) -> int:
         key = raw["__key__"]
         choose = training_positions(self.temporal, len(row), self.seed, self.epoch, key)
-        return decode_sample(raw, self.crop, self.num_classes, clip_draw(self.seed, self.epoch, key), row, self.scratch, choose)
+        return decode_sample(
+            raw, self.crop, self.num_classes, clip_draw(self.seed, self.epoch, key), row, self.scratch, choose
+        )
 
     def fill(self, rows: np.ndarray) -> tuple[list[str], list[int], list[bool]]:
         """Write len(rows) clips into `rows`; returns their keys, labels and repeat marks (a clip

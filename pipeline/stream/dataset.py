@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -24,8 +24,8 @@ from pipeline.shardformat import ShardFormatError
 from pipeline.stream.clips import TrainClips, decode_sample, training_positions
 from pipeline.stream.loader import eval_clips, stream_config, test_samples, worker_samples
 from pipeline.stream.plan import WorkerPlan, check_enough_shards, eval_plan, train_plan
-from pipeline.stream.stages import Faults
 from pipeline.stream.sources import resolve
+from pipeline.stream.stages import Faults
 
 log = logging.getLogger("clipstream")
 
@@ -99,7 +99,9 @@ class ClipDataset(wds.DataPipeline, wds.FluidInterface):
         if split not in ("train", "test"):
             raise UserError(f"`split` must be 'train' or 'test', got {split!r}")
         if crop is None and batch_size is not None:
-            raise UserError("`crop` None gives whole frames, whose sizes differ from clip to clip: leave `batch_size` None")
+            raise UserError(
+                "`crop` None gives whole frames, whose sizes differ from clip to clip: leave `batch_size` None"
+            )
         self.rank, self.world_size = rank_and_world(rank, world_size)
         # Single clips are planned as batches of one: every rank still gets the same number.
         self.cfg = stream_config(
@@ -147,7 +149,9 @@ class ClipDataset(wds.DataPipeline, wds.FluidInterface):
         by_key = False
         if self.split == "train":
             check_enough_shards(self.source.shards, self.cfg, self.world_size, n_workers)
-            plan = train_plan(self.source.shards, self.cfg, epoch, self.rank, self.world_size, n_workers, separate=True)[worker]
+            plan = train_plan(
+                self.source.shards, self.cfg, epoch, self.rank, self.world_size, n_workers, separate=True
+            )[worker]
         else:
             per_worker, by_key = eval_plan(self.source.shards, n_workers, self.rank, self.world_size)
             plan = WorkerPlan(per_worker[worker] if worker < len(per_worker) else (), -1)
@@ -160,7 +164,9 @@ class ClipDataset(wds.DataPipeline, wds.FluidInterface):
             if self.split == "train":
                 yield from worker_samples(self.source, self.cfg, plan, now.epoch, now.rank, now.worker, now.faults)
                 continue
-            yield from test_samples(plan.shards, self.cfg.allow_pipe, now.faults, now.by_key, self.rank, self.world_size)
+            yield from test_samples(
+                plan.shards, self.cfg.allow_pipe, now.faults, now.by_key, self.rank, self.world_size
+            )
 
     def _decode(self, raw: Iterator[dict]) -> Iterator[dict]:
         now = self.state.current
@@ -176,11 +182,15 @@ class ClipDataset(wds.DataPipeline, wds.FluidInterface):
                 keys, labels, repeats = clips.fill(rows)
                 yield self._output(rows, keys, labels, now.faults, repeats)
             return
-        for rows, keys, labels, _ in eval_clips(raw, cfg.crop, classes, now.faults, lambda: (np.empty(shape, np.uint8),) * 2):
+        for rows, keys, labels, _ in eval_clips(
+            raw, cfg.crop, classes, now.faults, lambda: (np.empty(shape, np.uint8),) * 2
+        ):
             yield self._output(rows[: len(keys)], keys, labels, now.faults, [False] * len(keys))
         self._log(now.faults.take())
 
-    def _output(self, rows: np.ndarray, keys: list[str], labels: list[int], faults: Faults, repeats: list[bool]) -> dict:
+    def _output(
+        self, rows: np.ndarray, keys: list[str], labels: list[int], faults: Faults, repeats: list[bool]
+    ) -> dict:
         if self.batch_size is None:
             self._log(faults.take())
             return {"key": keys[0], "frames": torch.from_numpy(rows[0]), "label": labels[0], "repeat": repeats[0]}

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -21,9 +21,18 @@ from pipeline.device import cores_per_rank, rank_and_world
 from pipeline.errors import UserError
 from pipeline.shardformat import ShardFormatError
 from pipeline.stream.clips import TrainClips, decode_sample, view_positions
-from pipeline.stream.plan import WorkerPlan, auto_workers, check_enough_shards, eval_plan, key_rank, step_schedule, train_plan, worker_parts
-from pipeline.stream.stages import Faults, fit_to_quota, read_samples, resampled_shards, shuffle, skip_consumed
+from pipeline.stream.plan import (
+    WorkerPlan,
+    auto_workers,
+    check_enough_shards,
+    eval_plan,
+    key_rank,
+    step_schedule,
+    train_plan,
+    worker_parts,
+)
 from pipeline.stream.sources import ShardSet, resolve, shard_name
+from pipeline.stream.stages import Faults, fit_to_quota, read_samples, resampled_shards, shuffle, skip_consumed
 from pipeline.stream.workers import Closing
 
 
@@ -37,7 +46,19 @@ class WorkerGaveUp(UserError):
 
 
 def stream_config(
-    shards, *, batch_size, crop, seed, resample, allow_pipe, shuffle_buffer=256, workers=None, prefetch=2, epoch_fill="pad", temporal="segment", test_views=(1, 1)
+    shards,
+    *,
+    batch_size,
+    crop,
+    seed,
+    resample,
+    allow_pipe,
+    shuffle_buffer=256,
+    workers=None,
+    prefetch=2,
+    epoch_fill="pad",
+    temporal="segment",
+    test_views=(1, 1),
 ) -> StreamConfig:
     """The library's keyword arguments as a checked StreamConfig (errors name the parameters)."""
     patterns = (str(shards),) if isinstance(shards, (str, Path)) else tuple(map(str, shards))
@@ -61,7 +82,9 @@ def stream_config(
 # What a worker runs
 
 
-def worker_samples(source: ShardSet, cfg: StreamConfig, plan: WorkerPlan, epoch: int, rank: int, worker: int, faults: Faults) -> Iterator[dict]:
+def worker_samples(
+    source: ShardSet, cfg: StreamConfig, plan: WorkerPlan, epoch: int, rank: int, worker: int, faults: Faults
+) -> Iterator[dict]:
     """The raw samples one worker delivers in one epoch, read top to bottom."""
     rng = lambda stream: np.random.default_rng([cfg.seed, epoch, rank, worker, stream])  # noqa: E731
     # this epoch's shards, in plan order (resampling: drawn with replacement)
@@ -107,12 +130,24 @@ class TrainProducer:
                     continue
                 faults = Faults()
                 # On resume: drop what was already trained on, before decoding it.
-                src = skip_consumed(worker_samples(self.source, self.cfg, plans[worker], epoch, self.rank, worker, faults), skip)
-                clips = TrainClips(src, self.cfg.crop, len(self.source.classes), self.cfg.seed, epoch, faults, self.cfg.temporal)
+                src = skip_consumed(
+                    worker_samples(self.source, self.cfg, plans[worker], epoch, self.rank, worker, faults), skip
+                )
+                clips = TrainClips(
+                    src, self.cfg.crop, len(self.source.classes), self.cfg.seed, epoch, faults, self.cfg.temporal
+                )
                 for n in sizes:
                     slot, rows = ring.take()
                     keys, labels, repeats = clips.fill(rows[:n])
-                    yield {"slot": slot, "n": n, "epoch": epoch, "key": keys, "label": labels, "repeat": repeats, "faults": faults.take()}
+                    yield {
+                        "slot": slot,
+                        "n": n,
+                        "epoch": epoch,
+                        "key": keys,
+                        "label": labels,
+                        "repeat": repeats,
+                        "faults": faults.take(),
+                    }
         except UserError as e:
             yield {"fatal": str(e), "faults": faults.take()}  # the bad clips behind it, for the faults log
 
@@ -126,7 +161,9 @@ def test_samples(shards, allow_pipe: bool, faults: Faults, by_key: bool, rank: i
     return raw
 
 
-def eval_clips(raw: Iterable[dict], crop: int, num_classes: int, faults: Faults, rows_for, views: tuple[int, int] = (1, 1)) -> Iterator[tuple]:
+def eval_clips(
+    raw: Iterable[dict], crop: int, num_classes: int, faults: Faults, rows_for, views: tuple[int, int] = (1, 1)
+) -> Iterator[tuple]:
     """Test clips decoded into rows handed out by `rows_for()` -> (handle, rows), K x C rows a clip
     for `views` (K temporal, C spatial; view 0 is the fixed frames and the centre crop): yields
     (handle, keys, labels, view numbers) for every full set of rows and for the last, partial one.
@@ -143,7 +180,7 @@ def eval_clips(raw: Iterable[dict], crop: int, num_classes: int, faults: Faults,
                 if handle is None:
                     handle, rows = rows_for()
                 row = rows[len(keys)]
-                choose = lambda stored, k=k, t=len(row): view_positions(stored, t, k, temporal)  # noqa: E731
+                choose = lambda stored, k=k, t=len(row): view_positions(stored, t, k, temporal)  # noqa: B008 (bound per view, on purpose)
                 label = decode_sample(sample, crop, num_classes, None, row, scratch, choose, c)
                 keys.append(key)
                 labels.append(label)
@@ -174,8 +211,12 @@ class EvalProducer:
 
     def __call__(self, worker: int, ring) -> Iterator[dict]:
         faults = Faults()
-        raw = test_samples(self.per_worker[worker], self.cfg.allow_pipe, faults, self.by_key, self.rank, self.world_size)
-        for slot, keys, labels, views in eval_clips(raw, self.cfg.crop, len(self.source.classes), faults, ring.take, self.cfg.test_views):
+        raw = test_samples(
+            self.per_worker[worker], self.cfg.allow_pipe, faults, self.by_key, self.rank, self.world_size
+        )
+        for slot, keys, labels, views in eval_clips(
+            raw, self.cfg.crop, len(self.source.classes), faults, ring.take, self.cfg.test_views
+        ):
             yield {"slot": slot, "n": len(keys), "key": keys, "label": labels, "view": views, "faults": faults.take()}
         if faults.pending:
             yield {"n": 0, "key": [], "label": [], "faults": faults.take()}
@@ -234,7 +275,9 @@ class ClipLoader(Closing):
     ):
         rank, world_size = rank_and_world(rank, world_size)
         if crop is None:
-            raise UserError("`crop` None (whole frames) is for ClipDataset with single clips: ClipLoader batches need one size")
+            raise UserError(
+                "`crop` None (whole frames) is for ClipDataset with single clips: ClipLoader batches need one size"
+            )
         cfg = stream_config(
             shards, batch_size=batch_size, crop=crop, seed=seed, resample=resample, allow_pipe=allow_pipe,
             shuffle_buffer=shuffle_buffer, workers=workers, prefetch=prefetch, epoch_fill=epoch_fill,
@@ -242,7 +285,9 @@ class ClipLoader(Closing):
         )  # fmt: skip
         source = resolve(cfg.shards, split, index, allow_pipe)
         if workers is None:
-            cfg = dataclasses.replace(cfg, workers=auto_workers(len(source.shards), world_size, cores_per_rank(), resample or split == "test"))
+            cfg = dataclasses.replace(
+                cfg, workers=auto_workers(len(source.shards), world_size, cores_per_rank(), resample or split == "test")
+            )
         self._setup(source, cfg, split, rank, world_size, pin_memory, copy, epochs, None)
 
     @classmethod
@@ -258,7 +303,7 @@ class ClipLoader(Closing):
         copy: bool = True,
         epochs: int | None = None,
         start_method: str | None = None,
-    ) -> "ClipLoader":
+    ) -> ClipLoader:
         """A loader over already resolved shards (what train-stream and bench-stream use)."""
         loader = cls.__new__(cls)
         loader._setup(source, cfg, split, rank, world_size, pin_memory, copy, epochs, start_method)
@@ -300,7 +345,9 @@ class ClipLoader(Closing):
     def steps(self, epoch: int) -> int:
         """Batches this rank (and every rank) gets in `epoch` (training)."""
         if self.split != "train":
-            raise TypeError("a test-split ClipLoader has no planned number of batches (each worker's last batch may be short)")
+            raise TypeError(
+                "a test-split ClipLoader has no planned number of batches (each worker's last batch may be short)"
+            )
         plans = train_plan(self.source.shards, self.cfg, epoch, self.rank, self.world_size, self.n_workers)
         return sum(p.quota for p in plans) // self.cfg.batch_size
 
@@ -365,17 +412,25 @@ class ClipLoader(Closing):
             return self._test_pass()
         self.position = self._next()
         if epoch != self.position[0]:
-            raise ValueError(f"epoch {epoch} asked for; the loader is at epoch {self.position[0]}, step {self.position[1]}")
+            raise ValueError(
+                f"epoch {epoch} asked for; the loader is at epoch {self.position[0]}, step {self.position[1]}"
+            )
         if self.epochs is not None and epoch >= self.epochs:
-            raise ValueError(f"epoch {epoch} asked for; the loader was made for `epochs`={self.epochs} (epochs 0..{self.epochs - 1})")
+            raise ValueError(
+                f"epoch {epoch} asked for; the loader was made for `epochs`={self.epochs} (epochs 0..{self.epochs - 1})"
+            )
         if self.pool is None:
             from pipeline.stream.workers import WorkerPool
 
             start_epoch, start_step = self.position
-            producer = TrainProducer(self.source, self.cfg, self.rank, self.world_size, self.n_workers, start_epoch, start_step, self.epochs)
+            producer = TrainProducer(
+                self.source, self.cfg, self.rank, self.world_size, self.n_workers, start_epoch, start_step, self.epochs
+            )
             _preload_decoders()
             self.producer = producer
-            self.pool = WorkerPool(producer, self.cfg.workers or 0, self.slot_shape, self.cfg.prefetch + 1, self.start_method)
+            self.pool = WorkerPool(
+                producer, self.cfg.workers or 0, self.slot_shape, self.cfg.prefetch + 1, self.start_method
+            )
         batches = self._batches(epoch)
         batches = _pinning(batches) if self.pin_memory else batches
         return self._counted(batches, epoch)
@@ -426,7 +481,9 @@ class ClipLoader(Closing):
         if "fatal" in message:
             raise WorkerGaveUp(message["fatal"], message.get("faults", []))
         if message.get("epoch") != epoch or message.get("n") != n:
-            raise RuntimeError(f"loader worker {worker} sent {message.get('n')} clips of epoch {message.get('epoch')}; expected {n} of epoch {epoch}")
+            raise RuntimeError(
+                f"loader worker {worker} sent {message.get('n')} clips of epoch {message.get('epoch')}; expected {n} of epoch {epoch}"
+            )
         return message
 
     def _test_pass(self) -> Iterator[dict]:

@@ -37,7 +37,9 @@ def check_enough_shards(shards: tuple[Shard, ...], cfg: StreamConfig, world_size
         )
     samples = sum(s.samples for s in shards)
     if samples < world_size * cfg.batch_size:
-        raise UserError(f"{samples} training clips do not fill one batch of {cfg.batch_size} on each of {world_size} ranks")
+        raise UserError(
+            f"{samples} training clips do not fill one batch of {cfg.batch_size} on each of {world_size} ranks"
+        )
 
 
 def epoch_permutation(n_shards: int, seed: int, epoch: int) -> list[int]:
@@ -51,7 +53,14 @@ def rank_shards(n_shards: int, seed: int, epoch: int, rank: int, world_size: int
 
 
 def steps_per_epoch(
-    counts: list[int], batch_size: int, world_size: int, seed: int, epoch: int, resample: bool, separate_workers: int = 0, pad: bool = False
+    counts: list[int],
+    batch_size: int,
+    world_size: int,
+    seed: int,
+    epoch: int,
+    resample: bool,
+    separate_workers: int = 0,
+    pad: bool = False,
 ) -> int:
     """Batches every rank runs in `epoch`.
 
@@ -122,7 +131,13 @@ class WorkerPlan:
 
 
 def train_plan(
-    shards: tuple[Shard, ...], cfg: StreamConfig, epoch: int, rank: int, world_size: int, n_workers: int, separate: bool = False
+    shards: tuple[Shard, ...],
+    cfg: StreamConfig,
+    epoch: int,
+    rank: int,
+    world_size: int,
+    n_workers: int,
+    separate: bool = False,
 ) -> list[WorkerPlan]:
     """One WorkerPlan per worker of `rank` in `epoch` (n_workers >= 1). `separate`: every worker's
     quota is whole batches (see steps_per_epoch's `separate_workers`)."""
@@ -175,7 +190,9 @@ def worker_parts(schedule: list[list[tuple[int, int]]], worker: int, start_step:
     return done, [n for step in schedule[start_step:] for w, n in step if w == worker]
 
 
-def eval_plan(shards: tuple[Shard, ...], n_workers: int, rank: int, world_size: int) -> tuple[list[tuple[Shard, ...]], bool]:
+def eval_plan(
+    shards: tuple[Shard, ...], n_workers: int, rank: int, world_size: int
+) -> tuple[list[tuple[Shard, ...]], bool]:
     """Test shards per worker of `rank`, and whether to keep only this rank's share of keys.
 
     With at least as many test shards as ranks, ranks read disjoint shards; with fewer, every rank

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 import io
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 from urllib.parse import urlparse
 
 from pipeline import shardformat
-from pipeline.storage import objectstore
 from pipeline.errors import UserError
 from pipeline.shardformat import INDEX_NAME
+from pipeline.storage import objectstore
 
 SPLITS = ("train", "test")
 
@@ -123,7 +123,9 @@ def expand_shards(patterns: Iterable[str], allow_pipe: bool) -> list[str]:
         if missing and len(missing) == len(expanded):
             raise UserError(f"no shards match {pattern!r}")
         if missing:
-            raise UserError(f"{len(missing)} of {len(expanded)} shards of {pattern!r} do not exist, e.g. {missing[0]!r}")
+            raise UserError(
+                f"{len(missing)} of {len(expanded)} shards of {pattern!r} do not exist, e.g. {missing[0]!r}"
+            )
         urls.extend(expanded)
     seen: set[str] = set()
     for url in urls:
@@ -196,7 +198,9 @@ def counts(index: dict, split: str) -> dict[str, int]:
     return {e["name"]: e["samples"] for e in index["splits"].get(split, {}).get("shards", [])}
 
 
-def resolve(patterns: Iterable[str], split: str = "train", index: str | None = None, allow_pipe: bool = False) -> ShardSet:
+def resolve(
+    patterns: Iterable[str], split: str = "train", index: str | None = None, allow_pipe: bool = False
+) -> ShardSet:
     """The shards of `split` named by `patterns`, each with its sample count from the index.
 
     A pattern is a shard pattern (`shards/<000..031>.tar`, `{000..031}`, `::`-lists, URLs) or a
@@ -221,7 +225,9 @@ def resolve(patterns: Iterable[str], split: str = "train", index: str | None = N
     shards: list[Shard] = []
     for pattern in map(str, patterns):
         if _is_folder(pattern):
-            location = index or (str(Path(pattern) / INDEX_NAME) if local_path(pattern) else pattern.rstrip("/") + "/" + INDEX_NAME)
+            location = index or (
+                str(Path(pattern) / INDEX_NAME) if local_path(pattern) else pattern.rstrip("/") + "/" + INDEX_NAME
+            )
             if location not in indexes:
                 indexes[location] = read_index(location)
             shards += [Shard(sibling(location, name), n) for name, n in counts(indexes[location], split).items()]
@@ -234,7 +240,11 @@ def resolve(patterns: Iterable[str], split: str = "train", index: str | None = N
             elif split == "test" and name not in counts(found, "train"):
                 shards.append(Shard(url, -1))  # an evaluation shard of one's own: counted as it is read
             else:
-                where = "a test shard in" if split == "train" and name in counts(found, "test") else f"not a {'training' if split == 'train' else 'test'} shard of"
+                where = (
+                    "a test shard in"
+                    if split == "train" and name in counts(found, "test")
+                    else f"not a {'training' if split == 'train' else 'test'} shard of"
+                )
                 raise UserError(f"{url!r} is {where} index {location!r}")
     if not indexes:
         raise UserError(f"no index found for {patterns!r}")

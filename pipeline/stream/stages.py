@@ -11,8 +11,8 @@ from __future__ import annotations
 import collections
 import itertools
 import json
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 

@@ -23,7 +23,8 @@ import bz2
 import gzip
 import lzma
 import re
-from typing import Callable, Iterator, NamedTuple
+from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 from pipeline.shardformat import MAX_MEMBER_BYTES, ShardFormatError, split_member_name
 
@@ -119,7 +120,9 @@ def tar_members(stream, skip: Callable[[str], bool] | None = None) -> Iterator[M
             raise ShardFormatError(f"data after the end-of-archive marker at byte {pos}")
 
 
-def group_samples(members: Iterator[Member], url: str, ignored: Callable[[str, str], None] | None = None) -> Iterator[dict]:
+def group_samples(
+    members: Iterator[Member], url: str, ignored: Callable[[str, str], None] | None = None
+) -> Iterator[dict]:
     """Samples {'__key__', '__url__', suffix: bytes} of a member stream, by the rules in the module
     docstring (a member whose data was skipped stands as its Member: offset and size);
     `ignored(name, why)` hears of every member passed over."""

@@ -27,7 +27,7 @@ import signal
 import sys
 import threading
 import traceback
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -156,7 +156,9 @@ class WorkerPool(Closing):
     first "n" rows; the view stays valid until `release(w, message)`.
     """
 
-    def __init__(self, produce: Producer, workers: int, slot_shape: tuple[int, ...], slots: int, start_method: str | None = None):
+    def __init__(
+        self, produce: Producer, workers: int, slot_shape: tuple[int, ...], slots: int, start_method: str | None = None
+    ):
         self.workers, self.slot_shape, self.slots = workers, tuple(slot_shape), slots
         self.closed = False
         slot_bytes = int(np.prod(self.slot_shape))
@@ -179,7 +181,12 @@ class WorkerPool(Closing):
             self.views.append(view.view(slots, *self.slot_shape))
             parent_end, child_end = ctx.Pipe(duplex=True)
             _PARENT_ENDS.add(parent_end)
-            proc = ctx.Process(target=_worker_main, args=(produce, w, child_end, ring, self.slot_shape), daemon=True, name=f"clipstream-loader-{w}")
+            proc = ctx.Process(
+                target=_worker_main,
+                args=(produce, w, child_end, ring, self.slot_shape),
+                daemon=True,
+                name=f"clipstream-loader-{w}",
+            )
             proc.start()
             child_end.close()
             self.conns.append(parent_end)
@@ -266,7 +273,9 @@ def _died(worker: int, code: int | None) -> str:
     return f"loader worker {worker} died: {reason}{hint}"
 
 
-def threaded(source: Iterator[dict], transform: Callable[[dict], dict], depth: int = 2, init: Callable[[], None] | None = None) -> Iterator[dict]:
+def threaded(
+    source: Iterator[dict], transform: Callable[[dict], dict], depth: int = 2, init: Callable[[], None] | None = None
+) -> Iterator[dict]:
     """Run `source` and `transform` (e.g. copying a batch into pinned memory) in a background thread,
     `depth` items ahead of the consumer; exceptions reach the consumer in order. `init` runs first in
     the thread (e.g. selecting the rank's GPU, without which pinning would open a CUDA context on GPU 0).
@@ -312,4 +321,3 @@ def threaded(source: Iterator[dict], transform: Callable[[dict], dict], depth: i
     finally:
         stop.set()
         thread.join(5)
-

@@ -26,21 +26,21 @@ import itertools
 import os
 import statistics
 import time
+from collections.abc import Iterator
 from contextlib import nullcontext
-from typing import Iterator
 
 import numpy as np
 import torch
 
 from pipeline.config import StreamConfig
 from pipeline.device import ModelInput, cores_per_rank, model_memory_format, pick_device
+from pipeline.errors import UserError
 from pipeline.shardformat import jpeg_size, unpack_jpegs
 from pipeline.stream.clips import clip_draw, crop_box, crop_frame, decode_frame, frame_buffer
 from pipeline.stream.loader import ClipLoader
 from pipeline.stream.plan import check_enough_shards, steps_per_epoch
-from pipeline.stream.stages import Faults, read_samples
 from pipeline.stream.sources import ShardSet, local_path, resolve
-from pipeline.errors import UserError
+from pipeline.stream.stages import Faults, read_samples
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,7 +80,9 @@ class BenchConfig:
         from pipeline.config import MAX_LOADER_WORKERS
 
         if any(w > MAX_LOADER_WORKERS for w in self.workers):  # before the first configuration runs
-            raise UserError(f"--workers counts must be at most {MAX_LOADER_WORKERS}, got {','.join(map(str, self.workers))}")
+            raise UserError(
+                f"--workers counts must be at most {MAX_LOADER_WORKERS}, got {','.join(map(str, self.workers))}"
+            )
         if self.batches < 1:
             raise UserError(f"--batches must be >= 1, got {self.batches}")
         if self.warmup < 0:
@@ -292,7 +294,9 @@ def measure(source: Iterator[dict], warmup: int, batches: int, step: Step | None
 # Per-stage breakdown (0 workers, this process, the stream's own stage functions)
 
 
-def stage_breakdown(source: ShardSet, cfg: StreamConfig, device: torch.device, channels_last: bool, max_clips: int, repeats: int = 3) -> dict:
+def stage_breakdown(
+    source: ShardSet, cfg: StreamConfig, device: torch.device, channels_last: bool, max_clips: int, repeats: int = 3
+) -> dict:
     """Milliseconds per clip of each stage on up to `max_clips` clips of the first shards: every stage
     runs `repeats` times over the same inputs after a warm-up run (imports, caches), median kept."""
     faults = Faults()
@@ -440,7 +444,11 @@ def run_bench(cfg: BenchConfig, emit=print) -> list[dict]:
         if cfg.synthetic:
             # Same model, same threads as this configuration's trainer, batches from memory.
             if held is None:
-                held = list(itertools.islice(endless_batches(shards, dataclasses.replace(cfg.stream, workers=0), False, copy=True), 4))
+                held = list(
+                    itertools.islice(
+                        endless_batches(shards, dataclasses.replace(cfg.stream, workers=0), False, copy=True), 4
+                    )
+                )
             m = measure(memory_batches(held, cuda), cfg.warmup, cfg.batches, step, None)
             synthetic_rate = m["clips"] / m["seconds"]
             result["real_vs_synthetic"] = round(rate / synthetic_rate, 4)
@@ -466,7 +474,9 @@ def run_bench(cfg: BenchConfig, emit=print) -> list[dict]:
             "bench": "stream-stages",
             "workers": 0,
             "device": device.type,
-            **stage_breakdown(shards, sc, device, cfg.channels_last and cuda, max_clips=max(cfg.batches, 1) * sc.batch_size),
+            **stage_breakdown(
+                shards, sc, device, cfg.channels_last and cuda, max_clips=max(cfg.batches, 1) * sc.batch_size
+            ),
         }
         results.append(breakdown)
         emit(breakdown)
@@ -475,7 +485,9 @@ def run_bench(cfg: BenchConfig, emit=print) -> list[dict]:
 
 def table(results: list[dict]) -> str:
     """The human-readable summary of `run_bench`'s results."""
-    lines = [f"{'source':9} {'workers':>7} {'clips/s':>9} {'frames/s':>9} {'MB/s':>7} {'wait':>6} {'1st batch':>9} {'peak RSS MB':>11}"]
+    lines = [
+        f"{'source':9} {'workers':>7} {'clips/s':>9} {'frames/s':>9} {'MB/s':>7} {'wait':>6} {'1st batch':>9} {'peak RSS MB':>11}"
+    ]
     for r in results:
         if r["bench"] != "stream":
             continue

@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import UserError, printable
-from pipeline.storage.objectstore import ObjectPath
 from pipeline.progress import progress
 from pipeline.shardformat import INDEX_NAME, MANIFEST_NAME, ShardFormatError, decode_jpegs, is_valid_key
+from pipeline.storage.objectstore import ObjectPath
 from pipeline.stream.sources import expand_shards, is_object_store, local_path, read_index
 from pipeline.stream.tar import Member, group_samples, tar_members
 
@@ -68,12 +68,16 @@ def expand_pattern(pattern: str) -> list[Path | ObjectPath]:
     if folder.is_dir():
         index = _index_or_none(folder)
         if index is None:
-            raise UserError(f"no {INDEX_NAME} in {folder}: give a packed folder or a shard pattern such as '{folder}/<000..031>.tar'")
+            raise UserError(
+                f"no {INDEX_NAME} in {folder}: give a packed folder or a shard pattern such as '{folder}/<000..031>.tar'"
+            )
         return [folder / n for n in _index_shard_names(index)]
     urls = expand_shards([pattern], allow_pipe=False)
     paths = [as_path(u) for u in urls]
     if any(p is None for p in paths):
-        raise UserError(f"inspect-shards reads local shards and object stores, not http(s); {pattern!r} names remote ones")
+        raise UserError(
+            f"inspect-shards reads local shards and object stores, not http(s); {pattern!r} names remote ones"
+        )
     if len({p.parent for p in paths}) > 1:
         raise UserError(f"the shards of {pattern!r} lie in several folders: inspect one pack at a time")
     return paths
@@ -112,11 +116,15 @@ def scan_shard(path: Path | ObjectPath) -> list[SampleEntry]:
                         raise ValueError("its .json is not an object")
                     label = int(parts["cls"])
                 except (ValueError, RecursionError) as e:
-                    raise UserError(f"{path}: sample {_printable(key)} is damaged ({_printable(str(e))}); verify-shards {path.parent} lists what is wrong") from None
+                    raise UserError(
+                        f"{path}: sample {_printable(key)} is damaged ({_printable(str(e))}); verify-shards {path.parent} lists what is wrong"
+                    ) from None
                 jpgs: Member = parts["jpgs"]
                 out.append(SampleEntry(path, key, label, meta, jpgs.offset, jpgs.size))
     except (ShardFormatError, OSError) as e:
-        raise UserError(f"cannot read {path}: {_printable(str(e))} (verify-shards {path.parent} lists what is wrong)") from None
+        raise UserError(
+            f"cannot read {path}: {_printable(str(e))} (verify-shards {path.parent} lists what is wrong)"
+        ) from None
     return out
 
 
@@ -206,7 +214,11 @@ class Summary:
 
     def _lines(self) -> list[str]:
         n, t = self.clips, "/".join(map(str, sorted(self.frames_per_clip))) or "?"
-        of = f" of {self.index_shards}" if self.index_shards is not None and self.index_shards != len(self.shards) else ""
+        of = (
+            f" of {self.index_shards}"
+            if self.index_shards is not None and self.index_shards != len(self.shards)
+            else ""
+        )
         lines = [
             f"{self.folder}: {len(self.shards)}{of} shards, {n} clips (train {self.split_total('train')}, "
             f"test {self.split_total('test')}), {len(self.classes)} classes, {t} frames a clip, {_kb(self.shard_bytes)}",
@@ -276,13 +288,19 @@ def summarize(paths: list[Path | ObjectPath], samples: list[SampleEntry]) -> Sum
     if index is None:
         warnings.append(f"no {INDEX_NAME} beside the shards: sample counts are not cross-checked")
     # Metadata fields are what a shard says: anything but the expected type counts as unknown.
-    classes = list(index["classes"]) if index else sorted({_meta_text(s.meta, "class_name") or str(s.label) for s in samples})
+    classes = (
+        list(index["classes"]) if index else sorted({_meta_text(s.meta, "class_name") or str(s.label) for s in samples})
+    )
     per_class = {c: collections.Counter() for c in classes}
     frame_sizes: collections.Counter = collections.Counter()
     padded: collections.Counter = collections.Counter()
     per_shard = collections.Counter(s.shard.name for s in samples)
     for s in samples:
-        name = classes[s.label] if index and 0 <= s.label < len(classes) else _meta_text(s.meta, "class_name") or str(s.label)
+        name = (
+            classes[s.label]
+            if index and 0 <= s.label < len(classes)
+            else _meta_text(s.meta, "class_name") or str(s.label)
+        )
         split = _meta_text(s.meta, "split") or "?"
         per_class.setdefault(name, collections.Counter())[split] += 1
         frame_sizes[_meta_size(s.meta)] += 1
@@ -293,7 +311,9 @@ def summarize(paths: list[Path | ObjectPath], samples: list[SampleEntry]) -> Sum
             if p.name not in listed:
                 warnings.append(f"{p.name} is not in {INDEX_NAME}")
             elif listed[p.name] != per_shard[p.name]:
-                warnings.append(f"{p.name} holds {per_shard[p.name]} samples, {INDEX_NAME} says {listed[p.name]}: run verify-shards {folder}")
+                warnings.append(
+                    f"{p.name} holds {per_shard[p.name]} samples, {INDEX_NAME} says {listed[p.name]}: run verify-shards {folder}"
+                )
     status = failed = None
     if manifest is not None:
         status = collections.Counter(r["status"] for r in manifest)
@@ -306,7 +326,9 @@ def summarize(paths: list[Path | ObjectPath], samples: list[SampleEntry]) -> Sum
         folder=folder,
         shards=[p.name for p in paths],
         classes=list(per_class),
-        frames_per_clip={index["frames_per_clip"]} if index else {len(s.meta["indices"]) for s in samples if isinstance(s.meta.get("indices"), list)},
+        frames_per_clip={index["frames_per_clip"]}
+        if index
+        else {len(s.meta["indices"]) for s in samples if isinstance(s.meta.get("indices"), list)},
         per_class=per_class,
         frame_sizes=frame_sizes,
         padded=padded,
@@ -316,7 +338,9 @@ def summarize(paths: list[Path | ObjectPath], samples: list[SampleEntry]) -> Sum
         manifest_status=status,
         failed=failed or [],
         warnings=warnings,
-        layout=f"{index['layout']}, {index.get('split_source', '?')} split" if index and isinstance(index.get("layout"), str) else None,
+        layout=f"{index['layout']}, {index.get('split_source', '?')} split"
+        if index and isinstance(index.get("layout"), str)
+        else None,
     )
 
 
@@ -451,7 +475,9 @@ def check_shard(path: Path | ObjectPath, entry: dict, frames: int, classes: int)
                 for parts in group_samples(tar_members(f), str(path), ignored):
                     groups.append(parts)
             except ShardFormatError as e:
-                problems.append(f"{name}: unreadable after {len(groups)} samples ({_printable(str(e))}); readers lose the rest of the shard")
+                problems.append(
+                    f"{name}: unreadable after {len(groups)} samples ({_printable(str(e))}); readers lose the rest of the shard"
+                )
     except (OSError, UserError) as e:
         problems.append(f"{name}: cannot read after {len(groups)} samples ({_printable(str(e))})")
     seen = set()
@@ -490,7 +516,9 @@ def check_shard(path: Path | ObjectPath, entry: dict, frames: int, classes: int)
                 if isinstance(stored, list):  # a pack of S >= T stored frames (docs/FORMAT.md)
                     expected = len(stored)
                 if label is not None and meta.get("label") != label:
-                    sample_problem(key, f"label {label} in .cls but {_printable(repr(meta.get('label')))[:40]} in .json")
+                    sample_problem(
+                        key, f"label {label} in .cls but {_printable(repr(meta.get('label')))[:40]} in .json"
+                    )
                 for what in _meta_problems(meta, frames):
                     sample_problem(key, what)
         if "jpgs" in parts:
@@ -500,7 +528,9 @@ def check_shard(path: Path | ObjectPath, entry: dict, frames: int, classes: int)
                 sample_problem(key, f"frames do not decode ({e})")
             else:
                 if t != expected:
-                    sample_problem(key, f"{t} frames, {'its metadata' if expected != frames else 'index'} says {expected}")
+                    sample_problem(
+                        key, f"{t} frames, {'its metadata' if expected != frames else 'index'} says {expected}"
+                    )
     report.samples = len(groups)
     if len(groups) != entry["samples"]:
         problems.append(f"{name}: {len(groups)} sample{'' if len(groups) == 1 else 's'}, index says {entry['samples']}")
@@ -522,7 +552,11 @@ def _meta_problems(meta: dict, frames: int) -> list[str]:
     if "frame_size" in meta and _meta_size(meta) == ("?", "?"):
         out.append(f".json 'frame_size' is {_short_repr(meta['frame_size'])}, not [width, height]")
     indices = meta.get("indices")
-    if "indices" in meta and not (isinstance(indices, list) and len(indices) == frames and all(isinstance(i, int) and not isinstance(i, bool) for i in indices)):
+    if "indices" in meta and not (
+        isinstance(indices, list)
+        and len(indices) == frames
+        and all(isinstance(i, int) and not isinstance(i, bool) for i in indices)
+    ):
         out.append(f".json 'indices' is {_short_repr(indices)}, not {frames} frame numbers")
     if "padded" in meta and not isinstance(meta["padded"], bool):
         out.append(f".json 'padded' is {_short_repr(meta['padded'])}, not true or false")
@@ -561,7 +595,9 @@ def _check_index_and_manifest(folder: Path | ObjectPath, index: dict) -> list[st
     packed = collections.Counter(r["shard"] for r in rows if r["status"] == "packed")
     for e in entries:
         if packed[e["name"]] != e["samples"]:
-            problems.append(f"{MANIFEST_NAME}: lists {packed[e['name']]} packed clips in {e['name']}, index says {e['samples']}")
+            problems.append(
+                f"{MANIFEST_NAME}: lists {packed[e['name']]} packed clips in {e['name']}, index says {e['samples']}"
+            )
     return problems
 
 

@@ -112,7 +112,9 @@ def read_code(frame: np.ndarray) -> tuple[int, int]:
     return frame_index, int("".join(map(str, cls)), 2)
 
 
-def write_avi(path: Path, frames, fps: int = 30, b_frames: int = 0, gop: int = 30, container_format: str = "avi") -> None:
+def write_avi(
+    path: Path, frames, fps: int = 30, b_frames: int = 0, gop: int = 30, container_format: str = "avi"
+) -> None:
     """Encode RGB frames into MPEG-4 Part 2 (the codec family of the HMDB51 and UCF101 files) in an
     AVI, or in another container such as "mp4" (Kinetics-style files; decord and PyAV read both)."""
     frames = list(frames)
@@ -194,7 +196,9 @@ def _clip_plan(classes: list[str], clips_per_class: int, seed: int) -> list[Samp
         groups: list[list[str]] = []
         clip_no = 0
         while clip_no < clips_per_class:
-            title = _TITLES[(ci + len(groups)) % len(_TITLES)] + (f"_{len(groups)}" if len(groups) >= len(_TITLES) else "")
+            title = _TITLES[(ci + len(groups)) % len(_TITLES)] + (
+                f"_{len(groups)}" if len(groups) >= len(_TITLES) else ""
+            )
             body = f"{title}_{name}_{'fhu'[len(groups) % 3]}_{'cm' if len(groups) % 2 else 'nm'}_np{1 + len(groups) % 4}_fr_goo"
             n = min(int(rng.integers(1, 3)), clips_per_class - clip_no)
             groups.append([f"{body}_{k}.avi" for k in range(n)])
@@ -339,7 +343,9 @@ def _make_ucf101(out_dir: Path, classes: int, clips_per_class: int, seed: int, p
                 file_name = f"v_{disk}_g{group:02d}_c{c:02d}.avi"
                 tags = tuple(2 if (group - 1) % 3 == s else 1 for s in range(3))
                 plan.append(
-                    SampleClip(name, ci, file_name, length, _SIZES[(ci + k) % len(_SIZES)], tags, kind, f"{disk}/{file_name}")
+                    SampleClip(
+                        name, ci, file_name, length, _SIZES[(ci + k) % len(_SIZES)], tags, kind, f"{disk}/{file_name}"
+                    )
                 )
                 k += 1
     plan = _write_all(out_dir, plan, progress)
@@ -385,10 +391,23 @@ def _make_kinetics(out_dir: Path, classes: int, clips_per_class: int, seed: int,
             if k == clips_per_class:  # the extra clip: in the CSV only
                 kind, folder = "missing", ("train", "val")[ci]
             size = _SIZES[(ci + k) % len(_SIZES)]
-            plan.append(SampleClip(name, label, file_name, length, size, (1 if folder == "train" else 2,), kind, f"{folder}/{name}/{file_name}"))
+            plan.append(
+                SampleClip(
+                    name,
+                    label,
+                    file_name,
+                    length,
+                    size,
+                    (1 if folder == "train" else 2,),
+                    kind,
+                    f"{folder}/{name}/{file_name}",
+                )
+            )
     for tag, folder in ((1, "train"), (2, "val")):
         file_name = f"{_youtube_id(seed, 999, tag)}_000000_000010.mp4"
-        plan.append(SampleClip("yodelling", -1, file_name, 0, (0, 0), (tag,), "missing", f"{folder}/yodelling/{file_name}"))
+        plan.append(
+            SampleClip("yodelling", -1, file_name, 0, (0, 0), (tag,), "missing", f"{folder}/yodelling/{file_name}")
+        )
     plan = _write_all(out_dir, plan, progress)
     (out_dir / "annotations").mkdir(parents=True, exist_ok=True)
     for folder, csv_name in (("train", "train.csv"), ("val", "validate.csv")):
@@ -466,7 +485,9 @@ def write_rotated_mp4(path: Path, frames, degrees: int = 90, fps: int = 30) -> N
     data = bytearray(path.read_bytes())
     tkhd = data.find(b"tkhd")
     version = data[tkhd + 4]
-    matrix = tkhd + 4 + 4 + (32 if version == 1 else 20) + 8 + 8  # after times, track id, duration; reserved, layer..volume
+    matrix = (
+        tkhd + 4 + 4 + (32 if version == 1 else 20) + 8 + 8
+    )  # after times, track id, duration; reserved, layer..volume
     cos, sin = {0: (1, 0), 90: (0, 1), 180: (-1, 0), 270: (0, -1)}[degrees % 360]
     # 16.16 fixed point a, b, u, c, d, v, x, y, w (u, v: 2.30; w = 1.0 in 2.30)
     values = (cos << 16, sin << 16, 0, -sin << 16, cos << 16, 0, 0, 0, 1 << 30)

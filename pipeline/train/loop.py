@@ -28,11 +28,11 @@ import torch.distributed as dist
 
 from pipeline.config import StreamConfig, TrainConfig
 from pipeline.device import DistEnv, ModelInput, cores_per_rank, model_memory_format, pick_device
+from pipeline.durable import failpoint, publish
+from pipeline.errors import UserError, printable
 from pipeline.stream.loader import ClipLoader, WorkerGaveUp
 from pipeline.stream.plan import auto_workers, check_enough_shards
 from pipeline.stream.sources import ShardSet, local_path, resolve, shard_name, test_beside
-from pipeline.durable import failpoint, publish
-from pipeline.errors import UserError, printable
 
 CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_VERSION = 1
@@ -50,14 +50,20 @@ class RunData:
 def resolve_data(sc: StreamConfig) -> RunData:
     """--shards, and --eval-shards or the test shards the training index lists beside them."""
     train = resolve(sc.shards, "train", sc.index, sc.allow_pipe)
-    test = resolve(sc.eval_shards, "test", sc.index or train.index, sc.allow_pipe) if sc.eval_shards else test_beside(train)
+    test = (
+        resolve(sc.eval_shards, "test", sc.index or train.index, sc.allow_pipe)
+        if sc.eval_shards
+        else test_beside(train)
+    )
     # A shard an index lists (a packed folder given, or the test shards beside) that is gone, or is a
     # folder, would cost its clips in every epoch or evaluation, after hours of training: say so now,
     # as for a shard pattern naming a missing file.
     for kind, shards in (("training", train.shards), ("test", test.shards)):
         missing = [s.url for s in shards if local_path(s.url) is not None and not _is_file(local_path(s.url))]
         if missing:
-            raise UserError(f"{len(missing)} of the {len(shards)} {kind} shards listed in {train.index if kind == 'training' else test.index} are missing or not files, e.g. {missing[0]!r}")
+            raise UserError(
+                f"{len(missing)} of the {len(shards)} {kind} shards listed in {train.index if kind == 'training' else test.index} are missing or not files, e.g. {missing[0]!r}"
+            )
     return RunData(train, test)
 
 
@@ -110,7 +116,9 @@ def check_run_folder(log_dir: str, resume: str | None) -> None:
     if resume and Path(resolve_checkpoint(resume)).resolve().parent == folder.resolve():
         return
     what = "another run" if resume else "a run"
-    raise UserError(f"the run folder {log_dir} already holds {what}; continue it with --resume {log_dir}, or pass a new `log_dir`")
+    raise UserError(
+        f"the run folder {log_dir} already holds {what}; continue it with --resume {log_dir}, or pass a new `log_dir`"
+    )
 
 
 def check_log_dir(log_dir: str | None) -> None:
@@ -158,7 +166,14 @@ def launch(cfg: TrainConfig) -> dict | None:
     )
     # A rank that stops on a UserError leaves its message in `errors` for this process to print as the
     # run's one line; torch elastic's own failure reports (a traceback of the launcher) are muted.
-    muted = [logging.getLogger(n) for n in ("torch.distributed.elastic.multiprocessing.api", "torch.multiprocessing.spawn", "torch.distributed.elastic.agent.server.api")]
+    muted = [
+        logging.getLogger(n)
+        for n in (
+            "torch.distributed.elastic.multiprocessing.api",
+            "torch.multiprocessing.spawn",
+            "torch.distributed.elastic.agent.server.api",
+        )
+    ]
     levels = [m.level for m in muted]
     with tempfile.TemporaryDirectory(prefix="clipstream-errors-") as errors:
         try:
@@ -193,7 +208,9 @@ class Stopped(UserError):
 
 
 def _stop_quietly(signum, frame) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the second signal (terminal, then launcher) must not cut the unwinding short
+    signal.signal(
+        signal.SIGINT, signal.SIG_IGN
+    )  # the second signal (terminal, then launcher) must not cut the unwinding short
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 2)
@@ -292,7 +309,9 @@ def evaluate(model, test: ShardSet, cfg: TrainConfig, env: DistEnv, device, chan
     model_input = ModelInput(device, channels_last)
     model.eval()
     with torch.no_grad():
-        loader = ClipLoader.from_config(test, cfg.stream, env.rank, env.world_size, split="test", pin_memory=device.type == "cuda", copy=False)
+        loader = ClipLoader.from_config(
+            test, cfg.stream, env.rank, env.world_size, split="test", pin_memory=device.type == "cuda", copy=False
+        )
         for batch in loader.epoch(0):
             skipped += sum(f["samples"] for f in batch["faults"])
             faults += batch["faults"]
@@ -322,7 +341,10 @@ def evaluate(model, test: ShardSet, cfg: TrainConfig, env: DistEnv, device, chan
         dist.all_reduce(extra)
     total = counts.sum(dim=1).tolist()
     n = int(total[0])
-    per_class = {name: (counts[1, c].item() / counts[0, c].item() if counts[0, c] > 0 else None) for c, name in enumerate(test.classes)}
+    per_class = {
+        name: (counts[1, c].item() / counts[0, c].item() if counts[0, c] > 0 else None)
+        for c, name in enumerate(test.classes)
+    }
     views = cfg.stream.test_views
     return {
         "top1": total[1] / n if n else None,
@@ -372,7 +394,16 @@ def _broadcast_text(text: str, env: DistEnv, device) -> str:
     return bytes(buf.cpu().tolist()).rstrip(b"\0").decode()
 
 
-_CHECKPOINT_FIELDS = {"model": dict, "optimizer": dict, "step": int, "opt_step": int, "epoch": int, "step_in_epoch": int, "rng": dict, "run": dict}
+_CHECKPOINT_FIELDS = {
+    "model": dict,
+    "optimizer": dict,
+    "step": int,
+    "opt_step": int,
+    "epoch": int,
+    "step_in_epoch": int,
+    "rng": dict,
+    "run": dict,
+}
 
 
 def read_checkpoint(path: str) -> dict:
@@ -468,7 +499,17 @@ class BadClipBudget:
             )
 
 
-def check_eval_faults(result: dict, faults: list[dict], test: ShardSet, cfg: TrainConfig, bad_clips: "BadClipBudget", log_dir: Path, epoch: int, step: int, say) -> None:
+def check_eval_faults(
+    result: dict,
+    faults: list[dict],
+    test: ShardSet,
+    cfg: TrainConfig,
+    bad_clips: BadClipBudget,
+    log_dir: Path,
+    epoch: int,
+    step: int,
+    say,
+) -> None:
     """Test clips an evaluation could not read: written to the rank's faults log, warned about in one
     line (an accuracy over a subset is not the accuracy), and held against --max-bad as in training.
     `result["skipped"]` is summed over ranks, so every rank decides alike (no rank left waiting)."""
@@ -486,7 +527,9 @@ def check_eval_faults(result: dict, faults: list[dict], test: ShardSet, cfg: Tra
             f"evaluation after epoch {epoch}: {skipped} of {planned} test clips unreadable ({named}), more than --max-bad "
             f"{cfg.stream.max_bad:g} allows ({limit}); accuracy on the rest would mislead (all in {where})"
         )
-    say(f"warning: evaluation after epoch {epoch} skipped {skipped} of {planned} test clips ({named}): accuracy is on the other {result['clips']}; named in {where}")
+    say(
+        f"warning: evaluation after epoch {epoch} skipped {skipped} of {planned} test clips ({named}): accuracy is on the other {result['clips']}; named in {where}"
+    )
 
 
 class Meter:
@@ -499,7 +542,13 @@ class Meter:
         self.reset()
 
     def reset(self) -> None:
-        self.interval = {"loss": torch.zeros((), device=self.device), "steps": 0, "clips": 0, "wait": 0.0, "start": time.perf_counter()}
+        self.interval = {
+            "loss": torch.zeros((), device=self.device),
+            "steps": 0,
+            "clips": 0,
+            "wait": 0.0,
+            "start": time.perf_counter(),
+        }
 
     def add(self, loss: torch.Tensor, clips: int, wait: float, step_time: float) -> None:
         i = self.interval
@@ -515,7 +564,9 @@ class Meter:
         """The interval's figures over all ranks (a collective: every rank calls it), then a new interval."""
         i = self.interval
         wall = time.perf_counter() - i["start"]
-        mine = torch.tensor([i["loss"].item(), i["steps"], i["clips"], i["wait"], wall], dtype=torch.float64, device=self.device)
+        mine = torch.tensor(
+            [i["loss"].item(), i["steps"], i["clips"], i["wait"], wall], dtype=torch.float64, device=self.device
+        )
         every = _gather(mine, self.env).cpu()
         per_rank = (every[:, 2] / every[:, 4]).tolist()
         self.reset()
@@ -532,8 +583,8 @@ def train(cfg: TrainConfig, env: DistEnv) -> dict:
     """Train and evaluate; returns the summary record (on every rank)."""
     from tqdm import tqdm
 
-    from pipeline.train.models import build_model
     from pipeline.progress import progress
+    from pipeline.train.models import build_model
 
     started = time.perf_counter()
     # printable: keys, member names and class names in messages come from shards and the index
@@ -546,7 +597,12 @@ def train(cfg: TrainConfig, env: DistEnv) -> dict:
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True
     if env.world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", rank=env.rank, world_size=env.world_size, device_id=device if use_cuda else None)
+        dist.init_process_group(
+            "nccl" if use_cuda else "gloo",
+            rank=env.rank,
+            world_size=env.world_size,
+            device_id=device if use_cuda else None,
+        )
     channels_last = use_cuda and cfg.channels_last
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_cuda and cfg.amp else nullcontext()
 
@@ -562,7 +618,9 @@ def train(cfg: TrainConfig, env: DistEnv) -> dict:
     torch.set_num_threads(cpu_threads(cfg, env))
     sc = cfg.stream
     # One set of loader workers for the whole run (started with the first epoch asked for).
-    train_loader = ClipLoader.from_config(data.train, sc, env.rank, env.world_size, epochs=cfg.epochs, pin_memory=use_cuda, copy=False)
+    train_loader = ClipLoader.from_config(
+        data.train, sc, env.rank, env.world_size, epochs=cfg.epochs, pin_memory=use_cuda, copy=False
+    )
     steps_per = [train_loader.steps(e) for e in range(cfg.epochs)]
     opt_steps_per = [math.ceil(s / cfg.grad_accum) for s in steps_per]
     classes = data.train.classes
@@ -587,14 +645,22 @@ def train(cfg: TrainConfig, env: DistEnv) -> dict:
     model = build_model(cfg.model, len(classes)).to(device)
     if channels_last:
         model = model.to(memory_format=model_memory_format(model))
-    net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if use_cuda else None) if env.world_size > 1 else model
+    net = (
+        torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if use_cuda else None)
+        if env.world_size > 1
+        else model
+    )
     forward = torch.compile(net) if cfg.compile else net
 
     # --- optimiser --------------------------------------------------------------------------
     if cfg.optimizer == "adamw":
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.peak_lr, weight_decay=cfg.weight_decay, fused=use_cuda or None)
+        optimizer = torch.optim.AdamW(
+            model.parameters(), lr=cfg.peak_lr, weight_decay=cfg.weight_decay, fused=use_cuda or None
+        )
     else:
-        optimizer = torch.optim.SGD(model.parameters(), lr=cfg.peak_lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
+        optimizer = torch.optim.SGD(
+            model.parameters(), lr=cfg.peak_lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay
+        )
 
     # --- resume -----------------------------------------------------------------------------
     run_identity = {
@@ -616,7 +682,9 @@ def train(cfg: TrainConfig, env: DistEnv) -> dict:
         step, opt_step, start_epoch, start_in_epoch = at["step"], at["opt_step"], at["epoch"], at["step_in_epoch"]
         state = train_loader.state_dict()
         train_loader.load_state_dict({**state, "epoch": start_epoch, "step": start_in_epoch})
-        say(f"resumed from {path}: epoch {start_epoch + 1}, step {start_in_epoch} of {steps_per[min(start_epoch, cfg.epochs - 1)]}")
+        say(
+            f"resumed from {path}: epoch {start_epoch + 1}, step {start_in_epoch} of {steps_per[min(start_epoch, cfg.epochs - 1)]}"
+        )
 
     def checkpoint(epoch: int, in_epoch: int) -> None:
         if audit is not None and not audit.closed:
@@ -663,10 +731,19 @@ def train(cfg: TrainConfig, env: DistEnv) -> dict:
             if cfg.audit_keys:
                 audit_path = log_dir / "audit" / f"epoch-{epoch:03d}-rank-{env.rank}.txt"
                 audit_path.parent.mkdir(parents=True, exist_ok=True)
-                kept = audit_path.read_text().splitlines()[: first * sc.batch_size] if first and audit_path.exists() else []
+                kept = (
+                    audit_path.read_text().splitlines()[: first * sc.batch_size]
+                    if first and audit_path.exists()
+                    else []
+                )
                 audit = open(audit_path, "w")
                 audit.write("".join(k + "\n" for k in kept))
-            bar = progress(steps_per[epoch], f"epoch {epoch + 1}/{cfg.epochs}", quiet=env.rank != 0 or not cfg.progress, unit="step")
+            bar = progress(
+                steps_per[epoch],
+                f"epoch {epoch + 1}/{cfg.epochs}",
+                quiet=env.rank != 0 or not cfg.progress,
+                unit="step",
+            )
             bar.update(first)
             meter.reset()
             for in_epoch in range(first, steps_per[epoch]):
@@ -678,12 +755,18 @@ def train(cfg: TrainConfig, env: DistEnv) -> dict:
                     raise UserError(f"rank {env.rank}: {e}; named in {bad_clips.log}") from None
                 t1 = time.perf_counter()
                 if batch is None or batch["frames"] is None or len(batch["key"]) != sc.batch_size:
-                    raise UserError(f"rank {env.rank}: training stream of epoch {epoch + 1} ended after {in_epoch} of {steps_per[epoch]} batches")
+                    raise UserError(
+                        f"rank {env.rank}: training stream of epoch {epoch + 1} ended after {in_epoch} of {steps_per[epoch]} batches"
+                    )
                 bad_clips.add(batch["faults"], epoch, step)
                 x = model_input(batch["frames"])
                 y = batch["label"].to(device, non_blocking=True)
                 boundary = (in_epoch + 1) % cfg.grad_accum == 0 or in_epoch + 1 == steps_per[epoch]
-                group = cfg.grad_accum if (in_epoch // cfg.grad_accum + 1) * cfg.grad_accum <= steps_per[epoch] else steps_per[epoch] % cfg.grad_accum
+                group = (
+                    cfg.grad_accum
+                    if (in_epoch // cfg.grad_accum + 1) * cfg.grad_accum <= steps_per[epoch]
+                    else steps_per[epoch] % cfg.grad_accum
+                )
                 sync = nullcontext() if boundary or env.world_size == 1 else net.no_sync()
                 with sync:
                     with autocast:
@@ -699,7 +782,11 @@ def train(cfg: TrainConfig, env: DistEnv) -> dict:
                 step += 1
                 if audit is not None:
                     # a repeat (--epoch-fill pad topping the epoch up) is marked, so each clip's first use stands alone
-                    audit.write("".join(k + ("\trepeat\n" if r else "\n") for k, r in zip(batch["key"], batch["repeat"].tolist())))
+                    audit.write(
+                        "".join(
+                            k + ("\trepeat\n" if r else "\n") for k, r in zip(batch["key"], batch["repeat"].tolist())
+                        )
+                    )
                 failpoint(f"step:{step}")
                 meter.add(loss, sc.batch_size, t1 - t0, time.perf_counter() - t0)
                 bar.update(1)
@@ -707,7 +794,9 @@ def train(cfg: TrainConfig, env: DistEnv) -> dict:
                 if step % cfg.log_every == 0 or in_epoch + 1 == steps_per[epoch]:
                     rec = {"step": step, "epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], **meter.record()}
                     record("step", **rec)
-                    bar.set_postfix(loss=f"{rec['loss']:.3f}", clips_s=f"{rec['clips_per_s']:.1f}", wait=f"{rec['data_wait']:.0%}")
+                    bar.set_postfix(
+                        loss=f"{rec['loss']:.3f}", clips_s=f"{rec['clips_per_s']:.1f}", wait=f"{rec['data_wait']:.0%}"
+                    )
 
                 last_of_epoch = in_epoch + 1 == steps_per[epoch]
                 if boundary and not last_of_epoch:
@@ -728,20 +817,30 @@ def train(cfg: TrainConfig, env: DistEnv) -> dict:
 
             # --- evaluation -------------------------------------------------------------------------
             epochs_done = epoch + 1
-            if data.test.shards and (epochs_done == cfg.epochs or (cfg.eval_every and epochs_done % cfg.eval_every == 0)):
+            if data.test.shards and (
+                epochs_done == cfg.epochs or (cfg.eval_every and epochs_done % cfg.eval_every == 0)
+            ):
                 last_eval = evaluate(model, data.test, cfg, env, device, channels_last, autocast)
                 eval_faults = last_eval.pop("faults")
                 record("eval", step=step, epoch=epochs_done, **last_eval)
                 try:
-                    check_eval_faults(last_eval, eval_faults, data.test, cfg, bad_clips, log_dir, epochs_done, step, say)
+                    check_eval_faults(
+                        last_eval, eval_faults, data.test, cfg, bad_clips, log_dir, epochs_done, step, say
+                    )
                 except UserError:
                     checkpoint(epochs_done, 0)  # the epoch is trained: keep it (every rank raises alike)
                     raise
                 if last_eval["clips"]:
                     # every class, so that one without any test clip left shows, not drops out
-                    per_class = ", ".join(f"{n} {'n/a' if a is None else f'{a:.0%}'}" for n, a in last_eval["per_class"].items())
-                    views = "" if last_eval["views"] == "1x1" else (
-                        f" over {last_eval['views']} views (one view: top-1 {last_eval['single_top1']:.1%}, top-5 {last_eval['single_top5']:.1%})"
+                    per_class = ", ".join(
+                        f"{n} {'n/a' if a is None else f'{a:.0%}'}" for n, a in last_eval["per_class"].items()
+                    )
+                    views = (
+                        ""
+                        if last_eval["views"] == "1x1"
+                        else (
+                            f" over {last_eval['views']} views (one view: top-1 {last_eval['single_top1']:.1%}, top-5 {last_eval['single_top5']:.1%})"
+                        )
                     )
                     say(
                         f"epoch {epochs_done}: test top-1 {last_eval['top1']:.1%}, top-5 {last_eval['top5']:.1%}{views} "
@@ -756,7 +855,9 @@ def train(cfg: TrainConfig, env: DistEnv) -> dict:
         train_loader.close()
 
     # --- summary ----------------------------------------------------------------------------
-    totals = torch.tensor([meter.clips, meter.wait, meter.step_time, bad_clips.total], dtype=torch.float64, device=device)
+    totals = torch.tensor(
+        [meter.clips, meter.wait, meter.step_time, bad_clips.total], dtype=torch.float64, device=device
+    )
     every = _gather(totals, env).cpu()
     summary = {
         "top1": last_eval["top1"] if last_eval else None,
@@ -774,11 +875,17 @@ def train(cfg: TrainConfig, env: DistEnv) -> dict:
     }
     record("summary", **summary)
     if summary["top1"] is not None:
-        say(f"done: test top-1 {summary['top1']:.1%}, top-5 {summary['top5']:.1%}; {summary['clips_per_s']:.1f} clips/s, data wait {summary['data_wait']:.0%}, {summary['wall_s']:.0f} s")
+        say(
+            f"done: test top-1 {summary['top1']:.1%}, top-5 {summary['top5']:.1%}; {summary['clips_per_s']:.1f} clips/s, data wait {summary['data_wait']:.0%}, {summary['wall_s']:.0f} s"
+        )
     if summary["bad_samples"]:
         # Name the logs this machine can see: ranks on other machines write theirs to their own disks
         # when LOG_DIR is not shared.
-        where = f"{log_dir}/faults-rank*.jsonl" if summary["fault_logs"] else f"faults-rankR.jsonl in {log_dir} of the machines whose ranks met them"
+        where = (
+            f"{log_dir}/faults-rank*.jsonl"
+            if summary["fault_logs"]
+            else f"faults-rankR.jsonl in {log_dir} of the machines whose ranks met them"
+        )
         say(f"warning: {summary['bad_samples']} unreadable clips replaced or skipped, named in {where}")
     say(f"metrics: {log_dir / 'metrics.jsonl'}")
 

@@ -22,7 +22,7 @@ The ResNets use torchvision's module names as well as its layer shapes, so a tor
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -66,14 +66,10 @@ def _torchvision_model(arch: str, num_classes: int) -> nn.Module:
     except ModuleNotFoundError as e:
         if e.name != "torchvision":
             raise
-        raise UserError(
-            f"model '{TORCHVISION_PREFIX}{arch}' needs torchvision, which is not installed"
-        ) from None
+        raise UserError(f"model '{TORCHVISION_PREFIX}{arch}' needs torchvision, which is not installed") from None
     video = torchvision.models.list_models(module=torchvision.models.video)
     if arch not in video:
-        raise UserError(
-            f"unknown torchvision video model '{arch}'; choose from {', '.join(sorted(video))}"
-        )
+        raise UserError(f"unknown torchvision video model '{arch}'; choose from {', '.join(sorted(video))}")
     return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
 
 
@@ -139,9 +135,7 @@ class _BasicBlock(nn.Module):
         # torchvision, it is computed once from the block's input width and used by both convs,
         # which keeps parameter counts and state_dict shapes identical to torchvision's.
         mid = (in_planes * planes * 27) // (in_planes * 9 + 3 * planes)
-        self.conv1 = nn.Sequential(
-            conv(in_planes, planes, mid, stride), nn.BatchNorm3d(planes), nn.ReLU(inplace=True)
-        )
+        self.conv1 = nn.Sequential(conv(in_planes, planes, mid, stride), nn.BatchNorm3d(planes), nn.ReLU(inplace=True))
         self.conv2 = nn.Sequential(conv(planes, planes, mid, 1), nn.BatchNorm3d(planes))
         self.relu = nn.ReLU(inplace=True)
         self.downsample = None
@@ -163,9 +157,7 @@ class _VideoResNet(nn.Module):
         in_planes = 64
         for i, planes in enumerate(widths, start=1):
             stride = 1 if i == 1 else 2
-            blocks = nn.Sequential(
-                _BasicBlock(conv, in_planes, planes, stride), _BasicBlock(conv, planes, planes, 1)
-            )
+            blocks = nn.Sequential(_BasicBlock(conv, in_planes, planes, stride), _BasicBlock(conv, planes, planes, 1))
             self.add_module(f"layer{i}", blocks)
             in_planes = planes
         self.avgpool = nn.AdaptiveAvgPool3d(1)
@@ -190,9 +182,7 @@ class _BasicBlock2d(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.downsample = None
         if stride != 1 or in_planes != planes:
-            self.downsample = nn.Sequential(
-                nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes)
-            )
+            self.downsample = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x if self.downsample is None else self.downsample(x)
@@ -212,9 +202,7 @@ class _ResNet18Features(nn.Module):
         in_planes = 64
         for i, planes in enumerate((64, 128, 256, 512), start=1):
             stride = 1 if i == 1 else 2
-            blocks = nn.Sequential(
-                _BasicBlock2d(in_planes, planes, stride), _BasicBlock2d(planes, planes, 1)
-            )
+            blocks = nn.Sequential(_BasicBlock2d(in_planes, planes, stride), _BasicBlock2d(planes, planes, 1))
             self.add_module(f"layer{i}", blocks)
             in_planes = planes
         self.avgpool = nn.AdaptiveAvgPool2d(1)
