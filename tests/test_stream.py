@@ -12,6 +12,7 @@ from shardmaker import shard_keys, write_tar
 from pipeline import read_shard
 from pipeline.config import StreamConfig
 from pipeline.errors import UserError
+from pipeline.frames import clip_draw, crop_box
 from pipeline.shardformat import pack_jpegs
 from pipeline.stream import clips, plan, sources
 
@@ -260,8 +261,8 @@ def test_one_crop_and_one_flip_per_clip():
     pack, full = _still_clip()
     boxes = set()
     for seed in range(40):
-        clip = clips.decode_clip(pack, 24, clips.clip_draw(seed, 0, "k"))
-        top, left, flip = clips.crop_box(40, 60, 24, clips.clip_draw(seed, 0, "k"))
+        clip = clips.crop_clip(pack, 24, clip_draw(seed, 0, "k"))
+        top, left, flip = crop_box(40, 60, 24, clip_draw(seed, 0, "k"))
         boxes.add((top, left, flip))
         expected = full[top : top + 24, left : left + 24]
         expected = expected[:, ::-1] if flip else expected
@@ -272,7 +273,7 @@ def test_one_crop_and_one_flip_per_clip():
 
 def test_eval_crop_is_centred_and_unflipped():
     pack, full = _still_clip()
-    clip = clips.decode_clip(pack, 24, None)
+    clip = clips.crop_clip(pack, 24, None)
     assert all(np.array_equal(f, full[8:32, 18:42]) for f in clip)
 
 
@@ -383,7 +384,7 @@ def test_a_frame_of_another_size_is_a_fault_not_garbage(other):
     ]
     frames[2] = simplejpeg.encode_jpeg(rng.integers(0, 256, (*other, 3), dtype=np.uint8), colorspace="RGB")
     with pytest.raises(ShardFormatError, match="frames of one clip differ in size"):
-        clips.decode_clip(pack_jpegs(frames), 24, None)
+        clips.crop_clip(pack_jpegs(frames), 24, None)
 
 
 def test_pre_signed_urls_are_matched_to_the_index_by_their_path(packed):

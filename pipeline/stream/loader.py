@@ -19,8 +19,9 @@ import torch
 from pipeline.config import StreamConfig
 from pipeline.device import cores_per_rank, rank_and_world
 from pipeline.errors import UserError
+from pipeline.frames import view_positions
 from pipeline.shardformat import ShardFormatError
-from pipeline.stream.clips import TrainClips, decode_sample, view_positions
+from pipeline.stream.clips import TrainClips, decode_sample
 from pipeline.stream.plan import (
     WorkerPlan,
     auto_workers,
