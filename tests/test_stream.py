@@ -14,6 +14,7 @@ from pipeline.config import StreamConfig
 from pipeline.errors import UserError
 from pipeline.frames import clip_draw, crop_box
 from pipeline.shardformat import pack_jpegs
+from pipeline.storage import urls
 from pipeline.stream import clips, plan, sources
 
 
@@ -45,7 +46,7 @@ def epoch_batches(ds, cfg, epoch, rank, world, start_step=0, start_method=None):
     ],
 )
 def test_expand_pattern(pattern, expected):
-    assert sources.expand_pattern(pattern) == expected
+    assert urls.expand_pattern(pattern) == expected
 
 
 @pytest.mark.parametrize(
@@ -53,7 +54,7 @@ def test_expand_pattern(pattern, expected):
 )
 def test_malformed_patterns_are_user_errors(pattern):
     with pytest.raises(UserError, match="malformed|empty entry"):
-        sources.expand_pattern(pattern)
+        urls.expand_pattern(pattern)
 
 
 def test_expand_shards_checks_existence_pipes_and_duplicates(packed):
@@ -400,7 +401,7 @@ def test_pre_signed_urls_are_matched_to_the_index_by_their_path(packed):
 
     with httpkit.serve(packed, Signed) as base:
         cfg = StreamConfig(shards=(f"{base}/<000..007>.tar?sig=a%2Fb&X-Expires=60",), batch_size=4, workers=2, crop=24)
-        assert sources.index_location(cfg.shards[0]) == f"{base}/index.json"
+        assert urls.index_location(cfg.shards[0]) == f"{base}/index.json"
         ds = streamkit.resolve(cfg)
         assert [s.samples for s in ds.train.shards] == [6] * 8
         signed = epoch_batches(ds, cfg, 0, 0, 1)
