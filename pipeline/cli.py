@@ -219,7 +219,7 @@ def pack_shards(
     check_failures(cfg, report)
 
 
-def make_sample_data(
+def make_sample_data_command(
     out_dir: Annotated[
         Path,
         typer.Argument(
@@ -538,7 +538,7 @@ def verify_shards(
         raise typer.Exit(1)
 
 
-def plot_run(
+def plot_run_command(
     log_dir: Annotated[
         Path, typer.Argument(help="Run folder holding metrics.jsonl (train-stream --log-dir).", show_default=False)
     ],
@@ -689,9 +689,9 @@ def bench_stream(
 
 
 pack_app = _app(pack_shards)
-sample_data_app = _app(make_sample_data)
+sample_data_app = _app(make_sample_data_command)
 train_app = _app(train_stream)
 inspect_app = _app(inspect_shards)
 verify_app = _app(verify_shards)
-plot_app = _app(plot_run)
+plot_app = _app(plot_run_command)
 bench_app = _app(bench_stream)

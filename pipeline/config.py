@@ -69,34 +69,34 @@ class PackConfig:
         from pipeline.shardformat import MAX_FRAMES_PER_CLIP, MAX_JPEG_SIDE
 
         if self.frames < 1:
-            raise UserError(f"--frames must be >= 1, got {self.frames}")
+            raise UserError(f"`frames` must be >= 1, got {self.frames}")
         if self.frames > MAX_FRAMES_PER_CLIP:
-            raise UserError(f"--frames must be <= {MAX_FRAMES_PER_CLIP} (what shard readers accept), got {self.frames}")
+            raise UserError(f"`frames` must be <= {MAX_FRAMES_PER_CLIP} (what shard readers accept), got {self.frames}")
         if self.short_side is not None and self.short_side < 1:
-            raise UserError(f"--short-side must be >= 1, got {self.short_side}")
+            raise UserError(f"`short_side` must be >= 1, got {self.short_side}")
         if self.short_side is not None and self.short_side > MAX_JPEG_SIDE:
             raise UserError(
-                f"--short-side must be <= {MAX_JPEG_SIDE} (what shard readers accept), got {self.short_side}"
+                f"`short_side` must be <= {MAX_JPEG_SIDE} (what shard readers accept), got {self.short_side}"
             )
         if self.stored_frames is not None:
             self._check_stored()
         if not 1 <= self.quality <= 100:
-            raise UserError(f"--quality must be in 1..100, got {self.quality}")
+            raise UserError(f"`quality` must be in 1..100, got {self.quality}")
         if self.shards < 1:
-            raise UserError(f"--shards must be >= 1, got {self.shards}")
+            raise UserError(f"`shards` must be >= 1, got {self.shards}")
         if self.test_shards is not None and self.test_shards < 1:
-            raise UserError(f"--test-shards must be >= 1, got {self.test_shards}")
+            raise UserError(f"`test_shards` must be >= 1, got {self.test_shards}")
         if self.decoder not in ("pyav", "decord"):
             raise UserError(f"unknown decoder {self.decoder!r}; choose pyav or decord")
         if self.workers < 1:
-            raise UserError(f"--workers must be >= 1, got {self.workers}")
+            raise UserError(f"`workers` must be >= 1, got {self.workers}")
         if self.timeout <= 0:
-            raise UserError(f"--timeout must be > 0 seconds, got {self.timeout}")
+            raise UserError(f"`timeout` must be > 0 seconds, got {self.timeout}")
         if self.max_failures < 0:
-            raise UserError(f"--max-failures must be >= 0, got {self.max_failures}")
+            raise UserError(f"`max_failures` must be >= 0, got {self.max_failures}")
         i, n = self.part
         if not (n >= 1 and 1 <= i <= n):
-            raise UserError(f"--part must be i/N with 1 <= i <= N, got {i}/{n}")
+            raise UserError(f"`part` must be i/N with 1 <= i <= N, got {i}/{n}")
 
     def _check_stored(self) -> None:
         from pipeline.shardformat import MAX_FRAMES_PER_CLIP
@@ -104,18 +104,18 @@ class PackConfig:
         s, t = self.stored_frames, self.frames
         if t < 2:
             raise UserError(
-                "--stored-frames needs --frames of 2 or more (the stored frames must hold the T evaluation frames)"
+                "`stored_frames` needs `frames` of 2 or more (the stored frames must hold the T evaluation frames)"
             )
         if s == "all":
             cap = self.max_stored_frames
             if not (t <= cap <= MAX_FRAMES_PER_CLIP and (cap - 1) % (t - 1) == 0):
                 raise UserError(
-                    f"--max-stored-frames must be in {t}..{MAX_FRAMES_PER_CLIP} with cap - 1 a multiple of T - 1 = {t - 1}, got {cap}"
+                    f"`max_stored_frames` must be in {t}..{MAX_FRAMES_PER_CLIP} with cap - 1 a multiple of T - 1 = {t - 1}, got {cap}"
                 )
             return
         if not isinstance(s, int) or not (t <= s <= MAX_FRAMES_PER_CLIP and (s - 1) % (t - 1) == 0):
             raise UserError(
-                f"--stored-frames must be 'all' or a number S in {t}..{MAX_FRAMES_PER_CLIP} with S - 1 a multiple of T - 1 = {t - 1} "
+                f"`stored_frames` must be 'all' or a number S in {t}..{MAX_FRAMES_PER_CLIP} with S - 1 a multiple of T - 1 = {t - 1} "
                 f"(e.g. {t}, {2 * t - 1}, {4 * t - 3}), got {s!r}"
             )
 

@@ -33,9 +33,6 @@ _KEY_OK = re.compile(r"^[A-Za-z0-9_-]+$")
 _MEMBER_NAME = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 """webdataset's split of a member name into key and extension, at the first dot of the base name
 (kept here so that readers which must not import torch, as webdataset does, group the same way)."""
-_ANGLE_RANGE = re.compile(r"<([^<>]*)>")
-_NUMERIC_RANGE = re.compile(r"^\d+\.\.\d+$")
-_BRACE = re.compile(r"\{([^{}]*)\}")
 
 
 class ShardFormatError(ValueError):
@@ -190,83 +187,3 @@ def split_member_name(name: str) -> tuple[str | None, str | None]:
     """(key, extension) of a tar member name, as webdataset groups members into samples."""
     m = _MEMBER_NAME.match(name)
     return (m.group(1), m.group(2)) if m else (None, None)
-
-
-MAX_PATTERN_URLS = 1_000_000
-"""Most shard URLs one pattern may name (as many as an index may list), counted before expanding."""
-MAX_PATTERN_NESTING = 16
-
-
-def _count_expansions(pattern: str) -> int:
-    """How many strings braceexpand makes of `pattern` (its own rules: escapes, nested groups,
-    `a,b` alternatives, `000..031` and `a..z` ranges, a group without either kept as text), without
-    making them. Iterative, so a deeply nested pattern is a ValueError, not a RecursionError."""
-    stack = [[0, 1, 0, -1]]  # per open group: alternatives closed so far, the current one's count, commas, start
-    i = 0
-    while i < len(pattern):
-        c = pattern[i]
-        if c == "\\":
-            i += 2
-            continue
-        if c == "{":
-            if len(stack) > MAX_PATTERN_NESTING:
-                raise ValueError(f"{_short(pattern)} nests braces more than {MAX_PATTERN_NESTING} deep")
-            stack.append([0, 1, 0, i])
-        elif c == "," and len(stack) > 1:
-            frame = stack[-1]
-            frame[0], frame[1], frame[2] = frame[0] + frame[1], 1, frame[2] + 1
-        elif c == "}" and len(stack) > 1:
-            closed, current, commas, start = stack.pop()
-            inner = pattern[start + 1 : i]
-            numbers = re.match(r"^(-?\d+)\.\.(-?\d+)$", inner)
-            letters = re.match(r"^([A-Za-z])\.\.([A-Za-z])$", inner)
-            if numbers:
-                n = abs(int(numbers[2]) - int(numbers[1])) + 1
-            elif letters:
-                n = abs(ord(letters[2]) - ord(letters[1])) + 1
-            else:
-                n = closed + current if commas else current
-            stack[-1][1] *= n
-        i += 1
-    return stack[0][1]  # unbalanced braces: braceexpand says so
-
-
-def expand_pattern(pattern: str) -> list[str]:
-    """Expand one shard pattern into URLs, in order.
-
-    `{000..031}` and `<000..031>` are numeric ranges (zero padding kept), `{a,b}` alternatives, and
-    `::` separates list entries, as in webdataset. Raises ValueError naming the bad part.
-    """
-    import braceexpand
-
-    urls: list[str] = []
-    count = 0
-    for part in pattern.split("::"):
-        part = part.strip()
-        if not part:
-            raise ValueError(f"empty entry in shard list {pattern!r}")
-        for inner in _ANGLE_RANGE.findall(part):
-            if not _NUMERIC_RANGE.match(inner):
-                raise ValueError(f"malformed range <{inner}> in {pattern!r} (expected <000..031>)")
-        braced = _ANGLE_RANGE.sub(r"{\1}", part)
-        if "<" in braced or ">" in braced:
-            raise ValueError(f"malformed range in {pattern!r}: unbalanced '<' or '>'")
-        for inner in _BRACE.findall(braced):
-            if ".." in inner and not _NUMERIC_RANGE.match(inner) and not re.match(r"^[A-Za-z]\.\.[A-Za-z]$", inner):
-                raise ValueError(f"malformed range {{{inner}}} in {pattern!r} (expected {{000..031}})")
-        # braceexpand builds every URL of a range before yielding the first (itertools.product holds
-        # its inputs whole): `{000000..999999999}` is a billion strings. Count first, expand after.
-        count += _count_expansions(braced)
-        if count > MAX_PATTERN_URLS:
-            raise ValueError(
-                f"{_short(pattern)} names {count:,} shards or more; a pattern may name at most {MAX_PATTERN_URLS:,}"
-            )
-        try:
-            expanded = list(braceexpand.braceexpand(braced))
-        except braceexpand.UnbalancedBracesError:
-            raise ValueError(f"malformed range in {pattern!r}: unbalanced braces") from None
-        for url in expanded:
-            if "{" in url or "}" in url:
-                raise ValueError(f"malformed range in {pattern!r}")
-        urls.extend(expanded)
-    return urls

@@ -300,7 +300,7 @@ def test_frame_and_frame_count_claims_are_bounded_before_allocating(copy):
     started = time.monotonic()
     for crop_rng in (None, 12345):
         with pytest.raises(ShardFormatError, match="65500x65500 pixels exceeds the 8192 px limit"):
-            clips.decode_clip(giant, 24, crop_rng)
+            clips.crop_clip(giant, 24, crop_rng)
     with pytest.raises(ShardFormatError, match="claims 1000000000 frames"):
         unpack_jpegs(b"JPGS" + (10**9).to_bytes(4, "little") + b"\0" * 64)
     peak = tracemalloc.get_traced_memory()[1]

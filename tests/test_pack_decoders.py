@@ -16,6 +16,7 @@ import pytest
 
 from pipeline import read_shard
 from pipeline.cli import pack_app
+from pipeline.frames import clip_indices
 from pipeline.tools.sampledata import (
     draw_frame,
     drop_leading_keyframe,
@@ -23,7 +24,7 @@ from pipeline.tools.sampledata import (
     write_avi,
     write_rotated_mp4,
 )
-from pipeline.video import DECODERS, clip_indices
+from pipeline.video import DECODERS
 from tests.conftest import REPO, cli_command, cli_env, run_cli
 
 

@@ -10,9 +10,8 @@ import torch
 from shardmaker import make_temporal_pack
 
 from pipeline import ClipDataset, ClipLoader
-from pipeline.stream.clips import segment_positions, view_positions
+from pipeline.frames import clip_indices, segment_positions, view_positions
 from pipeline.tools.sampledata import read_code
-from pipeline.video import clip_indices
 
 T = 4
 

@@ -25,10 +25,10 @@ from pathlib import Path
 from pipeline.config import PackConfig
 from pipeline.durable import failpoint
 from pipeline.errors import UserError
+from pipeline.frames import clip_indices
 from pipeline.pack.layouts import Catalog, Video, discover
 from pipeline.pack.outdir import LocalDir, StoreDir, open_out_dir
 from pipeline.shardformat import FORMAT_VERSION, INDEX_NAME, MANIFEST_NAME, MAX_JPEG_SIDE, pack_jpegs
-from pipeline.video import clip_indices
 
 STATE_DIR = ".clipstream"
 TAG_NAMES = {0: None, 1: "train", 2: "test"}
@@ -236,14 +236,16 @@ def pack_clip(path: str, frames: int, short_side: int | None, quality: int, deco
     import cv2
     import simplejpeg
 
-    from pipeline.video import DecodeError, decode_clip, probe_video, resized_size
+    from pipeline.frames import resized_size
+    from pipeline.video import DecodeError, decode_clip, probe_video
 
     try:
         probe = probe_video(path)
         too_big = _too_big(*probe.size, short_side)  # before decoding: T frames of it may not fit in memory
         if too_big:
             return {"error": too_big}
-        clip = decode_clip(path, stored or frames, decoder, planes=True, probe=probe)
+        keep = lambda n: clip_indices(n, stored(n) if stored else frames)  # noqa: E731
+        clip = decode_clip(path, keep, decoder, planes=True, probe=probe)
     except DecodeError as e:
         return {"error": str(e)}
     too_big = _too_big(*clip.size, short_side)
@@ -292,7 +294,7 @@ def _even_padded(y):
 
 def _too_big(width: int, height: int, short_side: int | None) -> str | None:
     """Why frames of this source would be refused by our own readers (shardformat.MAX_JPEG_SIDE)."""
-    from pipeline.video import resized_size
+    from pipeline.frames import resized_size
 
     if not (width and height):
         return None  # the header does not say; checked again on the decoded size

@@ -33,7 +33,7 @@ def open_out_dir(location: str | Path) -> LocalDir | StoreDir:
     A path such as `s3:/bucket/prefix` (a URL that lost a slash, e.g. through pathlib.Path) is
     refused rather than created as a local folder named `s3:`.
     """
-    from pipeline.stream.sources import is_object_store, local_path
+    from pipeline.storage.urls import is_object_store, local_path
 
     text = str(location)
     if _LOST_SLASH.match(text) and not Path(text.split("/", 1)[0]).exists():

@@ -20,9 +20,10 @@ import webdataset as wds
 
 from pipeline.device import rank_and_world
 from pipeline.errors import UserError
+from pipeline.frames import training_positions
 from pipeline.shardformat import ShardFormatError
-from pipeline.stream.clips import TrainClips, decode_sample, training_positions
-from pipeline.stream.loader import eval_clips, stream_config, test_samples, worker_samples
+from pipeline.stream.clips import TrainClips, decode_sample
+from pipeline.stream.passes import eval_clips, stream_config, test_samples, worker_samples
 from pipeline.stream.plan import WorkerPlan, check_enough_shards, eval_plan, train_plan
 from pipeline.stream.sources import resolve
 from pipeline.stream.stages import Faults

@@ -35,11 +35,13 @@ import torch
 from pipeline.config import StreamConfig
 from pipeline.device import ModelInput, cores_per_rank, model_memory_format, pick_device
 from pipeline.errors import UserError
+from pipeline.frames import clip_draw, crop_box
 from pipeline.shardformat import jpeg_size, unpack_jpegs
-from pipeline.stream.clips import clip_draw, crop_box, crop_frame, decode_frame, frame_buffer
+from pipeline.storage.urls import local_path
+from pipeline.stream.clips import crop_frame, decode_frame, frame_buffer
 from pipeline.stream.loader import ClipLoader
 from pipeline.stream.plan import check_enough_shards, steps_per_epoch
-from pipeline.stream.sources import ShardSet, local_path, resolve
+from pipeline.stream.sources import ShardSet, resolve
 from pipeline.stream.stages import Faults, read_samples
 
 

@@ -143,7 +143,7 @@ def scan_shards(paths: list[Path | ObjectPath], quiet: bool = False) -> list[Sam
 def read_frames(entry: SampleEntry) -> np.ndarray:
     """Decode one scanned sample's frames: (T, H, W, 3) uint8 RGB (of a pack storing S > T frames,
     the T evaluation frames)."""
-    from pipeline.video import clip_indices
+    from pipeline.frames import clip_indices
 
     with entry.shard.open("rb") as f:
         f.seek(entry.jpgs_offset)
