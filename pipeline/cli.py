@@ -244,15 +244,15 @@ def make_sample_data_command(
 ):
     """Write a sample set in the HMDB51, UCF101 or Kinetics layout: real MPEG-4 clips whose frames show their own index and class."""
     from pipeline.progress import progress
-    from pipeline.tools.sampledata import MAX_CLASSES
+    from pipeline.tools.sampledata import MAX_SAMPLE_CLASSES
     from pipeline.tools.sampledata import make_sample_data as make
 
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"output path is a file, not a folder: {out_dir}")
-    if layout not in MAX_CLASSES:
-        raise UserError(f"unknown layout {layout!r}; choose {', '.join(MAX_CLASSES)}")
-    if not 1 <= classes <= MAX_CLASSES[layout]:
-        raise UserError(f"--classes must be in 1..{MAX_CLASSES[layout]} for the {layout} layout, got {classes}")
+    if layout not in MAX_SAMPLE_CLASSES:
+        raise UserError(f"unknown layout {layout!r}; choose {', '.join(MAX_SAMPLE_CLASSES)}")
+    if not 1 <= classes <= MAX_SAMPLE_CLASSES[layout]:
+        raise UserError(f"--classes must be in 1..{MAX_SAMPLE_CLASSES[layout]} for the {layout} layout, got {classes}")
     if clips_per_class < 1:
         raise UserError(f"--clips-per-class must be >= 1, got {clips_per_class}")
     with progress(classes * clips_per_class, "sample data", quiet=quiet) as bar:
@@ -493,13 +493,13 @@ def inspect_shards(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ):
     """Summarise packed shards (clips per class and split, frame sizes, bytes per clip, padded and failed clips) and optionally draw a contact sheet."""
-    from pipeline.tools.inspect import choose_samples, contact_sheet, expand_pattern, scan_shards, summarize, write_png
+    from pipeline.tools.inspect import choose_samples, contact_sheet, scan_shards, shard_paths, summarize, write_png
 
     if samples < 1:
         raise UserError(f"--samples must be >= 1, got {samples}")
     if not 8 <= frame_height <= 1024:
         raise UserError(f"--frame-height must be in 8..1024, got {frame_height}")
-    paths = expand_pattern(pattern)
+    paths = shard_paths(pattern)
     found = scan_shards(paths, quiet=quiet)
     typer.echo(summarize(paths, found).render())
     if sheet is not None:
@@ -528,7 +528,8 @@ def verify_shards(
 ):
     """Re-read every shard listed in index.json: bytes, sha256, sample count, members, JPEG decodes, labels. Prints one line per problem; exit code 1 when there is any."""
     from pipeline.config import default_workers
-    from pipeline.tools.inspect import as_path, verify_pack
+    from pipeline.tools.inspect import as_path
+    from pipeline.tools.verify import verify_pack
 
     report = verify_pack(as_path(folder), workers if workers is not None else default_workers(), quiet=quiet)
     for line in report.problems:

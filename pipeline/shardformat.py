@@ -4,6 +4,10 @@ A sample is three tar members with one dot-free key: `KEY.jpgs` (all T frames as
 `KEY.cls` (class index as ASCII digits) and `KEY.json` (metadata). One member for all frames keeps
 tar iteration at three members a sample instead of T + 2.
 
+This module is the only place that spells the member names, the key rule, the metadata fields, the
+label, the JPEG pack, the index and the manifest schema: the writer (pipeline.pack) and every reader
+(the stream, read_shard, inspect-shards, verify-shards) go through it.
+
 JPEG pack layout (little-endian): magic b"JPGS", uint32 T, T x uint32 byte lengths, then the T
 JPEG files back to back.
 """
@@ -28,6 +32,12 @@ MAX_MEMBER_BYTES = 1 << 30
 """Largest tar member the stream reads (a member is read into memory whole): 1 GiB, far above any
 clip's JPEG pack, so a damaged or hostile size field cannot make a worker allocate gigabytes."""
 """Readers reject frames larger than this per side before allocating anything."""
+
+CLS = "cls"
+JPGS = "jpgs"
+JSON = "json"
+MEMBERS = (CLS, JPGS, JSON)
+"""The members of every sample, in the order the packer writes them (sorted)."""
 
 _KEY_OK = re.compile(r"^[A-Za-z0-9_-]+$")
 _MEMBER_NAME = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
@@ -96,7 +106,68 @@ def decode_jpegs(data: bytes | memoryview) -> np.ndarray:
 
 
 def is_valid_key(key: str) -> bool:
+    """The key rule: ASCII letters, digits, '_' and '-' only (dot-free, so webdataset groups by it)."""
     return bool(_KEY_OK.match(key))
+
+
+def encode_label(label: int) -> bytes:
+    """The `.cls` member: the class index as ASCII digits."""
+    return str(label).encode()
+
+
+def parse_label(raw: bytes, num_classes: int | None = None) -> int:
+    """THE label reader: a `.cls` member's class index, checked against `num_classes` when given."""
+    try:
+        label = int(raw)
+    except ValueError:
+        raise ShardFormatError(f"class {raw[:20]!r} is not a number") from None
+    if num_classes is not None and not 0 <= label < num_classes:
+        raise ShardFormatError(f"class {label} outside 0..{num_classes - 1}")
+    return label
+
+
+def sample_meta(
+    *,
+    key: str,
+    source: str,
+    class_name: str,
+    label: int,
+    split_tags: list[int],
+    split: str,
+    decoded_frames: int,
+    container_frames: int | None,
+    fps: float,
+    original_size: list[int],
+    frame_size: list[int],
+    indices: list[int],
+    stored_indices: list[int] | None,
+    padded: bool,
+) -> dict:
+    """The `.json` member's fields (docs/FORMAT.md). `stored_indices` only in a pack storing S > T
+    frames per clip; `indices` are then the T evaluation frames among them."""
+    meta = {
+        "key": key,
+        "source": source,
+        "class_name": class_name,
+        "label": label,
+        "split_tags": split_tags,
+        "split": split,
+        "decoded_frames": decoded_frames,
+        "container_frames": container_frames,
+        "fps": fps,
+        "original_size": original_size,
+        "frame_size": frame_size,
+        "indices": indices,
+        "padded": padded,
+    }
+    if stored_indices is not None:
+        meta["stored_indices"] = stored_indices
+    return meta
+
+
+def sample_members(label: int, jpgs: bytes, meta: dict) -> dict[str, bytes]:
+    """One sample's members, extension -> bytes, as the packer writes them."""
+    return {CLS: encode_label(label), JPGS: jpgs, JSON: json.dumps(meta, sort_keys=True, ensure_ascii=True).encode()}
 
 
 MAX_SHARDS = 1_000_000
@@ -105,6 +176,38 @@ MAX_SAMPLES_PER_SHARD = 10_000_000
 """Most samples an index may claim for one shard: counts are bounded before any plan is computed."""
 MAX_CLASSES = 100_000
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def build_index(
+    *,
+    classes: list[str],
+    frames_per_clip: int,
+    stored_frames,
+    max_stored_frames: int | None,
+    short_side: int | None,
+    options: dict,
+    layout: str,
+    split_source: str,
+    splits: dict,
+    counts: dict,
+) -> dict:
+    """The `index.json` a finished pack writes (what parse_index reads back). `splits`: split ->
+    {'samples', 'shards': [{'name', 'samples', 'bytes', 'sha256'}]}; `stored_frames` None for a pack
+    of T stored frames."""
+    return {
+        "format": "clipstream",
+        # a pack of T stored frames keeps version 1, byte for byte; more stored frames are version 2
+        "version": FORMAT_VERSION if stored_frames is None else 2,
+        "classes": classes,
+        "frames_per_clip": frames_per_clip,
+        **({} if stored_frames is None else {"stored_frames": stored_frames, "max_stored_frames": max_stored_frames}),
+        "frame_size": {"short_side": short_side} if short_side else {"original": True},
+        "options": options,
+        "layout": layout,
+        "split_source": split_source,
+        "splits": splits,
+        "counts": counts,
+    }
 
 
 def parse_index(raw: bytes, where: str) -> dict:
@@ -172,6 +275,23 @@ def parse_index(raw: bytes, where: str) -> dict:
         if not _is_int(entry.get("samples")) or entry["samples"] < 0:
             raise bad(f"'splits.{split}.samples' must be a whole number >= 0")
     return index
+
+
+MANIFEST_COLUMNS = (
+    ("source", "string"), ("class_name", "string"), ("label", "int32"), ("key", "string"),
+    ("split_tags", "list<int8>"), ("split", "string"), ("shard", "string"), ("status", "string"),
+    ("reason", "string"), ("decoded_frames", "int32"), ("container_frames", "int32"), ("padded", "bool"),
+    ("layout", "string"), ("split_source", "string"),
+)  # fmt: skip
+"""The manifest's columns and types, one row per source video (status packed, failed, unused or missing)."""
+
+
+def manifest_schema():
+    """MANIFEST_COLUMNS as a pyarrow schema (imported here only: readers of shards need no pyarrow)."""
+    import pyarrow as pa
+
+    types = {"string": pa.string(), "int32": pa.int32(), "list<int8>": pa.list_(pa.int8()), "bool": pa.bool_()}
+    return pa.schema([(name, types[kind]) for name, kind in MANIFEST_COLUMNS])
 
 
 def _is_int(value) -> bool:

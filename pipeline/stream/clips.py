@@ -17,7 +17,7 @@ import numpy as np
 
 from pipeline.errors import UserError
 from pipeline.frames import clip_draw, crop_box, training_positions
-from pipeline.shardformat import ShardFormatError, jpeg_size, unpack_jpegs
+from pipeline.shardformat import CLS, JPGS, ShardFormatError, jpeg_size, parse_label, unpack_jpegs
 from pipeline.stream.stages import Faults
 
 
@@ -101,16 +101,6 @@ def crop_frame(window: np.ndarray, flip: bool, out: np.ndarray) -> None:
         np.copyto(out, window)
 
 
-def parse_label(raw: bytes, num_classes: int) -> int:
-    try:
-        label = int(raw)
-    except ValueError:
-        raise ShardFormatError(f"class {raw[:20]!r} is not a number") from None
-    if not 0 <= label < num_classes:
-        raise ShardFormatError(f"class {label} outside 0..{num_classes - 1}")
-    return label
-
-
 def decode_sample(
     raw: dict,
     crop: int | None,
@@ -123,10 +113,10 @@ def decode_sample(
 ):
     """Check a raw sample's members and label, decode its clip into `row` (see crop_clip); returns
     the label (and the frames when `row` is None). Anything unreadable is a ShardFormatError."""
-    if "jpgs" not in raw or "cls" not in raw:
+    if JPGS not in raw or CLS not in raw:
         raise ShardFormatError(f"missing member(s): has {sorted(k for k in raw if not k.startswith('__'))}")
-    label = parse_label(raw["cls"], num_classes)
-    frames = crop_clip(raw["jpgs"], crop, draw, row, scratch, choose, spatial)
+    label = parse_label(raw[CLS], num_classes)
+    frames = crop_clip(raw[JPGS], crop, draw, row, scratch, choose, spatial)
     return label if row is not None else (label, frames)
 
 
