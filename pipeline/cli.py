@@ -418,7 +418,8 @@ def train_stream(
 ):
     """Stream WebDataset shards into (distributed) training of a video classifier, then evaluate on the test shards."""
     from pipeline.config import StreamConfig, TrainConfig
-    from pipeline.train.loop import launch
+    from pipeline.device import DistEnv
+    from pipeline.train.launch import launch
 
     stream_cfg = StreamConfig(
         shards=tuple(shards),
@@ -465,7 +466,11 @@ def train_stream(
         plot=plot,
         nproc_per_node=nproc_per_node,
     )
-    launch(cfg)
+    summary = launch(cfg)
+    if plot and summary is not None and DistEnv.from_env().rank == 0:
+        from pipeline.tools.plots import plot_run as draw
+
+        typer.echo(printable(f"curves: {draw(Path(summary['log_dir']))}"))
 
 
 def inspect_shards(
