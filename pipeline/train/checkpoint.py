@@ -18,7 +18,8 @@ from pipeline.config import TrainConfig
 from pipeline.device import DistEnv
 from pipeline.durable import failpoint, publish
 from pipeline.errors import UserError
-from pipeline.stream.sources import ShardSet, shard_name
+from pipeline.storage.urls import shard_name
+from pipeline.stream.sources import ShardSet
 from pipeline.train.collectives import gather
 
 CHECKPOINT_NAME = "checkpoint.pt"

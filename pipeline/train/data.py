@@ -8,8 +8,9 @@ import dataclasses
 from pipeline.config import StreamConfig, TrainConfig
 from pipeline.device import cores_per_rank
 from pipeline.errors import UserError
+from pipeline.storage.urls import local_path
 from pipeline.stream.plan import auto_workers
-from pipeline.stream.sources import Shard, ShardSet, local_path, resolve, test_beside
+from pipeline.stream.sources import Shard, ShardSet, resolve, test_beside
 
 
 @dataclasses.dataclass(frozen=True)
