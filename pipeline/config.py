@@ -179,13 +179,13 @@ class StreamConfig:
     """Where the shards are and how they are read, shuffled, augmented and batched."""
 
     shards: tuple[str, ...]
-    """Training shard patterns: `{000..031}` or `<000..031>` ranges, `::`-separated lists, local paths, http(s) and s3:// URLs, packed folders."""
+    """Training shards: 'shards/<000..031>.tar', '{000..031}' ranges, '::'-separated lists, local paths, http(s):// or s3:// URLs, or a packed folder (shards/, s3://bucket/hmdb51/); several patterns (repeat the option on the command line) are read as one set."""
     eval_shards: tuple[str, ...] = ()
-    """Test shard patterns; empty: the test shards listed in the index beside the training shards."""
+    """Test shards, same syntax; None: the test shards listed in the index beside the training shards."""
     index: str | None = None
     """Path or URL of index.json; None: `index.json` in the folder (or base URL) of the training shards."""
     batch_size: int = 8
-    """Clips per batch on each rank (the global batch is batch_size x world size x grad_accum)."""
+    """Clips per batch on each rank (the global batch is `batch_size` x world size x `grad_accum`)."""
     workers: int | None = None
     """Loader worker processes per rank (started once for the run), each reading its own shards and building whole batches; None: one per core left to the rank, at most 8 and at most shards / ranks."""
     shuffle_buffer: int = 256
@@ -203,7 +203,7 @@ class StreamConfig:
     temporal: str = "segment"
     """Training frames: `segment` draws one stored frame per segment each epoch (deterministic in seed, epoch and key); `fixed` takes the T evaluation frames. The same when a pack stores T frames per clip."""
     test_views: tuple[int, int] = (1, 1)
-    """(K, C) evaluation views per test clip: K temporal offsets x C spatial crops (1: centre; 3: centre and both ends of the longer side), scores softmax-averaged per clip."""
+    """Evaluation views KxC per test clip (the library takes (K, C)): K temporal offsets x C spatial crops (1: centre; 3: centre and both ends of the longer side), scores softmax-averaged per clip."""
     epoch_fill: str = "pad"
     """How every rank gets the same number of steps: `pad` uses every training clip once per epoch and tops the last batches up with repeats of that epoch's clips (marked); `drop` leaves each rank's surplus unread (see docs/TRAINING.md)."""
     max_bad: float = 0.01
@@ -273,7 +273,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     """Decoupled (AdamW) or L2 (SGD) weight decay."""
     schedule: str = "cosine"
-    """`cosine` (to zero at the last step) or `step` (x lr_gamma every lr_step_epochs)."""
+    """`cosine` (to zero at the last step) or `step` (x `lr_gamma` every `lr_step_epochs`)."""
     warmup_steps: int = 0
     """Linear warm-up from 0 over this many optimiser steps."""
     lr_step_epochs: int = 10

@@ -154,38 +154,24 @@ class ClipLoader(Closing):
         shards,
         *,
         split: str = "train",
-        batch_size: int = 8,
-        crop: int = 112,
-        seed: int = 0,
         rank: int | None = None,
         world_size: int | None = None,
-        index: str | None = None,
-        resample: bool = False,
-        allow_pipe: bool = False,
-        workers: int | None = None,
-        prefetch: int = 2,
         pin_memory: bool = False,
         copy: bool = True,
-        shuffle_buffer: int = 256,
-        epoch_fill: str = "pad",
-        temporal: str = "segment",
-        test_views: tuple[int, int] = (1, 1),
         epochs: int | None = None,
+        **options,
     ):
         rank, world_size = rank_and_world(rank, world_size)
-        if crop is None:
+        if options.get("crop", 112) is None:
             raise UserError(
                 "`crop` None (whole frames) is for ClipDataset with single clips: ClipLoader batches need one size"
             )
-        cfg = stream_config(
-            shards, batch_size=batch_size, crop=crop, seed=seed, resample=resample, allow_pipe=allow_pipe,
-            shuffle_buffer=shuffle_buffer, workers=workers, prefetch=prefetch, epoch_fill=epoch_fill,
-            temporal=temporal, test_views=test_views,
-        )  # fmt: skip
-        source = resolve(cfg.shards, split, index, allow_pipe)
-        if workers is None:
+        cfg = stream_config(shards, "ClipLoader", **options)
+        source = resolve(cfg.shards, split, cfg.index, cfg.allow_pipe)
+        if cfg.workers is None:
             cfg = dataclasses.replace(
-                cfg, workers=auto_workers(len(source.shards), world_size, cores_per_rank(), resample or split == "test")
+                cfg,
+                workers=auto_workers(len(source.shards), world_size, cores_per_rank(), cfg.resample or split == "test"),
             )
         self._setup(source, cfg, split, rank, world_size, pin_memory, copy, epochs, None)
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import StreamConfig
+from pipeline.errors import UserError
 from pipeline.frames import view_positions
 from pipeline.shardformat import ShardFormatError
 from pipeline.stream.clips import decode_sample
@@ -22,37 +23,20 @@ from pipeline.stream.sources import ShardSet
 from pipeline.stream.stages import Faults, fit_to_quota, read_samples, resampled_shards, shuffle
 
 
-def stream_config(
-    shards,
-    *,
-    batch_size,
-    crop,
-    seed,
-    resample,
-    allow_pipe,
-    shuffle_buffer=256,
-    workers=None,
-    prefetch=2,
-    epoch_fill="pad",
-    temporal="segment",
-    test_views=(1, 1),
-) -> StreamConfig:
-    """The library's keyword arguments as a checked StreamConfig (errors name the parameters)."""
+def stream_config(shards, takes: str, ignored: frozenset[str] = frozenset(), **options) -> StreamConfig:
+    """The library's keyword arguments as a checked StreamConfig: its fields are the options of
+    ClipLoader and ClipDataset (declared once, there), less the `ignored` ones that `takes` (the
+    class's name, for the message) has no use for. Errors name the parameters."""
+    from dataclasses import fields
+
+    known = {f.name for f in fields(StreamConfig)} - {"shards", "eval_shards", "max_bad"} - ignored
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise UserError(f"{takes} takes no option `{unknown[0]}`; its options: {', '.join(sorted(known))}")
     patterns = (str(shards),) if isinstance(shards, (str, Path)) else tuple(map(str, shards))
-    return StreamConfig(
-        shards=patterns,
-        batch_size=batch_size,
-        crop=crop,
-        seed=seed,
-        resample=resample,
-        allow_pipe=allow_pipe,
-        shuffle_buffer=shuffle_buffer,
-        workers=workers,
-        prefetch=prefetch,
-        epoch_fill=epoch_fill,
-        temporal=temporal,
-        test_views=tuple(test_views),
-    )
+    if "test_views" in options:
+        options["test_views"] = tuple(options["test_views"])
+    return StreamConfig(shards=patterns, **options)
 
 
 def worker_samples(

@@ -52,19 +52,19 @@ class BenchConfig:
     stream: StreamConfig
     """The data side (workers there is ignored: see `workers`)."""
     workers: tuple[int, ...] = (0, 1, 2)
-    """Loader worker counts to measure, one configuration each."""
+    """Loader worker counts to measure (comma-separated on the command line), one configuration each."""
     batches: int = 20
     """Measured batches per configuration."""
     warmup: int = 3
     """Batches taken before the clock starts (workers started, buffers filled, caches warm)."""
     model: str | None = None
-    """End-to-end: forward + backward of this model on `device` for every batch; None: loader only."""
+    """End to end: forward + backward of this model (r3d18, r2plus1d18, cnn-lstm, tiny, ...) on `device` for every batch, so the data-wait share means something; None: loader only."""
     device: str = "auto"
     """`auto` (CUDA when available), `cpu` or `cuda`."""
     synthetic: bool = False
-    """Also time the model on the same batches served from memory (no decoding): real / synthetic."""
+    """Also run the model on the same batches held in memory (no decoding) and print real / synthetic; needs `model` (or `step_ms`)."""
     stages: bool = True
-    """Time the per-stage breakdown."""
+    """Time each stage of the stream in this process (tar read and grouping, JPEG decode, crop, collate, host to device)."""
     amp: bool = True
     """bf16 autocast on CUDA."""
     channels_last: bool = True
@@ -72,7 +72,7 @@ class BenchConfig:
     threads: int | None = None
     """Intra-op threads of this process; None: as train-stream picks them (cores minus workers, at least 1)."""
     step_ms: float | None = None
-    """Simulated accelerator: every batch is consumed by waiting this long without using the CPU."""
+    """Simulate an accelerator instead of `model`: each batch is consumed by waiting this many ms without using the CPU, as a GPU step would; with `synthetic`, real / synthetic shows whether the loader keeps up, epoch boundaries included."""
 
     def __post_init__(self):
         if not self.workers:
