@@ -20,6 +20,7 @@ producer runs in the calling process, one message per `get`.
 
 from __future__ import annotations
 
+import atexit
 import mmap
 import os
 import queue
@@ -27,6 +28,7 @@ import signal
 import sys
 import threading
 import traceback
+import weakref
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -40,6 +42,32 @@ Producer = Callable[[int, "object"], Iterator[dict]]
 # thing: otherwise, if the parent died, each worker would hold its own pipe (and its siblings')
 # open and wait for ever for a message, holding the run's stdout open with it.
 _PARENT_ENDS: set = set()
+# Pools of this process still running, closed (bounded) at exit before multiprocessing's own exit
+# handler, which joins daemon processes without a time-out.
+_LIVE: weakref.WeakSet = weakref.WeakSet()
+_AT_EXIT: list[bool] = []
+
+
+def default_signals() -> None:
+    """In a loader process: drop the signal handlers inherited from the parent (Lightning's, a SLURM
+    requeue helper's): with them a worker ignores the SIGTERM that ends it at exit, and the exit
+    waits for it for ever. SIGINT is the parent's to handle: ignored here, the parent stops us."""
+    for sig in signal.valid_signals():
+        try:
+            handler = signal.getsignal(sig)
+        except (OSError, ValueError):  # pragma: no cover - a signal Python cannot query
+            continue
+        if callable(handler):
+            signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _close_live_pools() -> None:
+    for pool in list(_LIVE):
+        try:
+            pool.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown: whatever is left, multiprocessing kills
+            pass
 
 
 class LoaderError(RuntimeError):
@@ -97,7 +125,8 @@ def _worker_main(produce: Producer, worker: int, conn, ring, slot_shape: tuple[i
     for end in list(_PARENT_ENDS):
         end.close()
     _PARENT_ENDS.clear()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it stops us
+    _LIVE.clear()
+    default_signals()
     if hasattr(os, "SCHED_BATCH"):
         # A batch task does not preempt the task that wakes it. Without this, handing a slot back
         # woke the worker, which took the trainer's core until the next scheduler tick: 3-4 ms
@@ -169,6 +198,10 @@ class WorkerPool(Closing):
             return
         method = start_method or ("fork" if sys.platform == "linux" else "spawn")
         ctx = torch.multiprocessing.get_context(method)
+        if not _AT_EXIT:  # registered after multiprocessing's exit handler, so it runs before it
+            atexit.register(_close_live_pools)
+            _AT_EXIT.append(True)
+        _LIVE.add(self)
         self.conns, self.procs, self.views, self._maps = [], [], [], []
         for w in range(workers):
             if method == "fork":
@@ -250,7 +283,7 @@ class WorkerPool(Closing):
                 proc.join(2)
             if proc.is_alive():  # pragma: no cover - stuck in native code
                 proc.kill()
-                proc.join()
+                proc.join(5)
         for conn in self.conns:
             _PARENT_ENDS.discard(conn)
             conn.close()
