@@ -71,21 +71,37 @@ def steps_per_epoch(
     `pad`: the largest rank's ceil(samples / batch_size): every rank reads all its clips, and the
     ranks with fewer top their last batches up with repeats of this epoch's clips.
     `separate_workers` = W > 0: each of a rank's W workers delivers whole batches of its own (under a
-    torch DataLoader, which cannot merge the workers' remainders into shared batches), so a rank's
-    batches are the sum over its workers of floor(worker samples / batch_size).
+    torch DataLoader, which cannot merge the workers' remainders into shared batches): the sum of
+    `worker_batches`.
     With resampling: floor(total / (world_size * batch_size)).
     """
     if resample:
         return sum(counts) // (world_size * batch_size)
+    if separate_workers:
+        return sum(worker_batches(counts, batch_size, world_size, seed, epoch, separate_workers, pad))
     batches = (lambda n: math.ceil(n / batch_size)) if pad else (lambda n: n // batch_size)
-    per_rank = []
+    per_rank = [
+        batches(sum(counts[i] for i in rank_shards(len(counts), seed, epoch, r, world_size))) for r in range(world_size)
+    ]
+    return max(per_rank) if pad else min(per_rank)
+
+
+def worker_batches(
+    counts: list[int], batch_size: int, world_size: int, seed: int, epoch: int, n_workers: int, pad: bool
+) -> list[int]:
+    """Whole batches each of a rank's `n_workers` DataLoader workers delivers in `epoch`: for worker w
+    the same number on every rank, the largest rank's ceil(samples of its worker w / batch_size) with
+    `pad` (the others top up with repeats), else the smallest rank's floor. The same on every rank
+    because a DataLoader takes its workers' batches in turn: equal counts make the n-th batch of a
+    step come from the same worker everywhere, so one rank's loader state (all Lightning saves)
+    holds every rank's position."""
+    batches = (lambda n: math.ceil(n / batch_size)) if pad else (lambda n: n // batch_size)
+    held = []
     for r in range(world_size):
         mine = [counts[i] for i in rank_shards(len(counts), seed, epoch, r, world_size)]
-        if separate_workers:
-            per_rank.append(sum(batches(sum(mine[w::separate_workers])) for w in range(separate_workers)))
-        else:
-            per_rank.append(batches(sum(mine)))
-    return max(per_rank) if pad else min(per_rank)
+        held.append([batches(sum(mine[w::n_workers])) for w in range(n_workers)])
+    pick = max if pad else min
+    return [pick(h[w] for h in held) for w in range(n_workers)]
 
 
 def worker_quotas(worker_samples: list[int], total: int) -> list[int]:
@@ -149,12 +165,11 @@ def train_plan(
         return [WorkerPlan(shards, unit * (total // n_workers + (w < total % n_workers))) for w in range(n_workers)]
     mine = [shards[i] for i in rank_shards(len(counts), cfg.seed, epoch, rank, world_size)]
     per_worker = [tuple(mine[w::n_workers]) for w in range(n_workers)]
-    held = [sum(s.samples for s in ws) for ws in per_worker]
-    fit = padded_quotas if pad else worker_quotas
     if separate:
-        quotas = [batch * q for q in fit([math.ceil(h / batch) if pad else h // batch for h in held], steps)]
+        quotas = [batch * q for q in worker_batches(counts, batch, world_size, cfg.seed, epoch, n_workers, pad)]
     else:
-        quotas = fit(held, steps * batch)
+        held = [sum(s.samples for s in ws) for ws in per_worker]
+        quotas = (padded_quotas if pad else worker_quotas)(held, steps * batch)
     return [WorkerPlan(per_worker[w], quotas[w]) for w in range(n_workers)]
 
 
