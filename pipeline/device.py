@@ -45,16 +45,35 @@ class DistEnv:
 
 def rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
     """The library's one detection of the distributed job: the arguments when given, else
-    torch.distributed's rank and world size when it is initialised, else (0, 1)."""
+    torch.distributed's rank and world size when it is initialised, else (0, 1). A process that
+    torchrun (or Lightning, accelerate, Slurm's srun with torchrun) started as one of several, with
+    no process group yet, is an error: taking rank 0 of 1 there would make every rank read every clip."""
     import torch.distributed as dist
 
     if rank is None or world_size is None:
         initialised = dist.is_available() and dist.is_initialized()
+        env_world = os.environ.get("WORLD_SIZE", "1")
+        if not initialised and env_world.strip() not in ("", "0", "1"):
+            raise UserError(
+                f"WORLD_SIZE={env_world} and RANK={os.environ.get('RANK', '?')} say this is one process of a distributed "
+                "job, but torch.distributed is not initialised: iterate after init_process_group (Lightning and "
+                "accelerate do it before training starts), or pass `rank` and `world_size`"
+            )
         rank = rank if rank is not None else (dist.get_rank() if initialised else 0)
         world_size = world_size if world_size is not None else (dist.get_world_size() if initialised else 1)
     if not (isinstance(rank, int) and isinstance(world_size, int) and world_size >= 1 and 0 <= rank < world_size):
         raise UserError(f"`rank` must be in 0..world_size-1 and `world_size` >= 1, got rank {rank!r} of {world_size!r}")
     return rank, world_size
+
+
+def known_rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int] | None:
+    """rank_and_world when it is already known for sure (given, or torch.distributed initialised);
+    None while a process group may still come (a loader made in a DataModule's __init__)."""
+    import torch.distributed as dist
+
+    if (rank is None or world_size is None) and not (dist.is_available() and dist.is_initialized()):
+        return None
+    return rank_and_world(rank, world_size)
 
 
 def cores_per_rank(local_world_size: int = 1) -> int:

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import REPO, cli_env
 
 from pipeline import ClipLoader, read_shard
@@ -40,7 +41,7 @@ def test_every_example_is_tested():
 def test_train_cliploader(packed: Path):
     # 2 workers, batch 4: the steps are those ClipLoader plans from the index; the in-run restore
     # halfway through epoch 0 neither repeats nor skips a clip.
-    expected = len(ClipLoader(packed, batch_size=4, workers=2))
+    expected = len(ClipLoader(packed, batch_size=4, crop=24, workers=2))
     out = run_example("train_cliploader.py", packed, *SMALL, "--workers", "2", "--epochs", "1")
     assert int(out["steps"]) == expected
     assert int(out["clips"]) == int(out["epoch0_distinct"]) == 4 * expected
@@ -67,3 +68,13 @@ def test_custom_stage(packed: Path):
     assert out["labels"] == "[0, 2]"
     assert -(-int(out["clips"]) // 4) <= int(out["batches"]) <= -(-int(out["clips"]) // 4) + 1
     assert float(out["mean_motion"]) > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("devices", [1, 2])
+@pytest.mark.parametrize("route", ["cliploader", "stateful"])
+def test_train_lightning(packed: Path, tmp_path: Path, route: str, devices: int):
+    # A real lightning.Trainer, killed mid-epoch 1 and resumed from its checkpoint (see frameworkkit).
+    from frameworkkit import check_lightning_resume
+
+    check_lightning_resume(packed, tmp_path, route, devices)

@@ -21,6 +21,18 @@ from pipeline.shardformat import CLS, JPGS, ShardFormatError, jpeg_size, parse_l
 from pipeline.stream.stages import Faults
 
 
+def check_crop(crop: int | None, source) -> None:
+    """A crop larger than the pack's frames, said before any worker starts (the index knows the
+    frames' shorter side): otherwise every clip fails to decode, one fault at a time. `source` is
+    a ShardSet."""
+    side = source.short_side
+    if crop is not None and side is not None and crop > side:
+        raise UserError(
+            f"`crop` {crop} is larger than the frames of the pack, whose shorter side is {side} px "
+            f"(index {source.index}): use a crop of at most {side}"
+        )
+
+
 def crop_clip(
     pack: bytes,
     crop: int | None,

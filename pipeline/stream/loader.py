@@ -15,9 +15,9 @@ from collections.abc import Iterator
 import torch
 
 from pipeline.config import StreamConfig
-from pipeline.device import cores_per_rank, rank_and_world
+from pipeline.device import cores_per_rank, known_rank_and_world, rank_and_world
 from pipeline.errors import UserError
-from pipeline.stream.clips import TrainClips
+from pipeline.stream.clips import TrainClips, check_crop
 from pipeline.stream.passes import eval_clips, stream_config, test_samples, worker_samples
 from pipeline.stream.plan import (
     WorkerPlan,
@@ -145,8 +145,10 @@ class ClipLoader(Closing):
     background thread copies each batch into pinned memory for non-blocking copies to this rank's GPU.
     Workers start with the first epoch asked for and stop on `close()` (or the `with` block's end).
 
-    Rank and world size default to torch.distributed's when it is initialised. `workers=None`: a
-    core each (one core left to the trainer), at most 8, and in training at most shards / ranks.
+    Rank and world size default to torch.distributed's, read when they are first needed (the first
+    epoch, `len()`, `state_dict()`), so a loader made before `init_process_group` (in a Lightning
+    DataModule's __init__) still gets its rank. `workers=None`: a core each (one core left to the
+    trainer), at most 8, and in training at most shards / ranks.
     """
 
     def __init__(
@@ -161,18 +163,12 @@ class ClipLoader(Closing):
         epochs: int | None = None,
         **options,
     ):
-        rank, world_size = rank_and_world(rank, world_size)
         if options.get("crop", 112) is None:
             raise UserError(
                 "`crop` None (whole frames) is for ClipDataset with single clips: ClipLoader batches need one size"
             )
         cfg = stream_config(shards, "ClipLoader", **options)
         source = resolve(cfg.shards, split, cfg.index, cfg.allow_pipe)
-        if cfg.workers is None:
-            cfg = dataclasses.replace(
-                cfg,
-                workers=auto_workers(len(source.shards), world_size, cores_per_rank(), cfg.resample or split == "test"),
-            )
         self._setup(source, cfg, split, rank, world_size, pin_memory, copy, epochs, None)
 
     @classmethod
@@ -197,16 +193,42 @@ class ClipLoader(Closing):
     def _setup(self, source, cfg, split, rank, world_size, pin_memory, copy, epochs, start_method) -> None:
         if split not in ("train", "test"):
             raise UserError(f"`split` must be 'train' or 'test', got {split!r}")
-        self.source, self.cfg, self.split, self.rank, self.world_size = source, cfg, split, rank, world_size
-        self.n_workers = max(1, cfg.workers or 0)
-        cfg.check_memory(source.frames, self.n_workers)  # before any buffer is allocated
+        self.source, self.split = source, split
         self.pin_memory, self.copy, self.epochs, self.start_method = pin_memory, copy, epochs, start_method
-        if split == "train":
-            check_enough_shards(source.shards, cfg, world_size, self.n_workers)
+        self._asked = (cfg, rank, world_size)
+        if known_rank_and_world(rank, world_size) is not None:
+            self._place()
+        check_crop(cfg.crop, source)
         self.pool = None
         self.merged: torch.Tensor | None = None
         self.position = (0, 0)
         """(epoch, step) of the next batch to deliver."""
+
+    def _place(self, freeze: bool = True) -> dict:
+        """Rank, world size and the workers that follow from them (`workers=None`), checked; kept
+        once they are known for sure (given, or torch.distributed initialised, or the workers
+        started), else worked out again at each use."""
+        cfg, rank, world_size = self._asked
+        rank, world_size = rank_and_world(rank, world_size)
+        if cfg.workers is None:
+            test = cfg.resample or self.split == "test"
+            cfg = dataclasses.replace(
+                cfg, workers=auto_workers(len(self.source.shards), world_size, cores_per_rank(), test)
+            )
+        n_workers = max(1, cfg.workers or 0)
+        cfg.check_memory(self.source.frames, n_workers)  # before any buffer is allocated
+        if self.split == "train":
+            check_enough_shards(self.source.shards, cfg, world_size, n_workers)
+        placed = {"cfg": cfg, "rank": rank, "world_size": world_size, "n_workers": n_workers}
+        if freeze:
+            self.__dict__.update(placed)
+        return placed
+
+    def __getattr__(self, name: str):
+        # cfg, rank, world_size and n_workers before they are known for sure (see _place)
+        if name in ("cfg", "rank", "world_size", "n_workers") and "_asked" in self.__dict__:
+            return self._place(freeze=known_rank_and_world(*self._asked[1:]) is not None)[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -307,6 +329,7 @@ class ClipLoader(Closing):
         if self.pool is None:
             from pipeline.stream.workers import WorkerPool
 
+            self._place()  # the workers follow this rank and world size from now on
             start_epoch, start_step = self.position
             producer = TrainProducer(
                 self.source, self.cfg, self.rank, self.world_size, self.n_workers, start_epoch, start_step, self.epochs
@@ -374,6 +397,7 @@ class ClipLoader(Closing):
     def _test_pass(self) -> Iterator[dict]:
         from pipeline.stream.workers import WorkerPool
 
+        self._place()
         per_worker, by_key = eval_plan(self.source.shards, self.cfg.workers or 0, self.rank, self.world_size)
         workers = len(per_worker) if self.cfg.workers else 0
         producer = EvalProducer(self.source, self.cfg, self.rank, self.world_size, tuple(per_worker), by_key)

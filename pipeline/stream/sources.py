@@ -52,6 +52,9 @@ class ShardSet:
     """Frames per clip (T)."""
     index: str
     """Where the (first) index was read."""
+    short_side: int | None = None
+    """The frames' shorter side in px, as the index says (the smallest of several packs); None:
+    frames kept at their original sizes, or an index that does not say."""
 
     @property
     def samples(self) -> int:
@@ -174,7 +177,15 @@ def resolve(
     urls = [s.url for s in shards]
     if len(set(urls)) != len(urls):
         raise UserError(f"a shard is named twice by {patterns!r}")
-    return ShardSet(tuple(shards), classes, frames, first_location)
+    sides = [_short_side(found) for found in indexes.values()]
+    short_side = None if None in sides else min(sides)
+    return ShardSet(tuple(shards), classes, frames, first_location, short_side)
+
+
+def _short_side(index: dict) -> int | None:
+    size = index.get("frame_size")
+    side = size.get("short_side") if isinstance(size, dict) else None
+    return side if isinstance(side, int) and not isinstance(side, bool) and side > 0 else None
 
 
 def test_beside(train: ShardSet) -> ShardSet:
