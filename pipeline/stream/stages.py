@@ -16,8 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.errors import UserError
 from pipeline.shardformat import CLS, JPGS, JSON, ShardFormatError, decode_jpegs, parse_label, split_member_name
-from pipeline.stream.sources import Shard, open_shard
+from pipeline.storage.urls import is_pack_folder
+from pipeline.stream.sources import Shard, expand_shards, open_shard, resolve
 from pipeline.stream.tar import group_samples, tar_members, tar_samples
 
 STREAM_MEMBERS = (JPGS, CLS)
@@ -88,14 +90,35 @@ def read_samples(shards: Iterable[Shard], allow_pipe: bool, faults: Faults) -> I
             faults.add(shard.url, f"holds {seen} samples, index says {shard.samples}", max(shard.samples - seen, 0))
 
 
-def read_shard(url: str | Path, allow_pipe: bool = False) -> Iterator[dict]:
-    """Yield every sample of one shard as {'key', 'frames' (T, H, W, 3) uint8, 'label' int, 'meta' dict}.
+def read_shard(url, allow_pipe: bool = False) -> Iterator[dict]:
+    """Yield every sample of the shards `url` names as {'key', 'frames' (T, H, W, 3) uint8, 'label'
+    int, 'meta' dict}, shard after shard in stored order.
 
-    `url` is a local path, an http(s):// URL or an object-store URL (s3://...); a `pipe:` command
-    runs only with `allow_pipe=True`. Members are read as bytes and decoded here; nothing is unpickled. A damaged shard raises
-    ShardFormatError (a ValueError) naming the sample, after yielding the samples before it.
+    `url` takes what train-stream's --shards takes: one shard (a local path, an http(s):// or an
+    object-store URL), a pattern (`<000..031>`, `{000..031}`, `::`-lists), a packed folder (the
+    training shards its index lists, then the test shards), or a list of these; anything else is
+    one UserError. A `pipe:` command runs only with `allow_pipe=True`. Members are read as bytes and
+    decoded here; nothing is unpickled. A damaged shard raises ShardFormatError (a ValueError)
+    naming the sample, after yielding the samples before it.
     """
-    url = str(url)
+    for one in _shard_urls(url, allow_pipe):
+        yield from _read_one_shard(one, allow_pipe)
+
+
+def _shard_urls(url, allow_pipe: bool) -> list[str]:
+    patterns = [url] if isinstance(url, (str, Path)) else list(url)
+    if not patterns:
+        raise UserError("`url` names no shard: give a shard, a pattern, a packed folder or a list of them")
+    urls: list[str] = []
+    for pattern in map(str, patterns):
+        if is_pack_folder(pattern):
+            urls += [s.url for split in ("train", "test") for s in resolve([pattern], split, None, allow_pipe).shards]
+        else:
+            urls += expand_shards([pattern], allow_pipe)
+    return urls
+
+
+def _read_one_shard(url: str, allow_pipe: bool) -> Iterator[dict]:
     with open_shard(url, allow_pipe) as stream:
         for raw in tar_samples(stream, url):
             key = raw["__key__"]
