@@ -145,8 +145,8 @@ class ClipDataset(wds.DataPipeline, wds.FluidInterface):
         self.cfg = stream_config(shards, "ClipDataset", ignored, batch_size=batch_size or 1, **options)
         self.split, self.batch_size, self.num_workers = split, batch_size, num_workers
         self.source = resolve(self.cfg.shards, split, self.cfg.index, self.cfg.allow_pipe)
-        check_crop(self.cfg.crop, self.source)
         self.cfg.check_memory(self.source.frames, 1)  # each DataLoader worker builds its batches in memory of its own
+        check_crop(self.cfg.crop, self.source)
         if split == "train" and known is not None:
             check_enough_shards(self.source.shards, self.cfg, known[1], max(1, self.num_workers or 0))
         self.state = _PassState()

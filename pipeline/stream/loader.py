@@ -198,6 +198,8 @@ class ClipLoader(Closing):
         self._asked = (cfg, rank, world_size)
         if known_rank_and_world(rank, world_size) is not None:
             self._place()
+        else:  # at least one worker's buffers, before the rank (and so `workers=None`) is known
+            cfg.check_memory(source.frames, max(1, cfg.workers or 0))
         check_crop(cfg.crop, source)
         self.pool = None
         self.merged: torch.Tensor | None = None
