@@ -16,10 +16,11 @@ EXAMPLES = REPO / "examples"
 SMALL = ["--crop", "24", "--batch-size", "4"]  # the `packed` fixture's frames are 32 px high
 
 
-def run_example(name: str, *args) -> dict[str, str]:
-    """Run examples/NAME with ARGS; exit code 0 and one `name: k=v ...` line, returned as a dict."""
+def run_example(name: str, *args, launcher: list[str] = ()) -> dict[str, str]:
+    """Run examples/NAME with ARGS (after `python LAUNCHER...`, e.g. torchrun's module); exit code 0
+    and one `name: k=v ...` line, returned as a dict."""
     done = subprocess.run(
-        [sys.executable, str(EXAMPLES / name), *map(str, args)],
+        [sys.executable, *launcher, str(EXAMPLES / name), *map(str, args)],
         check=False, capture_output=True, text=True, timeout=120, env=cli_env(OMP_NUM_THREADS="1"), cwd=REPO,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
@@ -78,3 +79,21 @@ def test_train_lightning(packed: Path, tmp_path: Path, route: str, devices: int)
     from frameworkkit import check_lightning_resume
 
     check_lightning_resume(packed, tmp_path, route, devices)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("route, processes", [("dataloader", 1), ("cliploader", 2), ("dataloader", 2)])
+def test_train_accelerate(packed: Path, route: str, processes: int):
+    # accelerate in 1 process (the DataLoader prepared) and in 2 (torchrun; ClipLoader through
+    # prepare, the DataLoader left unprepared): every training clip exactly once per epoch.
+    pytest.importorskip("accelerate")
+    args = [packed, "--route", route, *SMALL, "--workers", "1", "--epochs", "2"]
+    if processes == 1:
+        out = run_example("train_accelerate.py", *args)
+    else:
+        out = run_example(
+            "train_accelerate.py", *args, launcher=["-m", "torch.distributed.run", "--nproc-per-node", "2"]
+        )
+    assert int(out["processes"]) == processes
+    assert out["clips"] == out["distinct"] == "[48, 48]"
+    assert int(out["steps"]) == 2 * 48 // (4 * processes)
