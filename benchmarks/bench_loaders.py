@@ -23,6 +23,9 @@ model, with one random 112 px crop and one flip decision per clip (the ceiling e
   clipdataset (f) `DataLoader(pipeline.ClipDataset(urls, batch_size=B), batch_size=None,
              num_workers=W, persistent_workers=True)`, `set_epoch` each epoch: our stream as a
              webdataset DataPipeline in torch's DataLoader, uint8 batches
+  stateful   (f') the same ClipDataset in torchdata's `StatefulDataLoader` (a state snapshot
+             every batch, the default), no `set_epoch` (each pass is the next epoch): what the
+             exact mid-epoch resume costs
   ours       (c) our shards through the real training stream (ClipLoader, as train.py):
              uint8 batches from the workers, normalised in the main process by `pipeline.device.ModelInput`
              on the CPU, into channels_last_3d memory (the layout train.py feeds a 3D CNN; on a GPU
@@ -72,8 +75,8 @@ from pipeline.video import decode_clip  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 T, CROP, SHORT = 16, 112, 128
-VARIANTS = ("recipe", "decord", "wds", "clipdataset", "ours", "ours-u8", "ceiling")
-UINT8 = ("wds", "clipdataset", "ours-u8")  # variants delivering (B, T, 112, 112, 3) uint8
+VARIANTS = ("recipe", "decord", "wds", "clipdataset", "stateful", "ours", "ours-u8", "ceiling")
+UINT8 = ("wds", "clipdataset", "stateful", "ours-u8")  # variants delivering (B, T, 112, 112, 3) uint8
 SHUFFLE = 256  # sample shuffle buffer of wds, as ClipLoader's and ClipDataset's default
 
 
@@ -205,8 +208,8 @@ def wds_decode(sample: dict) -> tuple:
     return torch.from_numpy(out), int(sample["cls"])
 
 
-def _dataloader(dataset, workers: int):
-    return torch.utils.data.DataLoader(
+def _dataloader(dataset, workers: int, kind=torch.utils.data.DataLoader):
+    return kind(
         dataset,
         batch_size=None,
         num_workers=workers,
@@ -233,11 +236,17 @@ def wds_batches(urls: list[str], batch: int, workers: int):
             yield {"x": x, "y": y, "n": len(y)}
 
 
-def clipdataset_batches(urls: list[str], batch: int, workers: int):
-    dataset = ClipDataset(urls, batch_size=batch, shuffle_buffer=SHUFFLE)
-    loader = _dataloader(dataset, workers)
+def clipdataset_batches(urls: list[str], batch: int, workers: int, stateful: bool = False):
+    dataset = ClipDataset(urls, batch_size=batch, shuffle_buffer=SHUFFLE, num_workers=workers)
+    if stateful:
+        from torchdata.stateful_dataloader import StatefulDataLoader
+
+        loader = _dataloader(dataset, workers, StatefulDataLoader)
+    else:
+        loader = _dataloader(dataset, workers)
     for epoch in itertools.count():
-        dataset.set_epoch(epoch)
+        if not stateful:
+            dataset.set_epoch(epoch)
         for b in loader:
             yield {"x": b["frames"], "y": b["label"], "n": len(b["key"])}
 
@@ -339,8 +348,8 @@ def make_source(variant: str, d: dict, batch: int, workers: int):
         return endless_loader(DecordClips(d["videos"], d["labels"]), batch, workers)
     if variant == "wds":
         return wds_batches(d["shards"], batch, workers)
-    if variant == "clipdataset":
-        return clipdataset_batches(d["shards"], batch, workers)
+    if variant in ("clipdataset", "stateful"):
+        return clipdataset_batches(d["shards"], batch, workers, stateful=variant == "stateful")
     return ours_batches(d["shards"], batch, workers, normalise=variant == "ours")
 
 
@@ -374,6 +383,7 @@ RATIOS = (("recipe", "vs_recipe"), ("decord", "vs_decord"), ("wds", "vs_wds"), (
 TARGETS = (
     ("ours-u8", "wds", 1.5, (1, 2)),
     ("clipdataset", "wds", 1.1, (1, 2)),
+    ("stateful", "clipdataset", 0.95, (1, 2)),  # issue 21: the state costs nothing visible
     ("ours-u8", "ceiling", 0.85, (1,)),
 )
 
@@ -434,7 +444,7 @@ def write_outputs(results: list[dict], runs: dict, out_md: Path, out_png: Path, 
             )
     lines += [
         "",
-        "Targets of issue 11 (ratios of medians of this run; `ClipLoader` is `ours-u8`, the uint8 output the others give):",
+        "Targets of issues 11 and 21 (ratios of medians of this run; `ClipLoader` is `ours-u8`, the uint8 output the others give):",
         "",
         "| target | workers | ratio of medians | median of per-repeat ratios | met? |",
         "| --- | ---: | ---: | ---: | --- |",
@@ -442,6 +452,7 @@ def write_outputs(results: list[dict], runs: dict, out_md: Path, out_png: Path, 
     names = {
         "ours-u8": "ClipLoader",
         "clipdataset": "DataLoader(ClipDataset)",
+        "stateful": "StatefulDataLoader(ClipDataset)",
         "wds": "plain webdataset",
         "ceiling": "decode ceiling",
     }
