@@ -97,3 +97,13 @@ def test_train_accelerate(packed: Path, route: str, processes: int):
     assert int(out["processes"]) == processes
     assert out["clips"] == out["distinct"] == "[48, 48]"
     assert int(out["steps"]) == 2 * 48 // (4 * processes)
+
+
+def test_train_stateful(packed: Path):
+    # StatefulDataLoader(ClipDataset), 2 workers, restored halfway through epoch 1: both epochs
+    # still use each of the 48 training clips exactly once (batch 4 divides every worker's share).
+    pytest.importorskip("torchdata")
+    out = run_example("train_stateful.py", packed, *SMALL, "--workers", "2", "--epochs", "2")
+    assert int(out["steps"]) == 2 * 12 and int(out["resumed_at_step"]) == 18
+    assert int(out["clips"]) == 96 and out["distinct"] == "[48, 48]"
+    assert float(out["loss"]) > 0
