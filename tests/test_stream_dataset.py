@@ -21,6 +21,7 @@ from pipeline import ClipDataset, ClipLoader, read_shard
 from pipeline.errors import UserError
 
 pytest.importorskip("torchdata")
+from torchdata.stateful_dataloader import StatefulDataLoader  # noqa: E402
 
 ARGS = dict(crop=24, seed=5, shuffle_buffer=8)
 
@@ -95,6 +96,22 @@ def test_stateful_dataloader_resumes_in_a_new_process_without_decoding_used_batc
     replayed = (stop % snapshot) if snapshot > 1 else 0
     assert len(decoded) == len(tail[0]) + len(tail[1]) + replayed
     assert sum(keys in head for keys in decoded) == replayed
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_state_saved_after_an_epochs_last_batch_resumes_at_the_next_epoch(packed, workers):
+    def make(kind=StatefulDataLoader):
+        dataset = ClipDataset(packed, batch_size=4, num_workers=workers, **ARGS)
+        return kind(dataset, batch_size=None, num_workers=workers)
+
+    reference = _passes(make(DataLoader), 2)
+    loader = make()
+    batches = iter(loader)
+    first = [next(batches)["key"] for _ in range(len(loader))]  # as Lightning: never asks past the last
+    state = loader.state_dict()
+    resumed = make()
+    resumed.load_state_dict(state)
+    assert first == reference[0] and _passes(resumed, 1)[0] == reference[1]
 
 
 @pytest.mark.parametrize(

@@ -243,10 +243,13 @@ class ClipDataset(wds.DataPipeline, wds.FluidInterface):
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 0)
         now = self.state.current
-        if now.running and now.worker == worker and not (0 <= now.items <= now.step):
+        mine = now.running and now.worker == worker
+        if mine and 0 <= now.items <= now.step:
+            # Delivered all it plans (Lightning, knowing the length, never asks past the last
+            # batch): a checkpoint taken now must resume at the next epoch, not at an empty rest.
+            epoch, step = now.epoch + 1, 0
+        elif mine:
             epoch, step = now.epoch, now.step
-        elif now.running and now.worker == worker:
-            epoch, step = now.epoch + 1, 0  # delivered all it had: the next pass is the next epoch
         elif self.state.resume is not None:
             epoch, step = self.state.resume
         else:
