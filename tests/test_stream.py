@@ -377,7 +377,7 @@ def test_a_truncated_shard_costs_its_missing_clips_not_the_epoch(tmp_path, packe
 @pytest.mark.parametrize("other", [(32, 48), (48, 72)])
 def test_a_frame_of_another_size_is_a_fault_not_garbage(other):
     """A smaller frame would fit the clip's buffer and a larger one would not: both are named."""
-    from pipeline.shardformat import ShardFormatError
+    from pipeline.errors import ShardFormatError
 
     rng = np.random.default_rng(0)
     frames = [

@@ -17,8 +17,9 @@ from conftest import REPO
 
 from pipeline.config import StreamConfig
 from pipeline.device import MEAN, STD, to_model_input
+from pipeline.errors import WorkerDied
 from pipeline.stream import plan
-from pipeline.stream.workers import LocalRing, WorkerDied, WorkerPool, threaded
+from pipeline.stream.workers import LocalRing, WorkerPool, threaded
 from pipeline.tools.bench import child_pids
 
 
@@ -211,7 +212,7 @@ def _failing(worker, ring):
 
 
 def test_a_producer_bug_reaches_the_parent_with_its_traceback():
-    from pipeline.stream.workers import LoaderError
+    from pipeline.errors import LoaderError
 
     with WorkerPool(_failing, 1, (2,), slots=2) as pool:
         pool.release(0, pool.get(0))
