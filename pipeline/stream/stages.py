@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import UserError
-from pipeline.shardformat import CLS, JPGS, JSON, ShardFormatError, decode_jpegs, parse_label, split_member_name
+from pipeline.errors import ShardFormatError, UserError
+from pipeline.shardformat import CLS, JPGS, JSON, decode_jpegs, parse_label, split_member_name
 from pipeline.storage.urls import is_pack_folder
 from pipeline.stream.sources import Shard, expand_shards, open_shard, resolve
 from pipeline.stream.tar import group_samples, tar_members, tar_samples

@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import torch
 
-from pipeline.errors import UserError
+from pipeline.errors import LoaderError, WorkerDied
 
 Producer = Callable[[int, "object"], Iterator[dict]]
 
@@ -68,16 +68,6 @@ def _close_live_pools() -> None:
             pool.close()
         except Exception:  # noqa: BLE001 - interpreter shutdown: whatever is left, multiprocessing kills
             pass
-
-
-class LoaderError(RuntimeError):
-    """A loader worker failed with an exception (a bug): the message carries its traceback."""
-
-
-class WorkerDied(UserError):
-    """A loader worker was killed (out of memory, a signal): one line, exit code 1."""
-
-    exit_code = 1
 
 
 class _Stop(Exception):
