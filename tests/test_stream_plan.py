@@ -32,6 +32,32 @@ def test_steps_per_epoch_table():
 
 
 @pytest.mark.parametrize(
+    "counts, batch, world, workers, pad, expected",
+    [
+        ([6] * 8, 4, 2, 2, False, [3, 3]),  # every worker of every rank holds 12
+        ([6] * 8, 5, 2, 2, False, [2, 2]),
+        ([6] * 8, 5, 2, 2, True, [3, 3]),  # 3 batches of 5 for 12 clips: 3 repeats a worker
+        ([10, 1, 1, 1], 1, 2, 1, False, [2]),  # the rank without the big shard holds 2
+        ([10, 1, 1, 1], 1, 2, 1, True, [11]),  # ... and tops up to the other's 11
+    ],
+)
+def test_worker_batches_table(counts, batch, world, workers, pad, expected):
+    assert plan.worker_batches(counts, batch, world, 0, 0, workers, pad) == expected
+
+
+def test_worker_batches_are_the_same_on_every_rank_and_fit_each_ranks_clips():
+    counts = [9, 3, 7, 1, 5, 6, 2, 8]
+    for epoch in range(10):
+        for pad in (False, True):
+            per_worker = plan.worker_batches(counts, 4, 2, 0, epoch, 2, pad)
+            for rank in range(2):
+                mine = [counts[i] for i in plan.rank_shards(len(counts), 0, epoch, rank, 2)]
+                held = [sum(mine[w::2]) for w in range(2)]
+                # pad: room for every clip a worker holds; drop: never more than it holds
+                assert all((4 * q >= h) if pad else (4 * q <= h) for q, h in zip(per_worker, held))
+
+
+@pytest.mark.parametrize(
     "have, total, expected",
     [
         ([12, 12], 24, [12, 12]),
