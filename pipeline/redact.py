@@ -13,9 +13,9 @@ import re
 
 REDACTED = "<redacted>"
 
-# A URL runs to the first white space or quote; `<` and `>` stop it too, so that redacting twice
-# changes nothing.
-_URL = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<rest>[^\s'\"<>]+)")
+# A URL runs to the first white space or quote (a shard pattern's `<000..031>` range is part of it).
+# Redacting twice changes nothing: `?<redacted>` and `<redacted>@` are replaced by themselves.
+_URL = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<rest>[^\s'\"]+)")
 
 
 def _one(m: re.Match) -> str:

@@ -28,7 +28,7 @@ from pipeline.stream.plan import (
     train_plan,
     worker_parts,
 )
-from pipeline.stream.sources import ShardSet, resolve, shard_name
+from pipeline.stream.sources import ShardSet, changed_content, content_of, resolve, shard_name
 from pipeline.stream.stages import Faults, skip_consumed
 from pipeline.stream.workers import Closing
 
@@ -269,7 +269,7 @@ class ClipLoader(Closing):
         """Where this loader is: the next batch to deliver is batch `step` of epoch `epoch` (the same
         on every rank), with the plan it was computed from."""
         epoch, step = self._next()
-        return {"epoch": epoch, "step": step, "plan": self._plan_identity()}
+        return {"epoch": epoch, "step": step, "plan": self._plan_identity(), "content": content_of(self.source.shards)}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from `state` (from `state_dict()`): the next batches are exactly those an
@@ -281,6 +281,13 @@ class ClipLoader(Closing):
             raise ValueError(f"not a ClipLoader state: {state!r:.200}") from None
         if epoch < 0 or step < 0:
             raise ValueError(f"ClipLoader state at epoch {epoch}, step {step}")
+        content = state.get("content")
+        differ = changed_content(content, content_of(self.source.shards)) if isinstance(content, dict) else []
+        if differ:
+            raise ValueError(
+                f"the state was taken on another pack: {len(differ)} shards of the same name differ in content "
+                f"(sha256 in the index), e.g. {differ[0]}; load it into a loader on the shards it was taken on"
+            )
         if step:
             mine = self._plan_identity()
             changed = sorted(k for k in mine if plan.get(k) != mine[k])

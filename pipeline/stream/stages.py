@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.redact import redact
 from pipeline.shardformat import CLS, JPGS, JSON, ShardFormatError, decode_jpegs, parse_label, split_member_name
 from pipeline.stream.sources import Shard, open_shard
 from pipeline.stream.tar import group_samples, tar_members, tar_samples
@@ -49,7 +50,8 @@ class Faults:
         self.bad = 0
 
     def add(self, what: str, reason: str, samples: int = 1) -> None:
-        self.pending.append({"what": what, "reason": reason, "samples": samples})
+        # redacted here, where every fault record is made: they reach logs, warnings and user code
+        self.pending.append({"what": redact(what), "reason": redact(reason), "samples": samples})
         self.bad += samples
 
     def take(self) -> list[dict]:
@@ -67,7 +69,7 @@ def read_samples(shards: Iterable[Shard], allow_pipe: bool, faults: Faults) -> I
     for shard in shards:
         seen = 0
         try:
-            stream = open_shard(shard.url, allow_pipe)
+            stream = open_shard(shard.url, allow_pipe, shard.bytes)
         except Exception as e:
             faults.add(shard.url, f"cannot open: {e}", max(shard.samples, 0))
             continue

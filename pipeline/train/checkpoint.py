@@ -19,7 +19,7 @@ from pipeline.device import DistEnv
 from pipeline.durable import failpoint, publish
 from pipeline.errors import UserError
 from pipeline.storage.urls import shard_name
-from pipeline.stream.sources import ShardSet
+from pipeline.stream.sources import ShardSet, changed_content, content_of
 from pipeline.train.collectives import gather
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -64,6 +64,7 @@ def run_identity(cfg: TrainConfig, world_size: int, workers: int, train: ShardSe
         "model": cfg.model,
         "classes": list(train.classes),
         "shards": [shard_name(s.url) for s in train.shards],
+        "content": content_of(train.shards),
         "resample": sc.resample,
         "epoch_fill": sc.epoch_fill,
     }
@@ -159,6 +160,29 @@ def read_checkpoint(path: str) -> dict:
     return ckpt
 
 
+def check_same_pack(path: str, saved: dict, run_identity: dict) -> None:
+    """A resume is on the pack the run started on: a shard of the same name with other contents (the
+    folder packed again) would have clips trained twice and others never, so it is one error. A
+    checkpoint written before content identity (no "content") is not checked."""
+    before = saved.get("content")
+    if not isinstance(before, dict):
+        return
+    now = run_identity["content"]
+    differ = changed_content(before, now)
+    if differ:
+        common = sum(1 for n in now if n in before)
+        raise UserError(
+            f"the shards are not the pack checkpoint {path!r} was trained on: {len(differ)} of {common} training shards "
+            f"differ in content (sha256 in the index), e.g. {differ[0]}; resume on the shards it started on, or start a new run"
+        )
+
+
+def _plan_changes(saved: dict, run_identity: dict) -> list[str]:
+    """The identity fields a mid-epoch resume must keep that differ (content is check_same_pack's)."""
+    keys = ({*saved, *run_identity}) - {"content"}
+    return sorted(k for k in keys if saved.get(k) != run_identity.get(k))
+
+
 def load_resume(path: str, run_identity: dict, model, optimizer, env: DistEnv, use_cuda: bool) -> Position:
     """Load a checkpoint into `model` and `optimizer` (and this rank's RNG state); returns its
     position. Nothing is unpickled (weights_only)."""
@@ -166,8 +190,9 @@ def load_resume(path: str, run_identity: dict, model, optimizer, env: DistEnv, u
     saved = ckpt["run"]
     if saved["model"] != run_identity["model"] or saved["classes"] != run_identity["classes"]:
         raise UserError(f"checkpoint {path!r} is of model {saved['model']!r} on {len(saved['classes'])} classes")
-    if ckpt["step_in_epoch"] > 0 and saved != run_identity:
-        changed = sorted(k for k in {*saved, *run_identity} if saved.get(k) != run_identity.get(k))
+    check_same_pack(path, saved, run_identity)
+    if ckpt["step_in_epoch"] > 0 and _plan_changes(saved, run_identity):
+        changed = _plan_changes(saved, run_identity)
         raise UserError(f"checkpoint {path!r} stopped mid-epoch; resuming it needs the same {', '.join(changed)}")
     try:
         model.load_state_dict(ckpt["model"])

@@ -12,7 +12,9 @@ import torch
 
 from pipeline.config import TrainConfig
 from pipeline.device import DistEnv
+from pipeline.durable import open_append
 from pipeline.errors import UserError
+from pipeline.redact import redact_all
 from pipeline.train.collectives import gather
 
 
@@ -77,9 +79,9 @@ class BadClipBudget:
     def write(self, faults: list[dict], epoch: int, step: int, **extra) -> None:
         if not faults:
             return  # no empty log: its presence says this rank met faults
-        with open(self.log, "a") as f:
+        with open_append(self.log) as f:
             for fault in faults:
-                f.write(json.dumps({"epoch": epoch, "step": step, **extra, **fault}) + "\n")
+                f.write(json.dumps(redact_all({"epoch": epoch, "step": step, **extra, **fault})) + "\n")
 
     def add(self, faults: list[dict], epoch: int, step: int) -> None:
         if not faults:
