@@ -478,6 +478,12 @@ def test_layouts_are_found_one_level_down_under_any_name(small_tree, tmp_path):
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "hmdb-out" / "index.json").read_text())["split_source"] == "official"
 
+    kinetics = tmp_path / "kinetics"
+    make_sample_data(kinetics / "kinetics400", classes=2, clips_per_class=3, seed=3, layout="kinetics")
+    result = pack(kinetics, tmp_path / "kinetics-out", "--shards", "1")
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "kinetics-out" / "index.json").read_text())["layout"] == "kinetics"
+
 
 # --- 10. paths and names ------------------------------------------------------------------------
 

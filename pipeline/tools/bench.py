@@ -91,8 +91,10 @@ class BenchConfig:
             raise UserError(f"--warmup must be >= 0, got {self.warmup}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise UserError(f"--device must be auto, cpu or cuda, got {self.device!r}")
-        if self.step_ms is not None and (self.step_ms <= 0 or self.model):
-            raise UserError("--step-ms must be > 0 and cannot be combined with --model")
+        if self.step_ms is not None and (not 0 < self.step_ms <= 60_000 or self.model):
+            raise UserError(
+                f"--step-ms must be in (0, 60000] ms and cannot be combined with --model, got {self.step_ms}"
+            )
         if self.synthetic and not (self.model or self.step_ms):
             raise UserError("--synthetic compares against a model's step time: give --model (or --step-ms) too")
         if self.threads is not None and self.threads < 1:

@@ -8,15 +8,17 @@ used)."""
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 import pickle
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from pipeline.config import TrainConfig
 from pipeline.device import DistEnv
-from pipeline.durable import failpoint, publish
+from pipeline.durable import failpoint, open_new, publish
 from pipeline.errors import UserError
 from pipeline.storage.urls import shard_name
 from pipeline.stream.sources import ShardSet, changed_content, content_of
@@ -78,15 +80,28 @@ def resolve_checkpoint(resume: str) -> str:
 
 def save_checkpoint(path: Path, state: dict) -> None:
     """Atomic: written beside, flushed, then renamed over the old one. A crash at any point leaves
-    the previous checkpoint in place (and at worst a stale temporary file, removed next time)."""
+    the previous checkpoint in place (and at worst a stale temporary file, removed next time); a
+    full disk or a file-size limit is one line, the temporary file removed, the previous checkpoint
+    kept. The temporary file is never written through a symlink (durable.open_new); the run
+    folder's lock (runfolder.lock_run_folder) makes every other `.checkpoint.pt.*.tmp` a stale one."""
+    buf = io.BytesIO()
+    torch.save(state, buf)  # in memory first: a failing write is then an OSError, not torch's chained errors
+    data = buf.getbuffer()
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        failpoint(f"checkpoint-mid-write:{state['step']}", lambda: f.truncate(f.tell() // 2))
-        os.fsync(f.fileno())
-    failpoint(f"checkpoint-before-rename:{state['step']}")
-    publish(tmp, path)
+    try:
+        with open_new(tmp) as f:
+            f.write(data)
+            f.flush()
+            failpoint(f"checkpoint-mid-write:{state['step']}", lambda: f.truncate(f.tell() // 2))
+            os.fsync(f.fileno())
+        failpoint(f"checkpoint-before-rename:{state['step']}")
+        publish(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        kept = "the previous checkpoint is kept" if path.exists() else "no checkpoint was written"
+        raise UserError(
+            f"cannot write checkpoint {path}: {e.strerror or e}; {len(data)} bytes were to be written, {kept}"
+        ) from None
     for stale in path.parent.glob(f".{path.name}.*.tmp"):
         stale.unlink(missing_ok=True)
 
@@ -105,8 +120,11 @@ class Checkpointer:
     total_opt_steps: int
     env: DistEnv
     device: torch.device
+    check: Callable[[], None] = lambda: None
+    """Run first on every rank (a collective): raises when the state must not be saved (a NaN loss)."""
 
     def save(self, at: Position) -> None:
+        self.check()
         rng = {"torch": gather(torch.get_rng_state().to(self.device), self.env).cpu()}
         if self.device.type == "cuda":
             rng["cuda"] = gather(torch.cuda.get_rng_state().to(self.device), self.env).cpu()
@@ -136,13 +154,19 @@ def read_checkpoint(path: str) -> dict:
         return UserError(f"cannot load checkpoint {path!r}: it is not a clipstream checkpoint ({why})")
 
     try:
+        if os.path.getsize(path) == 0:  # torch's EOFError says nothing ("cannot load ...: ")
+            raise UserError(f"cannot load checkpoint {path!r}: it is empty (0 bytes)")
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except UserError:
+        raise
     except pickle.UnpicklingError as e:
         if "unsupported global" in str(e).lower():
             raise not_ours("it holds Python objects, which clipstream never unpickles") from None
         raise not_ours("not a file torch.save wrote") from None
-    except (OSError, EOFError) as e:
-        raise UserError(f"cannot load checkpoint {path!r}: {getattr(e, 'strerror', None) or e}") from None
+    except EOFError:
+        raise UserError(f"cannot load checkpoint {path!r}: it is cut short (a torn write?)") from None
+    except OSError as e:
+        raise UserError(f"cannot load checkpoint {path!r}: {e.strerror or e}") from None
     except Exception:  # torch raises KeyError, RuntimeError, ValueError ... for foreign files
         raise not_ours("not a file torch.save wrote") from None
     if not isinstance(ckpt, dict):

@@ -87,8 +87,17 @@ def _train(cfg: TrainConfig, env: DistEnv, held: contextlib.ExitStack) -> dict:
 
     # --- resume -----------------------------------------------------------------------------
     identity = run_identity(cfg, env.world_size, loader.n_workers, data.train)
+    meter = Meter(device, env)
     checkpointer = Checkpointer(
-        log_dir / CHECKPOINT_NAME, model, optimizer, identity, cfg.schedule, total_opt_steps, env, device
+        log_dir / CHECKPOINT_NAME,
+        model,
+        optimizer,
+        identity,
+        cfg.schedule,
+        total_opt_steps,
+        env,
+        device,
+        check=lambda: meter.check_finite(log_dir / CHECKPOINT_NAME),
     )
     at = Position()
     if cfg.resume:
@@ -108,7 +117,6 @@ def _train(cfg: TrainConfig, env: DistEnv, held: contextlib.ExitStack) -> dict:
 
     # --- loop -------------------------------------------------------------------------------
     stepper = Stepper(net, forward, optimizer, ModelInput(device, channels_last), autocast, cfg, total_opt_steps)
-    meter = Meter(device, env)
     periodic = Periodic(cfg.checkpoint_every, at.step)
     last_eval: dict | None = None
     stopped_early = False
@@ -345,11 +353,16 @@ def run_epoch(
         if audit is not None:
             audit.write(batch["key"], batch["repeat"].tolist())
         failpoint(f"step:{at.step}")
-        meter.add(loss, batch_size, t1 - t0, time.perf_counter() - t0)
+        meter.add(loss, batch_size, t1 - t0, time.perf_counter() - t0, at.step)
         bar.update(1)
 
         if at.step % cfg.log_every == 0 or in_epoch + 1 == steps:
-            rec = {"step": at.step, "epoch": epoch + 1, "lr": stepper.optimizer.param_groups[0]["lr"], **meter.record()}
+            rec = {
+                "step": at.step,
+                "epoch": epoch + 1,
+                "lr": stepper.optimizer.param_groups[0]["lr"],
+                **meter.record(checkpointer.path),
+            }
             metrics.record("step", **rec)
             bar.set_postfix(
                 loss=f"{rec['loss']:.3f}", clips_s=f"{rec['clips_per_s']:.1f}", wait=f"{rec['data_wait']:.0%}"
