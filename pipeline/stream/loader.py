@@ -206,6 +206,7 @@ class ClipLoader(Closing):
         self.pool = None
         self.merged: torch.Tensor | None = None
         self.position = (0, 0)
+        self._ticket = 0
         """(epoch, step) of the next batch to deliver."""
 
     @property
@@ -325,11 +326,22 @@ class ClipLoader(Closing):
             )
         batches = self._batches(epoch)
         batches = _pinning(batches) if self.pin_memory else batches
-        return self._counted(batches, epoch)
+        self._ticket += 1
+        return self._counted(batches, epoch, self._ticket)
 
-    def _counted(self, batches: Iterator[dict], epoch: int) -> Iterator[dict]:
+    def _counted(self, batches: Iterator[dict], epoch: int, ticket: int) -> Iterator[dict]:
         step = self.position[1]
-        for batch in batches:
+        while True:
+            # One iterator at a time reads the workers: an older one read on after epoch() was asked
+            # for again would take the newer one's batches, and fail later with a misleading message.
+            if ticket != self._ticket:
+                raise ValueError(
+                    f"this iterator of epoch {epoch} was superseded: epoch() was asked for again while it was open "
+                    "(iterate one epoch's batches at a time)"
+                )
+            batch = next(batches, None)
+            if batch is None:
+                break
             step += 1
             self.position = (epoch, step)
             yield batch
