@@ -499,6 +499,20 @@ def test_a_non_utf8_name_under_the_grouped_fallback_packs(small_tree, tmp_path):
     assert (tmp_path / "out" / "manifest.parquet").exists()
 
 
+@pytest.mark.slow
+def test_a_long_non_utf8_log_dir_reaches_every_rank_whole(packed, tmp_path):
+    """--nproc-per-node hands rank 0's run folder to the others: it was cut at 1,024 bytes (the run
+    wrote into a parent folder) and a non-UTF-8 one failed with no message at all."""
+    log = os.fsencode(tmp_path) + b"/" + b"/".join([b"d" * 200] * 5) + b"/run-\xff"
+    cmd = [os.fsencode(a) for a in cli_command("train_app")]
+    cmd += [b"--shards", os.fsencode(f"{packed}/<000..007>.tar"), *(a.encode() for a in SMALL), b"--workers", b"1"]
+    cmd += [b"--epochs", b"1", b"--max-steps", b"2", b"--nproc-per-node", b"2", b"--log-dir", log]
+    done = subprocess.run(cmd, env=cli_env(), capture_output=True, timeout=300)
+    assert done.returncode == 0, done.stderr.decode(errors="replace")[-3000:]
+    assert len(log) > 1024 and os.path.isfile(log + b"/metrics.jsonl")
+    assert os.path.isfile(log + b"/checkpoint.pt")
+
+
 def _kinetics_csv(tmp_path, row: bytes) -> Path:
     from pipeline.tools.sampledata import make_sample_data
 
