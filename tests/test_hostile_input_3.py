@@ -558,6 +558,14 @@ def test_nothing_to_do_prints_no_rate(small_tree, tmp_path):
     assert "nothing to do" in again.stdout and "clips/s" not in again.stdout, again.stdout
 
 
+def test_loader_only_bench_prints_no_wait_share(packed):
+    args = ["--crop", "24", "--batch-size", "4", "--batches", "3", "--warmup", "1", "--workers", "0"]
+    result = run_cli(cli.bench_app, "--shards", f"{packed}/<000..007>.tar", *args)
+    assert result.exit_code == 0, result.output
+    row = next(line for line in result.stdout.splitlines() if line.startswith("shards"))
+    assert "100%" not in row and " - " in row, row
+
+
 def test_library_numbers_refuse_nan(packed):
     from pipeline.config import StreamConfig, TrainConfig
 
