@@ -16,6 +16,7 @@ import typer
 import typer.core
 
 from pipeline.errors import UserError, as_options, printable
+from pipeline.redact import redact
 
 
 def one_line_errors(fn: Callable) -> Callable:
@@ -28,7 +29,8 @@ def one_line_errors(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         except UserError as e:
             # printable: the message may quote a key or member name from a shard (one line, no escapes)
-            typer.echo(f"error: {printable(as_options(str(e)))}", err=True)
+            # redact: a URL's query string (a pre-signature) or user:password@ is a secret
+            typer.echo(f"error: {printable(redact(as_options(str(e))))}", err=True)
             raise typer.Exit(getattr(e, "exit_code", 2)) from None
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
@@ -48,7 +50,7 @@ class _OneLineUsageErrors(typer.core.TyperCommand):
             code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except typer.TyperException as e:  # click.UsageError, BadParameter, ...
             message = " ".join(e.format_message().split())
-            typer.echo(f"error: {message} (see --help)", err=True)
+            typer.echo(f"error: {redact(message)} (see --help)", err=True)
             sys.exit(2)
         except typer.Abort:
             typer.echo("aborted", err=True)
@@ -329,7 +331,7 @@ def pack_shards(
         overwrite=overwrite,
     )
     report = run_pack(cfg, quiet=quiet)
-    typer.echo(report.summary())
+    typer.echo(redact(report.summary()))
     check_failures(cfg, report)
 
 
@@ -433,7 +435,7 @@ def inspect_shards(
         raise UserError(f"--frame-height must be in 8..1024, got {frame_height}")
     paths = shard_paths(pattern)
     found = scan_shards(paths, quiet=quiet)
-    typer.echo(summarize(paths, found).render())
+    typer.echo(redact(summarize(paths, found).render()))
     if sheet is not None:
         if not found:
             raise UserError(f"no samples in the shards of {pattern!r}: nothing to draw")
@@ -465,7 +467,7 @@ def verify_shards(
 
     report = verify_pack(as_path(folder), workers if workers is not None else default_workers(), quiet=quiet)
     for line in report.problems:
-        typer.echo(printable(line))  # names and keys come from the shards and the index
+        typer.echo(printable(redact(line)))  # names and keys come from the shards and the index
     typer.echo(report.summary())
     if report.problems:
         raise typer.Exit(1)

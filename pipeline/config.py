@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from pathlib import Path
 
@@ -13,6 +14,10 @@ def default_workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+MAX_TIMEOUT_S = 86_400
+"""A day per video: longer is a typo (and above ~1e9 s the time-out cannot even be waited for)."""
+MAX_COUNT = 1_000_000_000
+"""The largest count `max_failures` / `max_bad` take (infinity is not a count: use a large one)."""
 PACK_LAYOUTS = ("auto", "hmdb51", "ucf101", "kinetics", "folders")
 
 
@@ -90,10 +95,14 @@ class PackConfig:
             raise UserError(f"unknown decoder {self.decoder!r}; choose pyav or decord")
         if self.workers < 1:
             raise UserError(f"`workers` must be >= 1, got {self.workers}")
-        if self.timeout <= 0:
-            raise UserError(f"`timeout` must be > 0 seconds, got {self.timeout}")
-        if self.max_failures < 0:
-            raise UserError(f"`max_failures` must be >= 0, got {self.max_failures}")
+        # `not x <= high` also refuses nan, which every comparison calls false (a nan time-out never
+        # fired: a hung decoder held the pack for ever)
+        if not 0 < self.timeout <= MAX_TIMEOUT_S:
+            raise UserError(f"`timeout` must be a number of seconds in (0, {MAX_TIMEOUT_S:,}], got {self.timeout}")
+        if not 0 <= self.max_failures <= MAX_COUNT:
+            raise UserError(
+                f"`max_failures` must be a fraction (< 1) or a count in 0..{MAX_COUNT:,}, got {self.max_failures}"
+            )
         i, n = self.part
         if not (n >= 1 and 1 <= i <= n):
             raise UserError(f"`part` must be i/N with 1 <= i <= N, got {i}/{n}")
@@ -234,8 +243,8 @@ class StreamConfig:
             raise UserError(f"`test_views` must be KxC with K in 1..32 and C 1 or 3, got {k}x{c}")
         if self.epoch_fill not in EPOCH_FILLS:
             raise UserError(f"`epoch_fill` must be one of {', '.join(EPOCH_FILLS)}, got {self.epoch_fill!r}")
-        if not self.max_bad >= 0:
-            raise UserError(f"`max_bad` must be >= 0 (a fraction if < 1, else a count), got {self.max_bad}")
+        if not 0 <= self.max_bad <= MAX_COUNT:
+            raise UserError(f"`max_bad` must be a fraction (< 1) or a count in 0..{MAX_COUNT:,}, got {self.max_bad}")
 
     def check_memory(self, frames: int, workers: int) -> None:
         """The batch buffers a loader with `workers` workers allocates for clips of `frames` frames
@@ -322,10 +331,10 @@ class TrainConfig:
             raise UserError(f"`epochs` must be at most {MAX_EPOCHS:,}, got {self.epochs:,}")
         if self.optimizer not in OPTIMIZERS:
             raise UserError(f"`optimizer` must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
-        if self.lr is not None and not self.lr > 0:
-            raise UserError(f"`lr` must be > 0, got {self.lr}")
-        if self.weight_decay < 0:
-            raise UserError(f"`weight_decay` must be >= 0, got {self.weight_decay}")
+        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
+            raise UserError(f"`lr` must be a finite number > 0, got {self.lr}")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise UserError(f"`weight_decay` must be a finite number >= 0, got {self.weight_decay}")
         if self.schedule not in SCHEDULES:
             raise UserError(f"`schedule` must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if self.warmup_steps < 0:

@@ -7,11 +7,18 @@ reader sees the old file or the new one, never a part.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import json
 import os
 import signal
+import socket
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+from pipeline.errors import UserError
 
 
 def failpoint(name: str, before_kill=None) -> None:
@@ -47,7 +54,7 @@ def write_atomic(path: Path, data: bytes, midway: Callable[[], None] | None = No
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.partial")
     try:
-        with open(tmp, "wb") as f:
+        with open_new(tmp) as f:
             f.write(data[: len(data) // 2])
             f.flush()
             if midway is not None:
@@ -63,3 +70,89 @@ def write_atomic(path: Path, data: bytes, midway: Callable[[], None] | None = No
     except OSError:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def open_new(path: Path):
+    """`path` as a new, empty file open for binary writing, never through a symbolic link: whatever
+    has the name (a stale temporary file of ours, or a link planted in its place) is removed first,
+    and the file is created with O_EXCL | O_NOFOLLOW, so a link made in between fails the write
+    rather than truncating the file it points to. Removing a link never touches what it points to."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+    return os.fdopen(os.open(path, flags, 0o644), "wb")
+
+
+def open_append(path: Path):
+    """`path` open for appending text (created if missing), refusing a symbolic link in its place
+    (ELOOP): a log of ours is never written through a link planted under its name."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+    return os.fdopen(os.open(path, flags, 0o644), "a")
+
+
+def check_real_folder(path: Path) -> None:
+    """`path`, where we keep files of our own, must not be a symbolic link: writing there would
+    write wherever it points (a link planted by anyone who could write the parent folder)."""
+    if path.is_symlink():
+        raise UserError(
+            f"{path} is a symbolic link; clipstream keeps its own files there and never writes through a link: remove it"
+        )
+
+
+class FolderLock:
+    """An exclusive lock on a folder we write, held by this process until `release()` (or its end:
+    the kernel drops an flock with the last descriptor, so a process killed -9 leaves no stale lock).
+
+    The lock file records who holds it (host, pid, start time, command) for the second writer's
+    message. One helper for every folder we own: the run folder (train-stream) and OUT_DIR
+    (pack-shards without --part)."""
+
+    def __init__(self, lock_path: Path, busy: Callable[[dict], str]):
+        """Take the lock at `lock_path` or raise UserError(busy(holder)) at once; `holder` is what the
+        holder wrote ({} when unreadable)."""
+        import fcntl
+
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+        try:
+            fd = os.open(lock_path, flags, 0o644)
+        except OSError as e:
+            raise UserError(f"cannot lock {lock_path}: {e.strerror or e}") from None
+        self._file = os.fdopen(fd, "r+b")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                return  # a file system without flock (some network mounts): unlocked, as before
+            try:
+                holder = json.loads(self._file.read(4096) or b"{}")
+            except ValueError:
+                holder = {}
+            self._file.close()
+            raise UserError(busy(holder if isinstance(holder, dict) else {})) from None
+        me = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "command": " ".join(sys.argv)[:500],
+        }
+        self._file.truncate(0)
+        self._file.write(json.dumps(me).encode())
+        self._file.flush()
+
+    def release(self) -> None:
+        self._file.close()
+
+
+def holder_text(holder: dict) -> str:
+    """`pid N on host H since T` from a FolderLock holder record (fields may be missing)."""
+    return f"pid {holder.get('pid', '?')} on {holder.get('host', '?')} since {holder.get('since', '?')}"
+
+
+@contextlib.contextmanager
+def folder_lock(lock_path: Path, busy: Callable[[dict], str]) -> Iterator[FolderLock]:
+    """`with folder_lock(path, busy):` holds a FolderLock for the block."""
+    lock = FolderLock(lock_path, busy)
+    try:
+        yield lock
+    finally:
+        lock.release()

@@ -72,3 +72,9 @@ class ShardDeadline(ConnectionError):
 
 class LoaderError(RuntimeError):
     """A loader worker failed with an exception (a bug): the message carries its traceback."""
+
+
+class NotTheShard(ConnectionError):
+    """An HTTP(S) answer that is not (the rest of) the shard: another size than the index says, a
+    resumed range that does not start where asked, more bytes than announced. Never retried, never
+    read on: the shard's remaining samples are a counted fault."""

@@ -18,6 +18,7 @@ LAYERS = {
     "pipeline.errors": 0,
     "pipeline.shardformat": 1,
     "pipeline.durable": 1,
+    "pipeline.redact": 1,
     "pipeline.progress": 1,
     "pipeline.config": 2,
     "pipeline.frames": 3,

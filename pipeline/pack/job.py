@@ -15,16 +15,14 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import re
 import sys
 import time
 from pathlib import Path
 
 from pipeline.config import PackConfig
-from pipeline.durable import failpoint
-from pipeline.errors import (
-    TooManyFailures,
-    UserError,
-)
+from pipeline.durable import FolderLock, failpoint, holder_text
+from pipeline.errors import TooManyFailures, UserError
 from pipeline.pack.clip import pack_clip
 from pipeline.pack.layouts import Catalog, discover
 from pipeline.pack.outdir import STATE_DIR, LocalDir, StoreDir, json_bytes, open_out_dir, write_file
@@ -68,8 +66,13 @@ class PackReport:
             f"{self.layout} layout, {self.split_source} split: packed {self.packed} clips ({self.padded} padded), failed {len(self.failed)}, "
             f"unused {self.unused}, ignored files {self.ignored}; "
             + (f"missing {self.listed_missing} (listed, no file); " if self.listed_missing else "")
-            + f"{self.shards_written}/{self.shards_total} shards written this run, "
-            f"{self.bytes / 1e6:.1f} MB in all; {self.clips_done_now} clips in {self.seconds:.1f} s ({rate:.1f} clips/s)"
+            + f"{self.shards_written}/{self.shards_total} shards written this run, {self.bytes / 1e6:.1f} MB in all"
+            # no rate of a run that decoded nothing: "0 clips in 0.1 s (0.0 clips/s)" read as a failure
+            + (
+                f"; {self.clips_done_now} clips in {self.seconds:.1f} s ({rate:.1f} clips/s)"
+                if self.clips_done_now
+                else ""
+            )
         )
         for source, reason in self.failed[:10]:
             lines.append(f"failed: {source}: {reason}")
@@ -82,23 +85,55 @@ class PackReport:
         return "\n".join(lines)
 
 
+_OUR_SHARD = re.compile(r"(test-)?[0-9]{3,}\.tar")
+"""The names plan_shards gives shards: the only ones, with the index and manifest, a pack deletes."""
+
+
+def _ours(name: object) -> bool:
+    return isinstance(name, str) and (bool(_OUR_SHARD.fullmatch(name)) or name in (INDEX_NAME, MANIFEST_NAME))
+
+
+def _read_plan(out: LocalDir | StoreDir, plan_file: str) -> tuple[dict | None, str | None]:
+    """The old pack's plan.json (None when there is none), or why it cannot be read (empty, torn)."""
+    raw = out.read(plan_file)
+    if raw is None:
+        return None, None
+    if not raw.strip():
+        return None, "empty"
+    try:
+        old = json.loads(raw)
+    except (ValueError, RecursionError) as e:
+        return None, f"not JSON: {str(e)[:80]}"
+    if not isinstance(old, dict) or not isinstance(old.get("options"), dict):
+        return None, "not a plan clipstream wrote"
+    return old, None
+
+
 def _prepare_out_dir(cfg: PackConfig, out: LocalDir | StoreDir, fp: dict, plans: list[ShardPlan]) -> None:
     plan_file = f"{STATE_DIR}/plan.json"
-    raw = out.read(plan_file)
-    old = json.loads(raw) if raw is not None else None
+    old, torn = _read_plan(out, plan_file)
     ours = {p.name for p in plans} | {INDEX_NAME, MANIFEST_NAME}
-    if old is not None and {k: v for k, v in old.items() if k != "files"} != fp:
+    if torn is not None:
+        if not cfg.overwrite:
+            raise UserError(
+                f"{out}/{plan_file} is unreadable ({torn}), so what {out} holds is not known; pass --overwrite to pack it again"
+            )
+        _clear(out, ours)
+    elif old is not None and {k: v for k, v in old.items() if k != "files"} != fp:
         if not cfg.overwrite:
             changed = [
                 f"{k} {old['options'].get(k)!r} -> {v!r}"
                 for k, v in fp["options"].items()
-                if old.get("options", {}).get(k) != v
+                if old["options"].get(k) != v
             ]
             what = ", ".join(changed) if changed else "the input videos or split files changed"
             raise UserError(
                 f"{out} was packed with different inputs or options ({what}); pass --overwrite to replace it"
             )
-        _clear(out, set(old.get("files", [])) | ours)
+        # The old plan names what it wrote, but a state file is no authority on what to delete: only
+        # names of our own pattern, inside the folder, are (an absolute or ../ name is never touched).
+        listed = old.get("files") if isinstance(old.get("files"), list) else []
+        _clear(out, {n for n in listed if _ours(n)} | ours)
     elif old is None:
         clash = sorted(n for n in ours if out.exists(n))
         if clash and not cfg.overwrite:
@@ -148,14 +183,36 @@ def _stderr(message: str) -> None:
 
 
 def run_pack(cfg: PackConfig, quiet: bool = False, log=_stderr) -> PackReport:
-    from pipeline.progress import progress
-
     t0 = time.monotonic()
     out = open_out_dir(cfg.out_dir)  # a URL we cannot write to fails here, before the videos are listed
     catalog = discover(cfg)
     for note in catalog.warnings:
         log(f"warning: {note}")
     out.check_writable(f"{STATE_DIR}/.write-test")
+    lock = _lock_out_dir(out, cfg)
+    try:
+        return _pack(cfg, out, catalog, quiet, t0)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _lock_out_dir(out: LocalDir | StoreDir, cfg: PackConfig) -> FolderLock | None:
+    """A local OUT_DIR is packed by one run at a time (a second one's start-up clean-up would delete
+    the first's files); --part runs share it by design, and a bucket has no locks."""
+    if not isinstance(out, LocalDir) or cfg.part[1] > 1:
+        return None
+    return FolderLock(
+        out.path / STATE_DIR / "lock",
+        lambda holder: (
+            f"{out} is being packed by {holder_text(holder)}; wait for that run, or pack into another folder"
+        ),
+    )
+
+
+def _pack(cfg: PackConfig, out: LocalDir | StoreDir, catalog: Catalog, quiet: bool, t0: float) -> PackReport:
+    from pipeline.progress import progress
+
     plans = plan_shards(catalog, cfg)
     fp = fingerprint(cfg, plans)
     _prepare_out_dir(cfg, out, fp, plans)
@@ -163,7 +220,7 @@ def run_pack(cfg: PackConfig, quiet: bool = False, log=_stderr) -> PackReport:
     mine = [p for g, p in enumerate(plans) if g % part_n == part_i - 1]
     todo = [p for p in mine if _shard_done(out, p, cfg.data_dir) is None]
     report = PackReport(out_dir=cfg.out_dir, shards_total=len(plans), split_source=catalog.split_source)
-    index_done = out.exists(INDEX_NAME) and out.exists(MANIFEST_NAME)
+    index_done = _index_readable(out) and out.exists(MANIFEST_NAME)
 
     if todo:
         jobs = [(p, v) for p in todo for v in p.videos]  # grouped by shard, in plan order
@@ -223,6 +280,15 @@ def run_pack(cfg: PackConfig, quiet: bool = False, log=_stderr) -> PackReport:
     report.layout = catalog.layout
     report.videos = len(catalog.videos)
     return report
+
+
+def _index_readable(out: LocalDir | StoreDir) -> bool:
+    """An index.json that is there and parses: an emptied or torn one is rewritten, not 'nothing to do'."""
+    raw = out.read(INDEX_NAME)
+    try:
+        return raw is not None and isinstance(json.loads(raw), dict)
+    except (ValueError, RecursionError):
+        return False
 
 
 def _utf8(text: str) -> str:

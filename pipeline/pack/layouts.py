@@ -17,6 +17,7 @@ import collections
 import csv
 import dataclasses
 import hashlib
+import math
 import re
 from pathlib import Path
 
@@ -103,13 +104,13 @@ def discover(cfg: PackConfig) -> Catalog:
 def detect_layout(cfg: PackConfig) -> str:
     """The layout DATA_DIR looks like; the most specific evidence wins (split folders, then list files)."""
     d = cfg.data_dir
-    if _kinetics_dirs(d):
+    if _kinetics_dirs(_kinetics_base(d)):
         return "kinetics"
     if _find_ucf_lists(cfg) is not None or (d / "UCF-101").is_dir():
         return "ucf101"
     if (d / "hmdb51_org").is_dir() or cfg.splits_dir is not None or _find_split_files(cfg):
         return "hmdb51"
-    found, _ = _scan(d, d)
+    found, _ = _scan(_class_root(d, "UCF-101"), d)
     if found and all(UCF_NAME.match(Path(n).stem) for names in found.values() for n in names):
         return "ucf101"
     return "folders"
@@ -144,8 +145,26 @@ def _require_videos(found: dict, root: Path) -> None:
 
 
 def _class_root(data_dir: Path, top: str) -> Path:
-    """The folder holding the class folders: DATA_DIR, or the level an official archive unpacks to."""
-    return data_dir / top if (data_dir / top).is_dir() else data_dir
+    """The folder holding the class folders: DATA_DIR, the level an official archive unpacks to
+    (`top`), or, when DATA_DIR holds no class folder of videos itself, its one sub-folder that does,
+    under any name (a tree extracted as `UCF101/` rather than the archive's `UCF-101/`)."""
+    if (data_dir / top).is_dir():
+        return data_dir / top
+    if _holds_class_folders(data_dir):
+        return data_dir
+    below = [d for d in _subfolders(data_dir) if _holds_class_folders(d)]
+    return below[0] if len(below) == 1 else data_dir
+
+
+def _subfolders(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _holds_class_folders(folder: Path) -> bool:
+    """Whether a sub-folder of `folder` holds a video file (stops at the first one found)."""
+    return any(
+        f.suffix.lower() in VIDEO_EXTENSIONS and not f.is_dir() for c in _subfolders(folder) for f in c.iterdir()
+    )
 
 
 def _videos(root: Path, data_dir: Path, found: dict, class_of: dict, classes: list[str], tags: dict) -> list[Video]:
@@ -174,7 +193,10 @@ def _grouped_split(strata: dict[str, dict[str, list]], seed: int) -> dict:
         n_items = sum(len(items) for items in groups.values())
         per_split = []
         for s in (1, 2, 3):
-            order = sorted(groups, key=lambda g: hashlib.sha1(f"{seed}:{s}:{stratum}:{g}".encode()).hexdigest())
+            order = sorted(
+                groups,
+                key=lambda g: hashlib.sha1(f"{seed}:{s}:{stratum}:{g}".encode("utf-8", "surrogateescape")).hexdigest(),
+            )
             target = round(0.3 * n_items) if len(groups) > 1 else 0
             test, n_test = set(), 0
             for g in order:
@@ -444,6 +466,14 @@ def _read_ucf_lists(cfg, lists: Path, classes: list[str], found: dict, root_rel:
 # ---------------------------------------------------------------- kinetics
 
 
+def _kinetics_base(data_dir: Path) -> Path:
+    """The folder holding train/ and val/: DATA_DIR, or its one sub-folder that does (any name)."""
+    if _kinetics_dirs(data_dir):
+        return data_dir
+    below = [d for d in _subfolders(data_dir) if _kinetics_dirs(d)]
+    return below[0] if len(below) == 1 else data_dir
+
+
 def _kinetics_dirs(data_dir: Path) -> dict[str, Path]:
     """role ('train', 'val', 'test') -> split folder holding at least one class folder of videos."""
     dirs: dict[str, Path] = {}
@@ -474,29 +504,41 @@ def _norm_label(name: str) -> str:
 
 
 def _read_kinetics_csv(path: Path) -> list[tuple[str, str]]:
-    """(label, file stem `<youtube_id>_<start:06d>_<end:06d>`) per row; label '' when the CSV has none."""
+    """(label, file stem `<youtube_id>_<start:06d>_<end:06d>`) per row; label '' when the CSV has none.
+    A damaged CSV (not UTF-8, a field over csv's limit, a time that is no finite number) is one line
+    naming the file."""
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            return _kinetics_rows(path, csv.DictReader(f))
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 (byte {e.object[e.start]:#04x} at offset {e.start})") from None
+    except csv.Error as e:
+        raise UserError(f"{path}: {e}") from None
+
+
+def _kinetics_rows(path: Path, reader: csv.DictReader) -> list[tuple[str, str]]:
+    need = {"youtube_id", "time_start", "time_end"}
+    if not need <= set(reader.fieldnames or ()):
+        raise UserError(
+            f"{path}: expected columns label,youtube_id,time_start,time_end,split, got {','.join(reader.fieldnames or ())!r}"
+        )
     rows = []
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
-        need = {"youtube_id", "time_start", "time_end"}
-        if not need <= set(reader.fieldnames or ()):
+    for lineno, row in enumerate(reader, 2):
+        try:
+            start, end = float(row["time_start"]), float(row["time_end"])
+        except (TypeError, ValueError):
+            start = end = math.nan
+        if not (math.isfinite(start) and math.isfinite(end) and 0 <= start < 1e9 and 0 <= end < 1e9):
             raise UserError(
-                f"{path}: expected columns label,youtube_id,time_start,time_end,split, got {','.join(reader.fieldnames or ())!r}"
+                f"{path}:{lineno}: time_start/time_end are not finite numbers of seconds: {str(row['time_start'])[:40]!r}, {str(row['time_end'])[:40]!r}"
             )
-        for lineno, row in enumerate(reader, 2):
-            try:
-                start, end = int(float(row["time_start"])), int(float(row["time_end"]))
-            except (TypeError, ValueError):
-                raise UserError(
-                    f"{path}:{lineno}: time_start/time_end are not numbers: {row['time_start']!r}, {row['time_end']!r}"
-                ) from None
-            rows.append((row.get("label") or "", f"{row['youtube_id']}_{start:06d}_{end:06d}"))
+        rows.append((row.get("label") or "", f"{row['youtube_id']}_{int(start):06d}_{int(end):06d}"))
     return rows
 
 
 def _kinetics(cfg: PackConfig) -> Catalog:
     data_dir = cfg.data_dir
-    dirs = _kinetics_dirs(data_dir)
+    dirs = _kinetics_dirs(_kinetics_base(data_dir))
     if not dirs:
         raise UserError(
             f"--layout kinetics does not fit {data_dir}: no train/, val/ or test/ folder of class folders of videos"

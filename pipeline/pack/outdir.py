@@ -21,7 +21,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from pipeline.durable import failpoint, write_atomic
+from pipeline.durable import check_real_folder, failpoint, write_atomic
 from pipeline.errors import UserError
 
 _LOST_SLASH = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/[^/]")
@@ -54,13 +54,24 @@ class LocalDir:
     def __str__(self) -> str:
         return self.url
 
+    def _own(self, name: str) -> Path:
+        """The path of `name`, one of our own names inside the folder: relative, without `..`, and
+        no folder on the way a symbolic link (a link planted there would have us write elsewhere)."""
+        rel = Path(name)
+        if rel.is_absolute() or ".." in rel.parts:
+            raise ValueError(f"not a name inside the output folder: {name!r}")
+        for parent in reversed(rel.parents[:-1]):
+            check_real_folder(self.path / parent)
+        return self.path / rel
+
     def check_writable(self, probe: str) -> None:
         if self.path.exists() and not self.path.is_dir():
             raise UserError(f"output path is a file, not a folder: {self.path}")
+        path = self._own(probe)
         try:
-            (self.path / probe).parent.mkdir(parents=True, exist_ok=True)
-            (self.path / probe).write_bytes(b"")
-            (self.path / probe).unlink()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"")
+            path.unlink()
         except OSError as e:
             raise UserError(f"output folder is not writable: {self.path} ({e.strerror})") from None
 
@@ -84,7 +95,7 @@ class LocalDir:
         `sync=False` skips the fsyncs, for a record whose loss costs only redone work and whose
         reader checks it: a killed process still leaves it whole or absent, but a power cut may
         leave it absent or empty."""
-        path = self.path / name
+        path = self._own(name)
         try:
             write_atomic(path, data, midway, sync)
         except OSError as e:
@@ -92,10 +103,10 @@ class LocalDir:
             raise UserError(f"cannot write {path}: {e.strerror or e}; {len(data)} bytes were to be written") from None
 
     def delete(self, name: str) -> None:
-        (self.path / name).unlink(missing_ok=True)
+        self._own(name).unlink(missing_ok=True)
 
     def delete_tree(self, name: str) -> None:
-        shutil.rmtree(self.path / name, ignore_errors=True)
+        shutil.rmtree(self._own(name), ignore_errors=True)
 
     def remove_partials(self) -> None:
         for stale in self.path.glob(".*.partial"):

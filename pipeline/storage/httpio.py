@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import http.client
 import io
+import re
 import time
 import urllib.error
 import urllib.request
 
-from pipeline.errors import (
-    ShardDeadline,
-    UserError,
-)
+from pipeline.errors import NotTheShard, ShardDeadline, UserError
+from pipeline.redact import redact
 
 HTTP_TIMEOUT_S = 60
 HTTP_ATTEMPTS = 3
@@ -65,14 +64,20 @@ def urlopen(request: urllib.request.Request):
     return with_retries(lambda: urllib.request.urlopen(request, timeout=HTTP_TIMEOUT_S))
 
 
+_CONTENT_RANGE = re.compile(r"bytes (?P<start>\d+)-(?P<end>\d+)/(?P<total>\d+|\*)")
+
+
 class ResumingBody(io.RawIOBase):
     """The body of one HTTP(S) shard, surviving dropped connections: a read that fails, or ends
     before Content-Length, re-requests the rest (HTTP_ATTEMPTS connections in all) with a Range
     header, or, from a server that ignores Range, re-reads and drops the bytes already delivered.
     After that the error reaches read_samples, which counts the shard's missing samples."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, size: int | None = None):
+        """`size`: the shard's bytes per the index, when known: a server serving another size (a
+        re-packed shard, an error page) is a fault at once, not bytes read as the shard."""
         self.url, self.pos, self.attempts = url, 0, 1
+        self.name = redact(url)  # what messages show: a pre-signed URL's signature is a secret
         started = time.monotonic()
         self.response = urlopen(urllib.request.Request(url))
         length = self.response.headers.get("Content-Length")
@@ -83,6 +88,11 @@ class ResumingBody(io.RawIOBase):
             else HTTP_UNKNOWN_SIZE_DEADLINE_S
         )
         self.budget, self.deadline = budget, started + budget
+        if size is not None and self.length is not None and self.length != size:
+            self.response.close()
+            raise NotTheShard(f"{self.name} is {self.length} bytes long (Content-Length), the index says {size}")
+        if self.length is None:
+            self.length = size
 
     def readable(self) -> bool:
         return True
@@ -90,17 +100,39 @@ class ResumingBody(io.RawIOBase):
     def _reopen(self) -> None:
         self.response.close()
         self.response = urlopen(urllib.request.Request(self.url, headers={"Range": f"bytes={self.pos}-"}))
-        if self.response.status != 206:
+        if self.response.status == 206:
+            self._check_range()
+        else:
             left = self.pos
             while left:
                 chunk = self.response.read(min(left, 1 << 20))
                 if not chunk:
-                    raise ConnectionError(f"{self.url} ended after {self.pos - left} bytes on a retry")
+                    raise ConnectionError(f"{self.name} ended after {self.pos - left} bytes on a retry")
                 left -= len(chunk)
+
+    def _check_range(self) -> None:
+        """A 206 must be the rest of this shard: from the byte asked for (Content-Range), to its end,
+        of the length that makes (Content-Length). Anything else (a proxy sending the body from byte 0
+        under a plausible Content-Range, another range) would splice wrong bytes into the stream:
+        clips read twice, others skipped, with no fault counted."""
+        got = self.response.headers.get("Content-Range", "")
+        sent = self.response.headers.get("Content-Length")
+        m = _CONTENT_RANGE.fullmatch(got.strip())
+        ok = m is not None and int(m["start"]) == self.pos
+        if ok and self.length is not None:
+            ok = m["total"] == str(self.length) and int(m["end"]) == self.length - 1
+        if ok and sent is not None and sent.isdigit():
+            ok = int(sent) == int(m["end"]) - int(m["start"]) + 1
+        if not ok:
+            self.response.close()
+            raise NotTheShard(
+                f"{self.name}: a resuming Range request for bytes {self.pos}-{'' if self.length is None else self.length - 1} "
+                f"was answered with Content-Range {got!r} and Content-Length {sent}: not the rest of the shard"
+            )
 
     def _late(self) -> ShardDeadline:
         return ShardDeadline(
-            f"{self.url}: not read whole within {self.budget:.0f} s ({self.pos} of {self.length or '?'} bytes arrived)"
+            f"{self.name}: not read whole within {self.budget:.0f} s ({self.pos} of {self.length or '?'} bytes arrived)"
         )
 
     def _read_some(self, buffer) -> int:
@@ -122,9 +154,11 @@ class ResumingBody(io.RawIOBase):
                 n = self._read_some(buffer)
                 if n == 0 and len(buffer) and self.length is not None and self.pos < self.length:
                     raise ConnectionError(f"connection closed after {self.pos} of {self.length} bytes")
+                if self.length is not None and self.pos + n > self.length:
+                    raise NotTheShard(f"{self.name} sent more than its {self.length} bytes")
                 self.pos += n
                 return n
-            except ShardDeadline:
+            except (ShardDeadline, NotTheShard):
                 raise
             except (OSError, http.client.HTTPException) as e:
                 if time.monotonic() >= self.deadline:

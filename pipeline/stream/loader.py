@@ -31,7 +31,7 @@ from pipeline.stream.plan import (
     train_plan,
     worker_parts,
 )
-from pipeline.stream.sources import ShardSet, resolve, shard_name
+from pipeline.stream.sources import ShardSet, changed_content, content_of, resolve, shard_name
 from pipeline.stream.stages import Faults, skip_consumed
 from pipeline.stream.workers import Closing
 
@@ -198,6 +198,7 @@ class ClipLoader(Closing):
         self.pool = None
         self.merged: torch.Tensor | None = None
         self.position = (0, 0)
+        self._ticket = 0
         """(epoch, step) of the next batch to deliver."""
 
     def _place(self, freeze: bool = True) -> dict:
@@ -287,7 +288,7 @@ class ClipLoader(Closing):
         """Where this loader is: the next batch to deliver is batch `step` of epoch `epoch` (the same
         on every rank), with the plan it was computed from."""
         epoch, step = self._next()
-        return {"epoch": epoch, "step": step, "plan": self._plan_identity()}
+        return {"epoch": epoch, "step": step, "plan": self._plan_identity(), "content": content_of(self.source.shards)}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from `state` (from `state_dict()`): the next batches are exactly those an
@@ -299,6 +300,13 @@ class ClipLoader(Closing):
             raise ValueError(f"not a ClipLoader state: {state!r:.200}") from None
         if epoch < 0 or step < 0:
             raise ValueError(f"ClipLoader state at epoch {epoch}, step {step}")
+        content = state.get("content")
+        differ = changed_content(content, content_of(self.source.shards)) if isinstance(content, dict) else []
+        if differ:
+            raise ValueError(
+                f"the state was taken on another pack: {len(differ)} shards of the same name differ in content "
+                f"(sha256 in the index), e.g. {differ[0]}; load it into a loader on the shards it was taken on"
+            )
         if step:
             mine = self._plan_identity()
             changed = sorted(k for k in mine if plan.get(k) != mine[k])
@@ -337,11 +345,22 @@ class ClipLoader(Closing):
             )
         batches = self._batches(epoch)
         batches = _pinning(batches) if self.pin_memory else batches
-        return self._counted(batches, epoch)
+        self._ticket += 1
+        return self._counted(batches, epoch, self._ticket)
 
-    def _counted(self, batches: Iterator[dict], epoch: int) -> Iterator[dict]:
+    def _counted(self, batches: Iterator[dict], epoch: int, ticket: int) -> Iterator[dict]:
         step = self.position[1]
-        for batch in batches:
+        while True:
+            # One iterator at a time reads the workers: an older one read on after epoch() was asked
+            # for again would take the newer one's batches, and fail later with a misleading message.
+            if ticket != self._ticket:
+                raise ValueError(
+                    f"this iterator of epoch {epoch} was superseded: epoch() was asked for again while it was open "
+                    "(iterate one epoch's batches at a time)"
+                )
+            batch = next(batches, None)
+            if batch is None:
+                break
             step += 1
             self.position = (epoch, step)
             yield batch

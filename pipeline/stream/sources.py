@@ -39,6 +39,10 @@ class Shard:
     """Local path or URL."""
     samples: int
     """Sample count from the index; -1 when unknown (evaluation shards the index does not list)."""
+    sha256: str | None = None
+    """The shard's sha256 from the index (its content identity); None when the index does not list it."""
+    bytes: int | None = None
+    """The shard's size from the index; None when the index does not list it."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,6 +123,28 @@ def counts(index: dict, split: str) -> dict[str, int]:
     return {e["name"]: e["samples"] for e in index["splits"].get(split, {}).get("shards", [])}
 
 
+def entries(index: dict, split: str) -> dict[str, dict]:
+    """Shard name -> its entry (samples, bytes, sha256) in one split of an index."""
+    return {e["name"]: e for e in index["splits"].get(split, {}).get("shards", [])}
+
+
+def listed(url: str, entry: dict) -> Shard:
+    """The Shard at `url` as its index entry describes it: sample count, sha256 and size."""
+    return Shard(url, entry["samples"], entry["sha256"], entry["bytes"])
+
+
+def content_of(shards: Iterable[Shard]) -> dict[str, str | None]:
+    """Shard name -> sha256 from the index: what a resume compares to know it is on the same pack
+    (names alone say nothing when a folder was packed again with other clips)."""
+    return {shard_name(s.url): s.sha256 for s in shards}
+
+
+def changed_content(before: dict, after: dict) -> list[str]:
+    """The shard names `before` and `after` (content_of records) both hold with different sha256,
+    sorted: the same name packed again with other clips. Unknown sha256s (None) are not compared."""
+    return sorted(n for n, h in after.items() if h is not None and before.get(n) not in (None, h))
+
+
 def resolve(
     patterns: Iterable[str], split: str = "train", index: str | None = None, allow_pipe: bool = False
 ) -> ShardSet:
@@ -151,13 +177,13 @@ def resolve(
             )
             if location not in indexes:
                 indexes[location] = read_index(location)
-            shards += [Shard(sibling(location, name), n) for name, n in counts(indexes[location], split).items()]
+            shards += [listed(sibling(location, name), e) for name, e in entries(indexes[location], split).items()]
             continue
         for url in expand_shards([pattern], allow_pipe):
             location, found = index_for(url)
-            name, mine = shard_name(url), counts(found, split)
+            name, mine = shard_name(url), entries(found, split)
             if name in mine:
-                shards.append(Shard(url, mine[name]))
+                shards.append(listed(url, mine[name]))
             elif split == "test" and name not in counts(found, "train"):
                 shards.append(Shard(url, -1))  # an evaluation shard of one's own: counted as it is read
             else:
@@ -191,7 +217,7 @@ def _short_side(index: dict) -> int | None:
 def test_beside(train: ShardSet) -> ShardSet:
     """The test shards the training shards' index lists, from the same folder or base URL."""
     index = read_index(train.index)
-    shards = tuple(Shard(sibling(train.index, name), n) for name, n in counts(index, "test").items())
+    shards = tuple(listed(sibling(train.index, name), e) for name, e in entries(index, "test").items())
     return dataclasses.replace(train, shards=shards)
 
 
@@ -199,9 +225,10 @@ def test_beside(train: ShardSet) -> ShardSet:
 # Opening one shard
 
 
-def open_shard(url: str, allow_pipe: bool = False):
+def open_shard(url: str, allow_pipe: bool = False, size: int | None = None):
     """A binary stream of one shard: a local file, an HTTP(S) response, an object-store file read
-    ahead in large blocks, or (when allowed) a pipe."""
+    ahead in large blocks, or (when allowed) a pipe. `size` (the index's bytes, when known) is what
+    an HTTP(S) answer must have."""
     local = local_path(url)
     if local is not None:
         return open(local, "rb")
@@ -209,7 +236,7 @@ def open_shard(url: str, allow_pipe: bool = False):
     if found in ("http", "https"):
         from pipeline.storage import httpio
 
-        return io.BufferedReader(httpio.ResumingBody(url), buffer_size=1 << 20)
+        return io.BufferedReader(httpio.ResumingBody(url, size), buffer_size=1 << 20)
     if is_object_store(url):
         return objectstore.open_read(url)
     if found == "pipe":

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import ShardFormatError, UserError
+from pipeline.redact import redact
 from pipeline.shardformat import CLS, JPGS, JSON, decode_jpegs, parse_label, split_member_name
 from pipeline.storage.urls import is_pack_folder
 from pipeline.stream.sources import Shard, expand_shards, open_shard, resolve
@@ -51,7 +52,8 @@ class Faults:
         self.bad = 0
 
     def add(self, what: str, reason: str, samples: int = 1) -> None:
-        self.pending.append({"what": what, "reason": reason, "samples": samples})
+        # redacted here, where every fault record is made: they reach logs, warnings and user code
+        self.pending.append({"what": redact(what), "reason": redact(reason), "samples": samples})
         self.bad += samples
 
     def take(self) -> list[dict]:
@@ -69,7 +71,7 @@ def read_samples(shards: Iterable[Shard], allow_pipe: bool, faults: Faults) -> I
     for shard in shards:
         seen = 0
         try:
-            stream = open_shard(shard.url, allow_pipe)
+            stream = open_shard(shard.url, allow_pipe, shard.bytes)
         except Exception as e:
             faults.add(shard.url, f"cannot open: {e}", max(shard.samples, 0))
             continue

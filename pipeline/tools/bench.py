@@ -91,8 +91,10 @@ class BenchConfig:
             raise UserError(f"--warmup must be >= 0, got {self.warmup}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise UserError(f"--device must be auto, cpu or cuda, got {self.device!r}")
-        if self.step_ms is not None and (self.step_ms <= 0 or self.model):
-            raise UserError("--step-ms must be > 0 and cannot be combined with --model")
+        if self.step_ms is not None and (not 0 < self.step_ms <= 60_000 or self.model):
+            raise UserError(
+                f"--step-ms must be in (0, 60000] ms and cannot be combined with --model, got {self.step_ms}"
+            )
         if self.synthetic and not (self.model or self.step_ms):
             raise UserError("--synthetic compares against a model's step time: give --model (or --step-ms) too")
         if self.threads is not None and self.threads < 1:
@@ -496,8 +498,10 @@ def table(results: list[dict]) -> str:
         mb = "-" if r.get("mb_per_s") is None else f"{r['mb_per_s']:.1f}"
         rss = "-" if r.get("peak_rss_mb") is None else f"{r['peak_rss_mb']:.0f}"
         first = "-" if r.get("first_batch_s") is None else f"{r['first_batch_s']:.2f} s"
+        # loader only, nothing consumes the batches: all of the time is waiting, so "100%" says nothing
+        wait = "-" if r.get("mode") == "loader" else f"{r['data_wait']:.0%}"
         lines.append(
-            f"{r['source']:9} {r['workers']:>7} {r['clips_per_s']:9.1f} {r['frames_per_s']:9.0f} {mb:>7} {r['data_wait']:6.0%} {first:>9} {rss:>11}"
+            f"{r['source']:9} {r['workers']:>7} {r['clips_per_s']:9.1f} {r['frames_per_s']:9.0f} {mb:>7} {wait:>6} {first:>9} {rss:>11}"
         )
     ratios = [f"{r['workers']} workers {r['real_vs_synthetic']:.2f}" for r in results if "real_vs_synthetic" in r]
     if ratios:

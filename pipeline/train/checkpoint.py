@@ -8,18 +8,20 @@ used)."""
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 import pickle
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from pipeline.config import TrainConfig
 from pipeline.device import DistEnv
-from pipeline.durable import failpoint, publish
+from pipeline.durable import failpoint, open_new, publish
 from pipeline.errors import UserError
 from pipeline.storage.urls import shard_name
-from pipeline.stream.sources import ShardSet
+from pipeline.stream.sources import ShardSet, changed_content, content_of
 from pipeline.train.collectives import gather
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -64,6 +66,7 @@ def run_identity(cfg: TrainConfig, world_size: int, workers: int, train: ShardSe
         "model": cfg.model,
         "classes": list(train.classes),
         "shards": [shard_name(s.url) for s in train.shards],
+        "content": content_of(train.shards),
         "resample": sc.resample,
         "epoch_fill": sc.epoch_fill,
     }
@@ -77,15 +80,28 @@ def resolve_checkpoint(resume: str) -> str:
 
 def save_checkpoint(path: Path, state: dict) -> None:
     """Atomic: written beside, flushed, then renamed over the old one. A crash at any point leaves
-    the previous checkpoint in place (and at worst a stale temporary file, removed next time)."""
+    the previous checkpoint in place (and at worst a stale temporary file, removed next time); a
+    full disk or a file-size limit is one line, the temporary file removed, the previous checkpoint
+    kept. The temporary file is never written through a symlink (durable.open_new); the run
+    folder's lock (runfolder.lock_run_folder) makes every other `.checkpoint.pt.*.tmp` a stale one."""
+    buf = io.BytesIO()
+    torch.save(state, buf)  # in memory first: a failing write is then an OSError, not torch's chained errors
+    data = buf.getbuffer()
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        failpoint(f"checkpoint-mid-write:{state['step']}", lambda: f.truncate(f.tell() // 2))
-        os.fsync(f.fileno())
-    failpoint(f"checkpoint-before-rename:{state['step']}")
-    publish(tmp, path)
+    try:
+        with open_new(tmp) as f:
+            f.write(data)
+            f.flush()
+            failpoint(f"checkpoint-mid-write:{state['step']}", lambda: f.truncate(f.tell() // 2))
+            os.fsync(f.fileno())
+        failpoint(f"checkpoint-before-rename:{state['step']}")
+        publish(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        kept = "the previous checkpoint is kept" if path.exists() else "no checkpoint was written"
+        raise UserError(
+            f"cannot write checkpoint {path}: {e.strerror or e}; {len(data)} bytes were to be written, {kept}"
+        ) from None
     for stale in path.parent.glob(f".{path.name}.*.tmp"):
         stale.unlink(missing_ok=True)
 
@@ -104,8 +120,11 @@ class Checkpointer:
     total_opt_steps: int
     env: DistEnv
     device: torch.device
+    check: Callable[[], None] = lambda: None
+    """Run first on every rank (a collective): raises when the state must not be saved (a NaN loss)."""
 
     def save(self, at: Position) -> None:
+        self.check()
         rng = {"torch": gather(torch.get_rng_state().to(self.device), self.env).cpu()}
         if self.device.type == "cuda":
             rng["cuda"] = gather(torch.cuda.get_rng_state().to(self.device), self.env).cpu()
@@ -135,13 +154,19 @@ def read_checkpoint(path: str) -> dict:
         return UserError(f"cannot load checkpoint {path!r}: it is not a clipstream checkpoint ({why})")
 
     try:
+        if os.path.getsize(path) == 0:  # torch's EOFError says nothing ("cannot load ...: ")
+            raise UserError(f"cannot load checkpoint {path!r}: it is empty (0 bytes)")
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except UserError:
+        raise
     except pickle.UnpicklingError as e:
         if "unsupported global" in str(e).lower():
             raise not_ours("it holds Python objects, which clipstream never unpickles") from None
         raise not_ours("not a file torch.save wrote") from None
-    except (OSError, EOFError) as e:
-        raise UserError(f"cannot load checkpoint {path!r}: {getattr(e, 'strerror', None) or e}") from None
+    except EOFError:
+        raise UserError(f"cannot load checkpoint {path!r}: it is cut short (a torn write?)") from None
+    except OSError as e:
+        raise UserError(f"cannot load checkpoint {path!r}: {e.strerror or e}") from None
     except Exception:  # torch raises KeyError, RuntimeError, ValueError ... for foreign files
         raise not_ours("not a file torch.save wrote") from None
     if not isinstance(ckpt, dict):
@@ -159,6 +184,29 @@ def read_checkpoint(path: str) -> dict:
     return ckpt
 
 
+def check_same_pack(path: str, saved: dict, run_identity: dict) -> None:
+    """A resume is on the pack the run started on: a shard of the same name with other contents (the
+    folder packed again) would have clips trained twice and others never, so it is one error. A
+    checkpoint written before content identity (no "content") is not checked."""
+    before = saved.get("content")
+    if not isinstance(before, dict):
+        return
+    now = run_identity["content"]
+    differ = changed_content(before, now)
+    if differ:
+        common = sum(1 for n in now if n in before)
+        raise UserError(
+            f"the shards are not the pack checkpoint {path!r} was trained on: {len(differ)} of {common} training shards "
+            f"differ in content (sha256 in the index), e.g. {differ[0]}; resume on the shards it started on, or start a new run"
+        )
+
+
+def _plan_changes(saved: dict, run_identity: dict) -> list[str]:
+    """The identity fields a mid-epoch resume must keep that differ (content is check_same_pack's)."""
+    keys = ({*saved, *run_identity}) - {"content"}
+    return sorted(k for k in keys if saved.get(k) != run_identity.get(k))
+
+
 def load_resume(path: str, run_identity: dict, model, optimizer, env: DistEnv, use_cuda: bool) -> Position:
     """Load a checkpoint into `model` and `optimizer` (and this rank's RNG state); returns its
     position. Nothing is unpickled (weights_only)."""
@@ -166,8 +214,9 @@ def load_resume(path: str, run_identity: dict, model, optimizer, env: DistEnv, u
     saved = ckpt["run"]
     if saved["model"] != run_identity["model"] or saved["classes"] != run_identity["classes"]:
         raise UserError(f"checkpoint {path!r} is of model {saved['model']!r} on {len(saved['classes'])} classes")
-    if ckpt["step_in_epoch"] > 0 and saved != run_identity:
-        changed = sorted(k for k in {*saved, *run_identity} if saved.get(k) != run_identity.get(k))
+    check_same_pack(path, saved, run_identity)
+    if ckpt["step_in_epoch"] > 0 and _plan_changes(saved, run_identity):
+        changed = _plan_changes(saved, run_identity)
         raise UserError(f"checkpoint {path!r} stopped mid-epoch; resuming it needs the same {', '.join(changed)}")
     try:
         model.load_state_dict(ckpt["model"])

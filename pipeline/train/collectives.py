@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 
@@ -18,15 +20,20 @@ def gather(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
 
 
 def broadcast_text(text: str, env: DistEnv, device: torch.device) -> str:
-    """Rank 0's `text` (at most 1024 bytes of UTF-8), on every rank."""
+    """Rank 0's `text` (a path: any length, any bytes the file system allows), on every rank. The
+    length goes first, so nothing is cut (a fixed 1024-byte buffer cut a long --log-dir silently and
+    the run wrote into its parent), and the bytes are the file system's (os.fsencode), so a
+    non-UTF-8 name is no failure without a message."""
     if env.world_size == 1:
         return text
-    buf = torch.zeros(1024, dtype=torch.uint8, device=device)
-    if env.rank == 0:
-        data = text.encode()[:1024]
-        buf[: len(data)] = torch.tensor(list(data), dtype=torch.uint8)
+    data = os.fsencode(text) if env.rank == 0 else b""
+    size = torch.tensor([len(data)], dtype=torch.int64, device=device)
+    dist.broadcast(size, 0)
+    buf = torch.zeros(int(size.item()), dtype=torch.uint8, device=device)
+    if env.rank == 0 and data:
+        buf.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
     dist.broadcast(buf, 0)
-    return bytes(buf.cpu().tolist()).rstrip(b"\0").decode()
+    return os.fsdecode(bytes(buf.cpu().tolist()))
 
 
 def agree_min(value: int, env: DistEnv, device: torch.device) -> int:

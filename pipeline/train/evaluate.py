@@ -16,14 +16,28 @@ from pipeline.stream.sources import ShardSet
 from pipeline.train.meter import BadClipBudget
 
 
-def evaluate(model, test: ShardSet, cfg: TrainConfig, env: DistEnv, device, channels_last: bool, autocast) -> dict:
+def evaluate(
+    model,
+    test: ShardSet,
+    cfg: TrainConfig,
+    env: DistEnv,
+    device,
+    channels_last: bool,
+    autocast,
+    classes: tuple[str, ...] | None = None,
+    labels: tuple[int, ...] | None = None,
+) -> dict:
     """Top-1, top-5 and per-class accuracy on the test shards; each test clip counted once across ranks.
 
     With K x C test views (--test-views) a clip's softmax scores are averaged over its views
     ('top1', 'top5', 'per_class'); 'single_top1' / 'single_top5' score view 0 alone (the fixed
     frames and the centre crop: the 1x1 figures). A clip's views all come from one worker of one
-    rank, so each rank scores whole clips."""
-    num_classes = len(test.classes)
+    rank, so each rank scores whole clips.
+
+    `classes`: the model's (default: the test shards'); `labels`: the model's label of each test
+    class when the test shards come from a pack with other classes (data.label_map)."""
+    classes = tuple(classes or test.classes)
+    num_classes = len(classes)
     k = min(5, num_classes)
     clips: dict[str, list] = {}  # key -> [label, summed softmax, view-0 logits]
     skipped, faults = 0, []
@@ -43,6 +57,7 @@ def evaluate(model, test: ShardSet, cfg: TrainConfig, env: DistEnv, device, chan
                 logits = model(model_input(batch["frames"])).float()
             probs, logits = logits.softmax(dim=1).cpu(), logits.cpu()
             for j, (key, label, view) in enumerate(zip(batch["key"], batch["label"].tolist(), batch["view"].tolist())):
+                label = label if labels is None else labels[label]
                 entry = clips.setdefault(key, [label, torch.zeros(num_classes, dtype=torch.float64), None])
                 entry[1] += probs[j]
                 if view == 0:
@@ -65,7 +80,7 @@ def evaluate(model, test: ShardSet, cfg: TrainConfig, env: DistEnv, device, chan
     n = int(total[0])
     per_class = {
         name: (counts[1, c].item() / counts[0, c].item() if counts[0, c] > 0 else None)
-        for c, name in enumerate(test.classes)
+        for c, name in enumerate(classes)
     }
     views = cfg.stream.test_views
     return {

@@ -9,6 +9,7 @@ Rank and world size come in as a `DistEnv`, read once from the torchrun environm
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import sys
@@ -24,6 +25,7 @@ from pipeline.config import TrainConfig
 from pipeline.device import DistEnv, ModelInput, cores_per_rank, model_memory_format, pick_device
 from pipeline.durable import failpoint
 from pipeline.errors import UserError, WorkerGaveUp, printable
+from pipeline.redact import redact
 from pipeline.stream.loader import ClipLoader
 from pipeline.train.checkpoint import (
     CHECKPOINT_NAME,
@@ -34,7 +36,7 @@ from pipeline.train.checkpoint import (
     run_identity,
 )
 from pipeline.train.collectives import agree_min, gather
-from pipeline.train.data import resolve_data, with_workers
+from pipeline.train.data import mapping_note, resolve_data, with_workers
 from pipeline.train.evaluate import check_eval_faults, evaluate, evaluation_message
 from pipeline.train.meter import BadClipBudget, Meter
 from pipeline.train.runfolder import Audit, Metrics, open_run_folder
@@ -43,6 +45,12 @@ from pipeline.train.schedule import learning_rate
 
 def train(cfg: TrainConfig, env: DistEnv) -> dict:
     """Train and evaluate; returns the summary record (on every rank)."""
+    # what the run holds until it ends, however it ends (the run folder's lock)
+    with contextlib.ExitStack() as held:
+        return _train(cfg, env, held)
+
+
+def _train(cfg: TrainConfig, env: DistEnv, held: contextlib.ExitStack) -> dict:
     started = time.perf_counter()
     say = rank0_say(env)
 
@@ -66,7 +74,7 @@ def train(cfg: TrainConfig, env: DistEnv) -> dict:
     classes = data.train.classes
 
     # --- run folder -------------------------------------------------------------------------
-    log_dir = open_run_folder(cfg, env, device)
+    log_dir = open_run_folder(cfg, env, device, held)
     metrics = Metrics(log_dir, env)
     bad_clips = BadClipBudget(cfg, log_dir / f"faults-rank{env.rank}.jsonl", env.rank, say)
 
@@ -79,8 +87,17 @@ def train(cfg: TrainConfig, env: DistEnv) -> dict:
 
     # --- resume -----------------------------------------------------------------------------
     identity = run_identity(cfg, env.world_size, loader.n_workers, data.train)
+    meter = Meter(device, env)
     checkpointer = Checkpointer(
-        log_dir / CHECKPOINT_NAME, model, optimizer, identity, cfg.schedule, total_opt_steps, env, device
+        log_dir / CHECKPOINT_NAME,
+        model,
+        optimizer,
+        identity,
+        cfg.schedule,
+        total_opt_steps,
+        env,
+        device,
+        check=lambda: meter.check_finite(log_dir / CHECKPOINT_NAME),
     )
     at = Position()
     if cfg.resume:
@@ -95,9 +112,11 @@ def train(cfg: TrainConfig, env: DistEnv) -> dict:
         f"{env.world_size} rank(s) x {loader.n_workers} worker(s) on {device.type}; {steps_per[0]} steps/epoch of {sc.batch_size} clips per rank"
     )
 
+    if mapping_note(data):
+        say(mapping_note(data))
+
     # --- loop -------------------------------------------------------------------------------
     stepper = Stepper(net, forward, optimizer, ModelInput(device, channels_last), autocast, cfg, total_opt_steps)
-    meter = Meter(device, env)
     periodic = Periodic(cfg.checkpoint_every, at.step)
     last_eval: dict | None = None
     stopped_early = False
@@ -125,7 +144,9 @@ def train(cfg: TrainConfig, env: DistEnv) -> dict:
 
             # --- evaluation ---------------------------------------------------------------------
             if data.test.shards and (at.epoch == cfg.epochs or (cfg.eval_every and at.epoch % cfg.eval_every == 0)):
-                last_eval = evaluate(model, data.test, cfg, env, device, channels_last, autocast)
+                last_eval = evaluate(
+                    model, data.test, cfg, env, device, channels_last, autocast, classes, data.test_labels
+                )
                 eval_faults = last_eval.pop("faults")
                 metrics.record("eval", step=at.step, epoch=at.epoch, **last_eval)
                 try:
@@ -164,8 +185,9 @@ def rank0_say(env: DistEnv) -> Callable[[str], None]:
 
     if env.rank != 0:
         return lambda msg: None
-    # printable: keys, member names and class names in messages come from shards and the index
-    return lambda msg: tqdm.write(printable(msg), file=sys.stdout)
+    # printable: keys, member names and class names in messages come from shards and the index;
+    # redact: a pre-signed shard URL's signature is a secret
+    return lambda msg: tqdm.write(printable(redact(msg)), file=sys.stdout)
 
 
 def start_process_group(cfg: TrainConfig, env: DistEnv) -> torch.device:
@@ -331,11 +353,16 @@ def run_epoch(
         if audit is not None:
             audit.write(batch["key"], batch["repeat"].tolist())
         failpoint(f"step:{at.step}")
-        meter.add(loss, batch_size, t1 - t0, time.perf_counter() - t0)
+        meter.add(loss, batch_size, t1 - t0, time.perf_counter() - t0, at.step)
         bar.update(1)
 
         if at.step % cfg.log_every == 0 or in_epoch + 1 == steps:
-            rec = {"step": at.step, "epoch": epoch + 1, "lr": stepper.optimizer.param_groups[0]["lr"], **meter.record()}
+            rec = {
+                "step": at.step,
+                "epoch": epoch + 1,
+                "lr": stepper.optimizer.param_groups[0]["lr"],
+                **meter.record(checkpointer.path),
+            }
             metrics.record("step", **rec)
             bar.set_postfix(
                 loss=f"{rec['loss']:.3f}", clips_s=f"{rec['clips_per_s']:.1f}", wait=f"{rec['data_wait']:.0%}"

@@ -12,7 +12,9 @@ import torch
 
 from pipeline.config import TrainConfig
 from pipeline.device import DistEnv
+from pipeline.durable import open_append
 from pipeline.errors import UserError
+from pipeline.redact import redact_all
 from pipeline.train.collectives import gather
 
 
@@ -23,6 +25,10 @@ class Meter:
     def __init__(self, device: torch.device, env: DistEnv):
         self.device, self.env = device, env
         self.clips = self.wait = self.step_time = 0.0
+        # The first step whose loss was not finite (-1: none yet) and that loss, kept on the device:
+        # checking each step's loss on the host would wait for the GPU every step.
+        self.bad_step = torch.full((), -1, dtype=torch.int64, device=device)
+        self.bad_loss = torch.zeros((), device=device)
         self.reset()
 
     def reset(self) -> None:
@@ -34,8 +40,11 @@ class Meter:
             "start": time.perf_counter(),
         }
 
-    def add(self, loss: torch.Tensor, clips: int, wait: float, step_time: float) -> None:
+    def add(self, loss: torch.Tensor, clips: int, wait: float, step_time: float, step: int = 0) -> None:
         i = self.interval
+        first = (self.bad_step < 0) & ~torch.isfinite(loss.detach())
+        self.bad_step = torch.where(first, step, self.bad_step)
+        self.bad_loss = torch.where(first, loss.detach().float(), self.bad_loss)
         i["loss"] += loss.detach()
         i["steps"] += 1
         i["clips"] += clips
@@ -44,8 +53,28 @@ class Meter:
         self.wait += wait
         self.step_time += step_time
 
-    def record(self) -> dict:
-        """The interval's figures over all ranks (a collective: every rank calls it), then a new interval."""
+    def check_finite(self, checkpoint: Path) -> None:
+        """Stop the run, on every rank alike (a collective), once a step's loss was not finite: the
+        weights are then NaN or on their way, and must never replace the last good `checkpoint`."""
+        mine = torch.stack([self.bad_step.double(), self.bad_loss.double()])
+        every = gather(mine, self.env).cpu()
+        bad = [(int(s), float(v), r) for r, (s, v) in enumerate(every.tolist()) if s >= 0]
+        if bad:
+            step, value, rank = min(bad)
+            kept = (
+                f"the last good checkpoint ({checkpoint}) is kept"
+                if checkpoint.exists()
+                else "no checkpoint is written"
+            )
+            raise UserError(
+                f"the loss is not finite ({value}) at step {step} on rank {rank}; the run stops here and {kept}. "
+                "A lower `lr` (or `warmup_steps`) usually helps"
+            )
+
+    def record(self, checkpoint: Path) -> dict:
+        """The interval's figures over all ranks (a collective: every rank calls it), then a new
+        interval; first `check_finite(checkpoint)`, so a record never holds a NaN loss."""
+        self.check_finite(checkpoint)
         i = self.interval
         wall = time.perf_counter() - i["start"]
         mine = torch.tensor(
@@ -77,9 +106,9 @@ class BadClipBudget:
     def write(self, faults: list[dict], epoch: int, step: int, **extra) -> None:
         if not faults:
             return  # no empty log: its presence says this rank met faults
-        with open(self.log, "a") as f:
+        with open_append(self.log) as f:
             for fault in faults:
-                f.write(json.dumps({"epoch": epoch, "step": step, **extra, **fault}) + "\n")
+                f.write(json.dumps(redact_all({"epoch": epoch, "step": step, **extra, **fault})) + "\n")
 
     def add(self, faults: list[dict], epoch: int, step: int) -> None:
         if not faults:

@@ -4,8 +4,10 @@ faults log."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
@@ -16,7 +18,9 @@ import torch.distributed as dist
 
 from pipeline.config import TrainConfig
 from pipeline.device import DistEnv
+from pipeline.durable import FolderLock, holder_text, open_append, open_new
 from pipeline.errors import UserError
+from pipeline.redact import redact_all
 from pipeline.train.checkpoint import CHECKPOINT_NAME, resolve_checkpoint
 from pipeline.train.collectives import broadcast_text
 
@@ -69,16 +73,33 @@ def check_log_dir(log_dir: str | None) -> None:
         raise UserError(f"cannot write the run folder {log_dir}: {probe} is not writable")
 
 
-def open_run_folder(cfg: TrainConfig, env: DistEnv, device: torch.device) -> Path:
-    """Rank 0's choice of run folder, on every rank, made and its options recorded before any rank
-    writes in it."""
+LOCK_NAME = ".lock"
+"""Held (flock) by the rank 0 that writes the run folder, for as long as it runs."""
+
+
+def open_run_folder(cfg: TrainConfig, env: DistEnv, device: torch.device, held: contextlib.ExitStack) -> Path:
+    """Rank 0's choice of run folder, on every rank, made, locked by rank 0 until `held` closes (see
+    `lock_run_folder`) and its options recorded before any rank writes in it."""
     log_dir = Path(broadcast_text(default_log_dir(cfg), env, device))
     if env.rank == 0:
         log_dir.mkdir(parents=True, exist_ok=True)
+        held.callback(lock_run_folder(log_dir).release)
         write_options(log_dir, cfg, env)
     if env.world_size > 1:
         dist.barrier()
     return log_dir
+
+
+def lock_run_folder(log_dir: Path) -> FolderLock:
+    """One writer a run folder: a second `--resume` of a run still going (or a new run given its
+    folder) would mix its metrics and audit logs with the first's and delete its checkpoint temp."""
+    return FolderLock(
+        log_dir / LOCK_NAME,
+        lambda holder: (
+            f"the run folder {log_dir} is in use by {holder_text(holder)} ({holder.get('command', '?')}); "
+            "wait for that run to end, or pass another `log_dir`"
+        ),
+    )
 
 
 def write_options(log_dir: Path, cfg: TrainConfig, env: DistEnv) -> Path:
@@ -95,8 +116,11 @@ def write_options(log_dir: Path, cfg: TrainConfig, env: DistEnv) -> Path:
         "world_size": env.world_size,
         "options": dataclasses.asdict(cfg),
     }
+    # redacted: a pre-signed shard URL's signature and a user:password@ never reach the file
+    text = json.dumps(redact_all(json.loads(json.dumps(record, default=str))), indent=1) + "\n"
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(record, indent=1, default=str) + "\n")
+    with open_new(tmp) as f:
+        f.write(text.encode("utf-8", "surrogateescape"))
     os.replace(tmp, path)
     return path
 
@@ -107,16 +131,55 @@ class Metrics:
 
     def __init__(self, log_dir: Path, env: DistEnv):
         self.path = log_dir / "metrics.jsonl"
-        self._file = open(self.path, "a") if env.rank == 0 else None
+        self._file = None
+        if env.rank == 0:
+            drop_torn_line(self.path)
+            self._file = open_append(self.path)
 
     def record(self, kind: str, **fields) -> None:
         if self._file is not None:
-            self._file.write(json.dumps({"kind": kind, **fields}) + "\n")
+            self._file.write(json_line({"kind": kind, **fields}))
             self._file.flush()
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
+
+
+def json_line(record: dict) -> str:
+    """One line of strict JSON: a NaN or infinity (not JSON; plot-run and pandas would refuse the
+    file) is written as null."""
+
+    def finite(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: finite(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [finite(x) for x in v]
+        return v
+
+    return json.dumps(finite(record), allow_nan=False) + "\n"
+
+
+def drop_torn_line(path: Path) -> None:
+    """Cut a JSON-lines file back to its last whole line: a process killed mid-line leaves a torn
+    one, which a resume would otherwise append to, making the file unreadable from then on."""
+    try:
+        with open(path, "rb+") as f:
+            size = f.seek(0, os.SEEK_END)
+            if not size:
+                return
+            f.seek(max(0, size - 1))
+            if f.read(1) == b"\n":
+                return
+            start = max(0, size - (1 << 20))
+            f.seek(start)
+            tail = f.read()
+            cut = tail.rfind(b"\n")
+            f.truncate(start + cut + 1 if cut >= 0 else (0 if start == 0 else size))
+    except FileNotFoundError:
+        pass
 
 
 class Audit:
