@@ -98,10 +98,10 @@ class PackConfig:
         # `not x <= high` also refuses nan, which every comparison calls false (a nan time-out never
         # fired: a hung decoder held the pack for ever)
         if not 0 < self.timeout <= MAX_TIMEOUT_S:
-            raise UserError(f"`timeout` must be a number of seconds in (0, {MAX_TIMEOUT_S:,}], got {self.timeout}")
+            raise UserError(f"`timeout` must be > 0 seconds and at most {MAX_TIMEOUT_S:,} (a day), got {self.timeout}")
         if not 0 <= self.max_failures <= MAX_COUNT:
             raise UserError(
-                f"`max_failures` must be a fraction (< 1) or a count in 0..{MAX_COUNT:,}, got {self.max_failures}"
+                f"`max_failures` must be >= 0 (a fraction if < 1, else a count) and at most {MAX_COUNT:,}, got {self.max_failures}"
             )
         i, n = self.part
         if not (n >= 1 and 1 <= i <= n):
@@ -244,7 +244,9 @@ class StreamConfig:
         if self.epoch_fill not in EPOCH_FILLS:
             raise UserError(f"`epoch_fill` must be one of {', '.join(EPOCH_FILLS)}, got {self.epoch_fill!r}")
         if not 0 <= self.max_bad <= MAX_COUNT:
-            raise UserError(f"`max_bad` must be a fraction (< 1) or a count in 0..{MAX_COUNT:,}, got {self.max_bad}")
+            raise UserError(
+                f"`max_bad` must be >= 0 (a fraction if < 1, else a count) and at most {MAX_COUNT:,}, got {self.max_bad}"
+            )
 
     def check_memory(self, frames: int, workers: int) -> None:
         """The batch buffers a loader with `workers` workers allocates for clips of `frames` frames
@@ -332,9 +334,9 @@ class TrainConfig:
         if self.optimizer not in OPTIMIZERS:
             raise UserError(f"`optimizer` must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
-            raise UserError(f"`lr` must be a finite number > 0, got {self.lr}")
+            raise UserError(f"`lr` must be > 0 and finite, got {self.lr}")
         if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
-            raise UserError(f"`weight_decay` must be a finite number >= 0, got {self.weight_decay}")
+            raise UserError(f"`weight_decay` must be >= 0 and finite, got {self.weight_decay}")
         if self.schedule not in SCHEDULES:
             raise UserError(f"`schedule` must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if self.warmup_steps < 0:

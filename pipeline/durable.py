@@ -107,10 +107,13 @@ class FolderLock:
     message. One helper for every folder we own: the run folder (train-stream) and OUT_DIR
     (pack-shards without --part)."""
 
-    def __init__(self, lock_path: Path, busy: Callable[[dict], str]):
+    def __init__(self, lock_path: Path, busy: Callable[[dict], str], remove: bool = False):
         """Take the lock at `lock_path` or raise UserError(busy(holder)) at once; `holder` is what the
-        holder wrote ({} when unreadable)."""
+        holder wrote ({} when unreadable). `remove`: the lock file goes with the release (a folder
+        whose contents are compared elsewhere, OUT_DIR), else it stays for the next holder."""
         import fcntl
+
+        self.path, self.remove = lock_path, remove
 
         flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
         try:
@@ -140,6 +143,12 @@ class FolderLock:
         self._file.flush()
 
     def release(self) -> None:
+        if self._file.closed:
+            return
+        if self.remove:
+            # before the close, while still held: a process that starts now creates a fresh file
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
         self._file.close()
 
 

@@ -207,6 +207,7 @@ def _lock_out_dir(out: LocalDir | StoreDir, cfg: PackConfig) -> FolderLock | Non
         lambda holder: (
             f"{out} is being packed by {holder_text(holder)}; wait for that run, or pack into another folder"
         ),
+        remove=True,  # OUT_DIR's files are the pack: no lock file left among them
     )
 
 
