@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 
 import pytest
+from shardmaker import shard_keys
 
 from pipeline import ClipLoader
 from pipeline.config import StreamConfig
@@ -14,6 +15,8 @@ from pipeline.stream import reshard
 from pipeline.stream.plan import step_schedule, worker_parts
 from pipeline.stream.reshard import Segment
 from pipeline.stream.stages import read_shard
+
+ARGS = dict(crop=24, seed=5, shuffle_buffer=8)
 
 CFG = StreamConfig(shards=("unused",), batch_size=4, shuffle_buffer=8, seed=5)
 
@@ -115,3 +118,38 @@ def test_the_simulation_names_the_clips_a_real_loader_delivered(packed, world, w
     left = reshard.unused([6] * 8, CFG, 1, (Segment(world, workers, 4, stop),))
     assert {keys[i][p] for i, p in left} == {k for ks in keys for k in ks} - delivered
     assert len(delivered) == world * 4 * stop
+
+
+@pytest.mark.parametrize("old, new", [((2, 2, 4), (1, 1, 4)), ((1, 2, 4), (2, 2, 3)), ((1, 2, 4), (1, 1, 4))])
+def test_a_loader_state_from_another_topology_continues_with_the_clips_left(packed, old, new):
+    """ClipLoader.load_state_dict: epoch 1 stopped at step 3 on `old` (ranks, workers, batch size),
+    continued on `new`: every clip once (repeats marked), equal steps per rank; epoch 2 is `new`'s own plan."""
+    (world, workers, batch), (world2, workers2, batch2) = old, new
+    first = []
+    for rank in range(world):
+        with ClipLoader(packed, rank=rank, world_size=world, batch_size=batch, workers=workers, **ARGS) as loader:
+            for _ in loader.epoch(0):
+                pass
+            first += [k for b in itertools.islice(loader.epoch(1), 3) for k in b["key"]]
+            state = loader.state_dict()
+    assert state["step"] == 3
+    rest, repeats, steps = [], [], set()
+    for rank in range(world2):
+        with ClipLoader(packed, rank=rank, world_size=world2, batch_size=batch2, workers=workers2, **ARGS) as loader:
+            loader.load_state_dict(state)
+            batches = list(loader.epoch(1))
+            steps.add(len(batches))
+            assert len(batches) == loader.steps(1) and loader.state_dict()["step"] == 0
+            for b in batches:
+                rest += [k for k, r in zip(b["key"], b["repeat"].tolist()) if not r]
+                repeats += [k for k, r in zip(b["key"], b["repeat"].tolist()) if r]
+            assert loader.steps(2) == sum(p.quota for p in train_plan_of(loader, 2)) // batch2
+    everything = sorted(k for i in range(8) for k in shard_keys(packed / f"{i:03d}.tar"))
+    assert sorted(first + rest) == everything and len(steps) == 1
+    assert set(repeats) <= set(rest)
+
+
+def train_plan_of(loader, epoch):
+    from pipeline.stream.plan import train_plan
+
+    return train_plan(loader.source.shards, loader.cfg, epoch, loader.rank, loader.world_size, loader.n_workers)

@@ -18,7 +18,7 @@ from pipeline.config import StreamConfig
 from pipeline.device import cores_per_rank, rank_and_world
 from pipeline.errors import UserError
 from pipeline.stream.clips import TrainClips
-from pipeline.stream.passes import eval_clips, stream_config, test_samples, worker_samples
+from pipeline.stream.passes import eval_clips, part_samples, stream_config, test_samples, worker_samples
 from pipeline.stream.plan import (
     WorkerPlan,
     auto_workers,
@@ -28,6 +28,7 @@ from pipeline.stream.plan import (
     train_plan,
     worker_parts,
 )
+from pipeline.stream.reshard import TOPOLOGY_KEYS, Part, Segment, segment_parts
 from pipeline.stream.sources import ShardSet, resolve, shard_name
 from pipeline.stream.stages import Faults, skip_consumed
 from pipeline.stream.workers import Closing
@@ -56,10 +57,22 @@ class TrainProducer:
     start_step: int = 0
     epochs: int | None = None
     """Stop after this epoch number; None: for ever."""
+    segment: int = 0
+    """The start epoch's segment (see stream/reshard.py): 0, or later when it was resumed on another topology."""
+    parts: tuple[Part, ...] = ()
+    """This rank's Parts of the start epoch's segment when `segment` > 0."""
 
-    def schedule(self, epoch: int) -> tuple[list[WorkerPlan], list[list[tuple[int, int]]]]:
-        plans = train_plan(self.source.shards, self.cfg, epoch, self.rank, self.world_size, self.n_workers)
+    def schedule(self, epoch: int) -> tuple[list[WorkerPlan | Part], list[list[tuple[int, int]]]]:
+        if self.segment and epoch == self.start_epoch:
+            plans = list(self.parts)
+        else:
+            plans = train_plan(self.source.shards, self.cfg, epoch, self.rank, self.world_size, self.n_workers)
         return plans, step_schedule([p.quota for p in plans], self.cfg.batch_size)
+
+    def samples(self, plans: list, epoch: int, worker: int, faults: Faults) -> Iterator[dict]:
+        if self.segment and epoch == self.start_epoch:
+            return part_samples(self.source, self.cfg, plans[worker], epoch, self.rank, worker, self.segment, faults)
+        return worker_samples(self.source, self.cfg, plans[worker], epoch, self.rank, worker, faults)
 
     def first_step(self, epoch: int) -> int:
         return self.start_step if epoch == self.start_epoch else 0
@@ -75,9 +88,7 @@ class TrainProducer:
                     continue
                 faults = Faults()
                 # On resume: drop what was already trained on, before decoding it.
-                src = skip_consumed(
-                    worker_samples(self.source, self.cfg, plans[worker], epoch, self.rank, worker, faults), skip
-                )
+                src = skip_consumed(self.samples(plans, epoch, worker, faults), skip)
                 clips = TrainClips(
                     src, self.cfg.crop, len(self.source.classes), self.cfg.seed, epoch, faults, self.cfg.temporal
                 )
@@ -206,7 +217,11 @@ class ClipLoader(Closing):
         self.pool = None
         self.merged: torch.Tensor | None = None
         self.position = (0, 0)
-        """(epoch, step) of the next batch to deliver."""
+        """(epoch, step) of the next batch to deliver; the step counts within the epoch's segment."""
+        self.history: tuple[Segment, ...] = ()
+        """The segments of epoch `history_epoch` run before on other topologies (see stream/reshard.py)."""
+        self.history_epoch = -1
+        self._parts: tuple[Part, ...] | None = None
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -233,8 +248,20 @@ class ClipLoader(Closing):
             raise TypeError(
                 "a test-split ClipLoader has no planned number of batches (each worker's last batch may be short)"
             )
-        plans = train_plan(self.source.shards, self.cfg, epoch, self.rank, self.world_size, self.n_workers)
-        return sum(p.quota for p in plans) // self.cfg.batch_size
+        parts = self._segment_parts(epoch)
+        if parts is None:
+            parts = train_plan(self.source.shards, self.cfg, epoch, self.rank, self.world_size, self.n_workers)
+        return sum(p.quota for p in parts) // self.cfg.batch_size
+
+    def _segment_parts(self, epoch: int) -> tuple[Part, ...] | None:
+        """This rank's Parts of `epoch` when it continues on this topology after others; else None."""
+        if not self.history or epoch != self.history_epoch:
+            return None
+        if self._parts is None:
+            counts = [s.samples for s in self.source.shards]
+            me = Segment(self.world_size, self.n_workers, self.cfg.batch_size, 0)
+            self._parts = tuple(segment_parts(counts, self.cfg, epoch, self.history, me)[self.rank])
+        return self._parts
 
     def __len__(self) -> int:
         return self.steps(self._next()[0])
@@ -269,24 +296,35 @@ class ClipLoader(Closing):
         """Where this loader is: the next batch to deliver is batch `step` of epoch `epoch` (the same
         on every rank), with the plan it was computed from."""
         epoch, step = self._next()
-        return {"epoch": epoch, "step": step, "plan": self._plan_identity()}
+        segments = [s.as_dict() for s in self.history] if epoch == self.history_epoch else []
+        return {"epoch": epoch, "step": step, "plan": self._plan_identity(), "segments": segments}
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue from `state` (from `state_dict()`): the next batches are exactly those an
-        uninterrupted run would have delivered, clips, order, crops and flips alike. A mid-epoch
-        state needs the same plan (seed, world size, workers, batch size, shuffle buffer, shards)."""
+        """Continue from `state` (from `state_dict()`). On the same plan the next batches are exactly
+        those an uninterrupted run would have delivered, clips, order, crops and flips alike. A
+        mid-epoch state from another world size, worker count or batch size continues the epoch with
+        exactly the clips it has not used, dealt over this loader's ranks and workers (see
+        stream/reshard.py); the rest of the plan (seed, shuffle buffer, shards, ...) must be the same."""
         try:
             epoch, step, plan = int(state["epoch"]), int(state["step"]), state["plan"]
-        except (KeyError, TypeError, ValueError):
+            segments = tuple(Segment.from_dict(d) for d in state.get("segments") or ())
+        except (KeyError, TypeError, ValueError, AttributeError):
             raise ValueError(f"not a ClipLoader state: {state!r:.200}") from None
         if epoch < 0 or step < 0:
             raise ValueError(f"ClipLoader state at epoch {epoch}, step {step}")
-        if step:
+        history = segments
+        if step or segments:
             mine = self._plan_identity()
             changed = sorted(k for k in mine if plan.get(k) != mine[k])
-            if changed:
-                raise ValueError(f"the state stopped mid-epoch; resuming it needs the same {', '.join(changed)}")
+            moved = [k for k in changed if k in TOPOLOGY_KEYS]
+            kept = [k for k in changed if k not in TOPOLOGY_KEYS or self.cfg.resample]
+            if kept:
+                raise ValueError(f"the state stopped mid-epoch; resuming it needs the same {', '.join(kept)}")
+            if moved and step:
+                old = Segment(int(plan["world_size"]), int(plan["workers"]), int(plan["batch_size"]), step)
+                history, step = segments + (old,), 0
         self.close()
+        self.history, self.history_epoch, self._parts = history, epoch if history else -1, None
         self.position = (epoch, step)
 
     # --- batches -------------------------------------------------------------------------------
@@ -308,9 +346,11 @@ class ClipLoader(Closing):
             from pipeline.stream.workers import WorkerPool
 
             start_epoch, start_step = self.position
+            parts = self._segment_parts(start_epoch)
             producer = TrainProducer(
-                self.source, self.cfg, self.rank, self.world_size, self.n_workers, start_epoch, start_step, self.epochs
-            )
+                self.source, self.cfg, self.rank, self.world_size, self.n_workers, start_epoch, start_step, self.epochs,
+                len(self.history) if parts is not None else 0, parts or (),
+            )  # fmt: skip
             _preload_decoders()
             self.producer = producer
             self.pool = WorkerPool(
