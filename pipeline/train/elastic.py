@@ -13,6 +13,8 @@ import time
 import torch
 import torch.distributed as dist
 
+from pipeline.errors import UserError
+
 STORE_TIMEOUT = datetime.timedelta(minutes=30)
 """As long as torch's default process-group time-out: a slow rank may take that long to join."""
 
@@ -34,6 +36,14 @@ def init_process_group(backend: str, rank: int, world_size: int, device_id=None,
     attempt = environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     prefixed = dist.PrefixStore(f"clipstream/restart-{attempt}/", store)
     dist.init_process_group(backend, store=prefixed, rank=rank, world_size=world_size, device_id=device_id)
+
+
+class Stopped(UserError):
+    """The run was stopped by a signal: one line, exit code 128 + the signal's number."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 class CheckpointTriggers:
