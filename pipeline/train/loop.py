@@ -86,6 +86,8 @@ def train(cfg: TrainConfig, env: DistEnv) -> dict:
     if resume:
         path = resolve_checkpoint(resume)
         at = load_resume(path, identity, model, optimizer, loader, env, use_cuda)
+        if at.epoch > cfg.epochs:  # every rank alike
+            raise UserError(f"`epochs` {cfg.epochs} is fewer than the {at.epoch} the run in {log_dir} has trained")
         if env.rank == 0 and loader.history:
             trim_audits(log_dir, at.epoch, loader.history, env.world_size)
         say(resumed_message(path, at, loader))
