@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime
 import os
 import signal
+import threading
 import time
 
 import torch
@@ -64,9 +65,11 @@ class CheckpointTriggers:
         self._previous = None
 
     def install(self, last_step: int = 0) -> CheckpointTriggers:
-        """Catch SIGTERM from here on (main thread only); `close()` puts the old handler back."""
+        """Catch SIGTERM from here on; `close()` puts the old handler back. Outside the main thread
+        (where Python cannot catch signals) SIGTERM keeps its own handling."""
         self.last_step = last_step
-        self._previous = signal.signal(signal.SIGTERM, self._on_term)
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._on_term)
         return self
 
     def _on_term(self, signum, frame) -> None:
@@ -91,9 +94,12 @@ class CheckpointTriggers:
         self.terminated = self.terminated or bool(wishes[0])
         return any(wishes)
 
-    def taken(self, step: int) -> None:
-        """A checkpoint was written after `step`: the intervals start again."""
-        self.last_step, self.last_time = step, time.monotonic()
+    def taken(self, step: int, epoch_end: bool = False) -> None:
+        """A checkpoint was written after `step`: the intervals start again (an epoch's own checkpoint
+        restarts the clock only: `every_steps` counts from the last checkpoint it called for)."""
+        if not epoch_end:
+            self.last_step = step
+        self.last_time = time.monotonic()
 
     @property
     def stop(self) -> bool:

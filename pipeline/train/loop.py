@@ -152,7 +152,7 @@ def train(cfg: TrainConfig, env: DistEnv) -> dict:
                 if last_eval["clips"]:
                     say(evaluation_message(at.epoch, last_eval))
             checkpointer.save(at)
-            triggers.taken(at.step)
+            triggers.taken(at.step, epoch_end=True)
             if triggers.due(at.step) and triggers.stop:  # SIGTERM during the epoch's last steps or evaluation
                 raise stopped_by_sigterm(at, log_dir)
             if cfg.max_steps and at.step >= cfg.max_steps and at.epoch < cfg.epochs:
