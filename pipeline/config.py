@@ -303,7 +303,7 @@ class TrainConfig:
     checkpoint_every_min: float = 0.0
     """Also checkpoint every this many minutes, at the first step every rank reaches after it (0: never by time). A checkpoint is also written on SIGTERM, before exiting with 143."""
     resume: str | None = None
-    """Checkpoint file or run folder to continue from, with the options it was started with (options given again must agree; more `epochs`, another number of ranks, `workers` or `batch_size` are allowed); `auto`: the checkpoint in `log_dir` when there is one, else a fresh start."""
+    """Checkpoint file or run folder to continue from, with the options it was started with (options given again must agree; more `epochs`, another number of ranks, loader workers or batch size are allowed); `auto`: the checkpoint in `log_dir` when there is one, else a fresh start."""
     max_steps: int = 0
     """Stop (with a checkpoint) after this many steps in total; 0: no limit."""
     audit_keys: bool = False
