@@ -207,6 +207,13 @@ class ConfigCommand:
         return self.fn(**values)
 
 
+def _typed(ctx: typer.Context, name: str) -> bool:
+    """Whether option `name` was given on the command line (or its environment variable), not defaulted."""
+    from typer._click.core import ParameterSource
+
+    return ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+
+
 def _fields_of(cls, options: dict, but: tuple[str, ...] = ()) -> dict:
     """The options that are fields of `cls` (less `but`, a field of the same name in another config)."""
     names = {f.name for f in dataclasses.fields(cls)} - set(but)
@@ -387,14 +394,19 @@ def make_sample_data_command(
     )
 
 
-def train_stream(**options):
+def train_stream(ctx: typer.Context, **options):
     """Stream WebDataset shards into (distributed) training of a video classifier, then evaluate on the test shards."""
-    from pipeline.config import StreamConfig, TrainConfig
     from pipeline.device import DistEnv
     from pipeline.train.launch import launch
+    from pipeline.train.resuming import build_config, resumed_options
 
-    stream = StreamConfig(**_fields_of(StreamConfig, options))
-    cfg = TrainConfig(stream=stream, **_fields_of(TrainConfig, options))
+    if not options["shards"] and not options["resume"]:
+        from typer._click.exceptions import MissingParameter
+
+        raise MissingParameter(param_hint="'--shards'", param_type="option")
+    # A resume takes the run's own options; those typed again must agree with them.
+    given = {k: v for k, v in options.items() if _typed(ctx, k)}
+    cfg = build_config(resumed_options(options["resume"], options["log_dir"], given, options))
     summary = launch(cfg)
     if cfg.plot and summary is not None and DistEnv.from_env().rank == 0:
         from pipeline.tools.plots import plot_run as draw
@@ -523,7 +535,7 @@ train_app = _app(
         train_stream,
         ("pipeline.config:StreamConfig", "pipeline.config:TrainConfig"),
         forms={
-            "shards": Form(list[str], tuple, ("--shards",), required=True),
+            "shards": Form(list[str] | None, lambda v: tuple(v or ()), ("--shards",), shown=lambda v: None),
             "eval_shards": Form(list[str] | None, lambda v: tuple(v or ()), ("--eval-shards",), shown=lambda v: None),
             "test_views": Form(str, _parse_views, shown=lambda v: f"{v[0]}x{v[1]}"),
             "max_bad": Form(names=("--max-bad", "--max-bad-fraction")),

@@ -188,7 +188,7 @@ class StreamConfig:
     """Where the shards are and how they are read, shuffled, augmented and batched."""
 
     shards: tuple[str, ...]
-    """Training shards: 'shards/<000..031>.tar', '{000..031}' ranges, '::'-separated lists, local paths, http(s):// or s3:// URLs, or a packed folder (shards/, s3://bucket/hmdb51/); several patterns (repeat the option on the command line) are read as one set."""
+    """Training shards: 'shards/<000..031>.tar', '{000..031}' ranges, '::'-separated lists, local paths, http(s):// or s3:// URLs, or a packed folder (shards/, s3://bucket/hmdb51/); several patterns (repeat the option on the command line) are read as one set; a resumed run's own when not given again."""
     eval_shards: tuple[str, ...] = ()
     """Test shards, same syntax; None: the test shards listed in the index beside the training shards."""
     index: str | None = None
@@ -311,8 +311,10 @@ class TrainConfig:
     """Steps between step records in metrics.jsonl."""
     checkpoint_every: int = 0
     """Also checkpoint every this many steps (0: only at the end of each epoch)."""
+    checkpoint_every_min: float = 0.0
+    """Also checkpoint every this many minutes, at the first step every rank reaches after it (0: never by time). A checkpoint is also written on SIGTERM, before exiting with 143."""
     resume: str | None = None
-    """Checkpoint file or run folder to continue from."""
+    """Checkpoint file or run folder to continue from, with the options it was started with (options given again must agree; more `epochs`, another number of ranks, loader workers or batch size are allowed); `auto`: the checkpoint in `log_dir` when there is one, else a fresh start."""
     max_steps: int = 0
     """Stop (with a checkpoint) after this many steps in total; 0: no limit."""
     audit_keys: bool = False
@@ -357,6 +359,8 @@ class TrainConfig:
             raise UserError(f"`log_every` must be >= 1, got {self.log_every}")
         if self.checkpoint_every < 0:
             raise UserError(f"`checkpoint_every` must be >= 0, got {self.checkpoint_every}")
+        if not 0 <= self.checkpoint_every_min < float("inf"):
+            raise UserError(f"`checkpoint_every_min` must be a number of minutes >= 0, got {self.checkpoint_every_min}")
         if self.max_steps < 0:
             raise UserError(f"`max_steps` must be >= 0, got {self.max_steps}")
         if self.nproc_per_node < 1:

@@ -24,15 +24,32 @@ from pipeline.errors import UserError
 def failpoint(name: str, before_kill=None) -> None:
     """Crash tests: CLIPSTREAM_FAILPOINT=name kills this process with SIGKILL right here (after
     `before_kill()`, e.g. to leave a half-written file); CLIPSTREAM_FAILPOINT=pause:name holds it
-    here until a test kills it from outside."""
+    here until a test kills it from outside; CLIPSTREAM_FAILPOINT=term:name sends it SIGTERM (a
+    preemption notice at a known step). With CLIPSTREAM_FAILPOINT_ONCE=<file> only the first
+    process to get there (the one that creates the file) stops: one rank of a job, once over restarts."""
     point = os.environ.get("CLIPSTREAM_FAILPOINT")
+    if point not in (name, f"pause:{name}", f"term:{name}") or not _first_here():
+        return
     if point == name:
         if before_kill is not None:
             before_kill()
         os.kill(os.getpid(), signal.SIGKILL)
-    if point == f"pause:{name}":
-        while True:
-            time.sleep(1)
+    if point == f"term:{name}":
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+    while True:
+        time.sleep(1)
+
+
+def _first_here() -> bool:
+    marker = os.environ.get("CLIPSTREAM_FAILPOINT_ONCE")
+    if not marker:
+        return True
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True
 
 
 def publish(tmp: Path, path: Path) -> None:

@@ -163,10 +163,18 @@ def _batches_with_workers(packed, args, epoch):
 
 
 def test_a_mid_epoch_state_needs_the_same_plan(packed):
+    """Another topology re-divides the epoch (tests/test_reshard.py); the rest of the plan must stay,
+    and a resampled run resumes mid-epoch only on the same topology."""
     with ClipLoader(packed, batch_size=4, workers=2, **ARGS) as loader:
         next(iter(loader))
         state = loader.state_dict()
-    other = ClipLoader(packed, batch_size=4, workers=1, **ARGS)
+    other = ClipLoader(packed, batch_size=4, workers=1, **{**ARGS, "shuffle_buffer": 16})
+    with pytest.raises(ValueError, match="needs the same shuffle_buffer"):
+        other.load_state_dict(state)
+    with ClipLoader(packed, batch_size=4, workers=2, resample=True, **ARGS) as loader:
+        next(iter(loader))
+        state = loader.state_dict()
+    other = ClipLoader(packed, batch_size=4, workers=1, resample=True, **ARGS)
     with pytest.raises(ValueError, match="needs the same workers"):
         other.load_state_dict(state)
 

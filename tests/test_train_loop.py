@@ -139,11 +139,15 @@ def test_resume_mid_epoch_neither_repeats_nor_skips_clips(packed, tmp_path):
     assert len(summaries) == 2
 
 
-def test_resume_refuses_a_different_world_mid_epoch(packed, tmp_path):
+def test_resume_refuses_a_different_plan_mid_epoch(packed, tmp_path):
+    """Another batch size (or world size, or workers) re-divides the epoch (tests/test_scale_train.py);
+    another seed or shuffle buffer is another epoch."""
     log = tmp_path / "run"
     launch(cfg_for(packed, log, epochs=1, max_steps=3, eval_every=0))
-    with pytest.raises(UserError, match="needs the same .*batch_size"):
-        launch(cfg_for(packed, log, epochs=1, batch_size=2, resume=str(log)))
+    with pytest.raises(UserError, match="needs the same .*seed"):
+        launch(cfg_for(packed, log, epochs=1, seed=9, resume=str(log)))
+    with pytest.raises(UserError, match="needs the same shuffle_buffer"):
+        launch(cfg_for(packed, log, epochs=1, shuffle_buffer=16, resume=str(log)))
 
 
 def test_gradient_accumulation_and_sgd_step_schedule_run(packed, tmp_path):

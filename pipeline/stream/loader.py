@@ -16,12 +16,9 @@ import torch
 
 from pipeline.config import StreamConfig
 from pipeline.device import cores_per_rank, known_rank_and_world, rank_and_world
-from pipeline.errors import (
-    UserError,
-    WorkerGaveUp,
-)
+from pipeline.errors import UserError, WorkerGaveUp
 from pipeline.stream.clips import TrainClips, check_crop
-from pipeline.stream.passes import eval_clips, stream_config, test_samples, worker_samples
+from pipeline.stream.passes import eval_clips, part_samples, stream_config, test_samples, worker_samples
 from pipeline.stream.plan import (
     WorkerPlan,
     auto_workers,
@@ -31,6 +28,7 @@ from pipeline.stream.plan import (
     train_plan,
     worker_parts,
 )
+from pipeline.stream.reshard import TOPOLOGY_KEYS, Part, Segment, segment_parts
 from pipeline.stream.sources import ShardSet, changed_content, content_of, resolve, shard_name
 from pipeline.stream.stages import Faults, skip_consumed
 from pipeline.stream.workers import Closing
@@ -50,10 +48,22 @@ class TrainProducer:
     start_step: int = 0
     epochs: int | None = None
     """Stop after this epoch number; None: for ever."""
+    segment: int = 0
+    """The start epoch's segment (see stream/reshard.py): 0, or later when it was resumed on another topology."""
+    parts: tuple[Part, ...] = ()
+    """This rank's Parts of the start epoch's segment when `segment` > 0."""
 
-    def schedule(self, epoch: int) -> tuple[list[WorkerPlan], list[list[tuple[int, int]]]]:
-        plans = train_plan(self.source.shards, self.cfg, epoch, self.rank, self.world_size, self.n_workers)
+    def schedule(self, epoch: int) -> tuple[list[WorkerPlan | Part], list[list[tuple[int, int]]]]:
+        if self.segment and epoch == self.start_epoch:
+            plans = list(self.parts)
+        else:
+            plans = train_plan(self.source.shards, self.cfg, epoch, self.rank, self.world_size, self.n_workers)
         return plans, step_schedule([p.quota for p in plans], self.cfg.batch_size)
+
+    def samples(self, plans: list, epoch: int, worker: int, faults: Faults) -> Iterator[dict]:
+        if self.segment and epoch == self.start_epoch:
+            return part_samples(self.source, self.cfg, plans[worker], epoch, self.rank, worker, self.segment, faults)
+        return worker_samples(self.source, self.cfg, plans[worker], epoch, self.rank, worker, faults)
 
     def first_step(self, epoch: int) -> int:
         return self.start_step if epoch == self.start_epoch else 0
@@ -69,9 +79,7 @@ class TrainProducer:
                     continue
                 faults = Faults()
                 # On resume: drop what was already trained on, before decoding it.
-                src = skip_consumed(
-                    worker_samples(self.source, self.cfg, plans[worker], epoch, self.rank, worker, faults), skip
-                )
+                src = skip_consumed(self.samples(plans, epoch, worker, faults), skip)
                 clips = TrainClips(
                     src, self.cfg.crop, len(self.source.classes), self.cfg.seed, epoch, faults, self.cfg.temporal
                 )
@@ -199,7 +207,11 @@ class ClipLoader(Closing):
         self.merged: torch.Tensor | None = None
         self.position = (0, 0)
         self._ticket = 0
-        """(epoch, step) of the next batch to deliver."""
+        """(epoch, step) of the next batch to deliver; the step counts within the epoch's segment."""
+        self.history: tuple[Segment, ...] = ()
+        """The segments of epoch `history_epoch` run before on other topologies (see stream/reshard.py)."""
+        self.history_epoch = -1
+        self._parts: tuple[Part, ...] | None = None
 
     def _place(self, freeze: bool = True) -> dict:
         """Rank, world size and the workers that follow from them (`workers=None`), checked; kept
@@ -252,8 +264,20 @@ class ClipLoader(Closing):
             raise TypeError(
                 "a test-split ClipLoader has no planned number of batches (each worker's last batch may be short)"
             )
-        plans = train_plan(self.source.shards, self.cfg, epoch, self.rank, self.world_size, self.n_workers)
-        return sum(p.quota for p in plans) // self.cfg.batch_size
+        parts = self._segment_parts(epoch)
+        if parts is None:
+            parts = train_plan(self.source.shards, self.cfg, epoch, self.rank, self.world_size, self.n_workers)
+        return sum(p.quota for p in parts) // self.cfg.batch_size
+
+    def _segment_parts(self, epoch: int) -> tuple[Part, ...] | None:
+        """This rank's Parts of `epoch` when it continues on this topology after others; else None."""
+        if not self.history or epoch != self.history_epoch:
+            return None
+        if self._parts is None:
+            counts = [s.samples for s in self.source.shards]
+            me = Segment(self.world_size, self.n_workers, self.cfg.batch_size, 0)
+            self._parts = tuple(segment_parts(counts, self.cfg, epoch, self.history, me)[self.rank])
+        return self._parts
 
     def __len__(self) -> int:
         return self.steps(self._next()[0])
@@ -288,15 +312,25 @@ class ClipLoader(Closing):
         """Where this loader is: the next batch to deliver is batch `step` of epoch `epoch` (the same
         on every rank), with the plan it was computed from."""
         epoch, step = self._next()
-        return {"epoch": epoch, "step": step, "plan": self._plan_identity(), "content": content_of(self.source.shards)}
+        segments = [s.as_dict() for s in self.history] if epoch == self.history_epoch else []
+        return {
+            "epoch": epoch,
+            "step": step,
+            "plan": self._plan_identity(),
+            "segments": segments,
+            "content": content_of(self.source.shards),
+        }
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue from `state` (from `state_dict()`): the next batches are exactly those an
-        uninterrupted run would have delivered, clips, order, crops and flips alike. A mid-epoch
-        state needs the same plan (seed, world size, workers, batch size, shuffle buffer, shards)."""
+        """Continue from `state` (from `state_dict()`). On the same plan the next batches are exactly
+        those an uninterrupted run would have delivered, clips, order, crops and flips alike. A
+        mid-epoch state from another world size, worker count or batch size continues the epoch with
+        exactly the clips it has not used, dealt over this loader's ranks and workers (see
+        stream/reshard.py); the rest of the plan (seed, shuffle buffer, shards, ...) must be the same."""
         try:
             epoch, step, plan = int(state["epoch"]), int(state["step"]), state["plan"]
-        except (KeyError, TypeError, ValueError):
+            segments = tuple(Segment.from_dict(d) for d in state.get("segments") or ())
+        except (KeyError, TypeError, ValueError, AttributeError):
             raise ValueError(f"not a ClipLoader state: {state!r:.200}") from None
         if epoch < 0 or step < 0:
             raise ValueError(f"ClipLoader state at epoch {epoch}, step {step}")
@@ -307,12 +341,19 @@ class ClipLoader(Closing):
                 f"the state was taken on another pack: {len(differ)} shards of the same name differ in content "
                 f"(sha256 in the index), e.g. {differ[0]}; load it into a loader on the shards it was taken on"
             )
-        if step:
+        history = segments
+        if step or segments:
             mine = self._plan_identity()
             changed = sorted(k for k in mine if plan.get(k) != mine[k])
-            if changed:
-                raise ValueError(f"the state stopped mid-epoch; resuming it needs the same {', '.join(changed)}")
+            moved = [k for k in changed if k in TOPOLOGY_KEYS]
+            kept = [k for k in changed if k not in TOPOLOGY_KEYS or self.cfg.resample]
+            if kept:
+                raise ValueError(f"the state stopped mid-epoch; resuming it needs the same {', '.join(kept)}")
+            if moved and step:
+                old = Segment(int(plan["world_size"]), int(plan["workers"]), int(plan["batch_size"]), step)
+                history, step = segments + (old,), 0
         self.close()
+        self.history, self.history_epoch, self._parts = history, epoch if history else -1, None
         self.position = (epoch, step)
 
     # --- batches -------------------------------------------------------------------------------
@@ -335,9 +376,11 @@ class ClipLoader(Closing):
 
             self._place()  # the workers follow this rank and world size from now on
             start_epoch, start_step = self.position
+            parts = self._segment_parts(start_epoch)
             producer = TrainProducer(
-                self.source, self.cfg, self.rank, self.world_size, self.n_workers, start_epoch, start_step, self.epochs
-            )
+                self.source, self.cfg, self.rank, self.world_size, self.n_workers, start_epoch, start_step, self.epochs,
+                len(self.history) if parts is not None else 0, parts or (),
+            )  # fmt: skip
             _preload_decoders()
             self.producer = producer
             self.pool = WorkerPool(

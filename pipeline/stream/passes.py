@@ -18,8 +18,9 @@ from pipeline.errors import ShardFormatError, UserError
 from pipeline.frames import view_positions
 from pipeline.stream.clips import decode_sample
 from pipeline.stream.plan import WorkerPlan, key_rank
+from pipeline.stream.reshard import Part, shuffle_rng
 from pipeline.stream.sources import ShardSet
-from pipeline.stream.stages import Faults, fit_to_quota, read_samples, resampled_shards, shuffle
+from pipeline.stream.stages import Faults, fit_to_quota, kept_samples, read_samples, resampled_shards, shuffle
 
 
 def stream_config(shards, takes: str, ignored: frozenset[str] = frozenset(), **options) -> StreamConfig:
@@ -48,9 +49,25 @@ def worker_samples(
     # raw samples: our tar reader, a broken shard a counted fault
     raw = read_samples(shards, cfg.allow_pipe, faults)
     # shuffled in a seeded buffer
-    mixed = shuffle(raw, cfg.shuffle_buffer, rng(1))
+    mixed = shuffle(raw, cfg.shuffle_buffer, shuffle_rng(cfg.seed, epoch, rank, worker, 0))
     # exactly the planned number (surplus cut, lost samples made up with repeats)
     return fit_to_quota(mixed, plan.quota)
+
+
+def part_samples(
+    source: ShardSet, cfg: StreamConfig, part: Part, epoch: int, rank: int, worker: int, segment: int, faults: Faults
+) -> Iterator[dict]:
+    """The raw samples one worker delivers in segment `segment` >= 1 of an epoch resumed on another
+    topology (see stream/reshard.py), read top to bottom."""
+    # the shards it shares in, each cut to the samples the epoch has not used yet
+    raw = kept_samples([source.shards[i] for i in part.shards], part.keep, cfg.allow_pipe, faults)
+    # shuffled in a buffer seeded for this segment
+    mixed = shuffle(raw, cfg.shuffle_buffer, shuffle_rng(cfg.seed, epoch, rank, worker, segment))
+    # fewer clips left than ranks: this rank's one clip is a repeat
+    if part.repeat_only:
+        mixed = ({**s, "__repeat__": True} for s in mixed)
+    # exactly the planned number (the pad rule's repeats, lost samples made up)
+    return fit_to_quota(mixed, part.quota)
 
 
 def test_samples(shards, allow_pipe: bool, faults: Faults, by_key: bool, rank: int, world_size: int) -> Iterator[dict]:

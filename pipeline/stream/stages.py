@@ -191,3 +191,24 @@ def fit_to_quota(src: Iterable[dict], quota: int) -> Iterator[dict]:
 def skip_consumed(src: Iterable[dict], skip: int) -> Iterator[dict]:
     """Drop the samples a resumed run already trained on, before paying for their decoding."""
     return itertools.islice(src, skip, None)
+
+
+def kept_samples(
+    shards: Iterable[Shard], keep: Iterable[tuple[int, ...]], allow_pipe: bool, faults: Faults
+) -> Iterator[dict]:
+    """Raw samples of each shard in turn, only those whose number in their shard is in its `keep`
+    (ascending): the clips an epoch resumed on another topology has left (see stream/reshard.py).
+    A shard is read only as far as its last kept sample."""
+    for shard, numbers in zip(shards, keep):
+        if not numbers:
+            continue
+        wanted, last = set(numbers), numbers[-1]
+        samples = read_samples((shard,), allow_pipe, faults)
+        try:
+            for n, sample in enumerate(samples):
+                if n in wanted:
+                    yield sample
+                if n >= last:
+                    break
+        finally:
+            samples.close()  # the shard's stream, now rather than when collected

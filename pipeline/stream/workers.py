@@ -117,6 +117,9 @@ def _worker_main(produce: Producer, worker: int, conn, ring, slot_shape: tuple[i
     _PARENT_ENDS.clear()
     _LIVE.clear()
     default_signals()
+    # SIGTERM too (a scheduler sends it to every process of the job): the rank checkpoints on it and
+    # still needs this worker's batches until then; it closes us after (a bounded join, then kill).
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if hasattr(os, "SCHED_BATCH"):
         # A batch task does not preempt the task that wakes it. Without this, handing a slot back
         # woke the worker, which took the trainer's core until the next scheduler tick: 3-4 ms

@@ -48,6 +48,18 @@ def read_metrics(path: Path) -> list[dict]:
     return records
 
 
+def current_records(records: list[dict]) -> list[dict]:
+    """The records a resumed run's metrics stand by. A resume appends {"kind": "resume", "step": S}:
+    the steps after S that an earlier attempt logged were redone, so its records of them (steps,
+    evaluations) are superseded, as TensorBoard's purge_step does; every step then counts once."""
+    kept: list[dict] = []
+    for record in records:
+        if record.get("kind") == "resume" and isinstance(record.get("step"), int):
+            kept = [r for r in kept if not (isinstance(r.get("step"), (int, float)) and r["step"] > record["step"])]
+        kept.append(record)
+    return kept
+
+
 def _xy(records: list[dict], field: str, scale: float = 1.0) -> tuple[list, list]:
     pts = [(r["step"], r[field] * scale) for r in records if _number(r.get("step")) and _number(r.get(field))]
     return [p[0] for p in pts], [p[1] for p in pts]
@@ -92,7 +104,7 @@ def plot_run(log_dir: str | Path, out: str | Path | None = None) -> Path:
     log_dir = Path(log_dir)
     if not log_dir.is_dir():
         raise UserError(f"run folder not found: {log_dir}")
-    records = read_metrics(log_dir / METRICS_NAME)
+    records = current_records(read_metrics(log_dir / METRICS_NAME))
     steps = [r for r in records if r.get("kind") == "step"]
     evals = [r for r in records if r.get("kind") == "eval"]
     summaries = [r for r in records if r.get("kind") == "summary"]

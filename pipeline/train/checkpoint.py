@@ -21,11 +21,15 @@ from pipeline.device import DistEnv
 from pipeline.durable import failpoint, open_new, publish
 from pipeline.errors import UserError
 from pipeline.storage.urls import shard_name
+from pipeline.stream.reshard import Segment, clips_used
 from pipeline.stream.sources import ShardSet, changed_content, content_of
 from pipeline.train.collectives import gather
 
 CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_VERSION = 1
+RESHARDABLE = frozenset({"world_size", "workers", "batch_size", "grad_accum"})
+"""Identity fields a mid-epoch resume may change: the epoch's unused clips are dealt over the new
+topology (stream/reshard.py); gradient accumulation starts a new group at the checkpoint's boundary."""
 
 _CHECKPOINT_FIELDS = {
     "model": dict,
@@ -120,6 +124,8 @@ class Checkpointer:
     total_opt_steps: int
     env: DistEnv
     device: torch.device
+    loader: object
+    """The run's ClipLoader: its state_dict (epoch, step, plan, the epoch's earlier segments) is saved."""
     check: Callable[[], None] = lambda: None
     """Run first on every rank (a collective): raises when the state must not be saved (a NaN loss)."""
 
@@ -141,8 +147,18 @@ class Checkpointer:
             "step_in_epoch": at.step_in_epoch,
             "rng": rng,
             "run": self.run_identity,
+            **loader_fields(self.loader.state_dict()),
         }
         save_checkpoint(self.path, state)
+
+
+def loader_fields(loader_state: dict) -> dict:
+    """What a resume on another topology needs: the loader's state (the epoch's segments and the
+    plan it ran) and, for people reading the checkpoint, the clips the epoch has used so far."""
+    plan = loader_state["plan"]
+    here = Segment(plan["world_size"], plan["workers"], plan["batch_size"], loader_state["step"])
+    done = tuple(Segment.from_dict(d) for d in loader_state["segments"]) + (here,)
+    return {"loader": loader_state, "clips_used": clips_used(done)}
 
 
 def read_checkpoint(path: str) -> dict:
@@ -201,23 +217,21 @@ def check_same_pack(path: str, saved: dict, run_identity: dict) -> None:
         )
 
 
-def _plan_changes(saved: dict, run_identity: dict) -> list[str]:
-    """The identity fields a mid-epoch resume must keep that differ (content is check_same_pack's)."""
-    keys = ({*saved, *run_identity}) - {"content"}
-    return sorted(k for k in keys if saved.get(k) != run_identity.get(k))
-
-
-def load_resume(path: str, run_identity: dict, model, optimizer, env: DistEnv, use_cuda: bool) -> Position:
-    """Load a checkpoint into `model` and `optimizer` (and this rank's RNG state); returns its
-    position. Nothing is unpickled (weights_only)."""
+def load_resume(path: str, run_identity: dict, model, optimizer, loader, env: DistEnv, use_cuda: bool) -> Position:
+    """Load a checkpoint into `model`, `optimizer` and `loader` (and this rank's RNG state); returns
+    its position. Nothing is unpickled (weights_only). Mid-epoch, the topology may differ (RESHARDABLE):
+    the loader deals the epoch's unused clips over this one."""
     ckpt = read_checkpoint(path)
     saved = ckpt["run"]
     if saved["model"] != run_identity["model"] or saved["classes"] != run_identity["classes"]:
         raise UserError(f"checkpoint {path!r} is of model {saved['model']!r} on {len(saved['classes'])} classes")
     check_same_pack(path, saved, run_identity)
-    if ckpt["step_in_epoch"] > 0 and _plan_changes(saved, run_identity):
-        changed = _plan_changes(saved, run_identity)
-        raise UserError(f"checkpoint {path!r} stopped mid-epoch; resuming it needs the same {', '.join(changed)}")
+    mid_epoch = ckpt["step_in_epoch"] > 0 or bool((ckpt.get("loader") or {}).get("segments"))
+    changed = sorted(k for k in {*saved, *run_identity} - {"content"} if saved.get(k) != run_identity.get(k))
+    fixed = [k for k in changed if k not in RESHARDABLE or run_identity.get("resample")]
+    if mid_epoch and fixed:
+        raise UserError(f"checkpoint {path!r} stopped mid-epoch; resuming it needs the same {', '.join(fixed)}")
+    _load_loader(path, ckpt, loader)
     try:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -230,4 +244,18 @@ def load_resume(path: str, run_identity: dict, model, optimizer, env: DistEnv, u
         torch.set_rng_state(ckpt["rng"]["torch"][env.rank].clone())
         if use_cuda and "cuda" in ckpt["rng"]:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"][env.rank].clone())
-    return Position(*(ckpt[k] for k in ("step", "opt_step", "epoch", "step_in_epoch")))
+    at = Position(*(ckpt[k] for k in ("step", "opt_step", "epoch", "step_in_epoch")))
+    at.step_in_epoch = loader.position[1]  # 0 when the epoch goes on on another topology
+    return at
+
+
+def _load_loader(path: str, ckpt: dict, loader) -> None:
+    """The loader at the checkpoint's position: its saved state, or (a checkpoint from before the
+    state was saved) the epoch and step on this loader's own plan."""
+    state = ckpt.get("loader")
+    if not isinstance(state, dict):
+        state = {**loader.state_dict(), "epoch": ckpt["epoch"], "step": ckpt["step_in_epoch"], "segments": []}
+    try:
+        loader.load_state_dict(state)
+    except ValueError as e:
+        raise UserError(f"checkpoint {path!r}: {e}") from None

@@ -23,6 +23,7 @@ from pipeline.stream.plan import check_enough_shards
 from pipeline.train.checkpoint import resolve_checkpoint
 from pipeline.train.data import RunData, resolve_data, with_workers
 from pipeline.train.loop import train
+from pipeline.train.resuming import AUTO, resolve_auto
 from pipeline.train.runfolder import check_log_dir, check_run_folder, default_log_dir
 
 
@@ -36,10 +37,12 @@ def prepare(cfg: TrainConfig, world_size: int, local_world_size: int) -> RunData
 
     if cfg.model not in MODEL_NAMES:
         build_model(cfg.model, len(data.train.classes))  # UserError for unknown names
-    if cfg.resume and not Path(resolve_checkpoint(cfg.resume)).is_file():
-        raise UserError(f"no checkpoint at {cfg.resume!r}")
+    resume = resolve_auto(cfg.resume, cfg.log_dir)
+    if resume and not Path(resolve_checkpoint(resume)).is_file():
+        raise UserError(f"no checkpoint at {resume!r}")
     check_log_dir(cfg.log_dir)
-    check_run_folder(default_log_dir(cfg), cfg.resume)
+    if cfg.resume != AUTO:  # `auto` runs in its own folder, whatever an earlier attempt left there
+        check_run_folder(default_log_dir(cfg), resume)
     return data
 
 
@@ -98,6 +101,9 @@ def launch(cfg: TrainConfig) -> dict | None:
             raise Stopped(f"stopped by {signal.Signals(e.sigval).name}", 128 + int(e.sigval)) from None
         except ChildFailedError as e:
             messages = sorted(Path(errors).glob("rank-*.txt"))
+            codes = {f.exitcode for f in e.failures.values()}
+            if messages and codes == {143}:  # every rank checkpointed on SIGTERM, then stopped
+                raise Stopped(messages[0].read_text(), 143) from None
             if messages:
                 raise UserError(messages[0].read_text()) from None
             ranks = ", ".join(f"{r} (exit code {f.exitcode})" for r, f in sorted(e.failures.items()))
@@ -131,4 +137,4 @@ def _launched(cfg: TrainConfig, errors: str) -> dict:
         return train(cfg, env)
     except UserError as e:
         (Path(errors) / f"rank-{env.rank}.txt").write_text(str(e))
-        raise SystemExit(2) from None
+        raise SystemExit(getattr(e, "exit_code", 2)) from None

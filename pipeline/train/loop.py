@@ -24,9 +24,10 @@ import torch.distributed as dist
 from pipeline.config import TrainConfig
 from pipeline.device import DistEnv, ModelInput, cores_per_rank, model_memory_format, pick_device
 from pipeline.durable import failpoint
-from pipeline.errors import UserError, WorkerGaveUp, printable
+from pipeline.errors import Stopped, UserError, WorkerGaveUp, printable
 from pipeline.redact import redact
 from pipeline.stream.loader import ClipLoader
+from pipeline.stream.reshard import audit_lines_kept
 from pipeline.train.checkpoint import (
     CHECKPOINT_NAME,
     Checkpointer,
@@ -35,11 +36,13 @@ from pipeline.train.checkpoint import (
     resolve_checkpoint,
     run_identity,
 )
-from pipeline.train.collectives import agree_min, gather
+from pipeline.train.collectives import agree_min, broadcast_text, gather
 from pipeline.train.data import mapping_note, resolve_data, with_workers
+from pipeline.train.elastic import CheckpointTriggers, init_process_group
 from pipeline.train.evaluate import check_eval_faults, evaluate, evaluation_message
 from pipeline.train.meter import BadClipBudget, Meter
-from pipeline.train.runfolder import Audit, Metrics, open_run_folder
+from pipeline.train.resuming import resolve_auto
+from pipeline.train.runfolder import Audit, Metrics, open_run_folder, trim_audits
 from pipeline.train.schedule import learning_rate
 
 
@@ -69,12 +72,11 @@ def _train(cfg: TrainConfig, env: DistEnv, held: contextlib.ExitStack) -> dict:
     loader = ClipLoader.from_config(
         data.train, sc, env.rank, env.world_size, epochs=cfg.epochs, pin_memory=use_cuda, copy=False
     )
-    steps_per = [loader.steps(e) for e in range(cfg.epochs)]
-    total_opt_steps = sum(math.ceil(s / cfg.grad_accum) for s in steps_per)
     classes = data.train.classes
 
     # --- run folder -------------------------------------------------------------------------
     log_dir = open_run_folder(cfg, env, device, held)
+    restarted = (log_dir / "metrics.jsonl").exists()  # an earlier attempt of this run wrote here
     metrics = Metrics(log_dir, env)
     bad_clips = BadClipBudget(cfg, log_dir / f"faults-rank{env.rank}.jsonl", env.rank, say)
 
@@ -88,6 +90,22 @@ def _train(cfg: TrainConfig, env: DistEnv, held: contextlib.ExitStack) -> dict:
     # --- resume -----------------------------------------------------------------------------
     identity = run_identity(cfg, env.world_size, loader.n_workers, data.train)
     meter = Meter(device, env)
+    resume = broadcast_text(resolve_auto(cfg.resume, str(log_dir)) or "", env, device)  # rank 0's view, alike
+    at = Position()
+    if resume:
+        path = resolve_checkpoint(resume)
+        at = load_resume(path, identity, model, optimizer, loader, env, use_cuda)
+        if at.epoch > cfg.epochs:  # every rank alike
+            raise UserError(f"`epochs` {cfg.epochs} is fewer than the {at.epoch} the run in {log_dir} has trained")
+        if env.rank == 0 and loader.history:
+            trim_audits(log_dir, at.epoch, loader.history, env.world_size)
+        say(resumed_message(path, at, loader))
+    if resume or restarted:
+        # the steps after `at.step` that an earlier attempt logged are redone: its records of them are superseded
+        metrics.record("resume", step=at.step, epoch=at.epoch, world_size=env.world_size, workers=loader.n_workers)
+    steps_per = [loader.steps(e) for e in range(cfg.epochs)]
+    earlier_opt_steps = sum(math.ceil(seg.steps / cfg.grad_accum) for seg in loader.history)
+    total_opt_steps = earlier_opt_steps + sum(math.ceil(s / cfg.grad_accum) for s in steps_per)
     checkpointer = Checkpointer(
         log_dir / CHECKPOINT_NAME,
         model,
@@ -97,16 +115,9 @@ def _train(cfg: TrainConfig, env: DistEnv, held: contextlib.ExitStack) -> dict:
         total_opt_steps,
         env,
         device,
+        loader,
         check=lambda: meter.check_finite(log_dir / CHECKPOINT_NAME),
     )
-    at = Position()
-    if cfg.resume:
-        path = resolve_checkpoint(cfg.resume)
-        at = load_resume(path, identity, model, optimizer, env, use_cuda)
-        loader.load_state_dict({**loader.state_dict(), "epoch": at.epoch, "step": at.step_in_epoch})
-        say(
-            f"resumed from {path}: epoch {at.epoch + 1}, step {at.step_in_epoch} of {steps_per[min(at.epoch, cfg.epochs - 1)]}"
-        )
     say(
         f"training {cfg.model} on {data.train.samples} clips ({len(data.train.shards)} shards), {len(classes)} classes; "
         f"{env.world_size} rank(s) x {loader.n_workers} worker(s) on {device.type}; {steps_per[0]} steps/epoch of {sc.batch_size} clips per rank"
@@ -117,7 +128,8 @@ def _train(cfg: TrainConfig, env: DistEnv, held: contextlib.ExitStack) -> dict:
 
     # --- loop -------------------------------------------------------------------------------
     stepper = Stepper(net, forward, optimizer, ModelInput(device, channels_last), autocast, cfg, total_opt_steps)
-    periodic = Periodic(cfg.checkpoint_every, at.step)
+    triggers = CheckpointTriggers(cfg.checkpoint_every, cfg.checkpoint_every_min, env.world_size, use_cuda)
+    triggers.install(at.step)
     last_eval: dict | None = None
     stopped_early = False
     net.train()
@@ -132,11 +144,14 @@ def _train(cfg: TrainConfig, env: DistEnv, held: contextlib.ExitStack) -> dict:
                 bad_clips=bad_clips,
                 metrics=metrics,
                 checkpointer=checkpointer,
-                periodic=periodic,
+                triggers=triggers,
                 audit_dir=log_dir if cfg.audit_keys else None,
+                audit_earlier=audit_lines_kept(loader.history, env.rank) if epoch == loader.history_epoch else 0,
                 cfg=cfg,
                 env=env,
             )
+            if not finished and triggers.stop:
+                raise stopped_by_sigterm(at, log_dir)
             if not finished:
                 say(f"stopped after step {at.step} (--max-steps); continue with --resume {log_dir}")
                 stopped_early = True
@@ -159,11 +174,15 @@ def _train(cfg: TrainConfig, env: DistEnv, held: contextlib.ExitStack) -> dict:
                 if last_eval["clips"]:
                     say(evaluation_message(at.epoch, last_eval))
             checkpointer.save(at)
+            triggers.taken(at.step, epoch_end=True)
+            if triggers.due(at.step) and triggers.stop:  # SIGTERM during the epoch's last steps or evaluation
+                raise stopped_by_sigterm(at, log_dir)
             if cfg.max_steps and at.step >= cfg.max_steps and at.epoch < cfg.epochs:
                 say(f"stopped after step {at.step} (--max-steps); continue with --resume {log_dir}")
                 stopped_early = True
                 break
     finally:
+        triggers.close()
         loader.close()
 
     # --- summary ----------------------------------------------------------------------------
@@ -198,13 +217,26 @@ def start_process_group(cfg: TrainConfig, env: DistEnv) -> torch.device:
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True
     if env.world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(
-            "nccl" if use_cuda else "gloo",
-            rank=env.rank,
-            world_size=env.world_size,
-            device_id=device if use_cuda else None,
-        )
+        init_process_group("nccl" if use_cuda else "gloo", env.rank, env.world_size, device if use_cuda else None)
     return device
+
+
+def resumed_message(path: str, at: Position, loader: ClipLoader) -> str:
+    steps = loader.steps(at.epoch) if loader.epochs is None or at.epoch < loader.epochs else 0
+    if not loader.history or at.epoch != loader.history_epoch:
+        return f"resumed from {path}: epoch {at.epoch + 1}, step {at.step_in_epoch} of {steps}"
+    before = ", ".join(f"{s.world_size}x{s.workers}x{s.batch_size}: {s.steps} steps" for s in loader.history)
+    return (
+        f"resumed from {path}: epoch {at.epoch + 1} goes on with the clips it has left, {steps} steps on "
+        f"{loader.world_size} rank(s) x {loader.n_workers} worker(s) (ranks x workers x batch before: {before})"
+    )
+
+
+def stopped_by_sigterm(at: Position, log_dir: Path) -> Stopped:
+    return Stopped(
+        f"stopped by SIGTERM after step {at.step}, checkpoint written; continue with --resume {log_dir} (or --resume auto)",
+        143,
+    )
 
 
 def agree_on_workers(cfg: TrainConfig, n_shards: int, env: DistEnv, device: torch.device) -> TrainConfig:
@@ -295,21 +327,6 @@ class Stepper:
         return loss, boundary
 
 
-@dataclasses.dataclass
-class Periodic:
-    """--checkpoint-every N: due N steps after the last checkpoint it called for (an epoch's own
-    checkpoints do not count)."""
-
-    every: int
-    last: int
-
-    def due(self, step: int) -> bool:
-        if not self.every or step - self.last < self.every:
-            return False
-        self.last = step
-        return True
-
-
 def run_epoch(
     batches,
     steps: int,
@@ -320,18 +337,21 @@ def run_epoch(
     bad_clips: BadClipBudget,
     metrics: Metrics,
     checkpointer: Checkpointer,
-    periodic: Periodic,
+    triggers: CheckpointTriggers,
     audit_dir: Path | None,
+    audit_earlier: int,
     cfg: TrainConfig,
     env: DistEnv,
 ) -> bool:
     """The steps of epoch `at.epoch` from `at.step_in_epoch` on, `at` kept at the last step taken
-    (the next epoch's start at the end). False when --max-steps stopped it short, with a checkpoint."""
+    (the next epoch's start at the end). False when --max-steps or SIGTERM stopped it short, with a
+    checkpoint. `audit_earlier`: audit lines this rank wrote in the epoch's earlier segments."""
     from pipeline.progress import progress
 
     epoch, first, batch_size = at.epoch, at.step_in_epoch, cfg.stream.batch_size
     bad_clips.new_epoch(steps * batch_size)
-    audit = Audit(audit_dir, epoch, env.rank, first * batch_size) if audit_dir is not None else None
+    kept = audit_earlier + first * batch_size
+    audit = Audit(audit_dir, epoch, env.rank, kept) if audit_dir is not None else None
     bar = progress(steps, f"epoch {epoch + 1}/{cfg.epochs}", quiet=env.rank != 0 or not cfg.progress, unit="step")
     bar.update(first)
     meter.reset()
@@ -370,11 +390,12 @@ def run_epoch(
 
         if boundary and in_epoch + 1 != steps:
             stop = bool(cfg.max_steps and at.step >= cfg.max_steps)
-            if stop or periodic.due(at.step):
+            if triggers.due(at.step) or stop:  # a collective: every rank asks at every boundary
                 if audit is not None:
                     audit.flush()  # a resume keeps the audit lines up to this checkpoint: they must be on disk
                 checkpointer.save(at)
-            if stop:
+                triggers.taken(at.step)
+            if stop or triggers.stop:
                 bar.close()
                 if audit is not None:
                     audit.close()

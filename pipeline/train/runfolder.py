@@ -182,6 +182,18 @@ def drop_torn_line(path: Path) -> None:
         pass
 
 
+def trim_audits(log_dir: Path, epoch: int, history: tuple, world_size: int) -> None:
+    """An epoch resumed on fewer ranks: the audit files of the ranks that are gone keep the lines of
+    the steps before the checkpoint, no more (each rank that goes on trims its own, see Audit)."""
+    from pipeline.stream.reshard import audit_lines_kept
+
+    for path in sorted((log_dir / "audit").glob(f"epoch-{epoch:03d}-rank-*.txt")):
+        rank = int(path.stem.rsplit("-", 1)[1])
+        if rank >= world_size:
+            kept = path.read_text().splitlines()[: audit_lines_kept(history, rank)]
+            path.write_text("".join(k + "\n" for k in kept))
+
+
 class Audit:
     """--audit-keys: audit/epoch-NNN-rank-R.txt, the sample keys this rank consumed in an epoch, one a
     line. A resume keeps the lines of the steps taken before its checkpoint and writes on from there."""
