@@ -99,7 +99,12 @@ class ClipClassifier(L.LightningModule):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("shards", help="packed folder or shard pattern, e.g. 'shards/<000..031>.tar'")
-    parser.add_argument("--route", choices=("cliploader", "stateful"), default="cliploader")
+    parser.add_argument(
+        "--route",
+        choices=("cliploader", "stateful"),
+        default="cliploader",
+        help="cliploader: a ClipLoader; stateful: torchdata's StatefulDataLoader over a ClipDataset",
+    )
     parser.add_argument("--devices", type=int, default=1, help="processes; more than 1 runs DDP")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=8)
