@@ -29,7 +29,12 @@ from pipeline.train.models import build_model
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("shards", help="packed folder or shard pattern, e.g. 'shards/<000..031>.tar'")
-    parser.add_argument("--route", choices=("cliploader", "dataloader"), default="cliploader")
+    parser.add_argument(
+        "--route",
+        choices=("cliploader", "dataloader"),
+        default="cliploader",
+        help="cliploader: a ClipLoader through prepare(); dataloader: a DataLoader over a ClipDataset",
+    )
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--crop", type=int, default=112)

@@ -36,6 +36,9 @@ class ClipClassifier(L.LightningModule):
         self.model = None
         self.to_input = None
         self.val_keys: list[str] = []
+        # --early: made here, before Lightning starts the process group (as in a DataModule's
+        # __init__); they read their rank when iteration starts, so this is as right as later
+        self.early = {split: self._loader(split) for split in ("train", "test")} if args.early else {}
 
     def _loader(self, split: str):
         a = self.args
@@ -49,10 +52,10 @@ class ClipClassifier(L.LightningModule):
         return StatefulDataLoader(dataset, batch_size=None, num_workers=a.workers)
 
     def train_dataloader(self):
-        return self._loader("train")
+        return self.early["train"] if self.early else self._loader("train")
 
     def val_dataloader(self):
-        return self._loader("test")
+        return self.early["test"] if self.early else self._loader("test")
 
     def configure_model(self):
         if self.model is None:
@@ -96,7 +99,12 @@ class ClipClassifier(L.LightningModule):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("shards", help="packed folder or shard pattern, e.g. 'shards/<000..031>.tar'")
-    parser.add_argument("--route", choices=("cliploader", "stateful"), default="cliploader")
+    parser.add_argument(
+        "--route",
+        choices=("cliploader", "stateful"),
+        default="cliploader",
+        help="cliploader: a ClipLoader; stateful: torchdata's StatefulDataLoader over a ClipDataset",
+    )
     parser.add_argument("--devices", type=int, default=1, help="processes; more than 1 runs DDP")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -108,6 +116,7 @@ def main():
     parser.add_argument("--stop-at-step", type=int, default=0, help="save a checkpoint after this step, then die")
     parser.add_argument("--resume", default=None, help="a Lightning checkpoint to carry on from")
     parser.add_argument("--record", default=None, help="folder for the keys each rank used (JSON lines)")
+    parser.add_argument("--early", action="store_true", help="make the loaders before the process group exists")
     args = parser.parse_args()
     args.classes = len(ClipLoader(args.shards, crop=args.crop).classes)
     if args.record:

@@ -57,10 +57,24 @@ def check_lightning_resume(packed: Path, tmp_path: Path, route: str, devices: in
     per_epoch = len(reference[0]) // EPOCHS
     stop = per_epoch + per_epoch // 2  # inside epoch 1: a resume there must not replay epoch 0's order
 
-    killed = _run(packed, tmp_path, route, devices, workers, "--stop-at-step", stop, "--record", tmp_path / "head")
+    # under DDP the loaders are made before the process group exists (--early): each rank must
+    # still read only its share
+    early = ["--early"] if devices > 1 else []
+    killed = _run(
+        packed, tmp_path, route, devices, workers, *early, "--stop-at-step", stop, "--record", tmp_path / "head"
+    )
     assert killed.returncode == -9, killed.stderr[-3000:]
     resumed = _run(
-        packed, tmp_path, route, devices, workers, "--resume", tmp_path / "mid.ckpt", "--record", tmp_path / "tail"
+        packed,
+        tmp_path,
+        route,
+        devices,
+        workers,
+        *early,
+        "--resume",
+        tmp_path / "mid.ckpt",
+        "--record",
+        tmp_path / "tail",
     )
     exited = time.time()
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -208,7 +208,7 @@ def test_every_reader_takes_a_bucket(server, uploaded, packed):
     data = streamkit.resolve(cfg)
     assert data.train.index == f"{uploaded}/index.json"
     assert [s.url for s in data.test.shards] == [f"{uploaded}/test-000.tar", f"{uploaded}/test-001.tar"]
-    assert ClipLoader(uploaded, batch_size=4).source.samples == 48
+    assert ClipLoader(uploaded, batch_size=4, crop=24).source.samples == 48
     remote = list(read_shard(f"{uploaded}/003.tar"))
     local = list(read_shard(packed / "003.tar"))
     assert [s["key"] for s in remote] == [s["key"] for s in local] and len(remote) == 6

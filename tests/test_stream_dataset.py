@@ -75,6 +75,7 @@ def _run(tmp_path: Path, packed: Path, workers: int, snapshot: int, stop: int) -
     return done
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers, snapshot", [(0, 1), (2, 1), (2, 3)])
 def test_stateful_dataloader_resumes_in_a_new_process_without_decoding_used_batches(
     packed, tmp_path, workers, snapshot
@@ -220,6 +221,7 @@ OWN_HANDLER = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_a_program_with_its_own_sigterm_handler_exits(packed, tmp_path):
     script = tmp_path / "own_handler.py"
     script.write_text(OWN_HANDLER)
