@@ -248,6 +248,10 @@ class StreamConfig:
                 f"`max_bad` must be >= 0 (a fraction if < 1, else a count) and at most {MAX_COUNT:,}, got {self.max_bad}"
             )
 
+    def bad_limit(self, planned: int) -> int:
+        """Unreadable clips a rank may meet in an epoch of `planned` clips (`max_bad`: a fraction if < 1, else a count)."""
+        return int(self.max_bad * planned) if self.max_bad < 1 else int(self.max_bad)
+
     def check_memory(self, frames: int, workers: int) -> None:
         """The batch buffers a loader with `workers` workers allocates for clips of `frames` frames
         (known from the index) must fit: one slot at most MAX_BATCH_BYTES, all of them in RAM."""
@@ -368,8 +372,7 @@ class TrainConfig:
 
     def bad_limit(self, planned: int) -> int:
         """Unreadable clips a rank may meet in an epoch of `planned` clips before the run stops."""
-        m = self.stream.max_bad
-        return int(m * planned) if m < 1 else int(m)
+        return self.stream.bad_limit(planned)
 
     @property
     def peak_lr(self) -> float:

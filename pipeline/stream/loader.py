@@ -52,6 +52,15 @@ class TrainProducer:
     """The start epoch's segment (see stream/reshard.py): 0, or later when it was resumed on another topology."""
     parts: tuple[Part, ...] = ()
     """This rank's Parts of the start epoch's segment when `segment` > 0."""
+    stop_at_max_bad: bool = False
+    """Stop as soon as this worker alone meets more unreadable clips than cfg.max_bad allows its
+    rank in the epoch (train-stream; see stages.Faults)."""
+
+    def faults(self, epoch: int, steps: int) -> Faults:
+        if not self.stop_at_max_bad:
+            return Faults()
+        budget = f"in epoch {epoch + 1}, more than --max-bad {self.cfg.max_bad:g} allows"
+        return Faults(self.cfg.bad_limit(steps * self.cfg.batch_size), budget)
 
     def schedule(self, epoch: int) -> tuple[list[WorkerPlan | Part], list[list[tuple[int, int]]]]:
         if self.segment and epoch == self.start_epoch:
@@ -77,7 +86,7 @@ class TrainProducer:
                 skip, sizes = worker_parts(schedule, worker, self.first_step(epoch))
                 if not sizes:
                     continue
-                faults = Faults()
+                faults = self.faults(epoch, len(schedule))
                 # On resume: drop what was already trained on, before decoding it.
                 src = skip_consumed(self.samples(plans, epoch, worker, faults), skip)
                 clips = TrainClips(
@@ -153,6 +162,9 @@ class ClipLoader(Closing):
     trainer), at most 8, and in training at most shards / ranks.
     """
 
+    stop_at_max_bad = False
+    """See from_config: library users get the faults in their batches and decide themselves."""
+
     def __init__(
         self,
         shards,
@@ -186,9 +198,13 @@ class ClipLoader(Closing):
         copy: bool = True,
         epochs: int | None = None,
         start_method: str | None = None,
+        stop_at_max_bad: bool = False,
     ) -> ClipLoader:
-        """A loader over already resolved shards (what train-stream and bench-stream use)."""
+        """A loader over already resolved shards (what train-stream and bench-stream use).
+        `stop_at_max_bad`: a worker stops (WorkerGaveUp) as soon as its own unreadable clips pass
+        `cfg.max_bad`, rather than at its next batch (train-stream's fail-fast)."""
         loader = cls.__new__(cls)
+        loader.stop_at_max_bad = stop_at_max_bad
         loader._setup(source, cfg, split, rank, world_size, pin_memory, copy, epochs, start_method)
         return loader
 
@@ -379,7 +395,7 @@ class ClipLoader(Closing):
             parts = self._segment_parts(start_epoch)
             producer = TrainProducer(
                 self.source, self.cfg, self.rank, self.world_size, self.n_workers, start_epoch, start_step, self.epochs,
-                len(self.history) if parts is not None else 0, parts or (),
+                len(self.history) if parts is not None else 0, parts or (), self.stop_at_max_bad,
             )  # fmt: skip
             _preload_decoders()
             self.producer = producer

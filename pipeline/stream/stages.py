@@ -45,16 +45,28 @@ def nbytes(sample) -> int:
 
 
 class Faults:
-    """Bad samples and shards met by one worker, shipped to the consumer with the next batch."""
+    """Bad samples and shards met by one worker, shipped to the consumer with the next batch.
 
-    def __init__(self):
+    With a `limit` (train-stream's --max-bad for the rank's epoch), the worker stops as soon as its
+    own count passes it, with the faults behind it, instead of when its next batch is complete: a
+    worker whose shards are all dead or trickling would otherwise meet every shard's deadline in turn
+    (an hour for 32 shards) before the budget could be checked. A worker's count never exceeds its
+    rank's, so this never stops a run the rank's own check would have let go on."""
+
+    def __init__(self, limit: int | None = None, budget: str = ""):
         self.pending: list[dict] = []
         self.bad = 0
+        self.limit, self.budget = limit, budget
 
     def add(self, what: str, reason: str, samples: int = 1) -> None:
         # redacted here, where every fault record is made: they reach logs, warnings and user code
-        self.pending.append({"what": redact(what), "reason": redact(reason), "samples": samples})
+        record = {"what": redact(what), "reason": redact(reason), "samples": samples}
+        self.pending.append(record)
         self.bad += samples
+        if self.limit is not None and self.bad > self.limit:
+            raise UserError(
+                f"{self.bad} unreadable clips {self.budget} ({self.limit}); last: {record['what']}: {record['reason']}"
+            )
 
     def take(self) -> list[dict]:
         out, self.pending = self.pending, []

@@ -70,7 +70,14 @@ def _train(cfg: TrainConfig, env: DistEnv, held: contextlib.ExitStack) -> dict:
     sc = cfg.stream
     # One set of loader workers for the whole run (started with the first epoch asked for).
     loader = ClipLoader.from_config(
-        data.train, sc, env.rank, env.world_size, epochs=cfg.epochs, pin_memory=use_cuda, copy=False
+        data.train,
+        sc,
+        env.rank,
+        env.world_size,
+        epochs=cfg.epochs,
+        pin_memory=use_cuda,
+        copy=False,
+        stop_at_max_bad=True,
     )
     classes = data.train.classes
 
