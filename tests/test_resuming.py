@@ -69,11 +69,12 @@ def test_a_resume_takes_the_run_options_and_allows_more_epochs(tmp_path):
     "given, message",
     [
         ({"model": "r3d18"}, "--model 'r3d18' disagrees with 'tiny'"),
-        ({"lr": 0.01}, "--lr 0.01 disagrees with 0.003"),
+        ({"weight_decay": 0.01}, "--weight-decay 0.01 disagrees with 0.0001"),
         ({"seed": 0}, "--seed 0 disagrees with 3"),
     ],
 )
 def test_an_option_given_again_must_agree(tmp_path, given, message):
+    """(The peak --lr may change: see test_a_resume_may_lower_the_peak_learning_rate.)"""
     run = tmp_path / "run"
     write_run(run)
     with pytest.raises(UserError) as e:
@@ -101,3 +102,9 @@ def test_auto_in_a_folder_an_attempt_left_without_checkpoint_checks_its_options(
     assert opts["resume"] == "auto" and opts["model"] == "tiny"
     with pytest.raises(UserError, match="`model` 'r3d18' disagrees"):
         resuming.resumed_options("auto", str(run), {"model": "r3d18"}, {})
+
+
+def test_a_resume_may_lower_the_peak_learning_rate(tmp_path):
+    run = tmp_path / "run"
+    write_run(run)
+    assert resuming.resumed_options(str(run), None, {"lr": 0.0005}, {})["lr"] == 0.0005

@@ -51,6 +51,9 @@ RUNNING = frozenset(
         "progress",
         "plot",
         "max_bad",
+        # the peak learning rate, given again on purpose: a resume may lower it (or raise it), as one
+        # does to fine-tune a run; the schedule goes on from the same step with the new peak
+        "lr",
     }
 )
 """Options a resume may change; every other one (model, seed, optimiser, schedule, crop, ...) decides
