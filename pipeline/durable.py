@@ -116,9 +116,33 @@ def check_real_folder(path: Path) -> None:
         )
 
 
+_HELD_LOCKS: set[int] = set()
+"""The descriptors of the locks this process holds: a forked child lets go of its copies."""
+
+
+def _drop_inherited_locks() -> None:
+    # An flock belongs to the open file, which a fork shares: a decoder or loader worker that kept
+    # its copy would hold the parent's lock after the parent died (until it noticed), and a re-run
+    # started at once would be told the folder is in use by a dead process. The descriptor is
+    # pointed at /dev/null rather than closed, so that its number is not reused under the parent's
+    # file object.
+    if not _HELD_LOCKS:
+        return
+    null = os.open(os.devnull, os.O_RDONLY)
+    for fd in _HELD_LOCKS:
+        with contextlib.suppress(OSError):
+            os.dup2(null, fd)
+    os.close(null)
+    _HELD_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_drop_inherited_locks)
+
+
 class FolderLock:
     """An exclusive lock on a folder we write, held by this process until `release()` (or its end:
-    the kernel drops an flock with the last descriptor, so a process killed -9 leaves no stale lock).
+    the kernel drops an flock with the last descriptor, so a process killed -9 leaves no stale lock;
+    forked children do not keep it).
 
     The lock file records who holds it (host, pid, start time, command) for the second writer's
     message. One helper for every folder we own: the run folder (train-stream) and OUT_DIR
@@ -158,10 +182,12 @@ class FolderLock:
         self._file.truncate(0)
         self._file.write(json.dumps(me).encode())
         self._file.flush()
+        _HELD_LOCKS.add(self._file.fileno())
 
     def release(self) -> None:
         if self._file.closed:
             return
+        _HELD_LOCKS.discard(self._file.fileno())
         if self.remove:
             # before the close, while still held: a process that starts now creates a fresh file
             with contextlib.suppress(OSError):
