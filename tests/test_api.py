@@ -163,7 +163,7 @@ def _batches_with_workers(packed, args, epoch):
 
 
 def test_a_mid_epoch_state_needs_the_same_plan(packed):
-    """Another topology re-divides the epoch (tests/test_reshard.py); the rest of the plan must stay,
+    """Another topology re-divides the epoch (tests/test_stream_reshard.py); the rest of the plan must stay,
     and a resampled run resumes mid-epoch only on the same topology."""
     with ClipLoader(packed, batch_size=4, workers=2, **ARGS) as loader:
         next(iter(loader))
