@@ -62,12 +62,13 @@ import torch  # noqa: E402
 from pipeline import ClipDataset  # noqa: E402
 from pipeline.config import PackConfig, StreamConfig  # noqa: E402
 from pipeline.device import MEAN, STD, ModelInput  # noqa: E402
+from pipeline.frames import clip_indices, resized_size  # noqa: E402
 from pipeline.pack.job import run_pack  # noqa: E402
 from pipeline.shardformat import unpack_jpegs  # noqa: E402
 from pipeline.stream.sources import resolve  # noqa: E402
 from pipeline.tools.bench import endless_batches  # noqa: E402
 from pipeline.tools.sampledata import make_sample_data  # noqa: E402
-from pipeline.video import clip_indices, decode_clip, resized_size  # noqa: E402
+from pipeline.video import decode_clip  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 T, CROP, SHORT = 16, 112, 128
@@ -314,7 +315,7 @@ def prepare(work: Path, classes: int, clips_per_class: int) -> dict:
             folder = jpeg / raw["__key__"]
             folder.mkdir(parents=True)
             # The recipe's folders: the same 16 source frames, at the source size, one file each.
-            source = decode_clip(data / meta["source"], T, "pyav")
+            source = decode_clip(data / meta["source"], lambda n: clip_indices(n, T), "pyav")
             assert source.indices == meta["indices"]
             for t, frame in enumerate(source.frames):
                 (folder / f"image_{t + 1:05d}.jpg").write_bytes(simplejpeg.encode_jpeg(frame, quality=90))

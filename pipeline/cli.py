@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import gc
+import inspect
 import os
 import sys
 from collections.abc import Callable
@@ -19,7 +21,8 @@ from pipeline.errors import UserError, as_options, printable
 def one_line_errors(fn: Callable) -> Callable:
     """Expected failures become `error: ...` on stderr and exit code 2, never a traceback."""
 
-    @functools.wraps(fn)
+    # Not __annotations__: a ConfigCommand builds its signature only when typer asks for it.
+    @functools.wraps(fn, assigned=("__module__", "__name__", "__qualname__", "__doc__"))
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
@@ -95,6 +98,117 @@ def _parse_part(text: str) -> tuple[int, int]:
     except ValueError:
         raise UserError(f"--part must look like i/N (e.g. 1/4), got {text!r}") from None
     return i, n
+
+
+def _parse_workers(text: str) -> tuple[int, ...]:
+    from pipeline.tools.bench import parse_workers
+
+    return parse_workers(text)
+
+
+@dataclasses.dataclass(frozen=True)
+class Form:
+    """How a config field looks on the command line where its own type does not fit a flag."""
+
+    type: object = None
+    """The option's type on the command line (e.g. list[str] for a tuple of patterns); None: the field's."""
+    parse: Callable | None = None
+    """Command-line value -> field value."""
+    names: tuple[str, ...] = ()
+    """Option names (e.g. an alias); empty: --field-name."""
+    required: bool = False
+    shown: Callable | None = None
+    """Field default -> the command line's default."""
+
+
+def _field_docs(cls) -> dict[str, str]:
+    """The one-line docstrings under a dataclass's fields (the source is their only record)."""
+    import ast
+
+    module = ast.parse(inspect.getsource(sys.modules[cls.__module__]))
+    body = next(n for n in module.body if isinstance(n, ast.ClassDef) and n.name == cls.__name__).body
+    docs = {}
+    for field, doc in zip(body, body[1:]):
+        if isinstance(field, ast.AnnAssign) and isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant):
+            docs[field.target.id] = " ".join(str(doc.value.value).split())
+    return docs
+
+
+def _as_help(doc: str, fields: set[str], default_is_none: bool) -> str:
+    """A field's docstring as --help text: `field` names become --field-name, other quoted words
+    lose their quotes, and "None: ..." (what None means) becomes "[default: ...]"."""
+    import re
+
+    text = re.sub(r"`([^`]+)`", lambda m: "--" + m[1].replace("_", "-") if m[1] in fields else m[1], doc)
+    if default_is_none:
+        text = re.sub(r"(?:^|[;.] )None: (.*?)\.?$", lambda m: f" [default: {m[1]}].", text).strip()
+    return text
+
+
+class ConfigCommand:
+    """A command whose options are the fields of config dataclasses, one option a field, with the
+    field's docstring as its help: a field added to StreamConfig (or TrainConfig, BenchConfig) is
+    an option of every command built on it, with nothing else to edit. `forms` adapts the fields
+    whose type is not a flag's; `skip` ("Class.field") leaves fields out.
+
+    The signature is built when typer first reads it, so that a command that does not run this one
+    (pack-shards) never imports the configs."""
+
+    def __init__(self, fn: Callable, configs: tuple[str, ...], forms: dict[str, Form] = {}, skip: tuple[str, ...] = ()):  # noqa: B006
+        self.fn, self.configs, self.forms, self.skip = fn, configs, forms, skip
+        self.__name__, self.__doc__, self.__module__ = fn.__name__, fn.__doc__, fn.__module__
+
+    @functools.cached_property
+    def __signature__(self) -> inspect.Signature:
+        import importlib
+        import typing
+
+        own = [p for p in inspect.signature(self.fn, eval_str=True).parameters.values() if p.kind != p.VAR_KEYWORD]
+        params = []
+        for spec in self.configs:
+            module, name = spec.split(":")
+            cls = getattr(importlib.import_module(module), name)
+            docs, hints = _field_docs(cls), typing.get_type_hints(cls)
+            fields = {f.name for f in dataclasses.fields(cls)}
+            for f in dataclasses.fields(cls):
+                if dataclasses.is_dataclass(hints[f.name]) or f"{name}.{f.name}" in self.skip:
+                    continue  # a nested config (`stream`) is made of its own fields' options
+                form = self.forms.get(f.name, Form())
+                default = f.default if f.default is not dataclasses.MISSING else None
+                kind = form.type or hints[f.name]
+                names = form.names
+                if kind is bool and not names:
+                    flag = "--" + f.name.replace("_", "-")
+                    names = (f"{flag}/--no-{flag[2:]}",) if default else (flag,)
+                shown = form.shown(default) if form.shown else default
+                option = typer.Option(
+                    *names, help=_as_help(docs[f.name], fields, default is None), show_default=shown is not None
+                )
+                params.append(
+                    inspect.Parameter(
+                        f.name,
+                        inspect.Parameter.KEYWORD_ONLY,
+                        annotation=Annotated[kind, option],
+                        default=inspect.Parameter.empty if form.required else shown,
+                    )
+                )
+        return inspect.Signature(own + params)
+
+    @property
+    def __annotations__(self) -> dict:
+        return {p.name: p.annotation for p in self.__signature__.parameters.values()}
+
+    def __call__(self, **values):
+        for name, form in self.forms.items():
+            if form.parse and name in values:
+                values[name] = form.parse(values[name])
+        return self.fn(**values)
+
+
+def _fields_of(cls, options: dict, but: tuple[str, ...] = ()) -> dict:
+    """The options that are fields of `cls` (less `but`, a field of the same name in another config)."""
+    names = {f.name for f in dataclasses.fields(cls)} - set(but)
+    return {k: v for k, v in options.items() if k in names}
 
 
 def pack_shards(
@@ -219,7 +333,7 @@ def pack_shards(
     check_failures(cfg, report)
 
 
-def make_sample_data(
+def make_sample_data_command(
     out_dir: Annotated[
         Path,
         typer.Argument(
@@ -244,15 +358,15 @@ def make_sample_data(
 ):
     """Write a sample set in the HMDB51, UCF101 or Kinetics layout: real MPEG-4 clips whose frames show their own index and class."""
     from pipeline.progress import progress
-    from pipeline.tools.sampledata import MAX_CLASSES
+    from pipeline.tools.sampledata import MAX_SAMPLE_CLASSES
     from pipeline.tools.sampledata import make_sample_data as make
 
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"output path is a file, not a folder: {out_dir}")
-    if layout not in MAX_CLASSES:
-        raise UserError(f"unknown layout {layout!r}; choose {', '.join(MAX_CLASSES)}")
-    if not 1 <= classes <= MAX_CLASSES[layout]:
-        raise UserError(f"--classes must be in 1..{MAX_CLASSES[layout]} for the {layout} layout, got {classes}")
+    if layout not in MAX_SAMPLE_CLASSES:
+        raise UserError(f"unknown layout {layout!r}; choose {', '.join(MAX_SAMPLE_CLASSES)}")
+    if not 1 <= classes <= MAX_SAMPLE_CLASSES[layout]:
+        raise UserError(f"--classes must be in 1..{MAX_SAMPLE_CLASSES[layout]} for the {layout} layout, got {classes}")
     if clips_per_class < 1:
         raise UserError(f"--clips-per-class must be >= 1, got {clips_per_class}")
     with progress(classes * clips_per_class, "sample data", quiet=quiet) as bar:
@@ -271,201 +385,19 @@ def make_sample_data(
     )
 
 
-def train_stream(
-    shards: Annotated[
-        list[str],
-        typer.Option(
-            "--shards",
-            help="Training shards: 'shards/<000..031>.tar', '{000..031}' ranges, '::'-separated lists, local paths, http(s):// or s3:// URLs, or a packed folder (shards/, s3://bucket/hmdb51/); repeatable.",
-            show_default=False,
-        ),
-    ],
-    eval_shards: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--eval-shards",
-            help="Test shards, same syntax [default: the test shards listed in the index beside the training shards].",
-            show_default=False,
-        ),
-    ] = None,
-    index: Annotated[
-        str | None,
-        typer.Option(help="Path or URL of index.json [default: beside the training shards].", show_default=False),
-    ] = None,
-    model: Annotated[str, typer.Option(help="r3d18, r2plus1d18, cnn-lstm, tiny, or torchvision:<name>.")] = "r3d18",
-    epochs: Annotated[int, typer.Option(help="Passes over the training shards.")] = 10,
-    batch_size: Annotated[
-        int, typer.Option(help="Clips per batch on each rank (global batch: x ranks x --grad-accum).")
-    ] = 8,
-    workers: Annotated[
-        int | None,
-        typer.Option(
-            help="Loader worker processes per rank; each reads its own shards and builds whole batches [default: one per core left to the rank, at most 8 and at most shards / ranks].",
-            show_default=False,
-        ),
-    ] = None,
-    shuffle_buffer: Annotated[
-        int, typer.Option(help="Samples in each worker's shuffle buffer (about 150 KB each).")
-    ] = 256,
-    crop: Annotated[
-        int, typer.Option(help="Side of the square crop (random in training, centred in evaluation).")
-    ] = 112,
-    seed: Annotated[int, typer.Option(help="Seed of shard order, shuffle, crops, flips and model initialisation.")] = 0,
-    resample: Annotated[
-        bool,
-        typer.Option("--resample", help="Draw shards with replacement (allows fewer shards than ranks x workers)."),
-    ] = False,
-    epoch_fill: Annotated[
-        str,
-        typer.Option(
-            help="pad: every training clip once per epoch, the last batches topped up with marked repeats so every rank runs the same steps; drop: each rank's surplus left unread."
-        ),
-    ] = "pad",
-    temporal: Annotated[
-        str,
-        typer.Option(
-            help="Training frames: segment (one stored frame drawn per segment each epoch) or fixed (the evaluation frames); the same for packs of T stored frames."
-        ),
-    ] = "segment",
-    test_views: Annotated[
-        str,
-        typer.Option(
-            help="Evaluation views KxC: K temporal offsets x C spatial crops (1: centre, 3: centre and both ends); scores averaged per clip."
-        ),
-    ] = "1x1",
-    allow_pipe: Annotated[
-        bool, typer.Option("--allow-pipe", help="Allow pipe: shard URLs, which run shell commands.")
-    ] = False,
-    prefetch: Annotated[
-        int,
-        typer.Option(
-            help="Batches each worker prepares ahead; each worker holds this many + 1 batch buffers in shared memory."
-        ),
-    ] = 2,
-    max_bad: Annotated[
-        float,
-        typer.Option(
-            "--max-bad",
-            "--max-bad-fraction",
-            help="Unreadable training clips allowed per rank and epoch: a fraction of its clips if < 1, else a count; above it the run stops.",
-        ),
-    ] = 0.01,
-    optimizer: Annotated[str, typer.Option(help="adamw or sgd (momentum 0.9, Nesterov).")] = "adamw",
-    lr: Annotated[
-        float | None,
-        typer.Option(help="Peak learning rate [default: 1e-3 for adamw, 0.05 for sgd].", show_default=False),
-    ] = None,
-    weight_decay: Annotated[float, typer.Option(help="Weight decay.")] = 1e-4,
-    schedule: Annotated[
-        str, typer.Option(help="cosine (to zero at the last step) or step (x --lr-gamma every --lr-step-epochs).")
-    ] = "cosine",
-    warmup_steps: Annotated[int, typer.Option(help="Linear warm-up over this many optimiser steps.")] = 0,
-    lr_step_epochs: Annotated[int, typer.Option(help="Epochs between decays of the step schedule.")] = 10,
-    lr_gamma: Annotated[float, typer.Option(help="Decay factor of the step schedule.")] = 0.1,
-    grad_accum: Annotated[int, typer.Option(help="Batches whose gradients are summed before each optimiser step.")] = 1,
-    compile: Annotated[bool, typer.Option("--compile", help="Wrap the model in torch.compile.")] = False,
-    amp: Annotated[bool, typer.Option("--amp/--no-amp", help="bf16 autocast on CUDA (ignored on CPU).")] = True,
-    channels_last: Annotated[
-        bool,
-        typer.Option(
-            "--channels-last/--no-channels-last", help="channels_last_3d memory format on CUDA (ignored on CPU)."
-        ),
-    ] = True,
-    device: Annotated[str, typer.Option(help="auto (CUDA when available), cpu or cuda.")] = "auto",
-    threads: Annotated[
-        int | None,
-        typer.Option(
-            help="Intra-op CPU threads per training process [default: its share of the cores minus --workers, at least 1].",
-            show_default=False,
-        ),
-    ] = None,
-    eval_every: Annotated[
-        int, typer.Option(help="Evaluate every N epochs (and after the last); 0: only after the last.")
-    ] = 1,
-    log_dir: Annotated[
-        str | None,
-        typer.Option(
-            help="Run folder for metrics.jsonl, checkpoint.pt and audit logs [default: runs/<timestamp>, or the resumed run's folder].",
-            show_default=False,
-        ),
-    ] = None,
-    log_every: Annotated[int, typer.Option(help="Steps between step records in metrics.jsonl.")] = 10,
-    checkpoint_every: Annotated[
-        int, typer.Option(help="Also checkpoint every N steps (0: only at the end of each epoch).")
-    ] = 0,
-    resume: Annotated[
-        str | None,
-        typer.Option(help="Checkpoint file or run folder to continue from, mid-epoch included.", show_default=False),
-    ] = None,
-    max_steps: Annotated[
-        int, typer.Option(help="Stop with a checkpoint after this many steps in total (0: no limit).")
-    ] = 0,
-    audit_keys: Annotated[
-        bool,
-        typer.Option("--audit-keys", help="Write the sample keys each rank consumed, per epoch, to LOG_DIR/audit/."),
-    ] = False,
-    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bar (rank 0 only).")] = True,
-    plot: Annotated[
-        bool,
-        typer.Option(
-            "--plot",
-            help="At the end, draw LOG_DIR/curves.png: loss, test accuracy, clips/s and data-wait share over steps (as plot-run does).",
-        ),
-    ] = False,
-    nproc_per_node: Annotated[
-        int, typer.Option(help="Start N local processes (gloo on CPU, NCCL on GPU); under torchrun leave at 1.")
-    ] = 1,
-):
+def train_stream(**options):
     """Stream WebDataset shards into (distributed) training of a video classifier, then evaluate on the test shards."""
     from pipeline.config import StreamConfig, TrainConfig
-    from pipeline.train.loop import launch
+    from pipeline.device import DistEnv
+    from pipeline.train.launch import launch
 
-    stream_cfg = StreamConfig(
-        shards=tuple(shards),
-        eval_shards=tuple(eval_shards or ()),
-        index=index,
-        batch_size=batch_size,
-        workers=workers,
-        shuffle_buffer=shuffle_buffer,
-        crop=crop,
-        seed=seed,
-        resample=resample,
-        epoch_fill=epoch_fill,
-        temporal=temporal,
-        test_views=_parse_views(test_views),
-        allow_pipe=allow_pipe,
-        prefetch=prefetch,
-        max_bad=max_bad,
-    )
-    cfg = TrainConfig(
-        stream=stream_cfg,
-        model=model,
-        epochs=epochs,
-        optimizer=optimizer,
-        lr=lr,
-        weight_decay=weight_decay,
-        schedule=schedule,
-        warmup_steps=warmup_steps,
-        lr_step_epochs=lr_step_epochs,
-        lr_gamma=lr_gamma,
-        grad_accum=grad_accum,
-        compile=compile,
-        amp=amp,
-        channels_last=channels_last,
-        device=device,
-        threads=threads,
-        eval_every=eval_every,
-        log_dir=log_dir,
-        log_every=log_every,
-        checkpoint_every=checkpoint_every,
-        resume=resume,
-        max_steps=max_steps,
-        audit_keys=audit_keys,
-        progress=progress,
-        plot=plot,
-        nproc_per_node=nproc_per_node,
-    )
-    launch(cfg)
+    stream = StreamConfig(**_fields_of(StreamConfig, options))
+    cfg = TrainConfig(stream=stream, **_fields_of(TrainConfig, options))
+    summary = launch(cfg)
+    if cfg.plot and summary is not None and DistEnv.from_env().rank == 0:
+        from pipeline.tools.plots import plot_run as draw
+
+        typer.echo(printable(f"curves: {draw(Path(summary['log_dir']))}"))
 
 
 def inspect_shards(
@@ -493,13 +425,13 @@ def inspect_shards(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ):
     """Summarise packed shards (clips per class and split, frame sizes, bytes per clip, padded and failed clips) and optionally draw a contact sheet."""
-    from pipeline.tools.inspect import choose_samples, contact_sheet, expand_pattern, scan_shards, summarize, write_png
+    from pipeline.tools.inspect import choose_samples, contact_sheet, scan_shards, shard_paths, summarize, write_png
 
     if samples < 1:
         raise UserError(f"--samples must be >= 1, got {samples}")
     if not 8 <= frame_height <= 1024:
         raise UserError(f"--frame-height must be in 8..1024, got {frame_height}")
-    paths = expand_pattern(pattern)
+    paths = shard_paths(pattern)
     found = scan_shards(paths, quiet=quiet)
     typer.echo(summarize(paths, found).render())
     if sheet is not None:
@@ -528,7 +460,8 @@ def verify_shards(
 ):
     """Re-read every shard listed in index.json: bytes, sha256, sample count, members, JPEG decodes, labels. Prints one line per problem; exit code 1 when there is any."""
     from pipeline.config import default_workers
-    from pipeline.tools.inspect import as_path, verify_pack
+    from pipeline.tools.inspect import as_path
+    from pipeline.tools.verify import verify_pack
 
     report = verify_pack(as_path(folder), workers if workers is not None else default_workers(), quiet=quiet)
     for line in report.problems:
@@ -538,7 +471,7 @@ def verify_shards(
         raise typer.Exit(1)
 
 
-def plot_run(
+def plot_run_command(
     log_dir: Annotated[
         Path, typer.Argument(help="Run folder holding metrics.jsonl (train-stream --log-dir).", show_default=False)
     ],
@@ -553,89 +486,6 @@ def plot_run(
 
 
 def bench_stream(
-    shards: Annotated[
-        list[str],
-        typer.Option(
-            "--shards",
-            help="Training shards to read: 'shards/<000..031>.tar', '{000..031}' ranges, '::'-separated lists, local paths, http(s):// or s3:// URLs, or a packed folder; repeatable.",
-            show_default=False,
-        ),
-    ],
-    workers: Annotated[
-        str, typer.Option(help="Loader worker counts to measure, comma-separated; one configuration each.")
-    ] = "0,1,2",
-    batches: Annotated[int, typer.Option(help="Measured batches per configuration.")] = 20,
-    warmup: Annotated[int, typer.Option(help="Batches taken before the clock starts.")] = 3,
-    model: Annotated[
-        str | None,
-        typer.Option(
-            help="End to end: forward + backward of this model (r3d18, r2plus1d18, cnn-lstm, tiny, ...) on --device for every batch, so the data-wait share means something [default: loader only].",
-            show_default=False,
-        ),
-    ] = None,
-    device: Annotated[str, typer.Option(help="auto (CUDA when available), cpu or cuda.")] = "auto",
-    synthetic: Annotated[
-        bool,
-        typer.Option(
-            "--synthetic",
-            help="Also run the model on the same batches held in memory (no decoding) and print real / synthetic; needs --model.",
-        ),
-    ] = False,
-    stages: Annotated[
-        bool,
-        typer.Option(
-            "--stages/--no-stages",
-            help="Time each stage of the stream in this process (tar read and grouping, JPEG decode, crop, collate, host to device).",
-        ),
-    ] = True,
-    batch_size: Annotated[int, typer.Option(help="Clips per batch.")] = 8,
-    shuffle_buffer: Annotated[int, typer.Option(help="Samples in each worker's shuffle buffer.")] = 256,
-    crop: Annotated[int, typer.Option(help="Side of the random square crop.")] = 112,
-    prefetch: Annotated[
-        int,
-        typer.Option(
-            help="Batches each worker prepares ahead; each worker holds this many + 1 batch buffers in shared memory."
-        ),
-    ] = 2,
-    index: Annotated[
-        str | None, typer.Option(help="Path or URL of index.json [default: beside the shards].", show_default=False)
-    ] = None,
-    resample: Annotated[
-        bool, typer.Option("--resample", help="Draw shards with replacement (allows fewer shards than workers).")
-    ] = False,
-    epoch_fill: Annotated[
-        str,
-        typer.Option(
-            help="pad: every training clip once per epoch, the last batches topped up with marked repeats so every rank runs the same steps; drop: each rank's surplus left unread."
-        ),
-    ] = "pad",
-    temporal: Annotated[
-        str,
-        typer.Option(
-            help="Training frames: segment (one stored frame drawn per segment each epoch) or fixed (the evaluation frames); the same for packs of T stored frames."
-        ),
-    ] = "segment",
-    allow_pipe: Annotated[
-        bool, typer.Option("--allow-pipe", help="Allow pipe: shard URLs, which run shell commands.")
-    ] = False,
-    amp: Annotated[bool, typer.Option("--amp/--no-amp", help="bf16 autocast on CUDA.")] = True,
-    channels_last: Annotated[
-        bool, typer.Option("--channels-last/--no-channels-last", help="channels_last_3d on CUDA.")
-    ] = True,
-    threads: Annotated[
-        int | None,
-        typer.Option(
-            help="Intra-op threads of the main process [default: cores minus workers, at least 1].", show_default=False
-        ),
-    ] = None,
-    step_ms: Annotated[
-        float | None,
-        typer.Option(
-            help="Simulate an accelerator instead of --model: each batch is consumed by waiting this many ms without using the CPU, as a GPU step would; with --synthetic, real / synthetic shows whether the loader keeps up, epoch boundaries included.",
-            show_default=False,
-        ),
-    ] = None,
-    seed: Annotated[int, typer.Option(help="Seed of shard order, shuffle and crops.")] = 0,
     json_lines: Annotated[
         bool,
         typer.Option(
@@ -643,45 +493,21 @@ def bench_stream(
             help="Print one JSON line per configuration (and one for the stage breakdown) instead of the table.",
         ),
     ] = False,
+    **options,
 ):
     """Measure the loading pipeline: clips/s, frames/s, MB/s, data-wait share and peak memory for 0, 1, 2, ... workers, and the time of each stage."""
     import json
 
     from pipeline.config import StreamConfig
-    from pipeline.tools.bench import BenchConfig, parse_workers, run_bench, table
+    from pipeline.tools.bench import BenchConfig, run_bench, table
 
-    stream_cfg = StreamConfig(
-        shards=tuple(shards),
-        index=index,
-        batch_size=batch_size,
-        shuffle_buffer=shuffle_buffer,
-        crop=crop,
-        seed=seed,
-        resample=resample,
-        epoch_fill=epoch_fill,
-        temporal=temporal,
-        allow_pipe=allow_pipe,
-        prefetch=prefetch,
-    )
-    cfg = BenchConfig(
-        stream=stream_cfg,
-        workers=parse_workers(workers),
-        batches=batches,
-        warmup=warmup,
-        model=model,
-        device=device,
-        synthetic=synthetic,
-        stages=stages,
-        amp=amp,
-        channels_last=channels_last,
-        threads=threads,
-        step_ms=step_ms,
-    )
-    if model:
+    stream = StreamConfig(**_fields_of(StreamConfig, options, but=("workers",)))
+    cfg = BenchConfig(stream=stream, **_fields_of(BenchConfig, options))
+    if cfg.model:
         from pipeline.train.models import MODEL_NAMES, build_model
 
-        if model not in MODEL_NAMES:
-            build_model(model, 2)  # UserError for unknown names, before any shard is read
+        if cfg.model not in MODEL_NAMES:
+            build_model(cfg.model, 2)  # UserError for unknown names, before any shard is read
     emit = (lambda r: typer.echo(json.dumps(r))) if json_lines else (lambda r: None)
     results = run_bench(cfg, emit=emit)
     if not json_lines:
@@ -689,9 +515,30 @@ def bench_stream(
 
 
 pack_app = _app(pack_shards)
-sample_data_app = _app(make_sample_data)
-train_app = _app(train_stream)
+sample_data_app = _app(make_sample_data_command)
+train_app = _app(
+    ConfigCommand(
+        train_stream,
+        ("pipeline.config:StreamConfig", "pipeline.config:TrainConfig"),
+        forms={
+            "shards": Form(list[str], tuple, ("--shards",), required=True),
+            "eval_shards": Form(list[str] | None, lambda v: tuple(v or ()), ("--eval-shards",), shown=lambda v: None),
+            "test_views": Form(str, _parse_views, shown=lambda v: f"{v[0]}x{v[1]}"),
+            "max_bad": Form(names=("--max-bad", "--max-bad-fraction")),
+        },
+    )
+)
 inspect_app = _app(inspect_shards)
 verify_app = _app(verify_shards)
-plot_app = _app(plot_run)
-bench_app = _app(bench_stream)
+plot_app = _app(plot_run_command)
+bench_app = _app(
+    ConfigCommand(
+        bench_stream,
+        ("pipeline.config:StreamConfig", "pipeline.tools.bench:BenchConfig"),
+        skip=("StreamConfig.workers", "StreamConfig.eval_shards", "StreamConfig.test_views", "StreamConfig.max_bad"),
+        forms={
+            "shards": Form(list[str], tuple, ("--shards",), required=True),
+            "workers": Form(str, _parse_workers, shown=lambda v: ",".join(map(str, v))),
+        },
+    )
+)

@@ -69,34 +69,34 @@ class PackConfig:
         from pipeline.shardformat import MAX_FRAMES_PER_CLIP, MAX_JPEG_SIDE
 
         if self.frames < 1:
-            raise UserError(f"--frames must be >= 1, got {self.frames}")
+            raise UserError(f"`frames` must be >= 1, got {self.frames}")
         if self.frames > MAX_FRAMES_PER_CLIP:
-            raise UserError(f"--frames must be <= {MAX_FRAMES_PER_CLIP} (what shard readers accept), got {self.frames}")
+            raise UserError(f"`frames` must be <= {MAX_FRAMES_PER_CLIP} (what shard readers accept), got {self.frames}")
         if self.short_side is not None and self.short_side < 1:
-            raise UserError(f"--short-side must be >= 1, got {self.short_side}")
+            raise UserError(f"`short_side` must be >= 1, got {self.short_side}")
         if self.short_side is not None and self.short_side > MAX_JPEG_SIDE:
             raise UserError(
-                f"--short-side must be <= {MAX_JPEG_SIDE} (what shard readers accept), got {self.short_side}"
+                f"`short_side` must be <= {MAX_JPEG_SIDE} (what shard readers accept), got {self.short_side}"
             )
         if self.stored_frames is not None:
             self._check_stored()
         if not 1 <= self.quality <= 100:
-            raise UserError(f"--quality must be in 1..100, got {self.quality}")
+            raise UserError(f"`quality` must be in 1..100, got {self.quality}")
         if self.shards < 1:
-            raise UserError(f"--shards must be >= 1, got {self.shards}")
+            raise UserError(f"`shards` must be >= 1, got {self.shards}")
         if self.test_shards is not None and self.test_shards < 1:
-            raise UserError(f"--test-shards must be >= 1, got {self.test_shards}")
+            raise UserError(f"`test_shards` must be >= 1, got {self.test_shards}")
         if self.decoder not in ("pyav", "decord"):
             raise UserError(f"unknown decoder {self.decoder!r}; choose pyav or decord")
         if self.workers < 1:
-            raise UserError(f"--workers must be >= 1, got {self.workers}")
+            raise UserError(f"`workers` must be >= 1, got {self.workers}")
         if self.timeout <= 0:
-            raise UserError(f"--timeout must be > 0 seconds, got {self.timeout}")
+            raise UserError(f"`timeout` must be > 0 seconds, got {self.timeout}")
         if self.max_failures < 0:
-            raise UserError(f"--max-failures must be >= 0, got {self.max_failures}")
+            raise UserError(f"`max_failures` must be >= 0, got {self.max_failures}")
         i, n = self.part
         if not (n >= 1 and 1 <= i <= n):
-            raise UserError(f"--part must be i/N with 1 <= i <= N, got {i}/{n}")
+            raise UserError(f"`part` must be i/N with 1 <= i <= N, got {i}/{n}")
 
     def _check_stored(self) -> None:
         from pipeline.shardformat import MAX_FRAMES_PER_CLIP
@@ -104,18 +104,18 @@ class PackConfig:
         s, t = self.stored_frames, self.frames
         if t < 2:
             raise UserError(
-                "--stored-frames needs --frames of 2 or more (the stored frames must hold the T evaluation frames)"
+                "`stored_frames` needs `frames` of 2 or more (the stored frames must hold the T evaluation frames)"
             )
         if s == "all":
             cap = self.max_stored_frames
             if not (t <= cap <= MAX_FRAMES_PER_CLIP and (cap - 1) % (t - 1) == 0):
                 raise UserError(
-                    f"--max-stored-frames must be in {t}..{MAX_FRAMES_PER_CLIP} with cap - 1 a multiple of T - 1 = {t - 1}, got {cap}"
+                    f"`max_stored_frames` must be in {t}..{MAX_FRAMES_PER_CLIP} with cap - 1 a multiple of T - 1 = {t - 1}, got {cap}"
                 )
             return
         if not isinstance(s, int) or not (t <= s <= MAX_FRAMES_PER_CLIP and (s - 1) % (t - 1) == 0):
             raise UserError(
-                f"--stored-frames must be 'all' or a number S in {t}..{MAX_FRAMES_PER_CLIP} with S - 1 a multiple of T - 1 = {t - 1} "
+                f"`stored_frames` must be 'all' or a number S in {t}..{MAX_FRAMES_PER_CLIP} with S - 1 a multiple of T - 1 = {t - 1} "
                 f"(e.g. {t}, {2 * t - 1}, {4 * t - 3}), got {s!r}"
             )
 
@@ -179,13 +179,13 @@ class StreamConfig:
     """Where the shards are and how they are read, shuffled, augmented and batched."""
 
     shards: tuple[str, ...]
-    """Training shard patterns: `{000..031}` or `<000..031>` ranges, `::`-separated lists, local paths, http(s) and s3:// URLs, packed folders."""
+    """Training shards: 'shards/<000..031>.tar', '{000..031}' ranges, '::'-separated lists, local paths, http(s):// or s3:// URLs, or a packed folder (shards/, s3://bucket/hmdb51/); several patterns (repeat the option on the command line) are read as one set."""
     eval_shards: tuple[str, ...] = ()
-    """Test shard patterns; empty: the test shards listed in the index beside the training shards."""
+    """Test shards, same syntax; None: the test shards listed in the index beside the training shards."""
     index: str | None = None
     """Path or URL of index.json; None: `index.json` in the folder (or base URL) of the training shards."""
     batch_size: int = 8
-    """Clips per batch on each rank (the global batch is batch_size x world size x grad_accum)."""
+    """Clips per batch on each rank (the global batch is `batch_size` x world size x `grad_accum`)."""
     workers: int | None = None
     """Loader worker processes per rank (started once for the run), each reading its own shards and building whole batches; None: one per core left to the rank, at most 8 and at most shards / ranks."""
     shuffle_buffer: int = 256
@@ -203,7 +203,7 @@ class StreamConfig:
     temporal: str = "segment"
     """Training frames: `segment` draws one stored frame per segment each epoch (deterministic in seed, epoch and key); `fixed` takes the T evaluation frames. The same when a pack stores T frames per clip."""
     test_views: tuple[int, int] = (1, 1)
-    """(K, C) evaluation views per test clip: K temporal offsets x C spatial crops (1: centre; 3: centre and both ends of the longer side), scores softmax-averaged per clip."""
+    """Evaluation views KxC per test clip (the library takes (K, C)): K temporal offsets x C spatial crops (1: centre; 3: centre and both ends of the longer side), scores softmax-averaged per clip."""
     epoch_fill: str = "pad"
     """How every rank gets the same number of steps: `pad` uses every training clip once per epoch and tops the last batches up with repeats of that epoch's clips (marked); `drop` leaves each rank's surplus unread (see docs/TRAINING.md)."""
     max_bad: float = 0.01
@@ -273,7 +273,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     """Decoupled (AdamW) or L2 (SGD) weight decay."""
     schedule: str = "cosine"
-    """`cosine` (to zero at the last step) or `step` (x lr_gamma every lr_step_epochs)."""
+    """`cosine` (to zero at the last step) or `step` (x `lr_gamma` every `lr_step_epochs`)."""
     warmup_steps: int = 0
     """Linear warm-up from 0 over this many optimiser steps."""
     lr_step_epochs: int = 10

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -35,3 +36,30 @@ def publish(tmp: Path, path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes, midway: Callable[[], None] | None = None, sync: bool = True) -> None:
+    """Write `data` to the local file `path` through a hidden `.NAME.partial` beside it, so that
+    `path` is old or whole, never a part; `midway()` runs with half of it written (crash tests).
+    `sync=False` skips the fsyncs, for a file whose loss costs only redone work: a killed process
+    still leaves it whole or absent, but a power cut may leave it absent or empty. An OSError (a
+    full disk) leaves no partial file behind and propagates."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data[: len(data) // 2])
+            f.flush()
+            if midway is not None:
+                midway()
+            f.write(data[len(data) // 2 :])
+            f.flush()
+            if sync:
+                os.fsync(f.fileno())
+        if sync:
+            publish(tmp, path)
+        else:
+            os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -4,6 +4,10 @@ A sample is three tar members with one dot-free key: `KEY.jpgs` (all T frames as
 `KEY.cls` (class index as ASCII digits) and `KEY.json` (metadata). One member for all frames keeps
 tar iteration at three members a sample instead of T + 2.
 
+This module is the only place that spells the member names, the key rule, the metadata fields, the
+label, the JPEG pack, the index and the manifest schema: the writer (pipeline.pack) and every reader
+(the stream, read_shard, inspect-shards, verify-shards) go through it.
+
 JPEG pack layout (little-endian): magic b"JPGS", uint32 T, T x uint32 byte lengths, then the T
 JPEG files back to back.
 """
@@ -29,13 +33,16 @@ MAX_MEMBER_BYTES = 1 << 30
 clip's JPEG pack, so a damaged or hostile size field cannot make a worker allocate gigabytes."""
 """Readers reject frames larger than this per side before allocating anything."""
 
+CLS = "cls"
+JPGS = "jpgs"
+JSON = "json"
+MEMBERS = (CLS, JPGS, JSON)
+"""The members of every sample, in the order the packer writes them (sorted)."""
+
 _KEY_OK = re.compile(r"^[A-Za-z0-9_-]+$")
 _MEMBER_NAME = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 """webdataset's split of a member name into key and extension, at the first dot of the base name
 (kept here so that readers which must not import torch, as webdataset does, group the same way)."""
-_ANGLE_RANGE = re.compile(r"<([^<>]*)>")
-_NUMERIC_RANGE = re.compile(r"^\d+\.\.\d+$")
-_BRACE = re.compile(r"\{([^{}]*)\}")
 
 
 class ShardFormatError(ValueError):
@@ -99,7 +106,68 @@ def decode_jpegs(data: bytes | memoryview) -> np.ndarray:
 
 
 def is_valid_key(key: str) -> bool:
+    """The key rule: ASCII letters, digits, '_' and '-' only (dot-free, so webdataset groups by it)."""
     return bool(_KEY_OK.match(key))
+
+
+def encode_label(label: int) -> bytes:
+    """The `.cls` member: the class index as ASCII digits."""
+    return str(label).encode()
+
+
+def parse_label(raw: bytes, num_classes: int | None = None) -> int:
+    """THE label reader: a `.cls` member's class index, checked against `num_classes` when given."""
+    try:
+        label = int(raw)
+    except ValueError:
+        raise ShardFormatError(f"class {raw[:20]!r} is not a number") from None
+    if num_classes is not None and not 0 <= label < num_classes:
+        raise ShardFormatError(f"class {label} outside 0..{num_classes - 1}")
+    return label
+
+
+def sample_meta(
+    *,
+    key: str,
+    source: str,
+    class_name: str,
+    label: int,
+    split_tags: list[int],
+    split: str,
+    decoded_frames: int,
+    container_frames: int | None,
+    fps: float,
+    original_size: list[int],
+    frame_size: list[int],
+    indices: list[int],
+    stored_indices: list[int] | None,
+    padded: bool,
+) -> dict:
+    """The `.json` member's fields (docs/FORMAT.md). `stored_indices` only in a pack storing S > T
+    frames per clip; `indices` are then the T evaluation frames among them."""
+    meta = {
+        "key": key,
+        "source": source,
+        "class_name": class_name,
+        "label": label,
+        "split_tags": split_tags,
+        "split": split,
+        "decoded_frames": decoded_frames,
+        "container_frames": container_frames,
+        "fps": fps,
+        "original_size": original_size,
+        "frame_size": frame_size,
+        "indices": indices,
+        "padded": padded,
+    }
+    if stored_indices is not None:
+        meta["stored_indices"] = stored_indices
+    return meta
+
+
+def sample_members(label: int, jpgs: bytes, meta: dict) -> dict[str, bytes]:
+    """One sample's members, extension -> bytes, as the packer writes them."""
+    return {CLS: encode_label(label), JPGS: jpgs, JSON: json.dumps(meta, sort_keys=True, ensure_ascii=True).encode()}
 
 
 MAX_SHARDS = 1_000_000
@@ -108,6 +176,38 @@ MAX_SAMPLES_PER_SHARD = 10_000_000
 """Most samples an index may claim for one shard: counts are bounded before any plan is computed."""
 MAX_CLASSES = 100_000
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def build_index(
+    *,
+    classes: list[str],
+    frames_per_clip: int,
+    stored_frames,
+    max_stored_frames: int | None,
+    short_side: int | None,
+    options: dict,
+    layout: str,
+    split_source: str,
+    splits: dict,
+    counts: dict,
+) -> dict:
+    """The `index.json` a finished pack writes (what parse_index reads back). `splits`: split ->
+    {'samples', 'shards': [{'name', 'samples', 'bytes', 'sha256'}]}; `stored_frames` None for a pack
+    of T stored frames."""
+    return {
+        "format": "clipstream",
+        # a pack of T stored frames keeps version 1, byte for byte; more stored frames are version 2
+        "version": FORMAT_VERSION if stored_frames is None else 2,
+        "classes": classes,
+        "frames_per_clip": frames_per_clip,
+        **({} if stored_frames is None else {"stored_frames": stored_frames, "max_stored_frames": max_stored_frames}),
+        "frame_size": {"short_side": short_side} if short_side else {"original": True},
+        "options": options,
+        "layout": layout,
+        "split_source": split_source,
+        "splits": splits,
+        "counts": counts,
+    }
 
 
 def parse_index(raw: bytes, where: str) -> dict:
@@ -177,6 +277,23 @@ def parse_index(raw: bytes, where: str) -> dict:
     return index
 
 
+MANIFEST_COLUMNS = (
+    ("source", "string"), ("class_name", "string"), ("label", "int32"), ("key", "string"),
+    ("split_tags", "list<int8>"), ("split", "string"), ("shard", "string"), ("status", "string"),
+    ("reason", "string"), ("decoded_frames", "int32"), ("container_frames", "int32"), ("padded", "bool"),
+    ("layout", "string"), ("split_source", "string"),
+)  # fmt: skip
+"""The manifest's columns and types, one row per source video (status packed, failed, unused or missing)."""
+
+
+def manifest_schema():
+    """MANIFEST_COLUMNS as a pyarrow schema (imported here only: readers of shards need no pyarrow)."""
+    import pyarrow as pa
+
+    types = {"string": pa.string(), "int32": pa.int32(), "list<int8>": pa.list_(pa.int8()), "bool": pa.bool_()}
+    return pa.schema([(name, types[kind]) for name, kind in MANIFEST_COLUMNS])
+
+
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -190,83 +307,3 @@ def split_member_name(name: str) -> tuple[str | None, str | None]:
     """(key, extension) of a tar member name, as webdataset groups members into samples."""
     m = _MEMBER_NAME.match(name)
     return (m.group(1), m.group(2)) if m else (None, None)
-
-
-MAX_PATTERN_URLS = 1_000_000
-"""Most shard URLs one pattern may name (as many as an index may list), counted before expanding."""
-MAX_PATTERN_NESTING = 16
-
-
-def _count_expansions(pattern: str) -> int:
-    """How many strings braceexpand makes of `pattern` (its own rules: escapes, nested groups,
-    `a,b` alternatives, `000..031` and `a..z` ranges, a group without either kept as text), without
-    making them. Iterative, so a deeply nested pattern is a ValueError, not a RecursionError."""
-    stack = [[0, 1, 0, -1]]  # per open group: alternatives closed so far, the current one's count, commas, start
-    i = 0
-    while i < len(pattern):
-        c = pattern[i]
-        if c == "\\":
-            i += 2
-            continue
-        if c == "{":
-            if len(stack) > MAX_PATTERN_NESTING:
-                raise ValueError(f"{_short(pattern)} nests braces more than {MAX_PATTERN_NESTING} deep")
-            stack.append([0, 1, 0, i])
-        elif c == "," and len(stack) > 1:
-            frame = stack[-1]
-            frame[0], frame[1], frame[2] = frame[0] + frame[1], 1, frame[2] + 1
-        elif c == "}" and len(stack) > 1:
-            closed, current, commas, start = stack.pop()
-            inner = pattern[start + 1 : i]
-            numbers = re.match(r"^(-?\d+)\.\.(-?\d+)$", inner)
-            letters = re.match(r"^([A-Za-z])\.\.([A-Za-z])$", inner)
-            if numbers:
-                n = abs(int(numbers[2]) - int(numbers[1])) + 1
-            elif letters:
-                n = abs(ord(letters[2]) - ord(letters[1])) + 1
-            else:
-                n = closed + current if commas else current
-            stack[-1][1] *= n
-        i += 1
-    return stack[0][1]  # unbalanced braces: braceexpand says so
-
-
-def expand_pattern(pattern: str) -> list[str]:
-    """Expand one shard pattern into URLs, in order.
-
-    `{000..031}` and `<000..031>` are numeric ranges (zero padding kept), `{a,b}` alternatives, and
-    `::` separates list entries, as in webdataset. Raises ValueError naming the bad part.
-    """
-    import braceexpand
-
-    urls: list[str] = []
-    count = 0
-    for part in pattern.split("::"):
-        part = part.strip()
-        if not part:
-            raise ValueError(f"empty entry in shard list {pattern!r}")
-        for inner in _ANGLE_RANGE.findall(part):
-            if not _NUMERIC_RANGE.match(inner):
-                raise ValueError(f"malformed range <{inner}> in {pattern!r} (expected <000..031>)")
-        braced = _ANGLE_RANGE.sub(r"{\1}", part)
-        if "<" in braced or ">" in braced:
-            raise ValueError(f"malformed range in {pattern!r}: unbalanced '<' or '>'")
-        for inner in _BRACE.findall(braced):
-            if ".." in inner and not _NUMERIC_RANGE.match(inner) and not re.match(r"^[A-Za-z]\.\.[A-Za-z]$", inner):
-                raise ValueError(f"malformed range {{{inner}}} in {pattern!r} (expected {{000..031}})")
-        # braceexpand builds every URL of a range before yielding the first (itertools.product holds
-        # its inputs whole): `{000000..999999999}` is a billion strings. Count first, expand after.
-        count += _count_expansions(braced)
-        if count > MAX_PATTERN_URLS:
-            raise ValueError(
-                f"{_short(pattern)} names {count:,} shards or more; a pattern may name at most {MAX_PATTERN_URLS:,}"
-            )
-        try:
-            expanded = list(braceexpand.braceexpand(braced))
-        except braceexpand.UnbalancedBracesError:
-            raise ValueError(f"malformed range in {pattern!r}: unbalanced braces") from None
-        for url in expanded:
-            if "{" in url or "}" in url:
-                raise ValueError(f"malformed range in {pattern!r}")
-        urls.extend(expanded)
-    return urls

@@ -1,4 +1,6 @@
-"""Which frames a clip contributes (pure index math), and one call that decodes them exactly."""
+"""A video file -> its frames: probe, sequential decode (both decoders), exactly the frames asked for.
+
+Which frames those are is pure index math, `pipeline.frames.clip_indices`, passed in by the caller."""
 
 from __future__ import annotations
 
@@ -13,30 +15,6 @@ from pathlib import Path
 import numpy as np
 
 DECODERS = ("pyav", "decord")
-
-
-def clip_indices(n: int, t: int) -> list[int]:
-    """T equally spaced indices over n decodable frames: round(i * (n - 1) / (t - 1)), halves up.
-
-    Integer arithmetic, so no float error decides a frame. For n < t indices repeat (padding);
-    t == 1 takes the middle frame.
-    """
-    if n < 1:
-        raise ValueError(f"a clip needs at least one frame, got n={n}")
-    if t < 1:
-        raise ValueError(f"frames per clip must be >= 1, got {t}")
-    if t == 1:
-        return [n // 2]  # round((n - 1) / 2), half up
-    return [(2 * i * (n - 1) + (t - 1)) // (2 * (t - 1)) for i in range(t)]
-
-
-def resized_size(width: int, height: int, short_side: int | None) -> tuple[int, int]:
-    """(width, height) with the shorter side set to `short_side`, aspect kept (halves round up)."""
-    if short_side is None:
-        return width, height
-    if width <= height:
-        return short_side, (2 * height * short_side + width) // (2 * width)
-    return (2 * width * short_side + height) // (2 * height), short_side
 
 
 class DecodeError(Exception):
@@ -87,7 +65,7 @@ def probe_video(path: str | Path) -> Probe:
     try:
         container = av.open(str(path))
     except Exception as e:
-        raise DecodeError(f"cannot open: {_first_line(e)}") from None
+        raise DecodeError(f"cannot open: {_decoder_message(e)}") from None
     with container:
         if _IMAGE_FORMAT.match(container.format.name):
             raise DecodeError(f"not a video: a single picture ({container.format.name.removesuffix('_pipe')})")
@@ -122,12 +100,11 @@ def probe_video(path: str | Path) -> Probe:
 
 
 def decode_clip(
-    path: str | Path, t, decoder: str = "pyav", planes: bool = False, probe: Probe | None = None
+    path: str | Path, indices, decoder: str = "pyav", planes: bool = False, probe: Probe | None = None
 ) -> SampledClip:
-    """Decode the whole file sequentially, keeping only the T frames of `clip_indices`.
-
-    `t` is T, or a function n -> how many frames to keep of an n-frame clip (`pack-shards
-    --stored-frames`: S stored frames at the same formula).
+    """Decode the whole file sequentially, keeping only the frames `indices(n)` names of an n-frame
+    clip (e.g. `lambda n: clip_indices(n, 16)`; `pack-shards --stored-frames`: S stored frames at the
+    same formula).
 
     Sequential on purpose: container frame counts of AVI files can be wrong (a truncated file keeps
     its header), and decord's random access returns neighbouring frames on files with B-frames. A
@@ -135,7 +112,7 @@ def decode_clip(
     length n, known only at the end, so a demux-only pass (`probe_video`, about 1 ms a clip) first
     counts the packets, the decode pass keeps the frames at the indices that count gives, and when
     the decoder produced another number of frames (a damaged tail, a delayed decoder) a second
-    decode pass takes the indices of the true n. Memory holds T frames, whatever the clip's length.
+    decode pass takes the indices of the true n. Memory holds the kept frames, whatever the clip's length.
 
     planes=True (pyav only): frames of 4:2:0 video come back as full-range (Y, U, V) planes instead
     of RGB, so a JPEG encoder can take them without a YUV -> RGB -> YUV round trip.
@@ -145,27 +122,26 @@ def decode_clip(
     path = str(path)
     probe = probe if probe is not None else probe_video(path)
     one_pass = _pass_decord if decoder == "decord" else functools.partial(_pass_pyav, planes=planes)
-    keep = t if callable(t) else (lambda n: t)
-    kept, count, error, size = one_pass(path, _wanted(probe.packets, keep(probe.packets)))
+    kept, count, error, size = one_pass(path, _wanted(probe.packets, indices))
     if count != probe.packets and count:
-        kept, again, error, size = one_pass(path, _wanted(count, keep(count)))
+        kept, again, error, size = one_pass(path, _wanted(count, indices))
         if again != count:
             raise DecodeError(f"two sequential decodes gave {count} and {again} frames")
     if not count:
         if error and error.startswith("cannot open"):
             raise DecodeError(error)
         raise DecodeError(f"no decodable frame{': ' + error if error else ''}")
-    indices = clip_indices(count, keep(count))
-    if any(isinstance(kept[i], tuple) for i in indices) and not all(isinstance(kept[i], tuple) for i in indices):
-        kept = one_pass(path, set(indices), planes=False)[0]  # the pixel format changed mid-stream
-    frames = [kept[i] for i in indices]
+    chosen = indices(count)
+    if any(isinstance(kept[i], tuple) for i in chosen) and not all(isinstance(kept[i], tuple) for i in chosen):
+        kept = one_pass(path, set(chosen), planes=False)[0]  # the pixel format changed mid-stream
+    frames = [kept[i] for i in chosen]
     frames = frames if isinstance(frames[0], tuple) else np.stack(frames)
     note = f"decoding stopped after {count} frames: {error}" if error else None
-    return SampledClip(frames, indices, count, probe.container_frames, probe.fps, size, note)
+    return SampledClip(frames, chosen, count, probe.container_frames, probe.fps, size, note)
 
 
-def _wanted(n: int, t: int) -> set[int]:
-    return set(clip_indices(n, t)) if n else set()
+def _wanted(n: int, indices) -> set[int]:
+    return set(indices(n)) if n else set()
 
 
 def _pass_pyav(path: str, wanted: set[int], planes: bool = False):
@@ -194,7 +170,7 @@ def _pass_pyav(path: str, wanted: set[int], planes: bool = False):
                     )
                 count += 1
         except Exception as e:
-            error = _first_line(e)
+            error = _decoder_message(e)
     return kept, count, error, size
 
 
@@ -218,7 +194,7 @@ def _pass_decord(path: str, wanted: set[int], planes: bool = False):
         try:
             reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
         except Exception as e:  # decord raises its own DECORDError and RuntimeError
-            return kept, 0, f"cannot open: {_first_line(e)}", None
+            return kept, 0, f"cannot open: {_decoder_message(e)}", None
         try:
             while True:
                 try:
@@ -230,7 +206,7 @@ def _pass_decord(path: str, wanted: set[int], planes: bool = False):
                     size = size or (kept[count].shape[1], kept[count].shape[0])
                 count += 1
         except Exception as e:
-            error = _first_line(e)
+            error = _decoder_message(e)
         del reader  # joins decord's decoder threads while their log lines still go nowhere
     return kept, count, error, size
 
@@ -290,7 +266,7 @@ def _yuv420_planes(frame) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
 _DMLC_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: ")
 
 
-def _first_line(e: BaseException) -> str:
+def _decoder_message(e: BaseException) -> str:
     """First line of an error, without decord's `[hh:mm:ss] src/file.cc:123: ` prefix (a clock
     time in the manifest would make two packs of the same input differ)."""
     text = str(e).strip().splitlines()

@@ -125,7 +125,7 @@ def make_temporal_pack(
     most `cap`, longer clips at the formula with S = cap). Frames carry their source index and
     class (sampledata.read_code). One training shard per clip length, two clips each (one per
     class); the same clips again as test shards. Returns the index."""
-    from pipeline.video import clip_indices
+    from pipeline.frames import clip_indices
 
     out.mkdir(parents=True, exist_ok=True)
     names = sorted(HMDB51_CLASSES)[:classes]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pipeline.config import StreamConfig
 from pipeline.stream.loader import ClipLoader
-from pipeline.train.loop import RunData, resolve_data
+from pipeline.train.data import RunData, resolve_data
 
 
 def resolve(cfg: StreamConfig) -> RunData:

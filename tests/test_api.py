@@ -188,3 +188,32 @@ def test_epochs_beyond_the_loaders_epochs_are_a_clear_error(packed):
         _epoch(loader, 0)
         with pytest.raises(ValueError, match="`epochs`=1"):
             loader.epoch(1)
+
+
+def test_stream_options_are_declared_once_in_stream_config(packed):
+    """ClipLoader's and ClipDataset's options, train-stream's and bench-stream's flags, and
+    docs/API.md all follow StreamConfig's fields: a new field reaches each of them."""
+    import dataclasses
+    import inspect
+    from pathlib import Path
+
+    import typer.main
+
+    from pipeline.cli import bench_app, train_app
+    from pipeline.config import StreamConfig
+
+    fields = {f.name for f in dataclasses.fields(StreamConfig)}
+    library = fields - {"shards", "eval_shards", "max_bad"}
+    api = (Path(__file__).parent.parent / "docs" / "API.md").read_text()
+    assert not [name for name in library if f"`{name}`" not in api]
+    train_flags = {p.name for p in typer.main.get_command(train_app).params}
+    assert fields <= train_flags
+    assert fields - {"workers", "eval_shards", "test_views", "max_bad"} <= {
+        p.name for p in typer.main.get_command(bench_app).params
+    }
+    for cls in (ClipLoader, ClipDataset):
+        assert inspect.signature(cls).parameters["options"].kind == inspect.Parameter.VAR_KEYWORD
+    with pytest.raises(UserError, match=r"ClipLoader takes no option `crops`; its options: .*crop"):
+        ClipLoader(packed, crops=112)
+    with pytest.raises(UserError, match=r"ClipDataset takes no option `workers`"):
+        ClipDataset(packed, workers=2)

@@ -27,7 +27,7 @@ from pipeline.config import StreamConfig, TrainConfig
 from pipeline.errors import UserError
 from pipeline.shardformat import ShardFormatError, pack_jpegs, unpack_jpegs
 from pipeline.stream import clips, plan, sources
-from pipeline.train import loop as train
+from pipeline.train.launch import launch
 
 
 def cfg_for(folder: Path, **kw) -> StreamConfig:
@@ -148,7 +148,7 @@ def test_faults_reach_the_log_and_the_summary_and_max_bad_stops_the_run(copy, tm
         m[f"{shard_keys(copy / shard)[key]}.jpgs"] = b"JPGS garbage"
         write_members(copy / shard, m)
     log = tmp_path / "ok"
-    summary = train.launch(train_cfg(copy, log, epochs=1, max_bad=2))  # a count: 2 allowed
+    summary = launch(train_cfg(copy, log, epochs=1, max_bad=2))  # a count: 2 allowed
     assert summary["bad_samples"] == 2 and summary["steps"] == 12 and summary["fault_logs"] == ["faults-rank0.jsonl"]
     logged = [json.loads(line) for line in (log / "faults-rank0.jsonl").read_text().splitlines()]
     assert sorted(f["what"].split("/")[-1].split(":")[0] for f in logged) == ["003.tar", "006.tar"]
@@ -157,9 +157,9 @@ def test_faults_reach_the_log_and_the_summary_and_max_bad_stops_the_run(copy, tm
     with pytest.raises(
         UserError, match=r"rank 0: 2 unreadable clips in epoch 1, more than --max-bad 1 allows \(1\); last: .*JPEG pack"
     ):
-        train.launch(train_cfg(copy, tmp_path / "count", epochs=1, max_bad=1))
+        launch(train_cfg(copy, tmp_path / "count", epochs=1, max_bad=1))
     with pytest.raises(UserError, match=r"more than --max-bad 0.02 allows \(0\)"):  # a fraction: 2 % of 48 clips
-        train.launch(train_cfg(copy, tmp_path / "fraction", epochs=1, max_bad=0.02))
+        launch(train_cfg(copy, tmp_path / "fraction", epochs=1, max_bad=0.02))
     result = run_cli(
         train_app,
         "--shards",
@@ -275,13 +275,13 @@ def test_pickle_members_are_never_unpickled(copy, tmp_path):
 
 def test_checkpoints_load_weights_only(packed, tmp_path):
     log = tmp_path / "run"
-    train.launch(train_cfg(packed, log, epochs=1, max_steps=2))
+    launch(train_cfg(packed, log, epochs=1, max_steps=2))
     marker = tmp_path / "pwned"
     ckpt = torch.load(log / "checkpoint.pt", weights_only=True)
     ckpt["extra"] = _Touch(str(marker))
     torch.save(ckpt, log / "checkpoint.pt")
     with pytest.raises(UserError, match="cannot load checkpoint .*checkpoint.pt"):
-        train.launch(train_cfg(packed, log, epochs=1, resume=str(log)))
+        launch(train_cfg(packed, log, epochs=1, resume=str(log)))
     assert not marker.exists()
 
 
@@ -300,7 +300,7 @@ def test_frame_and_frame_count_claims_are_bounded_before_allocating(copy):
     started = time.monotonic()
     for crop_rng in (None, 12345):
         with pytest.raises(ShardFormatError, match="65500x65500 pixels exceeds the 8192 px limit"):
-            clips.decode_clip(giant, 24, crop_rng)
+            clips.crop_clip(giant, 24, crop_rng)
     with pytest.raises(ShardFormatError, match="claims 1000000000 frames"):
         unpack_jpegs(b"JPGS" + (10**9).to_bytes(4, "little") + b"\0" * 64)
     peak = tracemalloc.get_traced_memory()[1]

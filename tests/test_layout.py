@@ -30,6 +30,7 @@ LAYERS = {
     "pipeline.tools": 6,
     "pipeline.cli": 7,
     "pipeline": 8,  # the lazy public names
+    "pipeline.train.__main__": 8,  # `python -m pipeline.train`: an entry point, like the console scripts
 }
 """A module may import from its own sub-package or from a lower layer, never from a higher one nor
 sideways into another sub-package of its layer."""

@@ -158,12 +158,12 @@ def _task(x):
     return {"value": x}
 
 
-def test_worker_pool_replaces_dead_and_hung_workers():
+def test_decoder_pool_replaces_dead_and_hung_workers():
     """Real forked workers: one kills itself, one hangs past the time-out; each costs its own task
     only, and the tasks queued behind them on the same worker still run."""
-    from pipeline.pack.job import WorkerPool
+    from pipeline.pack.pool import DecoderPool
 
-    pool = WorkerPool(2, _task, timeout=2.0, depth=2)
+    pool = DecoderPool(2, _task, timeout=2.0, depth=2)
     tasks = ["a", "die", "b", "hang", "c", "d", "e"]
     results, sent = {}, 0
     try:

@@ -14,7 +14,7 @@ from conftest import cli_command, cli_env
 from shardmaker import shard_keys
 
 from pipeline.config import StreamConfig, TrainConfig
-from pipeline.train import loop as train
+from pipeline.train.launch import launch
 
 ARGS = [
     "--model",
@@ -123,7 +123,7 @@ def test_kill_9_mid_epoch_then_resume_gives_the_uninterrupted_run(packed, tmp_pa
         progress=False,
         threads=1,
     )
-    train.launch(cfg)
+    launch(cfg)
     straight = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)
     assert resumed["step"] == straight["step"] == 24 and resumed["opt_step"] == 24
     for name, value in straight["model"].items():

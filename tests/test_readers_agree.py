@@ -21,7 +21,8 @@ from pipeline.errors import UserError
 from pipeline.shardformat import ShardFormatError
 from pipeline.stream.sources import Shard
 from pipeline.stream.stages import Faults, read_samples
-from pipeline.tools.inspect import check_shard, scan_shard
+from pipeline.tools.inspect import scan_shard
+from pipeline.tools.verify import check_shard
 
 FRAMES = 2
 PACK = encode_clip([np.full((16, 16, 3), 40 * t, np.uint8) for t in range(FRAMES)])

@@ -12,7 +12,9 @@ from shardmaker import shard_keys, write_tar
 from pipeline import read_shard
 from pipeline.config import StreamConfig
 from pipeline.errors import UserError
+from pipeline.frames import clip_draw, crop_box
 from pipeline.shardformat import pack_jpegs
+from pipeline.storage import urls
 from pipeline.stream import clips, plan, sources
 
 
@@ -44,7 +46,7 @@ def epoch_batches(ds, cfg, epoch, rank, world, start_step=0, start_method=None):
     ],
 )
 def test_expand_pattern(pattern, expected):
-    assert sources.expand_pattern(pattern) == expected
+    assert urls.expand_pattern(pattern) == expected
 
 
 @pytest.mark.parametrize(
@@ -52,7 +54,7 @@ def test_expand_pattern(pattern, expected):
 )
 def test_malformed_patterns_are_user_errors(pattern):
     with pytest.raises(UserError, match="malformed|empty entry"):
-        sources.expand_pattern(pattern)
+        urls.expand_pattern(pattern)
 
 
 def test_expand_shards_checks_existence_pipes_and_duplicates(packed):
@@ -260,8 +262,8 @@ def test_one_crop_and_one_flip_per_clip():
     pack, full = _still_clip()
     boxes = set()
     for seed in range(40):
-        clip = clips.decode_clip(pack, 24, clips.clip_draw(seed, 0, "k"))
-        top, left, flip = clips.crop_box(40, 60, 24, clips.clip_draw(seed, 0, "k"))
+        clip = clips.crop_clip(pack, 24, clip_draw(seed, 0, "k"))
+        top, left, flip = crop_box(40, 60, 24, clip_draw(seed, 0, "k"))
         boxes.add((top, left, flip))
         expected = full[top : top + 24, left : left + 24]
         expected = expected[:, ::-1] if flip else expected
@@ -272,7 +274,7 @@ def test_one_crop_and_one_flip_per_clip():
 
 def test_eval_crop_is_centred_and_unflipped():
     pack, full = _still_clip()
-    clip = clips.decode_clip(pack, 24, None)
+    clip = clips.crop_clip(pack, 24, None)
     assert all(np.array_equal(f, full[8:32, 18:42]) for f in clip)
 
 
@@ -383,7 +385,7 @@ def test_a_frame_of_another_size_is_a_fault_not_garbage(other):
     ]
     frames[2] = simplejpeg.encode_jpeg(rng.integers(0, 256, (*other, 3), dtype=np.uint8), colorspace="RGB")
     with pytest.raises(ShardFormatError, match="frames of one clip differ in size"):
-        clips.decode_clip(pack_jpegs(frames), 24, None)
+        clips.crop_clip(pack_jpegs(frames), 24, None)
 
 
 def test_pre_signed_urls_are_matched_to_the_index_by_their_path(packed):
@@ -399,7 +401,7 @@ def test_pre_signed_urls_are_matched_to_the_index_by_their_path(packed):
 
     with httpkit.serve(packed, Signed) as base:
         cfg = StreamConfig(shards=(f"{base}/<000..007>.tar?sig=a%2Fb&X-Expires=60",), batch_size=4, workers=2, crop=24)
-        assert sources.index_location(cfg.shards[0]) == f"{base}/index.json"
+        assert urls.index_location(cfg.shards[0]) == f"{base}/index.json"
         ds = streamkit.resolve(cfg)
         assert [s.samples for s in ds.train.shards] == [6] * 8
         signed = epoch_batches(ds, cfg, 0, 0, 1)

@@ -10,9 +10,8 @@ import torch
 from shardmaker import make_temporal_pack
 
 from pipeline import ClipDataset, ClipLoader
-from pipeline.stream.clips import segment_positions, view_positions
+from pipeline.frames import clip_indices, segment_positions, view_positions
 from pipeline.tools.sampledata import read_code
-from pipeline.video import clip_indices
 
 T = 4
 
@@ -134,7 +133,9 @@ def test_multi_view_evaluation_scores_every_clip_once_and_view_zero_is_the_one_v
     from contextlib import nullcontext
 
     from pipeline.config import StreamConfig, TrainConfig
-    from pipeline.train import loop as train
+    from pipeline.device import DistEnv
+    from pipeline.train.data import resolve_data
+    from pipeline.train.evaluate import evaluate
     from pipeline.train.models import build_model
 
     torch.manual_seed(0)
@@ -143,10 +144,8 @@ def test_multi_view_evaluation_scores_every_clip_once_and_view_zero_is_the_one_v
     for views in ((1, 1), (2, 3)):
         sc = StreamConfig(shards=(str(temporal),), batch_size=4, crop=48, workers=1, test_views=views)
         cfg = TrainConfig(stream=sc, model="tiny")
-        data = train.resolve_data(sc)
-        results[views] = train.evaluate(
-            model, data.test, cfg, train.DistEnv(), torch.device("cpu"), False, nullcontext()
-        )
+        data = resolve_data(sc)
+        results[views] = evaluate(model, data.test, cfg, DistEnv(), torch.device("cpu"), False, nullcontext())
     one, many = results[(1, 1)], results[(2, 3)]
     assert one["clips"] == many["clips"] == 6 and many["views"] == "2x3"
     assert (one["top1"], one["top5"]) == (one["single_top1"], one["single_top5"])

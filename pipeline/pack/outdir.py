@@ -15,16 +15,18 @@ finished shards there.
 
 from __future__ import annotations
 
-import os
+import json
 import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from pipeline.durable import publish
+from pipeline.durable import failpoint, write_atomic
 from pipeline.errors import UserError
 
 _LOST_SLASH = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/[^/]")
+STATE_DIR = ".clipstream"
+"""The pack's own files inside the output folder: plan.json and state/NAME.json per finished shard."""
 
 
 def open_out_dir(location: str | Path) -> LocalDir | StoreDir:
@@ -33,7 +35,7 @@ def open_out_dir(location: str | Path) -> LocalDir | StoreDir:
     A path such as `s3:/bucket/prefix` (a URL that lost a slash, e.g. through pathlib.Path) is
     refused rather than created as a local folder named `s3:`.
     """
-    from pipeline.stream.sources import is_object_store, local_path
+    from pipeline.storage.urls import is_object_store, local_path
 
     text = str(location)
     if _LOST_SLASH.match(text) and not Path(text.split("/", 1)[0]).exists():
@@ -83,24 +85,10 @@ class LocalDir:
         reader checks it: a killed process still leaves it whole or absent, but a power cut may
         leave it absent or empty."""
         path = self.path / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.partial")
         try:
-            with open(tmp, "wb") as f:
-                f.write(data[: len(data) // 2])
-                f.flush()
-                midway()
-                f.write(data[len(data) // 2 :])
-                f.flush()
-                if sync:
-                    os.fsync(f.fileno())
-            if sync:
-                publish(tmp, path)
-            else:
-                os.replace(tmp, path)
+            write_atomic(path, data, midway, sync)
         except OSError as e:
             # A full disk (or a quota, or a file size limit): one line, and no half-written file left.
-            tmp.unlink(missing_ok=True)
             raise UserError(f"cannot write {path}: {e.strerror or e}; {len(data)} bytes were to be written") from None
 
     def delete(self, name: str) -> None:
@@ -191,3 +179,14 @@ class StoreDir:
 
     def remove_partials(self) -> None:
         """Nothing to do: a store never shows a partial object."""
+
+
+def write_file(out: LocalDir | StoreDir, name: str, data: bytes, sync: bool = True) -> None:
+    """Publish `name` in `out` atomically, with a crash-test failpoint half way (mid-write:NAME)."""
+    out.write(name, data, midway=lambda: failpoint(f"mid-write:{name.rsplit('/', 1)[-1]}"), sync=sync)
+
+
+def json_bytes(obj) -> bytes:
+    """The pack's JSON files (index.json, the plan, the shard records): sorted keys, ASCII, one
+    field a line, so they are byte-identical across runs and readable in a diff."""
+    return (json.dumps(obj, sort_keys=True, indent=1, ensure_ascii=True) + "\n").encode()

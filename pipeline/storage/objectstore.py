@@ -89,11 +89,11 @@ def describe(e: BaseException) -> str:
     if type(e).__name__ == "NoCredentialsError":
         return "no credentials found (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE, or write ~/.aws/credentials)"
     if isinstance(e, PermissionError):
-        return f"access denied ({_first_line(e) or 'check the credentials and the bucket policy'})"
-    return f"{type(e).__name__}: {_first_line(e)}"
+        return f"access denied ({_store_message(e) or 'check the credentials and the bucket policy'})"
+    return f"{type(e).__name__}: {_store_message(e)}"
 
 
-def _first_line(e: BaseException) -> str:
+def _store_message(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return text[0][:300] if text else ""
 

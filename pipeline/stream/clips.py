@@ -1,8 +1,8 @@
 """Clip decoding: a raw sample's JPEG pack -> one (T, crop, crop, 3) uint8 row of a batch.
 
 A pack stores S >= T frames of the source clip (S = T by default; see docs/FORMAT.md). Which T of
-them a clip contributes is pure index math here (`segment_positions`, `view_positions`); only
-those T are decoded, the rest of the pack is skipped. One crop box and one flip decision per
+them a clip contributes is pure index math (`pipeline.frames`: `segment_positions`, `view_positions`);
+only those T are decoded, the rest of the pack is skipped. One crop box and one flip decision per
 clip, and in training one frame per segment, all drawn from (seed, epoch, key): the same clip gets
 the same frames and crop in an epoch whichever rank, worker, loader (ClipLoader or ClipDataset
 under a DataLoader) or resume delivers it, and different ones the next epoch.
@@ -10,99 +10,18 @@ under a DataLoader) or resume delivers it, and different ones the next epoch.
 
 from __future__ import annotations
 
-import hashlib
-import struct
 from collections.abc import Iterable
 
 import cv2
 import numpy as np
 
 from pipeline.errors import UserError
-from pipeline.shardformat import ShardFormatError, jpeg_size, unpack_jpegs
+from pipeline.frames import clip_draw, crop_box, training_positions
+from pipeline.shardformat import CLS, JPGS, ShardFormatError, jpeg_size, parse_label, unpack_jpegs
 from pipeline.stream.stages import Faults
-from pipeline.video import clip_indices
-
-TEMPORAL = ("segment", "fixed")
 
 
-def clip_draw(seed: int, epoch: int, key: str) -> int:
-    """One clip's 64 random bits for its augmentation in `epoch`. A keyed hash (1 us) rather than a
-    seeded numpy Generator (25 us a clip, 2 % of decoding)."""
-    digest = hashlib.blake2b(
-        key.encode("utf-8", "surrogateescape"), digest_size=8, key=struct.pack("<2q", seed, epoch)
-    ).digest()
-    return int.from_bytes(digest, "little")
-
-
-def segment_positions(stored: int, frames: int, seed: int, epoch: int, key: str) -> list[int]:
-    """Training frames: the S stored frames cut into T equal segments, [i*S//T, (i+1)*S//T), and one
-    frame drawn from each, deterministic in (seed, epoch, key). With S = T every segment is one
-    frame: the T evaluation frames, as `fixed` gives them."""
-    words = _words(seed, epoch, key, frames)
-    out = []
-    for i in range(frames):
-        lo = i * stored // frames
-        hi = max(lo + 1, (i + 1) * stored // frames)
-        out.append(lo + words[i] % (hi - lo))
-    return out
-
-
-def training_positions(temporal: str, frames: int, seed: int, epoch: int, key: str):
-    """`choose(S)` for a training clip (see decode_clip): one frame per segment (`segment`), or
-    the evaluation frames (`fixed`)."""
-    if temporal == "segment":
-        return lambda stored: segment_positions(stored, frames, seed, epoch, key)
-    return lambda stored: view_positions(stored, frames)
-
-
-def view_positions(stored: int, frames: int, view: int = 0, views: int = 1) -> list[int]:
-    """Evaluation frames. View 0 (and `fixed` training) is round(i*(S-1)/(T-1)): with S - 1 a
-    multiple of T - 1, or every frame stored, exactly the source frames round(i*(n-1)/(T-1)).
-    Temporal view k of K is shifted k/K of the way to the next: round((i + k/K)*(S-1)/(T-1)),
-    at most S - 1."""
-    if view == 0 or frames == 1:
-        return clip_indices(stored, frames)
-    den = 2 * views * (frames - 1)
-    return [
-        min(stored - 1, (2 * (i * views + view) * (stored - 1) + views * (frames - 1)) // den) for i in range(frames)
-    ]
-
-
-def _words(seed: int, epoch: int, key: str, n: int) -> list[int]:
-    """n 16-bit random words for one clip's frame draws (keyed hashes, as clip_draw)."""
-    data = key.encode("utf-8", "surrogateescape")
-    words: list[int] = []
-    block = 0
-    while len(words) < n:
-        digest = hashlib.blake2b(
-            data, digest_size=64, key=struct.pack("<3q", seed, epoch, block), person=b"segments"
-        ).digest()
-        words += struct.unpack("<32H", digest)
-        block += 1
-    return words[:n]
-
-
-def crop_box(height: int, width: int, crop: int, draw: int | None, spatial: int = 0) -> tuple[int, int, bool]:
-    """(top, left, flip) of the clip's crop: from the 64 random bits `draw` (top from the low 24
-    bits, left from the next 24, flip from bit 48); without, evaluation's spatial view: 0 the
-    centre, 1 and 2 the two ends of the longer side (centred on the shorter one)."""
-    if height < crop or width < crop:
-        raise ShardFormatError(f"frames of {width}x{height} are smaller than the {crop} px crop")
-    if draw is None:
-        top, left = (height - crop) // 2, (width - crop) // 2
-        if spatial:
-            end = spatial == 2
-            if width >= height:
-                left = (width - crop) if end else 0
-            else:
-                top = (height - crop) if end else 0
-        return top, left, False
-    top = (draw & 0xFFFFFF) % (height - crop + 1)
-    left = ((draw >> 24) & 0xFFFFFF) % (width - crop + 1)
-    return top, left, bool((draw >> 48) & 1)
-
-
-def decode_clip(
+def crop_clip(
     pack: bytes,
     crop: int | None,
     draw: int | None,
@@ -182,16 +101,6 @@ def crop_frame(window: np.ndarray, flip: bool, out: np.ndarray) -> None:
         np.copyto(out, window)
 
 
-def parse_label(raw: bytes, num_classes: int) -> int:
-    try:
-        label = int(raw)
-    except ValueError:
-        raise ShardFormatError(f"class {raw[:20]!r} is not a number") from None
-    if not 0 <= label < num_classes:
-        raise ShardFormatError(f"class {label} outside 0..{num_classes - 1}")
-    return label
-
-
 def decode_sample(
     raw: dict,
     crop: int | None,
@@ -202,12 +111,12 @@ def decode_sample(
     choose=None,
     spatial: int = 0,
 ):
-    """Check a raw sample's members and label, decode its clip into `row` (see decode_clip); returns
+    """Check a raw sample's members and label, decode its clip into `row` (see crop_clip); returns
     the label (and the frames when `row` is None). Anything unreadable is a ShardFormatError."""
-    if "jpgs" not in raw or "cls" not in raw:
+    if JPGS not in raw or CLS not in raw:
         raise ShardFormatError(f"missing member(s): has {sorted(k for k in raw if not k.startswith('__'))}")
-    label = parse_label(raw["cls"], num_classes)
-    frames = decode_clip(raw["jpgs"], crop, draw, row, scratch, choose, spatial)
+    label = parse_label(raw[CLS], num_classes)
+    frames = crop_clip(raw[JPGS], crop, draw, row, scratch, choose, spatial)
     return label if row is not None else (label, frames)
 
 

@@ -20,9 +20,10 @@ import webdataset as wds
 
 from pipeline.device import rank_and_world
 from pipeline.errors import UserError
+from pipeline.frames import training_positions
 from pipeline.shardformat import ShardFormatError
-from pipeline.stream.clips import TrainClips, decode_sample, training_positions
-from pipeline.stream.loader import eval_clips, stream_config, test_samples, worker_samples
+from pipeline.stream.clips import TrainClips, decode_sample
+from pipeline.stream.passes import eval_clips, stream_config, test_samples, worker_samples
 from pipeline.stream.plan import WorkerPlan, check_enough_shards, eval_plan, train_plan
 from pipeline.stream.sources import resolve
 from pipeline.stream.stages import Faults
@@ -82,34 +83,26 @@ class ClipDataset(wds.DataPipeline, wds.FluidInterface):
         *,
         split: str = "train",
         batch_size: int | None = None,
-        crop: int = 112,
-        seed: int = 0,
         rank: int | None = None,
         world_size: int | None = None,
-        index: str | None = None,
-        resample: bool = False,
-        allow_pipe: bool = False,
-        shuffle_buffer: int = 256,
-        epoch_fill: str = "pad",
-        temporal: str = "segment",
+        **options,
     ):
         super().__init__()
         if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
             raise UserError(f"`batch_size` must be None (single clips) or >= 1, got {batch_size!r}")
         if split not in ("train", "test"):
             raise UserError(f"`split` must be 'train' or 'test', got {split!r}")
-        if crop is None and batch_size is not None:
+        if options.get("crop", 112) is None and batch_size is not None:
             raise UserError(
                 "`crop` None gives whole frames, whose sizes differ from clip to clip: leave `batch_size` None"
             )
         self.rank, self.world_size = rank_and_world(rank, world_size)
-        # Single clips are planned as batches of one: every rank still gets the same number.
-        self.cfg = stream_config(
-            shards, batch_size=batch_size or 1, crop=crop, seed=seed, resample=resample, allow_pipe=allow_pipe,
-            shuffle_buffer=shuffle_buffer, epoch_fill=epoch_fill, temporal=temporal,
-        )  # fmt: skip
+        # Single clips are planned as batches of one: every rank still gets the same number. The
+        # DataLoader's workers are the workers here, and evaluation views are ClipLoader's.
+        ignored = frozenset({"workers", "prefetch", "test_views"})
+        self.cfg = stream_config(shards, "ClipDataset", ignored, batch_size=batch_size or 1, **options)
         self.split, self.batch_size = split, batch_size
-        self.source = resolve(self.cfg.shards, split, index, allow_pipe)
+        self.source = resolve(self.cfg.shards, split, self.cfg.index, self.cfg.allow_pipe)
         self.cfg.check_memory(self.source.frames, 1)  # each DataLoader worker builds its batches in memory of its own
         if split == "train":
             check_enough_shards(self.source.shards, self.cfg, self.world_size, 1)

@@ -10,29 +10,26 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Iterable, Iterator
-from pathlib import Path
+from collections.abc import Iterator
 
-import numpy as np
 import torch
 
 from pipeline.config import StreamConfig
 from pipeline.device import cores_per_rank, rank_and_world
 from pipeline.errors import UserError
-from pipeline.shardformat import ShardFormatError
-from pipeline.stream.clips import TrainClips, decode_sample, view_positions
+from pipeline.stream.clips import TrainClips
+from pipeline.stream.passes import eval_clips, stream_config, test_samples, worker_samples
 from pipeline.stream.plan import (
     WorkerPlan,
     auto_workers,
     check_enough_shards,
     eval_plan,
-    key_rank,
     step_schedule,
     train_plan,
     worker_parts,
 )
 from pipeline.stream.sources import ShardSet, resolve, shard_name
-from pipeline.stream.stages import Faults, fit_to_quota, read_samples, resampled_shards, shuffle, skip_consumed
+from pipeline.stream.stages import Faults, skip_consumed
 from pipeline.stream.workers import Closing
 
 
@@ -43,58 +40,6 @@ class WorkerGaveUp(UserError):
     def __init__(self, message: str, faults: list[dict]):
         super().__init__(message)
         self.faults = faults
-
-
-def stream_config(
-    shards,
-    *,
-    batch_size,
-    crop,
-    seed,
-    resample,
-    allow_pipe,
-    shuffle_buffer=256,
-    workers=None,
-    prefetch=2,
-    epoch_fill="pad",
-    temporal="segment",
-    test_views=(1, 1),
-) -> StreamConfig:
-    """The library's keyword arguments as a checked StreamConfig (errors name the parameters)."""
-    patterns = (str(shards),) if isinstance(shards, (str, Path)) else tuple(map(str, shards))
-    return StreamConfig(
-        shards=patterns,
-        batch_size=batch_size,
-        crop=crop,
-        seed=seed,
-        resample=resample,
-        allow_pipe=allow_pipe,
-        shuffle_buffer=shuffle_buffer,
-        workers=workers,
-        prefetch=prefetch,
-        epoch_fill=epoch_fill,
-        temporal=temporal,
-        test_views=tuple(test_views),
-    )
-
-
-# ---------------------------------------------------------------------------------------------
-# What a worker runs
-
-
-def worker_samples(
-    source: ShardSet, cfg: StreamConfig, plan: WorkerPlan, epoch: int, rank: int, worker: int, faults: Faults
-) -> Iterator[dict]:
-    """The raw samples one worker delivers in one epoch, read top to bottom."""
-    rng = lambda stream: np.random.default_rng([cfg.seed, epoch, rank, worker, stream])  # noqa: E731
-    # this epoch's shards, in plan order (resampling: drawn with replacement)
-    shards = resampled_shards(plan.shards, rng(0)) if cfg.resample else plan.shards
-    # raw samples: our tar reader, a broken shard a counted fault
-    raw = read_samples(shards, cfg.allow_pipe, faults)
-    # shuffled in a seeded buffer
-    mixed = shuffle(raw, cfg.shuffle_buffer, rng(1))
-    # exactly the planned number (surplus cut, lost samples made up with repeats)
-    return fit_to_quota(mixed, plan.quota)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,52 +95,6 @@ class TrainProducer:
                     }
         except UserError as e:
             yield {"fatal": str(e), "faults": faults.take()}  # the bad clips behind it, for the faults log
-
-
-def test_samples(shards, allow_pipe: bool, faults: Faults, by_key: bool, rank: int, world_size: int) -> Iterator[dict]:
-    """The raw test samples a worker of `rank` reads from `shards` (see plan.eval_plan): all of them,
-    or with fewer test shards than ranks (`by_key`) only the keys that hash to this rank."""
-    raw = read_samples(shards, allow_pipe, faults)
-    if by_key:
-        raw = (s for s in raw if key_rank(s.get("__key__", ""), world_size) == rank)
-    return raw
-
-
-def eval_clips(
-    raw: Iterable[dict], crop: int, num_classes: int, faults: Faults, rows_for, views: tuple[int, int] = (1, 1)
-) -> Iterator[tuple]:
-    """Test clips decoded into rows handed out by `rows_for()` -> (handle, rows), K x C rows a clip
-    for `views` (K temporal, C spatial; view 0 is the fixed frames and the centre crop): yields
-    (handle, keys, labels, view numbers) for every full set of rows and for the last, partial one.
-    A clip's views follow each other (they may straddle two sets). Unreadable clips are skipped and
-    counted, never repeated."""
-    temporal, spatial = views
-    handle, rows, keys, labels, numbers, scratch = None, None, [], [], [], {}
-    for sample in raw:
-        key = sample.get("__key__", "?")
-        decoded = 0
-        try:
-            for v in range(temporal * spatial):
-                k, c = divmod(v, spatial)
-                if handle is None:
-                    handle, rows = rows_for()
-                row = rows[len(keys)]
-                choose = lambda stored, k=k, t=len(row): view_positions(stored, t, k, temporal)  # noqa: B008 (bound per view, on purpose)
-                label = decode_sample(sample, crop, num_classes, None, row, scratch, choose, c)
-                keys.append(key)
-                labels.append(label)
-                numbers.append(v)
-                decoded += 1
-                if len(keys) == len(rows):
-                    yield handle, keys, labels, numbers
-                    handle, keys, labels, numbers = None, [], [], []
-        except ShardFormatError as e:
-            # A frame only a later view uses can fail after earlier views were delivered: the clip
-            # then counts on those views, and the fault is named but not counted as a lost clip.
-            reason = f"{e} (evaluated on {decoded} view(s))" if decoded else str(e)
-            faults.add(f"{sample.get('__url__', '?')}:{key}", reason, 0 if decoded else 1)
-    if keys:
-        yield handle, keys, labels, numbers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -255,38 +154,24 @@ class ClipLoader(Closing):
         shards,
         *,
         split: str = "train",
-        batch_size: int = 8,
-        crop: int = 112,
-        seed: int = 0,
         rank: int | None = None,
         world_size: int | None = None,
-        index: str | None = None,
-        resample: bool = False,
-        allow_pipe: bool = False,
-        workers: int | None = None,
-        prefetch: int = 2,
         pin_memory: bool = False,
         copy: bool = True,
-        shuffle_buffer: int = 256,
-        epoch_fill: str = "pad",
-        temporal: str = "segment",
-        test_views: tuple[int, int] = (1, 1),
         epochs: int | None = None,
+        **options,
     ):
         rank, world_size = rank_and_world(rank, world_size)
-        if crop is None:
+        if options.get("crop", 112) is None:
             raise UserError(
                 "`crop` None (whole frames) is for ClipDataset with single clips: ClipLoader batches need one size"
             )
-        cfg = stream_config(
-            shards, batch_size=batch_size, crop=crop, seed=seed, resample=resample, allow_pipe=allow_pipe,
-            shuffle_buffer=shuffle_buffer, workers=workers, prefetch=prefetch, epoch_fill=epoch_fill,
-            temporal=temporal, test_views=test_views,
-        )  # fmt: skip
-        source = resolve(cfg.shards, split, index, allow_pipe)
-        if workers is None:
+        cfg = stream_config(shards, "ClipLoader", **options)
+        source = resolve(cfg.shards, split, cfg.index, cfg.allow_pipe)
+        if cfg.workers is None:
             cfg = dataclasses.replace(
-                cfg, workers=auto_workers(len(source.shards), world_size, cores_per_rank(), resample or split == "test")
+                cfg,
+                workers=auto_workers(len(source.shards), world_size, cores_per_rank(), cfg.resample or split == "test"),
             )
         self._setup(source, cfg, split, rank, world_size, pin_memory, copy, epochs, None)
 

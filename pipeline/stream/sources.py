@@ -1,10 +1,7 @@
-"""Where shards come from: URL schemes, pattern expansion, the index, and opening one shard.
+"""Where shards come from: patterns checked into shard URLs, the index, and opening one shard.
 
-A shard is a local path, a `file://`, `http(s)://` URL (pre-signed ones included: the query string
-is not part of the shard's name), an object-store URL (`s3://`, `gs://`, `az://` and any other
-scheme fsspec knows, through the package that serves it: see `pipeline.storage.objectstore`) or, only when
-the caller allows it, a `pipe:` command. A pattern may also name a packed folder (a local folder, a
-URL ending in `/`, or an object-store prefix): its index lists the shards. Every reader (training,
+URL schemes and pattern expansion are `pipeline.storage.urls`'s. A pattern may also name a packed
+folder (a local folder, a URL ending in `/`, or an object-store prefix): its index lists the shards. Every reader (training,
 evaluation, `read_shard`, inspect and verify) resolves shards here; HTTP(S) is read through
 `httpio`, imported only for such URLs (http.client and ssl: 15 ms of every pack's start-up).
 """
@@ -15,12 +12,23 @@ import dataclasses
 import io
 from collections.abc import Iterable
 from pathlib import Path
-from urllib.parse import urlparse
 
 from pipeline import shardformat
 from pipeline.errors import UserError
 from pipeline.shardformat import INDEX_NAME
 from pipeline.storage import objectstore
+from pipeline.storage.urls import (
+    check_scheme,
+    expand_pattern,
+    index_location,
+    is_file,
+    is_object_store,
+    is_pack_folder,
+    local_path,
+    scheme,
+    shard_name,
+    sibling,
+)
 
 SPLITS = ("train", "test")
 
@@ -50,66 +58,6 @@ class ShardSet:
         return sum(max(0, s.samples) for s in self.shards)
 
 
-def scheme(url: str) -> str:
-    found = urlparse(url).scheme
-    return "" if len(found) <= 1 else found  # "C:\..." is a path
-
-
-def local_path(url: str) -> Path | None:
-    """The file a local path or file:// URL names; None for remote URLs."""
-    found = scheme(url)
-    if found == "":
-        return Path(url)
-    if found == "file":
-        return Path(urlparse(url).path)
-    return None
-
-
-def is_object_store(url: str) -> bool:
-    """True for URLs read through fsspec: every scheme but local paths, file://, http(s):// and pipe:."""
-    return scheme(url) not in ("", "file", "http", "https", "pipe")
-
-
-def _check_scheme(url: str, allow_pipe: bool) -> None:
-    found = scheme(url)
-    if found == "pipe" and not allow_pipe:
-        raise UserError(f"{url!r} would run a shell command; set `allow_pipe` to allow pipe: URLs")
-    if is_object_store(url):
-        objectstore.filesystem(url)  # UserError for an unknown scheme or a missing extra
-
-
-def _is_file(path: Path) -> bool:
-    """Path.is_file, False for any path the system cannot even look up (a name too long for it)."""
-    try:
-        return path.is_file()
-    except OSError:
-        return False
-
-
-def _is_folder(pattern: str) -> bool:
-    local = local_path(pattern)
-    if local is not None:
-        try:
-            return local.is_dir()
-        except OSError:  # e.g. ENAMETOOLONG: not a folder, and the pattern is checked as a pattern
-            return False
-    if pattern.endswith("/"):
-        return scheme(pattern) in ("http", "https") or is_object_store(pattern)
-    # `s3://bucket/hmdb51` names the packed folder as well as `s3://bucket/hmdb51/` does (one
-    # request to ask the store); shard names and patterns are not asked about.
-    last = pattern.rsplit("/", 1)[-1]
-    plain = "." not in last and not any(c in pattern for c in ("{", "<", "::"))
-    return is_object_store(pattern) and plain and objectstore.is_folder(pattern)
-
-
-def expand_pattern(pattern: str) -> list[str]:
-    """Expand one shard pattern into URLs, in order (see shardformat.expand_pattern)."""
-    try:
-        return shardformat.expand_pattern(pattern)
-    except ValueError as e:
-        raise UserError(str(e)) from None
-
-
 def expand_shards(patterns: Iterable[str], allow_pipe: bool) -> list[str]:
     """All shard URLs of the patterns (packed folders not included), checked: known schemes only,
     local files exist, no duplicates."""
@@ -117,9 +65,9 @@ def expand_shards(patterns: Iterable[str], allow_pipe: bool) -> list[str]:
     for pattern in patterns:
         expanded = expand_pattern(pattern)
         for url in expanded:
-            _check_scheme(url, allow_pipe)
+            check_scheme(url, allow_pipe)
         local = [u for u in expanded if local_path(u) is not None]
-        missing = [u for u in local if not _is_file(local_path(u))]
+        missing = [u for u in local if not is_file(local_path(u))]
         if missing and len(missing) == len(expanded):
             raise UserError(f"no shards match {pattern!r}")
         if missing:
@@ -133,36 +81,6 @@ def expand_shards(patterns: Iterable[str], allow_pipe: bool) -> list[str]:
             raise UserError(f"shard {url!r} is listed twice")
         seen.add(url)
     return urls
-
-
-def shard_name(url: str) -> str:
-    """The file name a shard has in the index: the last path segment, without a URL's query string
-    (pre-signed URLs carry their signature there)."""
-    if scheme(url) in ("http", "https"):
-        url = urlparse(url).path
-    return url.rsplit("/", 1)[-1]
-
-
-def _without_query(url: str) -> str:
-    return urlparse(url)._replace(query="", fragment="").geturl() if scheme(url) in ("http", "https") else url
-
-
-def index_location(shard_url: str) -> str:
-    """Where the index of a shard lives: `index.json` in its folder, or beside it under the same base URL."""
-    local = local_path(shard_url)
-    if local is not None:
-        return str(local.parent / INDEX_NAME)
-    if scheme(shard_url) in ("http", "https") or is_object_store(shard_url):
-        return _without_query(shard_url).rsplit("/", 1)[0] + "/" + INDEX_NAME
-    raise UserError(f"cannot tell where the index of {shard_url!r} is; pass `index`")
-
-
-def sibling(index_url: str, name: str) -> str:
-    """The URL of file `name` in the folder of `index_url`."""
-    local = local_path(index_url)
-    if local is not None:
-        return str(local.parent / name)
-    return index_url.rsplit("/", 1)[0] + "/" + name
 
 
 MAX_INDEX_BYTES = 256 << 20
@@ -224,7 +142,7 @@ def resolve(
 
     shards: list[Shard] = []
     for pattern in map(str, patterns):
-        if _is_folder(pattern):
+        if is_pack_folder(pattern):
             location = index or (
                 str(Path(pattern) / INDEX_NAME) if local_path(pattern) else pattern.rstrip("/") + "/" + INDEX_NAME
             )

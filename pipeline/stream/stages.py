@@ -16,11 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.shardformat import ShardFormatError, decode_jpegs, split_member_name
+from pipeline.shardformat import CLS, JPGS, JSON, ShardFormatError, decode_jpegs, parse_label, split_member_name
 from pipeline.stream.sources import Shard, open_shard
 from pipeline.stream.tar import group_samples, tar_members, tar_samples
 
-STREAM_MEMBERS = ("jpgs", "cls")
+STREAM_MEMBERS = (JPGS, CLS)
 """The members a training or evaluation clip is made of; the stream passes over any other member
 (its `.json`, a `.pickle`) without keeping it: it costs no memory however large it claims to be."""
 RAW_BYTES_HELD = 1 << 30
@@ -99,14 +99,14 @@ def read_shard(url: str | Path, allow_pipe: bool = False) -> Iterator[dict]:
     with open_shard(url, allow_pipe) as stream:
         for raw in tar_samples(stream, url):
             key = raw["__key__"]
-            missing = [m for m in ("jpgs", "cls", "json") if m not in raw]
+            missing = [m for m in (JPGS, CLS, JSON) if m not in raw]
             if missing:
                 raise ShardFormatError(f"{url}: sample {key} has no {', '.join('.' + m for m in missing)}")
             try:
-                label, meta = int(raw["cls"]), json.loads(raw["json"])
+                label, meta = parse_label(raw[CLS]), json.loads(raw[JSON])
             except (ValueError, RecursionError) as e:
                 raise ShardFormatError(f"{url}: sample {key}: unreadable label or metadata ({e})") from None
-            yield {"key": key, "frames": decode_jpegs(raw["jpgs"]), "label": label, "meta": meta}
+            yield {"key": key, "frames": decode_jpegs(raw[JPGS]), "label": label, "meta": meta}
 
 
 def resampled_shards(shards: tuple[Shard, ...], rng: np.random.Generator) -> Iterator[Shard]:

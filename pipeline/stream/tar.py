@@ -4,7 +4,7 @@
 Why not tarfile (and webdataset, which iterates tarfile): a lean reader of 512-byte headers takes
 0.02-0.03 ms a sample where webdataset's tarfile-based iteration takes 0.08-0.25 ms (a quarter of
 the JPEG decoding of a 16-frame clip), measured on the sample pack (benchmarks/bench_loaders.py,
-"raw tar reading"). tests/test_tar_reader.py proves it groups exactly as webdataset does.
+"raw tar reading"). tests/test_stream_tar.py proves it groups exactly as webdataset does.
 
 The rules (webdataset's):
 - a member name splits at the first dot of its base name into key and lower-cased suffix;

@@ -35,11 +35,13 @@ import torch
 from pipeline.config import StreamConfig
 from pipeline.device import ModelInput, cores_per_rank, model_memory_format, pick_device
 from pipeline.errors import UserError
+from pipeline.frames import clip_draw, crop_box
 from pipeline.shardformat import jpeg_size, unpack_jpegs
-from pipeline.stream.clips import clip_draw, crop_box, crop_frame, decode_frame, frame_buffer
+from pipeline.storage.urls import local_path
+from pipeline.stream.clips import crop_frame, decode_frame, frame_buffer
 from pipeline.stream.loader import ClipLoader
 from pipeline.stream.plan import check_enough_shards, steps_per_epoch
-from pipeline.stream.sources import ShardSet, local_path, resolve
+from pipeline.stream.sources import ShardSet, resolve
 from pipeline.stream.stages import Faults, read_samples
 
 
@@ -50,19 +52,19 @@ class BenchConfig:
     stream: StreamConfig
     """The data side (workers there is ignored: see `workers`)."""
     workers: tuple[int, ...] = (0, 1, 2)
-    """Loader worker counts to measure, one configuration each."""
+    """Loader worker counts to measure (comma-separated on the command line), one configuration each."""
     batches: int = 20
     """Measured batches per configuration."""
     warmup: int = 3
     """Batches taken before the clock starts (workers started, buffers filled, caches warm)."""
     model: str | None = None
-    """End-to-end: forward + backward of this model on `device` for every batch; None: loader only."""
+    """End to end: forward + backward of this model (r3d18, r2plus1d18, cnn-lstm, tiny, ...) on `device` for every batch, so the data-wait share means something; None: loader only."""
     device: str = "auto"
     """`auto` (CUDA when available), `cpu` or `cuda`."""
     synthetic: bool = False
-    """Also time the model on the same batches served from memory (no decoding): real / synthetic."""
+    """Also run the model on the same batches held in memory (no decoding) and print real / synthetic; needs `model` (or `step_ms`)."""
     stages: bool = True
-    """Time the per-stage breakdown."""
+    """Time each stage of the stream in this process (tar read and grouping, JPEG decode, crop, collate, host to device)."""
     amp: bool = True
     """bf16 autocast on CUDA."""
     channels_last: bool = True
@@ -70,7 +72,7 @@ class BenchConfig:
     threads: int | None = None
     """Intra-op threads of this process; None: as train-stream picks them (cores minus workers, at least 1)."""
     step_ms: float | None = None
-    """Simulated accelerator: every batch is consumed by waiting this long without using the CPU."""
+    """Simulate an accelerator instead of `model`: each batch is consumed by waiting this many ms without using the CPU, as a GPU step would; with `synthetic`, real / synthetic shows whether the loader keeps up, epoch boundaries included."""
 
     def __post_init__(self):
         if not self.workers:

@@ -279,7 +279,7 @@ KINETICS_CLASSES = (
     "air drumming", "abseiling", "passing American football (in game)", "zumba", "bowling", "juggling balls",
     "tai chi", "yoga", "archery", "bench pressing", "clapping", "dribbling basketball",
 )  # fmt: skip
-MAX_CLASSES = {"hmdb51": len(HMDB51_CLASSES), "ucf101": len(UCF101_CLASSES), "kinetics": len(KINETICS_CLASSES)}
+MAX_SAMPLE_CLASSES = {"hmdb51": len(HMDB51_CLASSES), "ucf101": len(UCF101_CLASSES), "kinetics": len(KINETICS_CLASSES)}
 
 
 def make_sample_data(
@@ -294,8 +294,8 @@ def make_sample_data(
     """
     if layout not in SAMPLE_LAYOUTS:
         raise ValueError(f"layout must be one of {', '.join(SAMPLE_LAYOUTS)}, got {layout!r}")
-    if not 1 <= classes <= MAX_CLASSES[layout]:
-        raise ValueError(f"classes must be in 1..{MAX_CLASSES[layout]}, got {classes}")
+    if not 1 <= classes <= MAX_SAMPLE_CLASSES[layout]:
+        raise ValueError(f"classes must be in 1..{MAX_SAMPLE_CLASSES[layout]}, got {classes}")
     if clips_per_class < 1:
         raise ValueError(f"clips per class must be >= 1, got {clips_per_class}")
     make = {"hmdb51": _make_hmdb51, "ucf101": _make_ucf101, "kinetics": _make_kinetics}[layout]

@@ -16,6 +16,7 @@ import pytest
 
 from pipeline import read_shard
 from pipeline.cli import pack_app
+from pipeline.frames import clip_indices
 from pipeline.tools.sampledata import (
     draw_frame,
     drop_leading_keyframe,
@@ -23,7 +24,7 @@ from pipeline.tools.sampledata import (
     write_avi,
     write_rotated_mp4,
 )
-from pipeline.video import DECODERS, clip_indices
+from pipeline.video import DECODERS
 from tests.conftest import REPO, cli_command, cli_env, run_cli
 
 
@@ -190,7 +191,7 @@ def test_decoder_logs_stay_out_of_stderr_and_reasons(decoder, small_tree, tmp_pa
 def test_pack_clip_gives_the_same_bytes_every_time(decoder, tmp_path):
     """Odd output sizes (320x240 -> 171x128, 240x175 -> 176x128 with odd source height): libjpeg-turbo
     reads 4:2:0 luma in 2x2 blocks, past the end of an odd-sized plane, unless it is padded."""
-    from pipeline.pack.job import pack_clip
+    from pipeline.pack.clip import pack_clip
 
     for w, h in ((320, 240), (240, 175)):
         path = tmp_path / f"clip_{w}x{h}.avi"
@@ -217,7 +218,7 @@ def test_pack_memory_is_bounded_by_the_frames_kept(decoder, long_720p):
     # VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss across exec, so a child of a
     # large pytest process would report the parent's size.
     code = (
-        "import re, sys; from pipeline.pack.job import pack_clip; "
+        "import re, sys; from pipeline.pack.clip import pack_clip; "
         f"r = pack_clip(sys.argv[1], 16, 128, 90, {decoder!r}); assert 'error' not in r, r; "
         "assert r['decoded_frames'] == 600, r['decoded_frames']; "
         "print(int(re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read())[1]) // 1024)"

@@ -23,8 +23,8 @@ from pipeline.tools.inspect import (
     LABEL_STRIP,
     choose_samples,
     contact_sheet,
-    expand_pattern,
     scan_shards,
+    shard_paths,
     write_png,
 )
 from pipeline.tools.plots import plot_run
@@ -64,12 +64,12 @@ def _index(folder):
 
 def test_patterns_expand_like_the_streaming_side(pack):
     train = [pack / f"{i:03d}.tar" for i in range(3)]
-    assert expand_pattern(f"{pack}/<000..002>.tar") == train
-    assert expand_pattern(f"{pack}/{{000..002}}.tar") == train
-    assert expand_pattern(f"{pack}/{{000,002}}.tar") == [train[0], train[2]]
-    assert expand_pattern(f"{pack}/001.tar::{pack}/test-000.tar") == [train[1], pack / "test-000.tar"]
-    assert expand_pattern(str(pack / "001.tar")) == [train[1]]
-    assert expand_pattern(str(pack)) == train + [pack / f"test-{i:03d}.tar" for i in range(3)]
+    assert shard_paths(f"{pack}/<000..002>.tar") == train
+    assert shard_paths(f"{pack}/{{000..002}}.tar") == train
+    assert shard_paths(f"{pack}/{{000,002}}.tar") == [train[0], train[2]]
+    assert shard_paths(f"{pack}/001.tar::{pack}/test-000.tar") == [train[1], pack / "test-000.tar"]
+    assert shard_paths(str(pack / "001.tar")) == [train[1]]
+    assert shard_paths(str(pack)) == train + [pack / f"test-{i:03d}.tar" for i in range(3)]
     for bad, message in (
         (f"{pack}/<000..009>.tar", "7 of 10 shards"),
         (f"{pack}/<100..102>.tar", "no shards match"),
@@ -77,7 +77,7 @@ def test_patterns_expand_like_the_streaming_side(pack):
         (f"{pack}/{{000..002.tar", "malformed range"),
     ):
         with pytest.raises(UserError, match=message):
-            expand_pattern(bad)
+            shard_paths(bad)
 
 
 def test_member_names_split_like_webdataset():
@@ -168,7 +168,7 @@ def _by_key(pack):
 @pytest.mark.parametrize("frame_height", [128, 64])
 def test_contact_sheet_is_exact_png_of_the_drawn_clips(pack, tmp_path, frame_height):
     n = 3
-    rows = choose_samples(scan_shards(expand_pattern(str(pack)), quiet=True), n, seed=5)
+    rows = choose_samples(scan_shards(shard_paths(str(pack)), quiet=True), n, seed=5)
     assert len({(r.shard, r.key) for r in rows}) == n
     sheet = contact_sheet(rows, frame_height)
     path = tmp_path / "sheet.png"

@@ -12,8 +12,8 @@ import pytest
 
 from pipeline import read_shard
 from pipeline.cli import pack_app
+from pipeline.frames import clip_indices
 from pipeline.tools.sampledata import read_code
-from pipeline.video import clip_indices
 from tests.conftest import run_cli
 
 

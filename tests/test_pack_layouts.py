@@ -10,8 +10,8 @@ import pytest
 
 from pipeline import read_shard
 from pipeline.cli import inspect_app, pack_app
+from pipeline.frames import clip_indices
 from pipeline.tools.sampledata import UCF101_CLASSES, make_sample_data, read_code
-from pipeline.video import clip_indices
 from tests.conftest import assert_one_line_error, run_cli
 
 

@@ -13,9 +13,12 @@ from shardmaker import shard_keys
 
 from pipeline.cli import train_app
 from pipeline.config import StreamConfig, TrainConfig
+from pipeline.device import DistEnv
 from pipeline.errors import UserError
 from pipeline.stream import plan
-from pipeline.train import loop as train
+from pipeline.train.evaluate import evaluate
+from pipeline.train.launch import launch
+from pipeline.train.schedule import learning_rate
 
 SMALL = [
     "--model",
@@ -80,9 +83,7 @@ def test_bad_input_is_one_line_and_exit_2(packed, tmp_path, args, message):
 
 def test_learns_the_fixture_classes_and_writes_metrics(packed, tmp_path):
     log = tmp_path / "run"
-    summary = train.launch(cfg_for(packed, log, epochs=5, log_every=5, lr=1e-2, plot=True))
-    curves = (log / "curves.png").read_bytes()  # --plot draws the run's curves at the end
-    assert curves[:8] == b"\x89PNG\r\n\x1a\n" and len(curves) > 10_000
+    summary = launch(cfg_for(packed, log, epochs=5, log_every=5, lr=1e-2))
     recs = records(log)
     steps = [r for r in recs if r["kind"] == "step"]
     evals = [r for r in recs if r["kind"] == "eval"]
@@ -101,21 +102,32 @@ def test_learns_the_fixture_classes_and_writes_metrics(packed, tmp_path):
     assert steps[-1]["lr"] < 0.01 * 1e-2 and steps[-1]["loss"] < steps[0]["loss"]
 
 
+def test_plot_draws_the_run_curves_at_the_end(packed, tmp_path):
+    log = tmp_path / "run"
+    args = ["--shards", f"{packed}/<000..007>.tar", *SMALL, "--epochs", "1", "--log-dir", log]
+    result = run_cli(train_app, *args, "--plot")
+    assert result.exit_code == 0, result.output
+    curves = (log / "curves.png").read_bytes()  # --plot draws the run's curves at the end
+    assert curves[:8] == b"\x89PNG\r\n\x1a\n" and len(curves) > 10_000
+    assert f"curves: {log / 'curves.png'}" in result.stdout.splitlines()
+    assert records(log)[-1]["kind"] == "summary"  # drawn after the run, from its metrics
+
+
 def test_learning_needs_the_right_labels(packed, tmp_path):
     """The learning test above would pass with a broken label path only if chance were >= 80 %: it is 25 %."""
     log = tmp_path / "run"
-    summary = train.launch(cfg_for(packed, log, epochs=1, lr=1e-9, seed=3))
+    summary = launch(cfg_for(packed, log, epochs=1, lr=1e-9, seed=3))
     assert summary["top1"] < 0.8
 
 
 def test_resume_mid_epoch_neither_repeats_nor_skips_clips(packed, tmp_path):
     full, part = tmp_path / "full", tmp_path / "part"
-    train.launch(cfg_for(packed, full, epochs=2, audit_keys=True, eval_every=0))
-    first = train.launch(cfg_for(packed, part, epochs=2, audit_keys=True, eval_every=0, max_steps=17))
+    launch(cfg_for(packed, full, epochs=2, audit_keys=True, eval_every=0))
+    first = launch(cfg_for(packed, part, epochs=2, audit_keys=True, eval_every=0, max_steps=17))
     assert first["stopped_early"] and first["steps"] == 17
     ckpt = torch.load(part / "checkpoint.pt", weights_only=True)
     assert (ckpt["epoch"], ckpt["step_in_epoch"]) == (1, 5)
-    second = train.launch(cfg_for(packed, part, epochs=2, audit_keys=True, eval_every=0, resume=str(part)))
+    second = launch(cfg_for(packed, part, epochs=2, audit_keys=True, eval_every=0, resume=str(part)))
     assert second["steps"] == 24 and second["epochs"] == 2
     for epoch in (0, 1):
         resumed, uninterrupted = audit(part, epoch, 0), audit(full, epoch, 0)
@@ -129,14 +141,14 @@ def test_resume_mid_epoch_neither_repeats_nor_skips_clips(packed, tmp_path):
 
 def test_resume_refuses_a_different_world_mid_epoch(packed, tmp_path):
     log = tmp_path / "run"
-    train.launch(cfg_for(packed, log, epochs=1, max_steps=3, eval_every=0))
+    launch(cfg_for(packed, log, epochs=1, max_steps=3, eval_every=0))
     with pytest.raises(UserError, match="needs the same .*batch_size"):
-        train.launch(cfg_for(packed, log, epochs=1, batch_size=2, resume=str(log)))
+        launch(cfg_for(packed, log, epochs=1, batch_size=2, resume=str(log)))
 
 
 def test_gradient_accumulation_and_sgd_step_schedule_run(packed, tmp_path):
     log = tmp_path / "run"
-    summary = train.launch(
+    summary = launch(
         cfg_for(
             packed,
             log,
@@ -160,12 +172,12 @@ def test_gradient_accumulation_and_sgd_step_schedule_run(packed, tmp_path):
 )
 def test_cosine_schedule_with_warmup_table(packed, tmp_path, step, lr):
     cfg = cfg_for(packed, tmp_path, lr=1.0, warmup_steps=4)
-    assert train.learning_rate(cfg, step, 24, 0) == pytest.approx(lr, abs=1e-9)
+    assert learning_rate(cfg, step, 24, 0) == pytest.approx(lr, abs=1e-9)
 
 
 def test_checkpoint_loads_with_weights_only(packed, tmp_path):
     log = tmp_path / "run"
-    train.launch(cfg_for(packed, log, epochs=1, eval_every=0))
+    launch(cfg_for(packed, log, epochs=1, eval_every=0))
     ckpt = torch.load(log / "checkpoint.pt", weights_only=True)
     assert ckpt["epoch"] == 1 and ckpt["step_in_epoch"] == 0 and ckpt["step"] == 12
     assert set(ckpt["rng"]) == {"torch"} and ckpt["rng"]["torch"].shape[0] == 1
@@ -176,9 +188,10 @@ def test_checkpoint_loads_with_weights_only(packed, tmp_path):
 def test_two_processes_split_the_epoch_and_evaluate_like_one(packed, tmp_path):
     log = tmp_path / "run"
     cmd = cli_command("train_app") + ["--shards", f"{packed}/<000..007>.tar", *SMALL, "--epochs", "2", "--lr", "0.003"]
-    cmd += ["--nproc-per-node", "2", "--audit-keys", "--log-dir", str(log)]
+    cmd += ["--nproc-per-node", "2", "--audit-keys", "--log-dir", str(log), "--plot"]
     done = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("curves: ") == 1 and (log / "curves.png").is_file()  # drawn once, by the command
     all_keys = sorted(k for i in range(8) for k in shard_keys(packed / f"{i:03d}.tar"))
     for epoch in (0, 1):
         r0, r1 = audit(log, epoch, 0), audit(log, epoch, 1)
@@ -199,8 +212,8 @@ def test_two_processes_split_the_epoch_and_evaluate_like_one(packed, tmp_path):
     dataset = streamkit.resolve(cfg.stream)
     model = build_model("tiny", 4)
     model.load_state_dict(torch.load(log / "checkpoint.pt", weights_only=True)["model"])
-    alone = train.evaluate(
-        model, dataset.test, cfg, train.DistEnv(), torch.device("cpu"), False, __import__("contextlib").nullcontext()
+    alone = evaluate(
+        model, dataset.test, cfg, DistEnv(), torch.device("cpu"), False, __import__("contextlib").nullcontext()
     )
     assert alone["clips"] == final["clips"] == 16
     assert (alone["top1"], alone["top5"], alone["per_class"]) == (final["top1"], final["top5"], final["per_class"])
@@ -218,7 +231,7 @@ def test_plain_torchrun_with_the_same_arguments(packed, tmp_path):
         "--nproc-per-node",
         "2",
         "-m",
-        "pipeline.train.loop",
+        "pipeline.train",
     ]
     cmd += ["--shards", f"{packed}/<000..007>.tar", *SMALL, "--epochs", "1", "--audit-keys"]
     done = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=300, cwd=tmp_path)
@@ -253,7 +266,7 @@ def test_two_ranks_with_pad_audit_every_clip_once_plus_marked_repeats_and_resume
     a run killed mid-epoch (--max-steps) and resumed audits exactly the uninterrupted run's lines."""
     full, part = tmp_path / "full", tmp_path / "part"
     args = {"batch_size": 5, "epochs": 2, "audit_keys": True, "eval_every": 0, "nproc_per_node": 2, "epoch_fill": "pad"}
-    train.launch(cfg_for(packed, full, **args))
+    launch(cfg_for(packed, full, **args))
     all_keys = sorted(k for i in range(8) for k in shard_keys(packed / f"{i:03d}.tar"))
     for epoch in (0, 1):
         ranks = [_audit_lines(full, epoch, r) for r in (0, 1)]
@@ -262,9 +275,9 @@ def test_two_ranks_with_pad_audit_every_clip_once_plus_marked_repeats_and_resume
         repeats = [line.split("\t") for lines in ranks for line in lines if "\t" in line]
         assert sorted(firsts) == all_keys  # every training clip exactly once across the ranks
         assert len(repeats) == 2 and all(mark == "repeat" and key in firsts for key, mark in repeats)
-    first = train.launch(cfg_for(packed, part, max_steps=7, **args))
+    first = launch(cfg_for(packed, part, max_steps=7, **args))
     assert first["stopped_early"] and first["steps"] == 7
-    second = train.launch(cfg_for(packed, part, resume=str(part), **args))
+    second = launch(cfg_for(packed, part, resume=str(part), **args))
     assert second["steps"] == 10 and second["epochs"] == 2
     for epoch in (0, 1):
         for rank in (0, 1):
