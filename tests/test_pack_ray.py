@@ -129,7 +129,9 @@ def test_a_node_lost_mid_pack_costs_only_its_tasks(cluster, small_tree, referenc
     and the pack ends in the same bytes. Last in the module: the cluster has one node after it."""
     out, marker = tmp_path / "out", tmp_path / "held"
     driver = cluster.popen(
-        _ray_pack(small_tree, out), CLIPSTREAM_FAILPOINT="pause:mid-write:003.tar", CLIPSTREAM_FAILPOINT_ONCE=str(marker)
+        _ray_pack(small_tree, out),
+        CLIPSTREAM_FAILPOINT="pause:mid-write:003.tar",
+        CLIPSTREAM_FAILPOINT_ONCE=str(marker),
     )
     deadline = time.monotonic() + 120
     while not (held := list(out.glob(".003.tar.*.partial"))) and driver.poll() is None:
