@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[dev]'  # dev: pytest, and s3fs + moto[server] for the s3:// tests
+	$(BIN)/python -m pip install -q -e '.[dev]'  # dev: pytest, s3fs + moto[server] for the s3:// tests, ray for --engine ray's
 	touch $@
 
 # The main job end to end on generated HMDB-shaped data: make it, pack it, train on it.

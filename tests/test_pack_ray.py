@@ -123,6 +123,34 @@ def test_a_bucket_pack_on_ray_is_the_local_pack(cluster, small_tree, reference):
     assert found == _files(reference)
 
 
+def test_bench_pack_measures_the_ray_engine_against_local_workers(cluster):
+    """bench_pack --engine ray on the cluster RAY_ADDRESS names: both variants pack every clip (it
+    exits non-zero otherwise), and the overhead line is the ratio of the medians."""
+    cmd = [sys.executable, str(REPO / "benchmarks" / "bench_pack.py"), "--engine", "ray"]
+    done = cluster.run([*cmd, "--clips", "8", "--repeats", "1", "--shards", "2"], timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    runs = {r["variant"]: r for r in lines if r["bench"] == "pack"}
+    assert set(runs) == {"local-w2", "ray"} and all(r["clips"] == 8 for r in runs.values())
+    (engine,) = [r for r in lines if r["bench"] == "pack-engine"]
+    assert engine["ray_address"] == cluster.address
+    assert engine["overhead"] == pytest.approx(runs["ray"]["median_s"] / runs["local-w2"]["median_s"], rel=0.01)
+
+
+def test_an_unreachable_cluster_is_one_line(small_tree, tmp_path):
+    pytest.importorskip("ray", reason="the ray extra: pip install 'clipstream[ray]'")
+    address = f"127.0.0.1:{s3kit.free_port()}"
+    done = subprocess.run(
+        _ray_pack(small_tree, tmp_path / "out") + ["--ray-address", address],
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [f"error: cannot reach the Ray cluster at {address}: Connection refused"]
+
+
 def test_a_node_lost_mid_pack_costs_only_its_tasks(cluster, small_tree, reference, tmp_path):
     """The task writing 003.tar is held half way through its write; the node it runs on is killed
     (SIGKILL of its raylet, object store and workers). Ray runs the task again on the other node,

@@ -65,6 +65,8 @@ def _connect(cfg) -> None:
     except ImportError:
         raise UserError("`engine` ray needs Ray: pip install 'clipstream[ray]'") from None
     address = cfg.ray_address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        _check_reachable(address)
     env = {k: os.environ[k] for k in FORWARDED if k in os.environ}
     common = dict(
         logging_level=logging.WARNING,
@@ -79,6 +81,19 @@ def _connect(cfg) -> None:
     except (ConnectionError, RuntimeError, ValueError) as e:
         where = f"the Ray cluster at {address}" if address else "a local Ray cluster"
         raise UserError(f"cannot reach {where}: {' '.join(str(e).split())}") from None
+
+
+def _check_reachable(address: str) -> None:
+    """A head's host:port that nothing answers on is one line now: ray.init would wait minutes."""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    if "://" in address or not port.isdigit():
+        return  # auto, ray://...: Ray's own business
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+    except OSError as e:
+        raise UserError(f"cannot reach the Ray cluster at {address}: {e.strerror or e}") from None
 
 
 def _failure(plan, e) -> UserError:
