@@ -137,6 +137,18 @@ def test_bench_pack_measures_the_ray_engine_against_local_workers(cluster):
     assert engine["overhead"] == pytest.approx(runs["ray"]["median_s"] / runs["local-w2"]["median_s"], rel=0.01)
 
 
+def test_a_local_pack_does_not_import_ray(small_tree, tmp_path):
+    """Ray is the ray engine's alone: the default engine never imports it (0.7 s, and a dependency)."""
+    code = (
+        "import sys; from pipeline.cli import pack_app\n"
+        "try:\n    pack_app(sys.argv[1:])\nexcept SystemExit as e:\n    assert e.code == 0, e.code\n"
+        "assert 'ray' not in sys.modules, 'ray was imported'"
+    )
+    args = [str(small_tree[0]), str(tmp_path / "out"), *ARGS, "--workers", "1"]
+    done = subprocess.run([sys.executable, "-c", code, *args], env=cli_env(), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
 def test_an_unreachable_cluster_is_one_line(small_tree, tmp_path):
     pytest.importorskip("ray", reason="the ray extra: pip install 'clipstream[ray]'")
     address = f"127.0.0.1:{s3kit.free_port()}"
