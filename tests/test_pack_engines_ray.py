@@ -2,7 +2,9 @@
 namespace of its own (tests/raykit.py): the bytes are a local pack's, through a killed driver, a
 task killed mid-write, a node lost mid-pack, and into a bucket.
 
-One cluster serves the module (Ray nodes take seconds to start); the tests run in one xdist worker.
+One cluster serves the module in each xdist worker that runs its tests (Ray nodes take seconds to
+start): with `-n 2`, one or two clusters. (xdist's `--dist loadgroup` would keep them to one, but
+with pytest 9.2 and xdist 3.8 it does not group: checked on a two-file example.)
 """
 
 import json
@@ -18,7 +20,7 @@ from conftest import REPO, cli_command, cli_env, run_cli
 
 from pipeline.cli import pack_app
 
-pytestmark = [pytest.mark.ray, pytest.mark.xdist_group("ray")]
+pytestmark = pytest.mark.ray
 
 ARGS = ["--quiet", "--shards", "5", "--test-shards", "3"]
 MOTO_PORT = 5555
