@@ -2,9 +2,8 @@
 namespace of its own (tests/raykit.py): the bytes are a local pack's, through a killed driver, a
 task killed mid-write, a node lost mid-pack, and into a bucket.
 
-One cluster serves the module in each xdist worker that runs its tests (Ray nodes take seconds to
-start): with `-n 2`, one or two clusters. (xdist's `--dist loadgroup` would keep them to one, but
-with pytest 9.2 and xdist 3.8 it does not group: checked on a two-file example.)
+One cluster serves the module (Ray nodes take seconds to start): under `-n N` its tests run in one
+xdist worker (conftest.py's ONE_WORKER_MODULES).
 """
 
 import json
