@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import struct
 
-from pipeline.shardformat import ShardFormatError
+from pipeline.errors import ShardFormatError
 
 
 def clip_indices(n: int, t: int) -> list[int]:

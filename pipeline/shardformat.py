@@ -20,6 +20,8 @@ import struct
 
 import numpy as np
 
+from pipeline.errors import ShardFormatError
+
 FORMAT_VERSION = 1
 READ_VERSIONS = (1, 2)
 """Index versions readers accept: 2 adds stored frames (S >= T per clip, see docs/FORMAT.md)."""
@@ -43,10 +45,6 @@ _KEY_OK = re.compile(r"^[A-Za-z0-9_-]+$")
 _MEMBER_NAME = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 """webdataset's split of a member name into key and extension, at the first dot of the base name
 (kept here so that readers which must not import torch, as webdataset does, group the same way)."""
-
-
-class ShardFormatError(ValueError):
-    """A shard member that does not follow the format (truncated, garbage, oversized)."""
 
 
 def pack_jpegs(jpegs: list[bytes]) -> bytes:

@@ -14,11 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.errors import DecodeError
+
 DECODERS = ("pyav", "decord")
-
-
-class DecodeError(Exception):
-    """A video that cannot be decoded at all; the message names the file."""
 
 
 @dataclasses.dataclass

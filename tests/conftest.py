@@ -85,6 +85,29 @@ def assert_one_line_error(result, pattern: str) -> None:
     assert "Traceback" not in result.output
 
 
+@pytest.fixture(scope="session")
+def pack(small_tree, tmp_path_factory):
+    """The small tree plus one unreadable video listed for training, packed into 3 + 3 shards."""
+    data = tmp_path_factory.mktemp("inspect-data")
+    shutil.copytree(small_tree[0], data, dirs_exist_ok=True)
+    (data / "hmdb51_org" / "catch" / "broken_clip_0.avi").write_bytes(b"not a video")
+    with open(data / "testTrainMulti_7030_splits" / "catch_test_split1.txt", "a") as f:
+        f.write("broken_clip_0.avi 1 \n")
+    out = tmp_path_factory.mktemp("inspect-pack")
+    from pipeline.cli import pack_app
+
+    result = run_cli(pack_app, data, out, "--shards", "3", "--max-failures", "1", "--quiet")
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.fixture
+def damaged(pack, tmp_path):
+    dst = tmp_path / "pack"
+    shutil.copytree(pack, dst)
+    return dst
+
+
 ONE_WORKER_MODULES = ("tests/test_pack_engines_ray.py::",)
 """Test modules whose tests share a costly module fixture (a Ray cluster): xdist runs each one's
 tests in one worker, so the fixture is made once."""

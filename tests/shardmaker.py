@@ -164,3 +164,22 @@ def make_temporal_pack(
     }
     (out / "index.json").write_text(json.dumps(index, indent=1))
     return index
+
+
+def rewrite_shard(shard, edit):
+    """Rewrite a shard member by member: edit(key, ext, data) returns new bytes or None to drop."""
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as out:
+        for m, data in members:
+            data = edit(*m.name.split(".", 1), data)
+            if data is not None:
+                m.size = len(data)
+                out.addfile(m, io.BytesIO(data))
+    shard.write_bytes(buf.getvalue())
+    return list(dict.fromkeys(m.name.split(".")[0] for m, _ in members))
+
+
+def index_of(folder: Path) -> dict:
+    return json.loads((folder / "index.json").read_text())

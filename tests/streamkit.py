@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pipeline.config import StreamConfig
 from pipeline.stream.loader import ClipLoader
 from pipeline.train.data import RunData, resolve_data
@@ -36,3 +38,16 @@ def train_loader(
 def eval_batches(data: RunData, cfg: StreamConfig, rank: int = 0, world: int = 1, copy: bool = False):
     """One evaluation pass of `rank` over the run's test shards."""
     return ClipLoader.from_config(data.test, cfg, rank, world, split="test", copy=copy).epoch(0)
+
+
+def cfg_for(folder: Path, **kw) -> StreamConfig:
+    kw = {"batch_size": 4, "workers": 2, "crop": 24, "shuffle_buffer": 8, **kw}
+    return StreamConfig(shards=(f"{folder}/<000..007>.tar",), **kw)
+
+
+def epoch_batches(ds, cfg, epoch, rank, world, start_step=0, start_method=None):
+    """One epoch of one rank from a fresh TrainLoader (batches copied out of the workers' slots)."""
+    with train_loader(
+        ds, cfg, rank, world, epoch, start_step, epochs=epoch + 1, copy=True, start_method=start_method
+    ) as loader:
+        return list(loader.epoch(epoch))

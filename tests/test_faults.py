@@ -24,8 +24,8 @@ from shardmaker import shard_keys
 from pipeline import read_shard
 from pipeline.cli import train_app
 from pipeline.config import StreamConfig, TrainConfig
-from pipeline.errors import UserError
-from pipeline.shardformat import ShardFormatError, pack_jpegs, unpack_jpegs
+from pipeline.errors import ShardFormatError, UserError
+from pipeline.shardformat import pack_jpegs, unpack_jpegs
 from pipeline.stream import clips, plan, sources
 from pipeline.train.launch import launch
 

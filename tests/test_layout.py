@@ -149,3 +149,9 @@ def test_modules_and_functions_stay_short():
                 if size > 150:
                     long.append(f"function {module}.{node.name}: {size} lines")
     assert not long, "too long:\n" + "\n".join(long)
+
+
+def test_the_architecture_map_names_every_module():
+    text = (PACKAGE.parent / "docs" / "ARCHITECTURE.md").read_text()
+    missing = [str(p.relative_to(PACKAGE.parent)) for p in modules().values() if p.name not in text]
+    assert not missing, "docs/ARCHITECTURE.md does not map: " + ", ".join(missing)

@@ -17,8 +17,7 @@ import pytest
 from shardmaker import encode_clip
 
 from pipeline import read_shard
-from pipeline.errors import UserError
-from pipeline.shardformat import ShardFormatError
+from pipeline.errors import ShardFormatError, UserError
 from pipeline.stream.sources import Shard
 from pipeline.stream.stages import Faults, read_samples
 from pipeline.tools.inspect import scan_shard

@@ -3,29 +3,28 @@ the step schedule that makes a resume exact, and what happens when a worker or t
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import streamkit
 import torch
 from conftest import REPO
+from shardmaker import shard_keys, write_tar
+from streamkit import cfg_for, epoch_batches
 
 from pipeline.config import StreamConfig
 from pipeline.device import MEAN, STD, to_model_input
+from pipeline.errors import WorkerDied
 from pipeline.stream import plan
-from pipeline.stream.workers import LocalRing, WorkerDied, WorkerPool, threaded
+from pipeline.stream.workers import LocalRing, WorkerPool, threaded
 from pipeline.tools.bench import child_pids
-
-
-def cfg_for(folder, **kw) -> StreamConfig:
-    kw = {"batch_size": 4, "workers": 2, "crop": 24, "shuffle_buffer": 8, **kw}
-    return StreamConfig(shards=(f"{folder}/<000..007>.tar",), **kw)
-
 
 # --- the step schedule ------------------------------------------------------------------------
 
@@ -211,7 +210,7 @@ def _failing(worker, ring):
 
 
 def test_a_producer_bug_reaches_the_parent_with_its_traceback():
-    from pipeline.stream.workers import LoaderError
+    from pipeline.errors import LoaderError
 
     with WorkerPool(_failing, 1, (2,), slots=2) as pool:
         pool.release(0, pool.get(0))
@@ -355,3 +354,143 @@ def test_train_stream_stops_with_one_line_when_a_loader_worker_is_killed(packed,
     assert len(lines) == 1 and re.match(r"error: loader worker [01] died: killed by SIGKILL", lines[0]), err
     time.sleep(1)
     assert not any(_alive(p) for p in workers)
+
+
+@pytest.mark.parametrize("world, workers", [(1, 2), (2, 2), (2, 0), (4, 2)])
+def test_ranks_read_disjoint_keys_covering_the_epoch(packed, world, workers):
+    cfg = cfg_for(packed, workers=workers)
+    ds = streamkit.resolve(cfg)
+    all_keys = sorted(k for s in ds.train.shards for k in shard_keys(Path(s.url)))
+    steps = plan.steps_per_epoch([s.samples for s in ds.train.shards], 4, world, cfg.seed, 0, False)
+    per_rank = []
+    for rank in range(world):
+        got = epoch_batches(ds, cfg, 0, rank, world)
+        assert len(got) == steps
+        assert all(b["frames"].shape == (4, 4, 24, 24, 3) and str(b["frames"].dtype) == "torch.uint8" for b in got)
+        per_rank.append([k for b in got for k in b["key"]])
+    flat = [k for keys in per_rank for k in keys]
+    assert len(flat) == len(set(flat)), "a key was read twice"
+    assert sorted(flat) == all_keys  # 8 shards of 6 split evenly in all these cases
+
+
+def test_uneven_split_uses_the_smallest_ranks_steps(packed):
+    cfg = cfg_for(packed, workers=1, epoch_fill="drop")
+    ds = streamkit.resolve(cfg)
+    keys = [[k for b in epoch_batches(ds, cfg, 0, r, 3) for k in b["key"]] for r in range(3)]
+    assert [len(k) for k in keys] == [12, 12, 12]  # ranks hold 18, 18, 12 samples
+    flat = [k for ks in keys for k in ks]
+    assert len(set(flat)) == len(flat) == 36
+
+
+@pytest.mark.parametrize("workers, batch", [(1, 4), (2, 5), (0, 7)])
+def test_pad_uses_every_clip_once_plus_marked_repeats_with_equal_steps(packed, workers, batch):
+    """3 ranks hold 18, 18 and 12 clips: pad runs the largest rank's ceil(18 / batch) steps on
+    every rank; each rank reads all its clips once, and only clips marked as repeats come again."""
+    cfg = cfg_for(packed, workers=workers, batch_size=batch)
+    ds = streamkit.resolve(cfg)
+    all_keys = sorted(k for s in ds.train.shards for k in shard_keys(Path(s.url)))
+    steps = -(-18 // batch)
+    firsts, lengths = [], []
+    for rank in range(3):
+        got = epoch_batches(ds, cfg, 0, rank, 3)
+        lengths.append(len(got))
+        keys = [k for b in got for k in b["key"]]
+        repeat = [r for b in got for r in b["repeat"].tolist()]
+        first = [k for k, r in zip(keys, repeat) if not r]
+        assert len(first) == len(set(first)), "a clip not marked as a repeat came twice"
+        assert set(k for k, r in zip(keys, repeat) if r) <= set(first), "a repeat of a clip this rank never read"
+        firsts += first
+    assert lengths == [steps] * 3
+    assert sorted(firsts) == all_keys  # every training clip exactly once across the ranks
+
+
+def test_labels_match_frames_and_epochs_differ(packed):
+    cfg = cfg_for(packed)
+    ds = streamkit.resolve(cfg)
+    e0 = epoch_batches(ds, cfg, 0, 0, 1)
+    for b in e0:
+        for key, label in zip(b["key"], b["label"].tolist()):
+            assert key.startswith(ds.train.classes[label] + "_clip")
+    order0 = [k for b in e0 for k in b["key"]]
+    order0_again = [k for b in epoch_batches(ds, cfg, 0, 0, 1) for k in b["key"]]
+    order1 = [k for b in epoch_batches(ds, cfg, 1, 0, 1) for k in b["key"]]
+    assert order0 == order0_again
+    assert order1 != order0 and sorted(order1) == sorted(order0)
+    assert [b["frames"] for b in epoch_batches(ds, cfg, 0, 0, 1)][0].equal(e0[0]["frames"])
+
+
+@pytest.mark.parametrize("workers, batch_size, start", [(2, 4, 3), (3, 5, 1), (3, 5, 3), (0, 4, 5)])
+def test_a_resume_at_step_s_gives_exactly_the_remaining_steps(packed, workers, batch_size, start):
+    """Resuming at step s yields the uninterrupted epoch's steps s.. : same keys, same crops, same
+    order, including the steps merged from several workers' remainders (batch 5: 24 clips a rank)."""
+    cfg = cfg_for(packed, workers=workers, batch_size=batch_size)
+    ds = streamkit.resolve(cfg)
+    full = epoch_batches(ds, cfg, 1, 0, 2)
+    rest = epoch_batches(ds, cfg, 1, 0, 2, start_step=start)
+    assert len(rest) == len(full) - start
+    for a, b in zip(full[start:], rest):
+        assert a["key"] == b["key"] and a["worker"].equal(b["worker"]) and a["frames"].equal(b["frames"])
+    # the schedule's count of what each worker delivered before step s is what the batches say
+    plans = plan.train_plan(ds.train.shards, cfg, 1, 0, 2, max(1, cfg.workers or 0))
+    schedule = plan.step_schedule([p.quota for p in plans], batch_size)
+    for w in range(max(1, workers)):
+        delivered = sum(int((b["worker"] == w).sum()) for b in full[:start])
+        assert plan.worker_parts(schedule, w, start)[0] == delivered
+
+
+def test_resample_gives_the_planned_steps_even_with_one_shard(packed):
+    cfg = StreamConfig(shards=(f"{packed}/000.tar",), batch_size=2, workers=2, crop=24, resample=True)
+    ds = streamkit.resolve(cfg)
+    for rank in range(2):
+        got = epoch_batches(ds, cfg, 0, rank, 2)
+        assert len(got) == 6 // (2 * 2) == 1
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_eval_counts_every_test_clip_once(packed, world):
+    cfg = cfg_for(packed)
+    ds = streamkit.resolve(cfg)
+    keys = []
+    for rank in range(world):
+        for b in streamkit.eval_batches(ds, cfg, rank, world):
+            keys.extend(b["key"])
+    expected = sorted(k for s in ds.test.shards for k in shard_keys(Path(s.url)))
+    assert sorted(keys) == expected and len(expected) == 16
+
+
+def test_a_corrupt_sample_is_replaced_counted_and_named(tmp_path, packed):
+    folder = tmp_path / "p"
+    shutil.copytree(packed, folder)
+    victim = shard_keys(folder / "003.tar")[0]
+    samples = []
+    import tarfile
+
+    with tarfile.open(folder / "003.tar") as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+    for key in sorted({n.split(".")[0] for n in members}):
+        jpgs = b"JPGS garbage" if key == victim else members[f"{key}.jpgs"]
+        samples.append({"key": key, "label": int(members[f"{key}.cls"]), "jpgs": jpgs, "meta": {}})
+    write_tar(folder / "003.tar", samples)
+    cfg = cfg_for(folder, max_bad=0.5)
+    ds = streamkit.resolve(cfg)
+    got = epoch_batches(ds, cfg, 0, 0, 1)
+    assert len(got) == 12
+    faults = [f for b in got for f in b["faults"]]
+    assert len(faults) == 1 and victim in faults[0]["what"] and "JPEG pack" in faults[0]["reason"]
+    keys = [k for b in got for k in b["key"]]
+    assert victim not in keys and len(keys) == 48 and len(set(keys)) == 47
+
+
+def test_a_truncated_shard_costs_its_missing_clips_not_the_epoch(tmp_path, packed):
+    folder = tmp_path / "p"
+    shutil.copytree(packed, folder)
+    data = (folder / "005.tar").read_bytes()
+    (folder / "005.tar").write_bytes(data[: len(data) // 2])
+    cfg = cfg_for(folder, max_bad=0.5)
+    ds = streamkit.resolve(cfg)
+    got = epoch_batches(ds, cfg, 0, 0, 1)
+    assert len(got) == 12 and all(len(b["key"]) == 4 for b in got)
+    faults = [f for b in got for f in b["faults"]]
+    assert len(faults) == 1 and faults[0]["what"].endswith("005.tar") and 1 <= faults[0]["samples"] <= 6
+    keys = [k for b in got for k in b["key"]]
+    assert len(set(keys)) == 48 - faults[0]["samples"]

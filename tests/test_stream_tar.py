@@ -9,7 +9,7 @@ import pytest
 import webdataset as wds
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from pipeline.shardformat import ShardFormatError
+from pipeline.errors import ShardFormatError
 from pipeline.stream import tar
 
 

@@ -1,22 +1,18 @@
-"""inspect-shards, verify-shards, plot-run and the progress helper, on a real pack of generated clips."""
+"""inspect-shards: summaries and contact sheets of a real pack of generated clips."""
 
 import collections
-import hashlib
-import io
-import json
 import re
 import shutil
-import tarfile
 
 import cv2
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from shardmaker import index_of, rewrite_shard
 
 from pipeline import read_shard
-from pipeline.cli import inspect_app, pack_app, plot_app, verify_app
+from pipeline.cli import inspect_app
 from pipeline.errors import UserError
-from pipeline.progress import progress
 from pipeline.shardformat import split_member_name
 from pipeline.tools.inspect import (
     GAP,
@@ -27,39 +23,13 @@ from pipeline.tools.inspect import (
     shard_paths,
     write_png,
 )
-from pipeline.tools.plots import plot_run
 from pipeline.tools.sampledata import read_code
 from tests.conftest import assert_one_line_error, run_cli
 
+"""inspect-shards, verify-shards, plot-run and the progress helper, on a real pack of generated clips."""
+
+
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture(scope="session")
-def pack(small_tree, tmp_path_factory):
-    """The small tree plus one unreadable video listed for training, packed into 3 + 3 shards."""
-    data = tmp_path_factory.mktemp("inspect-data")
-    shutil.copytree(small_tree[0], data, dirs_exist_ok=True)
-    (data / "hmdb51_org" / "catch" / "broken_clip_0.avi").write_bytes(b"not a video")
-    with open(data / "testTrainMulti_7030_splits" / "catch_test_split1.txt", "a") as f:
-        f.write("broken_clip_0.avi 1 \n")
-    out = tmp_path_factory.mktemp("inspect-pack")
-    result = run_cli(pack_app, data, out, "--shards", "3", "--max-failures", "1", "--quiet")
-    assert result.exit_code == 0, result.output
-    return out
-
-
-@pytest.fixture
-def damaged(pack, tmp_path):
-    dst = tmp_path / "pack"
-    shutil.copytree(pack, dst)
-    return dst
-
-
-def _index(folder):
-    return json.loads((folder / "index.json").read_text())
-
-
-# ---------------------------------------------------------------- patterns
 
 
 def test_patterns_expand_like_the_streaming_side(pack):
@@ -97,14 +67,11 @@ def test_member_names_split_like_webdataset():
         assert split_member_name(name) == base_plus_ext(name), name
 
 
-# ---------------------------------------------------------------- summary
-
-
 def test_summary_counts_equal_manifest_and_index(pack):
     result = run_cli(inspect_app, pack, "--quiet")
     assert result.exit_code == 0, result.output
     out = result.stdout
-    index = _index(pack)
+    index = index_of(pack)
     rows = pq.read_table(pack / "manifest.parquet").to_pylist()
     packed = [r for r in rows if r["status"] == "packed"]
 
@@ -135,7 +102,7 @@ def test_summary_counts_equal_manifest_and_index(pack):
 def test_summary_of_some_shards_counts_only_those(pack):
     result = run_cli(inspect_app, f"{pack}/<000..001>.tar", "--quiet")
     assert result.exit_code == 0, result.output
-    entries = _index(pack)["splits"]["train"]["shards"][:2]
+    entries = index_of(pack)["splits"]["train"]["shards"][:2]
     n = sum(e["samples"] for e in entries)
     assert f": 2 of 6 shards, {n} clips (train {n}, test 0)" in result.stdout
     assert re.search(rf"^all\s+{n}\s+0\s+{n}$", result.stdout, re.M)
@@ -146,7 +113,7 @@ def test_summary_of_shards_without_index_or_manifest(pack, tmp_path):
         shutil.copy(pack / name, tmp_path / name)
         # Without class 0 the classes present are not the pack's class list: names must come from the metadata.
         first = {s["key"] for s in read_shard(tmp_path / name) if s["label"] == 0}
-        _rewrite(tmp_path / name, lambda key, ext, data: None if key in first else data)  # noqa: B023 (called at once)
+        rewrite_shard(tmp_path / name, lambda key, ext, data: None if key in first else data)  # noqa: B023 (called at once)
     result = run_cli(inspect_app, f"{tmp_path}/<001..002>.tar", "--quiet")
     assert result.exit_code == 0, result.output
     expected = collections.Counter(
@@ -156,9 +123,6 @@ def test_summary_of_shards_without_index_or_manifest(pack, tmp_path):
     assert got == {**expected, "all": sum(expected.values())}
     assert "warning: no index.json beside the shards" in result.stdout
     assert "no manifest.parquet beside the shards" in result.stdout
-
-
-# ---------------------------------------------------------------- contact sheet
 
 
 def _by_key(pack):
@@ -208,7 +172,7 @@ def test_sheet_from_the_cli(pack, tmp_path):
     again = run_cli(inspect_app, f"{pack}/<000..002>.tar", "--sheet", path, "--samples", "2", "--seed", "1", "--quiet")
     assert again.exit_code == 0 and path.read_bytes() == first, "same seed, same sheet"
     every = run_cli(inspect_app, pack / "001.tar", "--sheet", path, "--samples", "50", "--quiet")
-    k = _index(pack)["splits"]["train"]["shards"][1]["samples"]
+    k = index_of(pack)["splits"]["train"]["shards"][1]["samples"]
     assert every.exit_code == 0 and f"({k} clips (the shards hold only {k})" in every.stdout
     assert cv2.imread(str(path)).shape[0] == k * (LABEL_STRIP + 128)
 
@@ -229,139 +193,14 @@ def test_inspect_bad_arguments(pack, tmp_path):
         assert_one_line_error(run_cli(inspect_app, *args, "--quiet"), pattern)
 
 
-# ---------------------------------------------------------------- verify
-
-
-def _problems(result):
-    lines = result.stdout.strip().splitlines()
-    return lines[:-1], lines[-1]
-
-
-def test_verify_passes_on_a_clean_pack(pack):
-    result = run_cli(verify_app, pack, "--quiet")
-    assert result.exit_code == 0, result.output
-    problems, summary = _problems(result)
-    n = _index(pack)["counts"]["packed"]
-    assert problems == [] and re.fullmatch(rf"checked 6 shards, {n} clips, .* clips/s\): all well", summary)
-    assert result.stderr == ""
-    serial = run_cli(verify_app, pack, "--workers", "1")  # not a terminal: a plain progress line or two
-    assert serial.exit_code == 0 and serial.stdout.endswith("all well\n")
-    bar = serial.stderr.splitlines()
-    assert (
-        "\r" not in serial.stderr
-        and bar[0].startswith("verify:   0% 0/")
-        and bar[-1].startswith(f"verify: 100% {n}/{n} [")
-    )
-
-
-def _member(path, suffix, which=0):
-    with tarfile.open(path) as tar:
-        return [m for m in tar.getmembers() if m.name.endswith(suffix)][which]
-
-
-def _flip(path, offset):
-    data = bytearray(path.read_bytes())
-    data[offset] ^= 0xFF
-    path.write_bytes(bytes(data))
-
-
-def test_verify_names_the_shard_after_a_byte_flip_in_a_jpeg(damaged):
-    shard = damaged / "001.tar"
-    m = _member(shard, ".jpgs", 1)
-    payload = shard.read_bytes()[m.offset_data : m.offset_data + m.size]
-    scan = payload.index(b"\xff\xda")  # start of the first frame's entropy-coded data
-    _flip(shard, m.offset_data + scan + 400)
-    result = run_cli(verify_app, damaged, "--quiet")
-    assert result.exit_code == 1, result.output
-    problems, summary = _problems(result)
-    assert problems and all(p.startswith("001.tar: ") for p in problems), problems
-    assert re.fullmatch(r"001\.tar: sha256 mismatch \(index [0-9a-f]{16}\.\.\., file [0-9a-f]{16}\.\.\.\)", problems[0])
-    assert summary.endswith("in 1 file(s)")
-
-
-def test_verify_names_the_shard_after_a_byte_flip_in_a_tar_header(damaged):
-    shard = damaged / "002.tar"
-    m = _member(shard, ".cls", 1)  # the second sample's first header
-    _flip(shard, m.offset + 20)
-    result = run_cli(verify_app, damaged, "--quiet")
-    assert result.exit_code == 1, result.output
-    problems, _ = _problems(result)
-    assert all(p.startswith("002.tar: ") for p in problems), problems
-    assert any("sha256 mismatch" in p for p in problems)
-    assert (
-        f"002.tar: unreadable after 1 samples (corrupt tar header (bad checksum) at byte {m.offset}); readers lose the rest of the shard"
-        in problems
-    )
-    assert any(re.fullmatch(r"002\.tar: 1 sample, index says \d+", p) for p in problems)
-
-
-def test_verify_names_a_deleted_shard_and_a_stray_one(damaged):
-    (damaged / "test-001.tar").unlink()
-    shutil.copy(damaged / "000.tar", damaged / "017.tar")
-    result = run_cli(verify_app, damaged, "--quiet")
-    assert result.exit_code == 1, result.output
-    problems, summary = _problems(result)
-    n = _index(damaged)["splits"]["test"]["shards"][1]["samples"]
-    assert problems[0] == f"test-001.tar: missing (the index lists it with {n} samples)"
-    assert problems[1:] == ["017.tar: not in index.json (left over from another pack?)"]
-    assert summary.endswith("2 problem(s) in 2 file(s)")
-
-
-def _rewrite(shard, edit):
-    """Rewrite a shard member by member: edit(key, ext, data) returns new bytes or None to drop."""
-    with tarfile.open(shard) as tar:
-        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as out:
-        for m, data in members:
-            data = edit(*m.name.split(".", 1), data)
-            if data is not None:
-                m.size = len(data)
-                out.addfile(m, io.BytesIO(data))
-    shard.write_bytes(buf.getvalue())
-    return list(dict.fromkeys(m.name.split(".")[0] for m, _ in members))
-
-
-def test_verify_checks_samples_inside_a_well_hashed_shard(damaged):
-    """A shard rewritten with bad members, its index entry updated: only the sample checks can tell."""
-    shard = damaged / "000.tar"
-    keys = _rewrite(shard, lambda key, ext, data: data)
-    bad_label, no_json, bad_pack = keys[0], keys[1], keys[2]
-
-    def edit(key, ext, data):
-        if key == bad_label and ext == "cls":
-            return b"99"
-        if key == no_json and ext == "json":
-            return None
-        if key == bad_pack and ext == "jpgs":
-            return b"XXXX" + data[4:]
-        return data
-
-    _rewrite(shard, edit)
-    index = _index(damaged)
-    data = shard.read_bytes()
-    index["splits"]["train"]["shards"][0].update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
-    (damaged / "index.json").write_text(json.dumps(index))
-
-    result = run_cli(verify_app, damaged, "--quiet")
-    assert result.exit_code == 1, result.output
-    problems, _ = _problems(result)
-    assert problems == [
-        f"000.tar: sample {bad_label}: label 99 outside 0..3",
-        f"000.tar: sample {bad_label}: label 99 in .cls but {index['classes'].index(_class_of(damaged, bad_label))} in .json",
-        f"000.tar: sample {no_json}: no .json",
-        f"000.tar: sample {bad_pack}: frames do not decode (not a JPEG pack (bad magic))",
-    ]
-
-
 def test_summary_warns_when_shards_disagree_with_index_and_manifest(damaged):
-    keys = _rewrite(damaged / "001.tar", lambda key, ext, data: data)
-    _rewrite(damaged / "001.tar", lambda key, ext, data: None if key == keys[-1] else data)
+    keys = rewrite_shard(damaged / "001.tar", lambda key, ext, data: data)
+    rewrite_shard(damaged / "001.tar", lambda key, ext, data: None if key == keys[-1] else data)
     shutil.copy(damaged / "000.tar", damaged / "017.tar")
     result = run_cli(inspect_app, f"{damaged}/{{000,001,017}}.tar", "--quiet")
     assert result.exit_code == 0, result.output
-    n = _index(damaged)["splits"]["train"]["shards"][1]["samples"]
-    m = _index(damaged)["splits"]["train"]["shards"][0]["samples"]
+    n = index_of(damaged)["splits"]["train"]["shards"][1]["samples"]
+    m = index_of(damaged)["splits"]["train"]["shards"][0]["samples"]
     warnings = [line for line in result.stdout.splitlines() if line.startswith("warning: ")]
     assert warnings == [
         f"warning: 001.tar holds {n - 1} samples, index.json says {n}: run verify-shards {damaged}",
@@ -369,122 +208,3 @@ def test_summary_warns_when_shards_disagree_with_index_and_manifest(damaged):
         f"warning: 001.tar holds {n - 1} samples, manifest.parquet lists {n}",
         f"warning: 017.tar holds {m} samples, manifest.parquet lists 0",
     ]
-
-
-def _class_of(pack, key):
-    rows = pq.read_table(pack / "manifest.parquet").to_pylist()
-    return next(r["class_name"] for r in rows if r["key"] == key)
-
-
-def test_verify_bad_arguments(pack, tmp_path):
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    assert_one_line_error(run_cli(verify_app, tmp_path / "missing"), "folder not found")
-    assert_one_line_error(run_cli(verify_app, empty), "no index.json in")
-    assert_one_line_error(run_cli(verify_app, pack / "000.tar"), "not a folder")
-    assert_one_line_error(run_cli(verify_app, pack, "--workers", "0"), "--workers must be >= 1")
-
-
-# ---------------------------------------------------------------- plot-run
-
-
-def _write_metrics(path, evals=True, ranks=2):
-    """Records in the shape train-stream writes: steps every 10, an eval per epoch, a summary."""
-    rng = np.random.default_rng(0)
-    lines = []
-    for step in range(10, 201, 10):
-        epoch = 1 + (step - 1) // 50
-        per_rank = [float(40 + 5 * rng.random()) for _ in range(ranks)]
-        lines.append({"kind": "step", "step": step, "epoch": epoch, "loss": 3.9 * 0.99**step, "lr": 1e-3 * (1 - step / 200),
-                      "clips_per_s": sum(per_rank), "clips_per_s_rank": per_rank, "data_wait": 0.3 - step / 1000,
-                      "step_time": 0.2})  # fmt: skip
-        if evals and step % 50 == 0:
-            lines.append({"kind": "eval", "step": step, "epoch": epoch, "top1": step / 250, "top5": step / 210,
-                          "per_class": {"clap": 0.5, "dive": None}, "clips": 56})  # fmt: skip
-    lines.append({"kind": "summary", "top1": 0.8 if evals else None, "top5": 0.95 if evals else None, "clips_per_s": 85.0,
-                  "data_wait": 0.2, "wall_s": 61.0, "steps": 200, "epochs": 4})  # fmt: skip
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
-
-
-def _quadrants(png):
-    h, w = png.shape[:2]
-    return {
-        "loss": png[: h // 2, : w // 2],
-        "accuracy": png[: h // 2, w // 2 :],
-        "speed": png[h // 2 :, : w // 2],
-        "wait": png[h // 2 :, w // 2 :],
-    }
-
-
-def _has_colour(img, rgb):
-    return int((np.abs(img.astype(int) - rgb).sum(axis=2) < 30).sum())
-
-
-BLUE, ORANGE, GREEN, RED, PURPLE = (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189)
-
-
-def test_plot_run_draws_every_panel_from_a_metrics_file(tmp_path):
-    run = tmp_path / "run"
-    _write_metrics(run)
-    result = run_cli(plot_app, run)
-    assert result.exit_code == 0, result.output
-    path = run / "curves.png"
-    assert result.stdout.strip() == f"wrote {path}"
-    assert path.read_bytes()[:8] == PNG_SIGNATURE
-    png = cv2.imread(str(path))[..., ::-1]
-    assert png.shape == (750, 1200, 3)
-    q = _quadrants(png)
-    assert _has_colour(q["loss"], BLUE) > 200
-    assert _has_colour(q["accuracy"], GREEN) > 100 and _has_colour(q["accuracy"], ORANGE) > 100
-    assert _has_colour(q["speed"], RED) > 200
-    assert _has_colour(q["wait"], PURPLE) > 200
-    assert not _has_colour(q["wait"], RED) and not _has_colour(q["loss"], GREEN)
-
-
-def test_plot_run_without_evals_and_with_a_line_being_written(tmp_path):
-    run = tmp_path / "run"
-    _write_metrics(run, evals=False, ranks=1)
-    with open(run / "metrics.jsonl", "a") as f:
-        f.write('{"kind": "step", "step": 21')  # a live run mid-write
-    out = plot_run(run, tmp_path / "plots" / "c.png")
-    assert out == tmp_path / "plots" / "c.png"
-    q = _quadrants(cv2.imread(str(out))[..., ::-1])
-    assert _has_colour(q["loss"], BLUE) > 200
-    assert not _has_colour(q["accuracy"], GREEN), "no evaluation, no accuracy curve"
-
-
-def test_plot_run_bad_arguments(tmp_path):
-    assert_one_line_error(run_cli(plot_app, tmp_path / "missing"), "run folder not found")
-    assert_one_line_error(run_cli(plot_app, tmp_path), "no metrics.jsonl in")
-    (tmp_path / "metrics.jsonl").write_text('{"kind": "step", "step": 1}\nnot json\n{"kind": "step"}\n')
-    assert_one_line_error(run_cli(plot_app, tmp_path), r"metrics\.jsonl:2: not a JSON line")
-    (tmp_path / "metrics.jsonl").write_text("")
-    assert_one_line_error(run_cli(plot_app, tmp_path), "no step or eval records")
-
-
-# ---------------------------------------------------------------- progress
-
-
-def test_progress_in_a_log_is_a_few_plain_lines():
-    log = io.StringIO()  # not a terminal
-    clock = [0.0]
-    bar = progress(100, "verify", file=log)
-    bar._time = lambda: clock[0]
-    bar.start_t = bar.last_print_t = 0.0
-    for _ in range(100):
-        clock[0] += 1.0  # 100 s of work, one clip a second
-        bar.update(1)
-    bar.close()
-    lines = log.getvalue().splitlines()
-    assert "\r" not in log.getvalue()
-    assert lines[0].startswith("verify:   0% 0/100") and lines[-1].startswith("verify: 100% 100/100")
-    assert len(lines) == 11, lines  # the start, then every 10 %
-    assert "1.00clip/s" in lines[5] and "<00:50" in lines[5], "rate and ETA"
-
-
-def test_progress_quiet_prints_nothing():
-    log = io.StringIO()
-    with progress(10, "verify", quiet=True, file=log) as bar:
-        bar.update(10)
-    assert log.getvalue() == ""

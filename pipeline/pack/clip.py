@@ -33,8 +33,9 @@ def pack_clip(path: str, frames: int, short_side: int | None, quality: int, deco
     import cv2
     import simplejpeg
 
+    from pipeline.errors import DecodeError
     from pipeline.frames import clip_indices, resized_size
-    from pipeline.video import DecodeError, decode_clip, probe_video
+    from pipeline.video import decode_clip, probe_video
 
     try:
         probe = probe_video(path)

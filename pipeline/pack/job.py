@@ -21,7 +21,10 @@ from pathlib import Path
 
 from pipeline.config import PackConfig
 from pipeline.durable import failpoint
-from pipeline.errors import UserError
+from pipeline.errors import (
+    TooManyFailures,
+    UserError,
+)
 from pipeline.pack.layouts import Catalog, discover
 from pipeline.pack.outdir import STATE_DIR, LocalDir, StoreDir, json_bytes, open_out_dir, write_file
 from pipeline.pack.plan import ShardPlan, fingerprint, plan_shards
@@ -29,10 +32,6 @@ from pipeline.pack.shard import file_stamp, state_name
 from pipeline.shardformat import INDEX_NAME, MANIFEST_NAME, build_index, manifest_schema
 
 TAG_NAMES = {0: None, 1: "train", 2: "test"}
-
-
-class TooManyFailures(UserError):
-    exit_code = 1
 
 
 # ---------------------------------------------------------------- the job

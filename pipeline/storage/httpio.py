@@ -12,7 +12,10 @@ import time
 import urllib.error
 import urllib.request
 
-from pipeline.errors import UserError
+from pipeline.errors import (
+    ShardDeadline,
+    UserError,
+)
 
 HTTP_TIMEOUT_S = 60
 HTTP_ATTEMPTS = 3
@@ -60,10 +63,6 @@ def get(url: str, limit: int) -> bytes:
 def urlopen(request: urllib.request.Request):
     """urlopen with retries (see with_retries)."""
     return with_retries(lambda: urllib.request.urlopen(request, timeout=HTTP_TIMEOUT_S))
-
-
-class ShardDeadline(ConnectionError):
-    """An HTTP(S) shard did not arrive within its deadline (see HTTP_SHARD_DEADLINE_S)."""
 
 
 class ResumingBody(io.RawIOBase):

@@ -15,9 +15,9 @@ from collections.abc import Iterable
 import cv2
 import numpy as np
 
-from pipeline.errors import UserError
+from pipeline.errors import ShardFormatError, UserError
 from pipeline.frames import clip_draw, crop_box, training_positions
-from pipeline.shardformat import CLS, JPGS, ShardFormatError, jpeg_size, parse_label, unpack_jpegs
+from pipeline.shardformat import CLS, JPGS, jpeg_size, parse_label, unpack_jpegs
 from pipeline.stream.stages import Faults
 
 

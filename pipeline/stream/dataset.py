@@ -19,9 +19,8 @@ import torch
 import webdataset as wds
 
 from pipeline.device import rank_and_world
-from pipeline.errors import UserError
+from pipeline.errors import ShardFormatError, UserError
 from pipeline.frames import training_positions
-from pipeline.shardformat import ShardFormatError
 from pipeline.stream.clips import TrainClips, decode_sample
 from pipeline.stream.passes import eval_clips, stream_config, test_samples, worker_samples
 from pipeline.stream.plan import WorkerPlan, check_enough_shards, eval_plan, train_plan

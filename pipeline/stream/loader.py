@@ -16,7 +16,10 @@ import torch
 
 from pipeline.config import StreamConfig
 from pipeline.device import cores_per_rank, rank_and_world
-from pipeline.errors import UserError
+from pipeline.errors import (
+    UserError,
+    WorkerGaveUp,
+)
 from pipeline.stream.clips import TrainClips
 from pipeline.stream.passes import eval_clips, stream_config, test_samples, worker_samples
 from pipeline.stream.plan import (
@@ -31,15 +34,6 @@ from pipeline.stream.plan import (
 from pipeline.stream.sources import ShardSet, resolve, shard_name
 from pipeline.stream.stages import Faults, skip_consumed
 from pipeline.stream.workers import Closing
-
-
-class WorkerGaveUp(UserError):
-    """A loader worker stopped on bad data (every clip of its shards unreadable); `faults` are the
-    clips and shards it met since its last batch, for the caller to log."""
-
-    def __init__(self, message: str, faults: list[dict]):
-        super().__init__(message)
-        self.faults = faults
 
 
 @dataclasses.dataclass(frozen=True)

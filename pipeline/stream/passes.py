@@ -14,9 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import StreamConfig
-from pipeline.errors import UserError
+from pipeline.errors import ShardFormatError, UserError
 from pipeline.frames import view_positions
-from pipeline.shardformat import ShardFormatError
 from pipeline.stream.clips import decode_sample
 from pipeline.stream.plan import WorkerPlan, key_rank
 from pipeline.stream.sources import ShardSet

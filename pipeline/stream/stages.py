@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.shardformat import CLS, JPGS, JSON, ShardFormatError, decode_jpegs, parse_label, split_member_name
+from pipeline.errors import ShardFormatError
+from pipeline.shardformat import CLS, JPGS, JSON, decode_jpegs, parse_label, split_member_name
 from pipeline.stream.sources import Shard, open_shard
 from pipeline.stream.tar import group_samples, tar_members, tar_samples
 

@@ -26,7 +26,8 @@ import re
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
-from pipeline.shardformat import MAX_MEMBER_BYTES, ShardFormatError, split_member_name
+from pipeline.errors import ShardFormatError
+from pipeline.shardformat import MAX_MEMBER_BYTES, split_member_name
 
 _COMPRESSED = {b"\x1f\x8b": gzip.GzipFile, b"BZh": bz2.BZ2File, b"\xfd7zXZ": lzma.LZMAFile}
 _ZSTD = b"\x28\xb5\x2f\xfd"

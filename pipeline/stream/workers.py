@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import torch
 
-from pipeline.errors import UserError
+from pipeline.errors import LoaderError, WorkerDied
 
 Producer = Callable[[int, "object"], Iterator[dict]]
 
@@ -40,16 +40,6 @@ Producer = Callable[[int, "object"], Iterator[dict]]
 # thing: otherwise, if the parent died, each worker would hold its own pipe (and its siblings')
 # open and wait for ever for a message, holding the run's stdout open with it.
 _PARENT_ENDS: set = set()
-
-
-class LoaderError(RuntimeError):
-    """A loader worker failed with an exception (a bug): the message carries its traceback."""
-
-
-class WorkerDied(UserError):
-    """A loader worker was killed (out of memory, a signal): one line, exit code 1."""
-
-    exit_code = 1
 
 
 class _Stop(Exception):

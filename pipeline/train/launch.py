@@ -15,7 +15,10 @@ from pathlib import Path
 
 from pipeline.config import TrainConfig
 from pipeline.device import DistEnv
-from pipeline.errors import UserError
+from pipeline.errors import (
+    Stopped,
+    UserError,
+)
 from pipeline.stream.plan import check_enough_shards
 from pipeline.train.checkpoint import resolve_checkpoint
 from pipeline.train.data import RunData, resolve_data, with_workers
@@ -103,14 +106,6 @@ def launch(cfg: TrainConfig) -> dict | None:
             for m, level in zip(muted, levels):
                 m.setLevel(level)
     return results.get(0)
-
-
-class Stopped(UserError):
-    """The run was stopped by a signal: one line, exit code 128 + the signal's number."""
-
-    def __init__(self, message: str, exit_code: int):
-        super().__init__(message)
-        self.exit_code = exit_code
 
 
 def _stop_quietly(signum, frame) -> None:

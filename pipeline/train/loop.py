@@ -23,8 +23,8 @@ import torch.distributed as dist
 from pipeline.config import TrainConfig
 from pipeline.device import DistEnv, ModelInput, cores_per_rank, model_memory_format, pick_device
 from pipeline.durable import failpoint
-from pipeline.errors import UserError, printable
-from pipeline.stream.loader import ClipLoader, WorkerGaveUp
+from pipeline.errors import UserError, WorkerGaveUp, printable
+from pipeline.stream.loader import ClipLoader
 from pipeline.train.checkpoint import (
     CHECKPOINT_NAME,
     Checkpointer,
