@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[dev]'  # dev: pytest, s3fs + moto[server] (s3:// tests), lightning, torchdata, accelerate
+	$(BIN)/python -m pip install -q -e '.[dev]'  # dev: pytest, s3fs + moto[server] (s3:// tests), lightning, torchdata, accelerate, ray
 	@# the framework packages must run on the pinned CPU torch, never pull a CUDA build in its place
 	$(BIN)/python -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2.13.0') else 'torch was replaced: ' + torch.__version__)"
 	touch $@

@@ -16,6 +16,14 @@ against the recipe given as many processes. Prints a table, then one JSON line p
 
     python benchmarks/bench_pack.py                         # 153 clips, 1 and 2 workers, 5 repeats
     python benchmarks/bench_pack.py --decoders pyav --repeats 9 --data /tmp/bench-clips
+
+--engine ray: the Ray engine's overhead instead. Variants `local-w2` (pack-shards --workers 2) and
+`ray` (pack-shards --engine ray on a 2-node cluster of one CPU each: `ray start --head` and a
+second `ray start --address` node, started by the benchmark on 127.0.0.1 with their own temp
+folder, or the cluster --ray-address / RAY_ADDRESS names), alternated; one JSON line per variant and
+one `pack-engine` line with the ratio. Ray replaces 127.0.0.1 with the machine's address unless only
+loopback exists: on a machine that must not listen outside, run it in a network namespace of its own
+(`unshare -n sh -c 'ip link set lo up; python benchmarks/bench_pack.py --engine ray'`).
 """
 
 from __future__ import annotations
@@ -93,9 +101,9 @@ def commands(data: Path, out: Path, workers: list[int], decoders: list[str], sha
 ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
 
 
-def run_once(cmd: list[str], out: Path, clips: int) -> float:
+def run_once(cmd: list[str], out: Path, clips: int, env: dict | None = None) -> float:
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=ENV)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env or ENV)
     seconds = time.perf_counter() - t0
     if proc.returncode != 0:
         sys.exit(f"benchmark variant failed: {' '.join(cmd)}\n{proc.stderr.strip()}")
@@ -117,11 +125,19 @@ def main() -> None:
     ap.add_argument(
         "--shards", type=int, default=32, help="pack-shards --shards (its default; fewer for a handful of clips)"
     )
+    ap.add_argument(
+        "--engine", choices=["local", "ray"], default="local", help="ray: the Ray engine against local --workers 2"
+    )
+    ap.add_argument(
+        "--ray-address", help="--engine ray: an existing cluster [default: RAY_ADDRESS, else one started here]"
+    )
     ap.add_argument("--floor-run", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     workers = [int(x) for x in args.workers.split(",")]
     if args.floor_run:
         return floor_run(args.floor_run, workers[0])
+    if args.engine == "ray":
+        return engine_main(args)
 
     from pipeline.tools.sampledata import make_bench_data
 
@@ -186,6 +202,97 @@ def main() -> None:
                 f"{base} scaling {workers[0]} -> {w} workers: {s:.2f}x (ratio of medians), {per_round:.2f}x (median of the rounds' ratios)"
             )
     for r in results + scaling:
+        print(json.dumps(r))
+
+
+def _ray_cluster(root: Path) -> tuple[str, dict, list[int]]:
+    """A head and a second node of one CPU each on 127.0.0.1, with their own HOME and temp folder
+    (a ~/.ray/auth_token left by another Ray would turn authentication on and keep the second node
+    out): (address, the environment to reach it, the nodes' process groups)."""
+    env = {**ENV, "HOME": str(root / "home"), "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    (root / "home").mkdir(parents=True)
+    ray, address, groups = str(Path(sys.executable).with_name("ray")), "127.0.0.1:6379", []
+    node = ["--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--temp-dir", str(root / "t")]
+    for args in (["--head", "--port", "6379", "--include-dashboard", "false"], ["--address", address]):
+        proc = subprocess.Popen(
+            [ray, "start", *args, *node, "--disable-usage-stats"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,  # its daemons stay in this process group: stopped by its id
+        )
+        groups.append(proc.pid)
+        if proc.wait(timeout=180) != 0:
+            _stop(groups)
+            sys.exit(f"ray start {' '.join(args)} failed:\n{proc.stdout.read()}")
+    return address, {**env, "RAY_ADDRESS": address}, groups
+
+
+def _stop(groups: list[int]) -> None:
+    import signal
+
+    for g in groups:
+        try:
+            os.killpg(g, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def engine_main(args) -> None:
+    """The Ray engine against local --workers 2 on the same clips, alternated (see the docstring)."""
+    from pipeline.tools.sampledata import make_bench_data
+
+    work = Path(tempfile.mkdtemp(prefix="bench-pack-", dir="/tmp"))  # short: Ray's socket paths have a limit
+    groups: list[int] = []
+    try:
+        data = args.data or work / "data"
+        if not (data / "hmdb51_org").is_dir():
+            make_bench_data(data, clips=args.clips)
+        clips = len(list(data.glob("hmdb51_org/*/*.avi")))
+        out = work / "out"
+        address = args.ray_address or os.environ.get("RAY_ADDRESS")
+        if address:
+            env = {**ENV, "RAY_ADDRESS": address}
+        else:
+            address, env, groups = _ray_cluster(work / "ray")
+        pack = [sys.executable, "-c", "from pipeline.cli import pack_app; pack_app()", str(data), str(out)]
+        pack += ["--shards", str(args.shards), "--quiet"]
+        variants = {"local-w2": (pack + ["--workers", "2"], ENV), "ray": (pack + ["--engine", "ray"], env)}
+        times: dict[str, list[float]] = {k: [] for k in variants}
+        for cmd, e in variants.values():  # warm-up: page cache, .pyc files, the cluster's first job
+            run_once(cmd, out, clips, e)
+        for _ in range(args.repeats):
+            for name, (cmd, e) in variants.items():
+                times[name].append(run_once(cmd, out, clips, e))
+    finally:
+        _stop(groups)
+        shutil.rmtree(work, ignore_errors=True)
+    results = [
+        {
+            "bench": "pack",
+            "variant": name,
+            "clips": clips,
+            "median_s": round(statistics.median(t), 3),
+            "runs_s": [round(x, 3) for x in t],
+        }
+        for name, t in times.items()
+    ]
+    ratio = statistics.median(times["ray"]) / statistics.median(times["local-w2"])
+    per_round = statistics.median(a / b for a, b in zip(times["ray"], times["local-w2"]))
+    summary = {
+        "bench": "pack-engine",
+        "variant": "ray",
+        "against": "local-w2",
+        "ray_address": address,
+        "overhead": round(ratio, 3),
+        "overhead_per_round_median": round(per_round, 3),
+    }
+    print(f"{clips} HMDB-shaped clips, {args.repeats} alternated runs, medians, process wall time")
+    for r in results:
+        print(f"{r['variant']:10} {r['median_s']:7.2f} s")
+    print(f"ray / local-w2: {ratio:.2f}x (ratio of medians), {per_round:.2f}x (median of the rounds' ratios)")
+    for r in results + [summary]:
         print(json.dumps(r))
 
 

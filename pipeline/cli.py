@@ -95,6 +95,12 @@ def _parse_views(text: str) -> tuple[int, int]:
 
 
 def _parse_part(text: str) -> tuple[int, int]:
+    if text == "auto":
+        from pipeline.pack.parts import slurm_part
+
+        part, said = slurm_part(os.environ)
+        typer.echo(f"--part auto: {said}", err=True)
+        return part
     try:
         i, n = (int(x) for x in text.split("/"))
     except ValueError:
@@ -301,9 +307,22 @@ def pack_shards(
     part: Annotated[
         str,
         typer.Option(
-            help="Pack only part i of N of the shard plan (i/N), for several machines sharing OUT_DIR (a shared folder or a bucket)."
+            help="Pack only part i of N of the shard plan (i/N), for several machines sharing OUT_DIR (a shared folder or a bucket); auto: this task's part of a Slurm job array (sbatch --array), from SLURM_ARRAY_TASK_ID, SLURM_ARRAY_TASK_COUNT and SLURM_ARRAY_TASK_MIN. Parts may start together; the last to finish writes the index and manifest."
         ),
     ] = "1/1",
+    engine: Annotated[
+        str,
+        typer.Option(
+            help="What packs the shards: local (--workers decoder processes on this machine) or ray (one Ray task per shard on the cluster RAY_ADDRESS or --ray-address names, else on a local one; needs the ray extra). The bytes are the same."
+        ),
+    ] = "local",
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            help="Ray cluster for --engine ray: host:port of its head, or auto [default: RAY_ADDRESS, else a local cluster of --workers CPUs].",
+            show_default=False,
+        ),
+    ] = None,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace an OUT_DIR packed with different inputs or options.")
     ] = False,
@@ -335,6 +354,8 @@ def pack_shards(
         timeout=timeout,
         max_failures=max_failures,
         part=_parse_part(part),
+        engine=engine,
+        ray_address=ray_address,
         overwrite=overwrite,
     )
     report = run_pack(cfg, quiet=quiet)

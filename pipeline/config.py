@@ -61,6 +61,10 @@ class PackConfig:
     """Failed videos allowed: a fraction of all videos if < 1, else a count. Above it the run exits non-zero."""
     part: tuple[int, int] = (1, 1)
     """(i, N): pack only part i of N of the shard plan, for several machines sharing OUT_DIR."""
+    engine: str = "local"
+    """What packs the shards: local (decoder processes here) or ray (one Ray task per shard); same bytes."""
+    ray_address: str | None = None
+    """The Ray cluster of engine ray (host:port, or ray://...); None: RAY_ADDRESS, else a local one."""
     overwrite: bool = False
     """Replace an OUT_DIR packed with different options."""
 
@@ -103,6 +107,10 @@ class PackConfig:
             raise UserError(
                 f"`max_failures` must be >= 0 (a fraction if < 1, else a count) and at most {MAX_COUNT:,}, got {self.max_failures}"
             )
+        if self.engine not in ("local", "ray"):
+            raise UserError(f"unknown engine {self.engine!r}; choose local or ray")
+        if self.ray_address is not None and self.engine != "ray":
+            raise UserError("`ray_address` is for `engine` ray")
         i, n = self.part
         if not (n >= 1 and 1 <= i <= n):
             raise UserError(f"`part` must be i/N with 1 <= i <= N, got {i}/{n}")

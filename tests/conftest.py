@@ -106,3 +106,23 @@ def damaged(pack, tmp_path):
     dst = tmp_path / "pack"
     shutil.copytree(pack, dst)
     return dst
+
+
+ONE_WORKER_MODULES = ("tests/test_pack_engines_ray.py::",)
+"""Test modules whose tests share a costly module fixture (a Ray cluster): xdist runs each one's
+tests in one worker, so the fixture is made once."""
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """`-n N` as `--dist load`, except that a module of ONE_WORKER_MODULES goes to one worker. (What
+    `--dist loadgroup` and `xdist_group` would do, but with pytest 9.2 and xdist 3.8 they do not
+    group.) Any other `--dist` is left to xdist."""
+    if config.getoption("dist") != "load":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class OneWorkerModules(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return next((m for m in ONE_WORKER_MODULES if nodeid.startswith(m)), nodeid)
+
+    return OneWorkerModules(config, log)

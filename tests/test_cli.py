@@ -29,6 +29,8 @@ CASES = [
     ("pack_app", ["{tree}", "{tmp}/o", "--timeout", "0"], "--timeout must be > 0"),
     ("pack_app", ["{tree}", "{tmp}/o", "--workers", "0"], "--workers must be >= 1"),
     ("pack_app", ["{tree}", "{tmp}/o", "--quality", "high"], "Invalid value for '--quality'"),
+    ("pack_app", ["{tree}", "{tmp}/o", "--engine", "spark"], "unknown engine 'spark'; choose local or ray"),
+    ("pack_app", ["{tree}", "{tmp}/o", "--ray-address", "10.0.0.1:6379"], "--ray-address is for --engine ray"),
     # train-stream
     ("train_app", [], "Missing option '--shards'"),
     ("train_app", ["--shards", ""], "--shards must name at least one pattern"),

@@ -13,9 +13,9 @@ manifest are written last, once every shard of the plan is there.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 import re
+import secrets
 import sys
 import time
 from pathlib import Path
@@ -23,12 +23,10 @@ from pathlib import Path
 from pipeline.config import PackConfig
 from pipeline.durable import FolderLock, failpoint, holder_text
 from pipeline.errors import TooManyFailures, UserError
-from pipeline.pack.clip import pack_clip
 from pipeline.pack.layouts import Catalog, discover
 from pipeline.pack.outdir import STATE_DIR, LocalDir, StoreDir, json_bytes, open_out_dir, write_file
 from pipeline.pack.plan import ShardPlan, fingerprint, plan_shards
-from pipeline.pack.pool import DecoderPool
-from pipeline.pack.shard import file_stamp, state_name, write_shard
+from pipeline.pack.shard import file_stamp, state_name
 from pipeline.shardformat import INDEX_NAME, MANIFEST_NAME, build_index, manifest_schema
 
 TAG_NAMES = {0: None, 1: "train", 2: "test"}
@@ -136,12 +134,22 @@ def _prepare_out_dir(cfg: PackConfig, out: LocalDir | StoreDir, fp: dict, plans:
         _clear(out, {n for n in listed if _ours(n)} | ours)
     elif old is None:
         clash = sorted(n for n in ours if out.exists(n))
+        if clash and _same_plan(out.read(plan_file), fp):
+            clash = []  # a part of this pack, started with us, wrote its plan (then a shard) since we looked
         if clash and not cfg.overwrite:
             raise UserError(f"{out} already holds {clash[0]} not written by this pack; pass --overwrite to replace it")
         if clash:
             _clear(out, ours)
     out.remove_partials()
     write_file(out, plan_file, json_bytes({**fp, "files": sorted(ours)}))
+
+
+def _same_plan(raw: bytes | None, fp: dict) -> bool:
+    try:
+        old = json.loads(raw) if raw is not None else None
+    except ValueError:
+        return False
+    return isinstance(old, dict) and {k: v for k, v in old.items() if k != "files"} == fp
 
 
 def _clear(out: LocalDir | StoreDir, names: set[str]) -> None:
@@ -165,17 +173,15 @@ def _shard_done(out: LocalDir | StoreDir, plan: ShardPlan, data_dir: Path) -> di
     return None
 
 
-def _preload(decoder: str) -> None:
-    """Import what every worker needs once, before they fork: each would otherwise spend its own
-    0.1-0.4 s of CPU (`python -X importtime` here) importing PyAV, OpenCV and simplejpeg."""
-    import av  # noqa: F401
-    import cv2  # noqa: F401
-    import simplejpeg  # noqa: F401
+def _engine(name: str):
+    """The engine's pack function (pipeline.pack.engines), imported only when it is chosen."""
+    if name == "ray":
+        from pipeline.pack.engines.ray import pack_on_ray
 
-    import pipeline.video  # noqa: F401
+        return pack_on_ray
+    from pipeline.pack.engines.local import pack_here
 
-    if decoder == "decord":
-        import decord  # noqa: F401
+    return pack_here
 
 
 def _stderr(message: str) -> None:
@@ -188,7 +194,7 @@ def run_pack(cfg: PackConfig, quiet: bool = False, log=_stderr) -> PackReport:
     catalog = discover(cfg)
     for note in catalog.warnings:
         log(f"warning: {note}")
-    out.check_writable(f"{STATE_DIR}/.write-test")
+    out.check_writable(f"{STATE_DIR}/.write-test.{secrets.token_hex(8)}")  # a name of its own: parts run at once
     lock = _lock_out_dir(out, cfg)
     try:
         return _pack(cfg, out, catalog, quiet, t0)
@@ -224,44 +230,21 @@ def _pack(cfg: PackConfig, out: LocalDir | StoreDir, catalog: Catalog, quiet: bo
     index_done = _index_readable(out) and out.exists(MANIFEST_NAME)
 
     if todo:
-        jobs = [(p, v) for p in todo for v in p.videos]  # grouped by shard, in plan order
-        shard_ends = list(itertools.accumulate(len(p.videos) for p in todo))
-        # Clips scheduled but not yet written: bounds memory; a shard's worth beyond the workers'
-        # share lets one slow clip at the head of a shard hold up writing, not decoding.
-        window = cfg.workers * 8 + max(len(p.videos) for p in todo)
-        bar = progress(len(jobs), "pack", quiet=quiet)
-        _preload(cfg.decoder)
-        pool = DecoderPool(cfg.workers, pack_clip, cfg.timeout)
-        results: dict[int, dict] = {}
-        scheduled = written = shard = 0
+        bar = progress(sum(len(p.videos) for p in todo), "pack", quiet=quiet)
+
+        def on_clips(n: int) -> None:
+            bar.update(n)
+            report.clips_done_now += n
+
+        def on_shard(plan: ShardPlan) -> None:
+            report.shards_written += 1
+            failpoint(f"after-shards:{report.shards_written}")
+
         try:
-            while written < len(jobs):
-                while pool.idle() and scheduled < len(jobs) and scheduled - written < window:
-                    v = jobs[scheduled][1]
-                    stored = None if cfg.stored_frames is None else cfg.stored_count
-                    pool.submit(
-                        scheduled,
-                        (str(cfg.data_dir / v.source), cfg.frames, cfg.short_side, cfg.quality, cfg.decoder, stored),
-                    )
-                    scheduled += 1
-                if pool.busy():
-                    for i, result in pool.wait():
-                        results[i] = result
-                        bar.update(1)
-                        report.clips_done_now += 1
-                # Write every shard at the head whose clips are all back, in plan order.
-                while shard < len(todo) and all(i in results for i in range(written, shard_ends[shard])):
-                    p = todo[shard]
-                    write_shard(out, p, [results.pop(i) for i in range(written, shard_ends[shard])], catalog, cfg)
-                    written, shard = shard_ends[shard], shard + 1
-                    report.shards_written += 1
-                    failpoint(f"after-shards:{report.shards_written}")
-        except BaseException:
-            pool.stop()
-            raise
+            _engine(cfg.engine)(cfg, out, todo, on_clips, on_shard)
         finally:
             bar.close()
-        pool.close()
+        out.remove_partials()  # what a try killed mid-write left (a Ray task is retried elsewhere)
 
     saved = {p.name: _shard_done(out, p, cfg.data_dir) for p in plans}
     report.complete = all(saved.values())

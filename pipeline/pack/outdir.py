@@ -2,8 +2,10 @@
 
 Names are relative to the folder (`000.tar`, `.clipstream/state/000.tar.json`). Both kinds give
 the pack the same guarantee: a file appears under its final name only when complete.
-- Local: written to a hidden `.NAME.partial` beside it, fsynced, renamed over the final name
-  (pipeline.durable.publish).
+- Local: written to a hidden temporary file of the writer's own beside it
+  (`.NAME.<random>-<pid>@<host>.partial`), fsynced, renamed over the final name
+  (pipeline.durable.publish). Writers that share the folder (parts started together) never touch
+  each other's temporary files; clean-up removes only those whose writer is gone.
 - Object store: the finished bytes go up in one PUT (s3fs switches to a multipart upload above
   its block size, 50 MB, completed in one call): an S3 object appears atomically, whole or not at
   all. A killed multipart upload leaves invisible parts, never an object; a bucket lifecycle rule
@@ -21,7 +23,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from pipeline.durable import check_real_folder, failpoint, write_atomic
+from pipeline.durable import check_real_folder, failpoint, remove_stale_temps, write_atomic
 from pipeline.errors import UserError
 
 _LOST_SLASH = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/[^/]")
@@ -109,8 +111,9 @@ class LocalDir:
         shutil.rmtree(self._own(name), ignore_errors=True)
 
     def remove_partials(self) -> None:
-        for stale in self.path.glob(".*.partial"):
-            stale.unlink()
+        """Delete the temporary files that killed writers left (not those of a part still writing)."""
+        for folder in (self.path, self.path / STATE_DIR, self.path / STATE_DIR / "state"):
+            remove_stale_temps(folder)
 
 
 class StoreDir:

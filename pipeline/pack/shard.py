@@ -15,7 +15,6 @@ from pathlib import Path
 
 from pipeline.config import PackConfig
 from pipeline.frames import clip_indices
-from pipeline.pack.layouts import Catalog
 from pipeline.pack.outdir import STATE_DIR, LocalDir, StoreDir, json_bytes, write_file
 from pipeline.pack.plan import ShardPlan
 from pipeline.shardformat import sample_members, sample_meta
@@ -31,7 +30,7 @@ def _add_sample(tar: tarfile.TarFile, key: str, members: dict[str, bytes]) -> No
         tar.addfile(info, io.BytesIO(members[ext]))
 
 
-def build_shard(plan: ShardPlan, results: list[dict], catalog: Catalog, cfg: PackConfig) -> tuple[bytes, list[dict]]:
+def build_shard(plan: ShardPlan, results: list[dict], cfg: PackConfig) -> tuple[bytes, list[dict]]:
     """Tar bytes of one shard and the manifest rows of its clips. Deterministic: no clocks, no owners.
     `results`: pack_clip's dict for each of `plan.videos`, in order."""
     buf = io.BytesIO()
@@ -90,13 +89,11 @@ def state_name(plan: ShardPlan) -> str:
     return f"{STATE_DIR}/state/{plan.name}.json"
 
 
-def write_shard(
-    out: LocalDir | StoreDir, plan: ShardPlan, results: list[dict], catalog: Catalog, cfg: PackConfig
-) -> dict:
+def write_shard(out: LocalDir | StoreDir, plan: ShardPlan, results: list[dict], cfg: PackConfig) -> dict:
     """Pack one shard: build it from its clips' results (pack_clip's, in plan order), publish it under
     its final name, then its resume record. Returns the record: name, split, samples, bytes, sha256,
     the manifest rows and the failed inputs' stamps. Every engine calls this, once per shard."""
-    data, rows = build_shard(plan, results, catalog, cfg)
+    data, rows = build_shard(plan, results, cfg)
     write_file(out, plan.name, data)
     saved = {
         "name": plan.name,
