@@ -30,3 +30,42 @@ def serve(folder: Path | None = None, handler=Quiet):
         httpd.shutdown()
         httpd.server_close()
         thread.join(timeout=10)
+
+
+@contextlib.contextmanager
+def trickle(folder: Path, every: float = 0.05, whole: tuple[str, ...] = ("index.json",)):
+    """A server of `folder` that sends each file's headers at once, then one byte every `every`
+    seconds: each read succeeds well within any read time-out, a shard never ends. The files named in
+    `whole` (the index) are sent at once. Yields the base URL."""
+    import threading as _threading
+    from http.server import BaseHTTPRequestHandler
+
+    stop = _threading.Event()
+
+    class Trickle(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):  # noqa: N802 - http.server's name
+            name = self.path.lstrip("/")
+            data = (folder / name).read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            if name in whole:
+                self.wfile.write(data)
+                return
+            for i in range(len(data)):
+                if stop.wait(every):
+                    return
+                try:
+                    self.wfile.write(data[i : i + 1])
+                    self.wfile.flush()
+                except OSError:
+                    return
+
+    with serve(handler=Trickle) as base:
+        try:
+            yield base
+        finally:
+            stop.set()  # before the server's shutdown, which waits for nothing but its own loop

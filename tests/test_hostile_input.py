@@ -17,7 +17,6 @@ import threading
 import time
 import zipfile
 import zlib
-from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import httpkit
@@ -308,33 +307,9 @@ def test_the_library_bounds_batch_memory_at_loader_construction(packed):
 
 @contextlib.contextmanager
 def _trickle(shard: Path, every: float = 0.05):
-    """A real HTTP server on 127.0.0.1 that sends its shard's headers at once, then one byte every
-    `every` seconds: each read succeeds well within any read time-out, the shard never ends."""
-    data = shard.read_bytes()
-    stop = threading.Event()
-
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-        def do_GET(self):  # noqa: N802 - http.server's name
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            for i in range(len(data)):
-                if stop.wait(every):
-                    return
-                try:
-                    self.wfile.write(data[i : i + 1])
-                    self.wfile.flush()
-                except OSError:
-                    return
-
-    with httpkit.serve(handler=Handler) as base:
-        try:
-            yield f"{base}/000.tar"
-        finally:
-            stop.set()  # before the server's shutdown, which waits for nothing but its own loop
+    """`shard` from a real HTTP server on 127.0.0.1 that trickles it (httpkit.trickle)."""
+    with httpkit.trickle(shard.parent, every) as base:
+        yield f"{base}/{shard.name}"
 
 
 def test_a_slow_loris_server_is_cut_off_at_the_shard_deadline(packed, monkeypatch):

@@ -9,7 +9,6 @@ import os
 import shutil
 import subprocess
 import tarfile
-import threading
 import time
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
@@ -587,39 +586,12 @@ def test_a_rank_whose_shards_all_trickle_stops_at_the_first_shard_deadline(packe
 
     monkeypatch.setattr(httpio, "HTTP_SHARD_DEADLINE_S", 1.0)
     monkeypatch.setattr(httpio, "HTTP_MIN_BYTES_PER_S", 1 << 40)  # the deadline is the 1 s alone
-    index = (packed / "index.json").read_bytes()
-    stop = threading.Event()
-
-    class Trickle(BaseHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-        def do_GET(self):  # noqa: N802 - http.server's name
-            body = index if self.path.endswith("index.json") else (packed / self.path.lstrip("/")).read_bytes()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            if body is index:
-                self.wfile.write(body)
-                return
-            for i in range(len(body)):
-                if stop.wait(0.05):
-                    return
-                try:
-                    self.wfile.write(body[i : i + 1])
-                    self.wfile.flush()
-                except OSError:
-                    return
-
     log = tmp_path / "run"
-    with httpkit.serve(handler=Trickle) as base:
-        try:
-            result = run_cli(
-                cli.train_app, "--shards", f"{base}/<000..007>.tar", *SMALL[:-3], "--workers", "1", "--no-progress",
-                "--epochs", "1", "--log-dir", log,
-            )  # fmt: skip
-        finally:
-            stop.set()
+    with httpkit.trickle(packed) as base:
+        result = run_cli(
+            cli.train_app, "--shards", f"{base}/<000..007>.tar", *SMALL[:-3], "--workers", "1", "--no-progress",
+            "--epochs", "1", "--log-dir", log,
+        )  # fmt: skip
     assert_one_line_error(result, r"rank 0: [0-9]+ unreadable clips in epoch 1, more than --max-bad 0.01 allows \(0\)")
     shards = [f for f in json_lines(log / "faults-rank0.jsonl") if f["what"].endswith(".tar")]
     assert len(shards) == 1 and "not read whole within 1 s" in shards[0]["reason"], shards
