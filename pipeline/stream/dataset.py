@@ -131,7 +131,7 @@ class ClipDataset(wds.DataPipeline, wds.FluidInterface):
             raise UserError(f"`batch_size` must be None (single clips) or >= 1, got {batch_size!r}")
         if split not in ("train", "test"):
             raise UserError(f"`split` must be 'train' or 'test', got {split!r}")
-        if options.get("crop", 112) is None and batch_size is not None:
+        if "crop" in options and options["crop"] is None and batch_size is not None:
             raise UserError(
                 "`crop` None gives whole frames, whose sizes differ from clip to clip: leave `batch_size` None"
             )

@@ -177,7 +177,7 @@ class ClipLoader(Closing):
         epochs: int | None = None,
         **options,
     ):
-        if options.get("crop", 112) is None:
+        if "crop" in options and options["crop"] is None:
             raise UserError(
                 "`crop` None (whole frames) is for ClipDataset with single clips: ClipLoader batches need one size"
             )
