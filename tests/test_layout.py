@@ -20,6 +20,7 @@ LAYERS = {
     "pipeline.durable": 1,
     "pipeline.redact": 1,
     "pipeline.progress": 1,
+    "pipeline.procs": 1,
     "pipeline.config": 2,
     "pipeline.frames": 3,
     "pipeline.video": 3,

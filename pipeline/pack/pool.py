@@ -10,6 +10,8 @@ import collections
 import os
 import time
 
+from pipeline import procs
+
 
 def _decoder_init():
     import signal
@@ -84,8 +86,10 @@ class DecoderPool:
     def _start(self) -> _Slot:
         ours, theirs = self._mp.Pipe()
         proc = self._mp.Process(target=_decoder_main, args=(theirs, os.getpid(), self._fn), daemon=True)
-        proc.start()
-        theirs.close()
+        try:
+            procs.start(proc)  # a Ctrl-C during the fork stops the pack (the worker dies with it)
+        finally:
+            theirs.close()
         return _Slot(proc, ours)
 
     def idle(self) -> bool:

@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import torch
 
+from pipeline import procs
 from pipeline.errors import LoaderError, WorkerDied
 
 Producer = Callable[[int, "object"], Iterator[dict]]
@@ -196,7 +197,15 @@ class WorkerPool(Closing):
             _AT_EXIT.append(True)
         _LIVE.add(self)
         self.conns, self.procs, self.views, self._maps = [], [], [], []
-        for w in range(workers):
+        try:
+            self._start(produce, ctx, method, slot_bytes)
+        except BaseException:  # a Ctrl-C while starting: stop the workers already started
+            self.close()
+            raise
+
+    def _start(self, produce: Producer, ctx, method: str, slot_bytes: int) -> None:
+        slots = self.slots
+        for w in range(self.workers):
             if method == "fork":
                 # Anonymous shared memory: inherited by the forked worker, not a /dev/shm file.
                 ring = mmap.mmap(-1, slots * slot_bytes)
@@ -213,10 +222,14 @@ class WorkerPool(Closing):
                 daemon=True,
                 name=f"clipstream-loader-{w}",
             )
-            proc.start()
-            child_end.close()
+            # Recorded before it starts, for close(): a Ctrl-C that procs.start raises (after the fork)
+            # leaves a started worker, and an exit would wait on it for ever (it ignores SIGTERM).
             self.conns.append(parent_end)
             self.procs.append(proc)
+            try:
+                procs.start(proc)
+            finally:
+                child_end.close()
 
     def get(self, worker: int) -> dict:
         if self.workers == 0:
@@ -270,6 +283,8 @@ class WorkerPool(Closing):
             except (BrokenPipeError, OSError):
                 pass
         for proc in self.procs:
+            if proc.pid is None:  # interrupted before it started
+                continue
             proc.join(2)
             if proc.is_alive():
                 proc.terminate()
