@@ -108,6 +108,12 @@ def _parse_part(text: str) -> tuple[int, int]:
     return i, n
 
 
+def _parse_cache_size(text: str | None) -> int | None:
+    from pipeline.config import parse_size
+
+    return None if text is None else parse_size(text, "--cache-size")
+
+
 def _parse_workers(text: str) -> tuple[int, ...]:
     from pipeline.tools.bench import parse_workers
 
@@ -127,6 +133,10 @@ class Form:
     required: bool = False
     shown: Callable | None = None
     """Field default -> the command line's default."""
+
+
+CACHE_SIZE = Form(str | None, _parse_cache_size, ("--cache-size",), shown=lambda v: None)
+"""StreamConfig.cache_bytes on the command line: a human size (50GB, 500MB) or bytes."""
 
 
 def _field_docs(cls) -> dict[str, str]:
@@ -560,6 +570,7 @@ train_app = _app(
             "eval_shards": Form(list[str] | None, lambda v: tuple(v or ()), ("--eval-shards",), shown=lambda v: None),
             "test_views": Form(str, _parse_views, shown=lambda v: f"{v[0]}x{v[1]}"),
             "max_bad": Form(names=("--max-bad", "--max-bad-fraction")),
+            "cache_bytes": CACHE_SIZE,
         },
     )
 )
@@ -574,6 +585,7 @@ bench_app = _app(
         forms={
             "shards": Form(list[str], tuple, ("--shards",), required=True),
             "workers": Form(str, _parse_workers, shown=lambda v: ",".join(map(str, v))),
+            "cache_bytes": CACHE_SIZE,
         },
     )
 )

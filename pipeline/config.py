@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from pathlib import Path
 
 from pipeline.errors import UserError
@@ -176,6 +177,32 @@ clips of 64 frames at 224 px is 0.6 GiB. Each worker holds prefetch + 1 of them.
 MAX_EPOCHS = 100_000
 
 
+MAX_CACHE_BYTES = 10**18
+"""An exabyte: a larger cache size is a typo."""
+_SIZE = re.compile(r"^\s*(?P<number>\d+(?:\.\d*)?|\.\d+)\s*(?P<unit>[kmgtp]?i?b?)\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "p": 10**15}
+
+
+def parse_size(text: str, what: str = "`cache_bytes`") -> int:
+    """Bytes from a human size: `50GB`, `500MB`, `1.5TiB`, `2g` or plain bytes (`1000000`). K, M, G,
+    T, P are powers of 1000 (as disks are sold), Ki, Mi, Gi, Ti, Pi powers of 1024; case and a final
+    B do not matter. UserError naming `what` for anything else (negative, zero, nan, no number)."""
+    m = _SIZE.match(str(text))
+    if m is None:
+        raise UserError(f"{what} must be a size like 50GB, 500MB, 1.5TiB or a number of bytes, got {text!r}")
+    unit = m["unit"].lower().rstrip("b")
+    if unit.endswith("i") and unit != "i":
+        scale = 1024 ** (" kmgtp".index(unit[0]))
+    elif unit in _UNITS:
+        scale = _UNITS[unit]
+    else:
+        raise UserError(f"{what}: unknown unit in {text!r} (use B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)")
+    size = int(float(m["number"]) * scale) if "." in m["number"] else int(m["number"]) * scale
+    if not 1 <= size <= MAX_CACHE_BYTES:
+        raise UserError(f"{what} must be between 1 byte and 1 EB, got {text!r}")
+    return size
+
+
 def physical_memory() -> int | None:
     """Bytes of RAM of this machine; None where it cannot be told."""
     try:
@@ -225,10 +252,15 @@ class StreamConfig:
     """How every rank gets the same number of steps: `pad` uses every training clip once per epoch and tops the last batches up with repeats of that epoch's clips (marked); `drop` leaves each rank's surplus unread (see docs/TRAINING.md)."""
     max_bad: float = 0.01
     """Unreadable training clips allowed per rank and epoch: a fraction of the rank's clips if < 1, else a count. Above it the run stops with an error."""
+    cache_dir: str | None = None
+    """Local folder caching remote shards (s3://, gs://, az://, http(s)://): a shard is written there while it streams, kept once its sha256 matches the index, and read from there afterwards; one copy per node, shared by every rank and worker (put it on local disk). A cache that is full, unwritable or corrupt is bypassed with one warning. None: no cache."""
+    cache_bytes: int | None = None
+    """Most bytes the cache keeps: a size like 50GB, 500MB, 1.5TiB (K, M, G, T: powers of 1000; Ki, Mi, Gi, Ti: of 1024) or plain bytes; the least recently used shards are evicted past it. None: 90% of the space free on the cache's disk when the run starts."""
 
     def __post_init__(self):
         if isinstance(self.shards, str) or isinstance(self.eval_shards, str):
             raise TypeError("shards and eval_shards are tuples of patterns, not strings")
+        self._check_cache()
         if not self.shards or not all(s.strip() for s in self.shards):
             raise UserError(f"`shards` must name at least one pattern, got {self.shards!r}")
         # Bounded here, before anything is sized from them (a typo of a few zeros is gigabytes).
@@ -255,6 +287,22 @@ class StreamConfig:
             raise UserError(
                 f"`max_bad` must be >= 0 (a fraction if < 1, else a count) and at most {MAX_COUNT:,}, got {self.max_bad}"
             )
+
+    def _check_cache(self) -> None:
+        if self.cache_dir is not None:
+            object.__setattr__(self, "cache_dir", os.fspath(self.cache_dir))
+            if not self.cache_dir.strip() or "://" in self.cache_dir:
+                raise UserError(f"`cache_dir` must be a local folder, got {self.cache_dir!r}")
+        if isinstance(self.cache_bytes, str):
+            object.__setattr__(self, "cache_bytes", parse_size(self.cache_bytes, "`cache_bytes`"))
+        if self.cache_bytes is None:
+            return
+        if self.cache_dir is None:
+            raise UserError("a cache size (cache_bytes, --cache-size) needs `cache_dir`")
+        if isinstance(self.cache_bytes, bool) or not isinstance(self.cache_bytes, int):
+            raise UserError(f"`cache_bytes` must be a number of bytes or a size like 50GB, got {self.cache_bytes!r}")
+        if not 1 <= self.cache_bytes <= MAX_CACHE_BYTES:
+            raise UserError(f"`cache_bytes` must be in 1..{MAX_CACHE_BYTES:,} bytes, got {self.cache_bytes:,}")
 
     def bad_limit(self, planned: int) -> int:
         """Unreadable clips a rank may meet in an epoch of `planned` clips (`max_bad`: a fraction if < 1, else a count)."""

@@ -22,7 +22,7 @@ from pipeline.device import known_rank_and_world, rank_and_world
 from pipeline.errors import ShardFormatError, UserError
 from pipeline.frames import training_positions
 from pipeline.stream.clips import TrainClips, check_crop, decode_sample
-from pipeline.stream.passes import eval_clips, stream_config, test_samples, worker_samples
+from pipeline.stream.passes import eval_clips, shard_cache, stream_config, test_samples, worker_samples
 from pipeline.stream.plan import WorkerPlan, check_enough_shards, eval_plan, train_plan
 from pipeline.stream.sources import resolve, shard_name
 from pipeline.stream.stages import Faults, skip_consumed
@@ -146,6 +146,7 @@ class ClipDataset(wds.DataPipeline, wds.FluidInterface):
         self.source = resolve(self.cfg.shards, split, self.cfg.index, self.cfg.allow_pipe)
         self.cfg.check_memory(self.source.frames, 1)  # each DataLoader worker builds its batches in memory of its own
         check_crop(self.cfg.crop, self.source)
+        self.cache = shard_cache(self.cfg, self.source)
         if split == "train" and known is not None:
             check_enough_shards(self.source.shards, self.cfg, known[1], max(1, self.num_workers or 0))
         self.state = _PassState()
@@ -310,11 +311,15 @@ class ClipDataset(wds.DataPipeline, wds.FluidInterface):
         now = self.state.current
         for plan in plans:
             if self.split == "train":
-                samples = worker_samples(self.source, self.cfg, plan, now.epoch, now.rank, now.worker, now.faults)
+                samples = worker_samples(
+                    self.source, self.cfg, plan, now.epoch, now.rank, now.worker, now.faults, self.cache
+                )
                 # On resume: drop what was already delivered, before decoding it.
                 yield from skip_consumed(samples, now.step * (self.batch_size or 1))
                 continue
-            yield from test_samples(plan.shards, self.cfg.allow_pipe, now.faults, now.by_key, now.rank, now.world_size)
+            yield from test_samples(
+                plan.shards, self.cfg.allow_pipe, now.faults, now.by_key, now.rank, now.world_size, self.cache
+            )
 
     def _decode(self, raw: Iterator[dict]) -> Iterator[dict]:
         now = self.state.current

@@ -18,7 +18,14 @@ from pipeline.config import StreamConfig
 from pipeline.device import cores_per_rank, known_rank_and_world, rank_and_world
 from pipeline.errors import UserError, WorkerGaveUp
 from pipeline.stream.clips import TrainClips, check_crop
-from pipeline.stream.passes import eval_clips, part_samples, stream_config, test_samples, worker_samples
+from pipeline.stream.passes import (
+    eval_clips,
+    part_samples,
+    shard_cache,
+    stream_config,
+    test_samples,
+    worker_samples,
+)
 from pipeline.stream.plan import (
     WorkerPlan,
     auto_workers,
@@ -55,6 +62,8 @@ class TrainProducer:
     stop_at_max_bad: bool = False
     """Stop as soon as this worker alone meets more unreadable clips than cfg.max_bad allows its
     rank in the epoch (train-stream; see stages.Faults)."""
+    cache: object = None
+    """The node's cache of remote shards (storage.cache.ShardCache), or None."""
 
     def faults(self, epoch: int, steps: int) -> Faults:
         if not self.stop_at_max_bad:
@@ -71,8 +80,10 @@ class TrainProducer:
 
     def samples(self, plans: list, epoch: int, worker: int, faults: Faults) -> Iterator[dict]:
         if self.segment and epoch == self.start_epoch:
-            return part_samples(self.source, self.cfg, plans[worker], epoch, self.rank, worker, self.segment, faults)
-        return worker_samples(self.source, self.cfg, plans[worker], epoch, self.rank, worker, faults)
+            return part_samples(
+                self.source, self.cfg, plans[worker], epoch, self.rank, worker, self.segment, faults, self.cache
+            )
+        return worker_samples(self.source, self.cfg, plans[worker], epoch, self.rank, worker, faults, self.cache)
 
     def first_step(self, epoch: int) -> int:
         return self.start_step if epoch == self.start_epoch else 0
@@ -118,11 +129,13 @@ class EvalProducer:
     world_size: int
     per_worker: tuple[tuple, ...]
     by_key: bool
+    cache: object = None
+    """The node's cache of remote shards (storage.cache.ShardCache), or None."""
 
     def __call__(self, worker: int, ring) -> Iterator[dict]:
         faults = Faults()
         raw = test_samples(
-            self.per_worker[worker], self.cfg.allow_pipe, faults, self.by_key, self.rank, self.world_size
+            self.per_worker[worker], self.cfg.allow_pipe, faults, self.by_key, self.rank, self.world_size, self.cache
         )
         for slot, keys, labels, views in eval_clips(
             raw, self.cfg.crop, len(self.source.classes), faults, ring.take, self.cfg.test_views
@@ -219,6 +232,7 @@ class ClipLoader(Closing):
         else:  # at least one worker's buffers, before the rank (and so `workers=None`) is known
             cfg.check_memory(source.frames, max(1, cfg.workers or 0))
         check_crop(cfg.crop, source)
+        self.cache = shard_cache(cfg, source)
         self.pool = None
         self.merged: torch.Tensor | None = None
         self.position = (0, 0)
@@ -395,7 +409,7 @@ class ClipLoader(Closing):
             parts = self._segment_parts(start_epoch)
             producer = TrainProducer(
                 self.source, self.cfg, self.rank, self.world_size, self.n_workers, start_epoch, start_step, self.epochs,
-                len(self.history) if parts is not None else 0, parts or (), self.stop_at_max_bad,
+                len(self.history) if parts is not None else 0, parts or (), self.stop_at_max_bad, self.cache,
             )  # fmt: skip
             _preload_decoders()
             self.producer = producer
@@ -474,7 +488,9 @@ class ClipLoader(Closing):
         self._place()
         per_worker, by_key = eval_plan(self.source.shards, self.cfg.workers or 0, self.rank, self.world_size)
         workers = len(per_worker) if self.cfg.workers else 0
-        producer = EvalProducer(self.source, self.cfg, self.rank, self.world_size, tuple(per_worker), by_key)
+        producer = EvalProducer(
+            self.source, self.cfg, self.rank, self.world_size, tuple(per_worker), by_key, self.cache
+        )
 
         def batches() -> Iterator[dict]:
             _preload_decoders()

@@ -39,15 +39,32 @@ def stream_config(shards, takes: str, ignored: frozenset[str] = frozenset(), **o
     return StreamConfig(shards=patterns, **options)
 
 
+def shard_cache(cfg: StreamConfig, source: ShardSet):
+    """The node's cache of remote shards (storage.cache.ShardCache) when `cache_dir` asks for one and
+    `source` has remote shards; None otherwise, or (with a warning) when it cannot be used."""
+    if cfg.cache_dir is None or not source.remote:
+        return None
+    from pipeline.storage.cache import open_cache
+
+    return open_cache(cfg.cache_dir, cfg.cache_bytes)
+
+
 def worker_samples(
-    source: ShardSet, cfg: StreamConfig, plan: WorkerPlan, epoch: int, rank: int, worker: int, faults: Faults
+    source: ShardSet,
+    cfg: StreamConfig,
+    plan: WorkerPlan,
+    epoch: int,
+    rank: int,
+    worker: int,
+    faults: Faults,
+    cache=None,
 ) -> Iterator[dict]:
     """The raw samples one worker delivers in one epoch, read top to bottom."""
     rng = lambda stream: np.random.default_rng([cfg.seed, epoch, rank, worker, stream])  # noqa: E731
     # this epoch's shards, in plan order (resampling: drawn with replacement)
     shards = resampled_shards(plan.shards, rng(0)) if cfg.resample else plan.shards
     # raw samples: our tar reader, a broken shard a counted fault
-    raw = read_samples(shards, cfg.allow_pipe, faults)
+    raw = read_samples(shards, cfg.allow_pipe, faults, cache)
     # shuffled in a seeded buffer
     mixed = shuffle(raw, cfg.shuffle_buffer, shuffle_rng(cfg.seed, epoch, rank, worker, 0))
     # exactly the planned number (surplus cut, lost samples made up with repeats)
@@ -55,12 +72,20 @@ def worker_samples(
 
 
 def part_samples(
-    source: ShardSet, cfg: StreamConfig, part: Part, epoch: int, rank: int, worker: int, segment: int, faults: Faults
+    source: ShardSet,
+    cfg: StreamConfig,
+    part: Part,
+    epoch: int,
+    rank: int,
+    worker: int,
+    segment: int,
+    faults: Faults,
+    cache=None,
 ) -> Iterator[dict]:
     """The raw samples one worker delivers in segment `segment` >= 1 of an epoch resumed on another
     topology (see stream/reshard.py), read top to bottom."""
     # the shards it shares in, each cut to the samples the epoch has not used yet
-    raw = kept_samples([source.shards[i] for i in part.shards], part.keep, cfg.allow_pipe, faults)
+    raw = kept_samples([source.shards[i] for i in part.shards], part.keep, cfg.allow_pipe, faults, cache)
     # shuffled in a buffer seeded for this segment
     mixed = shuffle(raw, cfg.shuffle_buffer, shuffle_rng(cfg.seed, epoch, rank, worker, segment))
     # fewer clips left than ranks: this rank's one clip is a repeat
@@ -70,10 +95,12 @@ def part_samples(
     return fit_to_quota(mixed, part.quota)
 
 
-def test_samples(shards, allow_pipe: bool, faults: Faults, by_key: bool, rank: int, world_size: int) -> Iterator[dict]:
+def test_samples(
+    shards, allow_pipe: bool, faults: Faults, by_key: bool, rank: int, world_size: int, cache=None
+) -> Iterator[dict]:
     """The raw test samples a worker of `rank` reads from `shards` (see plan.eval_plan): all of them,
     or with fewer test shards than ranks (`by_key`) only the keys that hash to this rank."""
-    raw = read_samples(shards, allow_pipe, faults)
+    raw = read_samples(shards, allow_pipe, faults, cache)
     if by_key:
         raw = (s for s in raw if key_rank(s.get("__key__", ""), world_size) == rank)
     return raw

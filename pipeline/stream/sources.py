@@ -61,6 +61,11 @@ class ShardSet:
     frames kept at their original sizes, or an index that does not say."""
 
     @property
+    def remote(self) -> bool:
+        """Whether any shard is read over the network (object store or HTTP(S)): what a cache is for."""
+        return any(local_path(s.url) is None and scheme(s.url) != "pipe" for s in self.shards)
+
+    @property
     def samples(self) -> int:
         return sum(max(0, s.samples) for s in self.shards)
 
@@ -225,13 +230,20 @@ def test_beside(train: ShardSet) -> ShardSet:
 # Opening one shard
 
 
-def open_shard(url: str, allow_pipe: bool = False, size: int | None = None):
+def open_shard(url: str, allow_pipe: bool = False, size: int | None = None, sha256: str | None = None, cache=None):
     """A binary stream of one shard: a local file, an HTTP(S) response, an object-store file read
     ahead in large blocks, or (when allowed) a pipe. `size` (the index's bytes, when known) is what
-    an HTTP(S) answer must have."""
+    an HTTP(S) answer must have. With a `cache` (storage.cache.ShardCache) a remote shard whose
+    `sha256` and `size` the index gives is read through it; local files and pipes never are."""
     local = local_path(url)
     if local is not None:
         return open(local, "rb")
+    if cache is not None and (scheme(url) in ("http", "https") or is_object_store(url)):
+        return cache.open(url, sha256, size, lambda: _open_remote(url, allow_pipe, size))
+    return _open_remote(url, allow_pipe, size)
+
+
+def _open_remote(url: str, allow_pipe: bool, size: int | None):
     found = scheme(url)
     if found in ("http", "https"):
         from pipeline.storage import httpio

@@ -73,8 +73,8 @@ class Faults:
         return out
 
 
-def read_samples(shards: Iterable[Shard], allow_pipe: bool, faults: Faults) -> Iterator[dict]:
-    """Raw samples of each shard in turn.
+def read_samples(shards: Iterable[Shard], allow_pipe: bool, faults: Faults, cache=None) -> Iterator[dict]:
+    """Raw samples of each shard in turn (remote ones through `cache`, a storage.cache.ShardCache, when given).
 
     A shard that cannot be opened or breaks off is a fault worth its missing samples (per the index),
     not the end of the run; the tar reader does the parsing and grouping. Members other than
@@ -83,7 +83,7 @@ def read_samples(shards: Iterable[Shard], allow_pipe: bool, faults: Faults) -> I
     for shard in shards:
         seen = 0
         try:
-            stream = open_shard(shard.url, allow_pipe, shard.bytes)
+            stream = open_shard(shard.url, allow_pipe, shard.bytes, shard.sha256, cache)
         except Exception as e:
             faults.add(shard.url, f"cannot open: {e}", max(shard.samples, 0))
             continue
@@ -206,7 +206,7 @@ def skip_consumed(src: Iterable[dict], skip: int) -> Iterator[dict]:
 
 
 def kept_samples(
-    shards: Iterable[Shard], keep: Iterable[tuple[int, ...]], allow_pipe: bool, faults: Faults
+    shards: Iterable[Shard], keep: Iterable[tuple[int, ...]], allow_pipe: bool, faults: Faults, cache=None
 ) -> Iterator[dict]:
     """Raw samples of each shard in turn, only those whose number in their shard is in its `keep`
     (ascending): the clips an epoch resumed on another topology has left (see stream/reshard.py).
@@ -215,7 +215,7 @@ def kept_samples(
         if not numbers:
             continue
         wanted, last = set(numbers), numbers[-1]
-        samples = read_samples((shard,), allow_pipe, faults)
+        samples = read_samples((shard,), allow_pipe, faults, cache)
         try:
             for n, sample in enumerate(samples):
                 if n in wanted:

@@ -28,6 +28,8 @@ RUNNING = frozenset(
         "shards",
         "eval_shards",
         "index",
+        "cache_dir",
+        "cache_bytes",
         # how long, and on what
         "epochs",
         "max_steps",
