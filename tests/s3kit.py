@@ -77,11 +77,15 @@ def s3fs_for(endpoint: str):
 class CuttingProxy:
     """A TCP proxy on 127.0.0.1 in front of `target_port`. While `cuts` > 0, a connection that
     carries a response to a GET of a key ending in `suffix` is closed after `after` bytes of the
-    response (one cut per connection, `cuts` in all; -1: every time)."""
+    response (one cut per connection, `cuts` in all; -1: every time). `gets` counts the GETs of
+    keys ending in `suffix` by path (with `cuts` 0 it only counts: the shard requests a store got)."""
 
     def __init__(self, target_port: int, suffix: str, after: int, cuts: int = 1):
+        import collections
+
         self.target, self.suffix, self.after, self.cuts = target_port, suffix.encode(), after, cuts
         self.cut_count = 0
+        self.gets: collections.Counter = collections.Counter()
         self.sock = socket.socket()
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
@@ -129,6 +133,10 @@ class CuttingProxy:
                     if not data:
                         break
                     line = data.split(b"\r\n", 1)[0]
+                    path = line.split(b" ")[1].split(b"?")[0] if line.startswith(b"GET ") else b""
+                    if path.endswith(self.suffix):
+                        with self._lock:
+                            self.gets[path.decode()] += 1
                     if (
                         line.startswith(b"GET ")
                         and line.split(b" ")[1].split(b"?")[0].endswith(self.suffix)

@@ -52,6 +52,21 @@ CASES = [
     ("train_app", ["--shards", "pipe:cat {packed}/000.tar"], "--allow-pipe"),
     ("train_app", ["--shards", "nosuch://bucket/000.tar"], "unsupported URL scheme 'nosuch'"),
     ("train_app", ["--shards", T, "--bogus"], "No such option: --bogus"),
+    (
+        "train_app",
+        ["--shards", T, "--cache-dir", "{tmp}/c", "--cache-size", "lots"],
+        "--cache-size must be a size like 50GB",
+    ),
+    ("train_app", ["--shards", T, "--cache-dir", "{tmp}/c", "--cache-size", "-5GB"], "--cache-size must be a size"),
+    (
+        "train_app",
+        ["--shards", T, "--cache-dir", "{tmp}/c", "--cache-size", "0"],
+        "--cache-size must be between 1 byte",
+    ),
+    ("train_app", ["--shards", T, "--cache-dir", "{tmp}/c", "--cache-size", "5XB"], "--cache-size must be a size"),
+    ("train_app", ["--shards", T, "--cache-size", "50GB"], "a cache size .* needs --cache-dir"),
+    ("train_app", ["--shards", T, "--cache-dir", "s3://b/c"], "--cache-dir must be a local folder"),
+    ("bench_app", ["--shards", T, "--cache-dir", "{tmp}/c", "--cache-size", "nan"], "--cache-size must be a size"),
     # inspect-shards
     ("inspect_app", [], "Missing argument"),
     ("inspect_app", ["{tmp}/<000..003>.tar"], "no shards match"),
@@ -91,3 +106,27 @@ def test_help_still_works():
     for app in ("sample_data_app", "pack_app", "train_app", "inspect_app", "verify_app", "plot_app"):
         result = run_cli(getattr(cli, app), "--help")
         assert result.exit_code == 0 and "Usage" in result.stdout and not result.stderr
+
+
+@pytest.mark.parametrize(
+    "text, size",
+    [("50GB", 50 * 10**9), ("500MB", 500 * 10**6), ("123456", 123456), ("1.5TiB", 3 << 39), ("2g", 2 * 10**9),
+     ("64 KiB", 65536), ("10b", 10), ("1e3", None), ("GB", None), ("-1", None), ("0", None), ("inf", None)],
+)  # fmt: skip
+def test_cache_size_takes_human_sizes(text, size):
+    from pipeline.config import parse_size
+    from pipeline.errors import UserError
+
+    if size is None:
+        with pytest.raises(UserError, match="--cache-size"):
+            parse_size(text, "--cache-size")
+    else:
+        assert parse_size(text, "--cache-size") == size
+
+
+def test_help_explains_the_cache_options():
+    for app in ("train_app", "bench_app"):
+        text = " ".join(run_cli(getattr(cli, app), "--help").stdout.split())
+        assert "--cache-dir" in text and "Local folder caching remote shards" in text, app
+        assert "--cache-size" in text and "least recently used shards are evicted" in text, app
+        assert "50GB" in text, app

@@ -46,6 +46,9 @@ samples a quota cut) has the rest read for it on close, so the copy can still be
 FREE_SHARE = 0.9
 """Without a size: the cache may take this share of the space free on its disk at the start."""
 WARNED_STALE_S = 86_400.0
+_SAID: set[str] = set()
+"""The warnings open_cache gave in this process: a run opens its cache once a loader (training,
+evaluation), and says what is wrong with it once."""
 
 
 def entry_name(url: str, sha256: str) -> str:
@@ -230,13 +233,19 @@ def open_cache(folder: str | os.PathLike, max_bytes: int | None) -> ShardCache |
             st = os.statvfs(path)
             max_bytes = max(1, int(st.f_bavail * st.f_frsize * FREE_SHARE) + cache.used())
     except OSError as e:
-        _log.warning("warning: shard cache %s: %s; reading shards without it", folder, _reason(e))
+        _say_once(f"warning: shard cache {folder}: {_reason(e)}; reading shards without it")
         return None
     except Exception as e:  # check_real_folder's UserError: a link in the cache's place
-        _log.warning("warning: shard cache %s: %s; reading shards without it", folder, e)
+        _say_once(f"warning: shard cache {folder}: {e}; reading shards without it")
         return None
     cache.max_bytes = max_bytes
     return cache
+
+
+def _say_once(text: str) -> None:
+    if text not in _SAID:
+        _SAID.add(text)
+        _log.warning("%s", text)
 
 
 def _remove_old_markers(locks: Path) -> None:
