@@ -15,10 +15,17 @@ Blocking the signals around the fork would not do: the kernel hands a process-di
 another thread (a rank has gloo's, torch's and the loader's), and Python still runs the handler in
 the main thread's next callback. So `start` catches what the callbacks swallow and raises it once
 the fork is done, where the caller can unwind.
+
+`start` also forks with OpenCV held to one thread. OpenCV's thread pool does not survive a fork: a
+child whose parent had run a parallel OpenCV call (a resize, in a script or notebook that packs
+through the API) hangs for ever in its first `cv2.setNumThreads(1)`, which every decoder and loader
+worker makes (measured here with OpenCV 4.x: about 2 forks in 5). Set to one thread in the parent before
+the fork, the pool is stopped, and the child starts clean; the parent's setting is put back after.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -39,9 +46,26 @@ def start(proc) -> None:
 
     sys.unraisablehook = hook
     try:
-        proc.start()
+        with _opencv_on_one_thread():
+            proc.start()
     finally:
         if sys.unraisablehook is hook:
             sys.unraisablehook = previous
     if caught:
         raise caught[0]
+
+
+@contextlib.contextmanager
+def _opencv_on_one_thread():
+    """OpenCV's thread pool stopped across a fork (see the module's docstring); nothing when this
+    process never imported OpenCV or runs it on one thread already."""
+    cv2 = sys.modules.get("cv2")
+    threads = cv2.getNumThreads() if cv2 is not None and hasattr(cv2, "getNumThreads") else 1
+    if threads <= 1:
+        yield
+        return
+    cv2.setNumThreads(1)
+    try:
+        yield
+    finally:
+        cv2.setNumThreads(threads)

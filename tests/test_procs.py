@@ -70,3 +70,39 @@ def test_other_errors_ignored_during_the_fork_still_reach_the_previous_hook():
     result = subprocess.run([sys.executable, "-c", script], env=cli_env(), capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["['ValueError']", "True", "0"], result.stdout + result.stderr
+
+
+def test_workers_forked_after_opencv_ran_threaded_can_still_set_their_threads():
+    """Without procs.start holding OpenCV to one thread across the fork, a child's
+    cv2.setNumThreads(1) (what decoder and loader workers do first) waits for ever, in about 2
+    forks of 5 here: of 8 forks, at least one hangs when the hold is missing."""
+    script = textwrap.dedent(
+        """
+        import multiprocessing, time
+        import cv2, numpy as np
+        from pipeline import procs
+
+        big = np.random.rand(600, 800, 3).astype(np.float32)
+        before = cv2.getNumThreads()  # OpenCV's default: one a core
+
+        def worker():
+            cv2.setNumThreads(1)
+            cv2.resize(big, (1600, 1200), interpolation=cv2.INTER_CUBIC)
+
+        children = []
+        for _ in range(8):
+            cv2.resize(big, (1600, 1200), interpolation=cv2.INTER_CUBIC)  # the parent's pool runs
+            children.append(multiprocessing.get_context("fork").Process(target=worker))
+            procs.start(children[-1])
+        deadline = time.monotonic() + 20
+        for child in children:
+            child.join(max(0.1, deadline - time.monotonic()))
+        hung = sum(child.is_alive() for child in children)
+        for child in children:
+            child.kill()
+        print(hung, sorted({child.exitcode for child in children}), cv2.getNumThreads() == before)
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], env=cli_env(), capture_output=True, text=True, timeout=90)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["0", "[0]", "True"], result.stdout  # none hung; the parent keeps its setting
