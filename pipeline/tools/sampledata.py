@@ -427,17 +427,26 @@ BENCH_SIZES = ((320, 240), (176, 144), (352, 240), (256, 192), (320, 180), (400,
 """(width, height) of the benchmark clips: the common sizes of HMDB51's files."""
 
 
-def make_bench_data(out_dir: Path, clips: int = 153, classes: int = 9, seed: int = 0) -> list[SampleClip]:
+def make_bench_data(
+    out_dir: Path, clips: int = 153, classes: int = 9, seed: int = 0, natural: bool = False
+) -> list[SampleClip]:
     """Write DIR/hmdb51_org/<class>/*.avi shaped like HMDB51's files, for pack benchmarks.
 
     Unlike `make_sample_data` (built to trap decoders), these are what the real set mostly holds:
     MPEG-4 Part 2, 30 fps, a keyframe every 12 frames, no B-frames, 40 to 160 frames, sizes from
     BENCH_SIZES; no split files, so a pack takes every clip. Frames carry their index and class.
+
+    `natural`: frames that cost what footage costs. Below the code band, a textured scene (smooth
+    shapes and film grain) that the camera pans across, so the encoder stores real residuals, not
+    flat colour (see natural_frame); every third clip has B-frames (XviD-style, as much of HMDB51 and
+    UCF101 has); and, from 20 clips up, one file cut short (truncated: fewer frames than its headers
+    claim) and one empty file, which a pack records as failed and the recipe passes over.
     """
     if clips < 1 or not 1 <= classes <= len(HMDB51_CLASSES):
         raise ValueError(f"need clips >= 1 and classes in 1..{len(HMDB51_CLASSES)}, got {clips}, {classes}")
     names = sorted(HMDB51_CLASSES)[:classes]
     rng = np.random.default_rng(seed)
+    damaged = {clips - 2: "truncated", clips - 1: "empty"} if natural and clips >= 20 else {}
     truth = []
     for k in range(clips):
         ci = k % classes
@@ -446,9 +455,48 @@ def make_bench_data(out_dir: Path, clips: int = 153, classes: int = 9, seed: int
         folder = out_dir / "hmdb51_org" / names[ci]
         folder.mkdir(parents=True, exist_ok=True)
         name = f"{_TITLES[k % len(_TITLES)]}_{names[ci]}_f_cm_np1_fr_goo_{k}.avi"
-        write_avi(folder / name, (draw_frame(f, ci, w, h, f"{f}") for f in range(n)), fps=30, gop=12)
-        truth.append(SampleClip(names[ci], ci, name, n, (w, h), (1, 1, 1), "plain"))
+        path, kind = folder / name, damaged.get(k, "plain")
+        if kind == "empty":
+            path.write_bytes(b"")
+            truth.append(SampleClip(names[ci], ci, name, 0, (w, h), (1, 1, 1), kind))
+            continue
+        if natural:
+            scene = natural_scene(rng, w, h)
+            frames = (natural_frame(scene, f, ci, w, h) for f in range(n))
+            b_frames = 2 if k % 3 == 2 else 0
+            kind = "bframes" if b_frames and kind == "plain" else kind
+        else:
+            frames, b_frames = (draw_frame(f, ci, w, h, f"{f}") for f in range(n)), 0
+        write_avi(path, frames, fps=30, gop=12, b_frames=b_frames)
+        if kind == "truncated":
+            truncate_avi(path, 0.6)
+            n = count_decodable_frames(path)
+        truth.append(SampleClip(names[ci], ci, name, n, (w, h), (1, 1, 1), kind))
     return truth
+
+
+def natural_scene(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
+    """A scene wider than the frame (the camera pans over it): smooth shapes at a few scales plus
+    grain, (height, 2 * width, 3) uint8. At the pack's 128 px a stored frame is about 6 KB of JPEG,
+    near the 7 KB a frame of real footage cut into HMDB-shaped AVIs took here."""
+    scene = np.zeros((height, 2 * width, 3), np.float32)
+    for cells, weight in ((4, 70.0), (16, 35.0), (64, 15.0)):
+        coarse = rng.normal(0.0, 1.0, (max(2, height * cells // width), 2 * cells, 3)).astype(np.float32)
+        scene += weight * cv2.resize(coarse, (2 * width, height), interpolation=cv2.INTER_CUBIC)
+    scene += rng.normal(0.0, 6.0, scene.shape).astype(np.float32)
+    return np.clip(scene + 128.0, 0, 255).astype(np.uint8)
+
+
+def natural_frame(scene: np.ndarray, frame_index: int, class_index: int, width: int, height: int) -> np.ndarray:
+    """Frame `frame_index` of a natural clip: the coded band of draw_frame on top (so frames stay
+    checkable), the scene panned by two pixels a frame below it, with the class's moving square."""
+    img = draw_frame(frame_index, class_index, width, height)
+    band = int(round(height * CODE_BAND))
+    x = (2 * frame_index) % width
+    view = scene[:, x : x + width]
+    square = (img[band:] != np.array(class_colour(class_index), np.uint8)).any(axis=2, keepdims=True)
+    img[band:] = np.where(square, img[band:], view[band:])
+    return img
 
 
 def drop_leading_keyframe(path: Path) -> None:
