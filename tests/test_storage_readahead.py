@@ -65,7 +65,8 @@ def test_an_open_error_is_raised_by_wait_open_and_leaves_no_thread(tmp_path):
 
 def test_a_broken_stream_delivers_its_bytes_then_its_error(tmp_path):
     """A server that always cuts the body after 5000 bytes: httpio's reader gives up after its
-    retries; read ahead, the reader gets the same 5000 bytes first, then the same error."""
+    retries; read ahead, the reader gets the same 5000 bytes first (all of them: the thread's
+    buffered read of 1 MiB would drop them), then the same error from the read that meets the break."""
     data = bytes(range(256)) * 100
     (tmp_path / "s.tar").write_bytes(data)
 
@@ -85,11 +86,15 @@ def test_a_broken_stream_delivers_its_bytes_then_its_error(tmp_path):
         with pytest.raises(ConnectionError) as plain:
             direct.read(10)
         ahead = ReadAhead(lambda: httpio.ResumingBody(url, len(data))).wait_open()
-        assert ahead.read(4000) == got[:4000]
-        assert ahead.read(2000) == got[4000:]  # the bytes before the error, short, then the error
-        with pytest.raises(ConnectionError) as early:
+        assert ahead.read(4000) == got[:4000] and ahead.read(1000) == got[4000:]
+        with pytest.raises(ConnectionError) as early:  # the read that meets the break raises, as above
             ahead.read(10)
         assert type(early.value) is type(plain.value)
+        ahead.close()
+        ahead = ReadAhead(lambda: httpio.ResumingBody(url, len(data))).wait_open()
+        assert ahead.read(4990) == got[:4990]
+        with pytest.raises(ConnectionError):  # bytes 4990-5009: across the break
+            ahead.read(20)
         ahead.close()
     assert not readahead_threads()
 

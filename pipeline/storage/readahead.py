@@ -3,8 +3,8 @@
 `ReadAhead(opener)` calls `opener()` (the request: an HTTP GET, an object store's first ranged GET
 on the first read, a cache lookup and its sha256 check) and reads the stream it returns in CHUNK
 pieces in a daemon thread, holding at most BUFFER_BYTES its reader has not taken yet; the reader
-gets exactly the stream's bytes, in order, and then the stream's error, if any, at the byte where
-it came. So a worker can open its next shards while it decodes the current one (stream/stages.py
+gets exactly the stream's bytes, in order, and the stream's error, if any, from the read that
+reaches the byte where it came (as reading the stream itself would). So a worker can open its next shards while it decodes the current one (stream/stages.py
 keeps a few open ahead) and meet each shard's latency in the background, with nothing read twice,
 nothing reordered and every fault where it was.
 
@@ -57,6 +57,9 @@ class ReadAhead:
         with self.cond:
             self.opened = True
             self.cond.notify_all()
+        # read1 where there is one (a buffered HTTP body, a file): the bytes that came before an
+        # error reach the reader (a buffered read of CHUNK drops them when it fails)
+        read = getattr(stream, "read1", stream.read)
         try:
             while True:
                 with self.cond:
@@ -64,7 +67,7 @@ class ReadAhead:
                         self.cond.wait()
                     if self.stopped:
                         return
-                data = stream.read(min(CHUNK, self.limit))
+                data = read(min(CHUNK, self.limit))
                 with self.cond:
                     if data:
                         self.chunks.append(data)
@@ -108,9 +111,9 @@ class ReadAhead:
                 if self.open_error is not None:
                     raise self.open_error
                 if not self.chunks:
-                    if self.error is not None and not parts:
-                        raise self.error
-                    break  # the end (or an error, raised on the next read, after these bytes)
+                    if self.error is not None:
+                        raise self.error  # as a read of the stream itself would: the bytes it met dropped
+                    break  # the end
                 head = self.chunks[0]
                 take = len(head) - self.offset if n < 0 else min(n, len(head) - self.offset)
                 parts.append(head[self.offset : self.offset + take])
