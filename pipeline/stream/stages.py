@@ -138,16 +138,17 @@ def _start(shard: Shard, allow_pipe: bool, cache) -> ReadAhead:
 
 
 def read_samples(
-    shards: Iterable[Shard], allow_pipe: bool, faults: Faults, cache=None, ahead: int = READ_AHEAD_SHARDS
+    shards: Iterable[Shard], allow_pipe: bool, faults: Faults, cache=None, ahead: int | None = None
 ) -> Iterator[dict]:
     """Raw samples of each shard in turn (remote ones through `cache`, a storage.cache.ShardCache, when given).
 
-    Remote shards are opened up to `ahead` shards before their turn (see opened_ahead; 0: each at
-    its turn): the same bytes in the same order, so the same samples and faults, as without. A
+    Remote shards are opened up to `ahead` (default READ_AHEAD_SHARDS) shards before their turn (see
+    opened_ahead; 0: each at its turn): the same bytes in the same order, so the same samples and faults, as without. A
     shard that cannot be opened or breaks off is a fault worth its missing samples (per the index),
     not the end of the run; the tar reader does the parsing and grouping. Members other than
     STREAM_MEMBERS are passed over unread (they stand in the sample as their tar.Member, no bytes).
     """
+    ahead = READ_AHEAD_SHARDS if ahead is None else ahead
     for shard, started in opened_ahead(shards, allow_pipe, cache, ahead):
         seen = 0
         try:
