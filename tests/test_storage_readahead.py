@@ -1,6 +1,7 @@
 """storage/readahead.py: a stream read by a thread of its own, bounded, stopping cleanly: against real
 files and a real HTTP server on 127.0.0.1 (httpio's reader, as a shard is read)."""
 
+import io
 import threading
 import time
 
@@ -26,7 +27,7 @@ def blob(tmp_path):
 def test_the_reader_gets_the_streams_bytes_in_order_whatever_it_asks_for(blob):
     path, data = blob
     got, sizes = [], [1, 7, 512, 65536, 100_000, 3, 1 << 20]
-    with ReadAhead(lambda: open(path, "rb"), buffer_bytes=40_000).wait_open() as stream:
+    with ReadAhead(lambda: io.BufferedReader(Reader(path)), buffer_bytes=40_000).wait_open() as stream:
         for i in range(10_000):
             part = stream.read(sizes[i % len(sizes)])
             if not part:
@@ -34,8 +35,40 @@ def test_the_reader_gets_the_streams_bytes_in_order_whatever_it_asks_for(blob):
             got.append(part)
         assert stream.read(10) == b"" and stream.read() == b""
     assert b"".join(got) == data
-    with ReadAhead(lambda: open(path, "rb")).wait_open() as stream:
-        assert stream.read() == data
+    with ReadAhead(lambda: Reader(path)).wait_open() as stream:
+        assert isinstance(stream, ReadAhead) and stream.read() == data
+
+
+def test_a_local_file_is_handed_out_as_it_is(blob):
+    """A cache's verified copy is a local file: opened (and checked) ahead, read without the thread."""
+    path, data = blob
+    ahead = ReadAhead(lambda: open(path, "rb"))
+    stream = ahead.wait_open()
+    assert not isinstance(stream, ReadAhead) and stream.tell() == 0 and stream.read() == data
+    stream.close()
+    ahead.close()
+    unread = ReadAhead(lambda: open(path, "rb"))
+    unread.thread.join(5)
+    file = unread.file
+    unread.close()  # never handed out: closed with it
+    assert file.closed and not readahead_threads()
+
+
+class Reader(io.RawIOBase):
+    """A local file seen only through read/readinto, as a remote stream is (not handed out as a file)."""
+
+    def __init__(self, path):
+        self.f = open(path, "rb", buffering=0)
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        return self.f.readinto(buffer)
+
+    def close(self):
+        self.f.close()
+        super().close()
 
 
 def test_the_thread_reads_no_more_than_its_buffer_ahead(blob):
@@ -43,15 +76,15 @@ def test_the_thread_reads_no_more_than_its_buffer_ahead(blob):
     opened = []
 
     def opener():
-        opened.append(open(path, "rb"))
+        opened.append(Reader(path))
         return opened[0]
 
     stream = ReadAhead(opener, buffer_bytes=64 << 10).wait_open()
     time.sleep(0.3)  # long enough for the thread to have read the whole MiB, were it unbounded
-    assert 0 < opened[0].tell() <= 128 << 10
+    assert 0 < opened[0].f.tell() <= 128 << 10
     assert stream.read(200_000) == data[:200_000]
     time.sleep(0.3)
-    assert opened[0].tell() <= 200_000 + (128 << 10)
+    assert opened[0].f.tell() <= 200_000 + (128 << 10)
     stream.close()
     assert opened[0].closed and not readahead_threads()
 
@@ -102,7 +135,7 @@ def test_a_broken_stream_delivers_its_bytes_then_its_error(tmp_path):
 def test_close_stops_a_thread_waiting_on_a_full_buffer_and_closes_the_stream(blob):
     path, _ = blob
     files = []
-    streams = [ReadAhead(lambda: files.append(open(path, "rb")) or files[-1], buffer_bytes=4096) for _ in range(3)]
+    streams = [ReadAhead(lambda: files.append(Reader(path)) or files[-1], buffer_bytes=4096) for _ in range(3)]
     for s in streams:
         s.wait_open().read(10)
     time.sleep(0.1)

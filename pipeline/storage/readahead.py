@@ -8,6 +8,10 @@ reaches the byte where it came (as reading the stream itself would). So a worker
 keeps a few open ahead) and meet each shard's latency in the background, with nothing read twice,
 nothing reordered and every fault where it was.
 
+A local file (a cache's verified copy) is not read by the thread: wait_open hands it out as it is
+(the thread's work, the lookup and the sha256 check, is then done ahead, the reading needs no
+hiding).
+
 Stopping: `close()` tells the thread, which closes the stream itself (a cache's Tee then drops its
 temporary copy, or keeps it if the rest was short) as soon as its current read returns; close waits
 for that up to CLOSE_WAIT_S. The thread never outlives a read's own time-out (objectstore's
@@ -17,6 +21,7 @@ READ_TIMEOUT_S, httpio's HTTP_TIMEOUT_S), and never waits on a full buffer after
 from __future__ import annotations
 
 import collections
+import io
 import threading
 
 CHUNK = 1 << 20
@@ -40,6 +45,8 @@ class ReadAhead:
         self.error: BaseException | None = None
         self.open_error: BaseException | None = None
         self.opened = self.ended = self.stopped = False
+        self.file = None
+        """The opener's stream when it is a local file, until wait_open hands it out."""
         self.cond = threading.Condition()
         self.thread = threading.Thread(target=self._run, daemon=True, name=f"clipstream-readahead {name}"[:60])
         self.thread.start()
@@ -52,6 +59,15 @@ class ReadAhead:
         except BaseException as e:  # noqa: BLE001 - handed to the reader by wait_open
             with self.cond:
                 self.open_error, self.opened = e, True
+                self.cond.notify_all()
+            return
+        if isinstance(getattr(stream, "raw", None), io.FileIO):  # a local file (a cache's verified copy)
+            with self.cond:
+                if self.stopped:
+                    stream.close()
+                else:
+                    self.file = stream
+                self.opened = True
                 self.cond.notify_all()
             return
         with self.cond:
@@ -92,15 +108,18 @@ class ReadAhead:
 
     # ------------------------------------------------------------------ the reader
 
-    def wait_open(self) -> ReadAhead:
-        """Wait until the opener has returned; raise what it raised (the shard could not be opened)."""
+    def wait_open(self):
+        """The stream to read, once the opener has returned: this ReadAhead, or the local file the
+        opener gave (a cache's copy: read as it is, no thread); raises what the opener raised (the
+        shard could not be opened)."""
         with self.cond:
             while not self.opened:
                 self.cond.wait()
+            file, self.file = self.file, None
         if self.open_error is not None:
             self.close()
             raise self.open_error
-        return self
+        return self if file is None else file
 
     def read(self, n: int = -1) -> bytes:
         parts = []
@@ -132,14 +151,22 @@ class ReadAhead:
     def seekable(self) -> bool:
         return False
 
-    def close(self) -> None:
+    def stop(self) -> None:
+        """Tell the thread to close the stream, without waiting (close several, then wait for each)."""
         with self.cond:
             self.stopped = True
             self.chunks.clear()
             self.held = 0
             self.cond.notify_all()
+
+    def close(self) -> None:
+        self.stop()
         if self.thread is not threading.current_thread():
             self.thread.join(CLOSE_WAIT_S)
+        with self.cond:
+            file, self.file = self.file, None
+        if file is not None:  # opened, never handed out
+            file.close()
 
     def __enter__(self) -> ReadAhead:
         return self

@@ -80,9 +80,10 @@ shards of a few clips each, one request's latency (tens of ms from a real store)
 decoding a shard, so several must be under way at once."""
 READ_AHEAD_BYTES = 32 << 20
 """The shards opened ahead hold at most this many bytes between them, by the index's sizes (a
-shard of unknown size counts as AHEAD_UNKNOWN_BYTES), except that the next shard is always opened: an
-HMDB51 shard of 17-30 MB has one shard under way, never an epoch. Each buffers at most
-readahead.BUFFER_BYTES plus its stream's own block."""
+shard of unknown size counts as AHEAD_UNKNOWN_BYTES), except that the next shard is always
+opened: an HMDB51 shard of 17-30 MB has one shard under way, never an epoch. Each buffers at most
+readahead.BUFFER_BYTES plus its stream's own block. With `resample`, a shard drawn twice in a row
+is opened twice; through a cache the second waits for the first's copy (cache.WAIT_STALL_S)."""
 AHEAD_UNKNOWN_BYTES = 16 << 20
 
 
@@ -113,9 +114,11 @@ def opened_ahead(
             shard, stream = pending.popleft()
             yield shard, stream
     finally:
-        for _, stream in pending:
-            if stream is not None:
-                stream.close()
+        opened = [stream for _, stream in pending if stream is not None]
+        for stream in opened:
+            stream.stop()  # all at once: each may be waiting for its store
+        for stream in opened:
+            stream.close()
 
 
 def _ahead_bytes(shard: Shard) -> int:
@@ -142,11 +145,12 @@ def read_samples(
 ) -> Iterator[dict]:
     """Raw samples of each shard in turn (remote ones through `cache`, a storage.cache.ShardCache, when given).
 
-    Remote shards are opened up to `ahead` (default READ_AHEAD_SHARDS) shards before their turn (see
-    opened_ahead; 0: each at its turn): the same bytes in the same order, so the same samples and faults, as without. A
-    shard that cannot be opened or breaks off is a fault worth its missing samples (per the index),
-    not the end of the run; the tar reader does the parsing and grouping. Members other than
-    STREAM_MEMBERS are passed over unread (they stand in the sample as their tar.Member, no bytes).
+    Remote shards are opened up to `ahead` (default READ_AHEAD_SHARDS) shards before their turn
+    (see opened_ahead; 0: each at its turn): the same bytes in the same order, so the same samples
+    and faults, as without. A shard that cannot be opened or breaks off is a fault worth its
+    missing samples (per the index), not the end of the run; the tar reader does the parsing and
+    grouping. Members other than STREAM_MEMBERS are passed over unread (they stand in the sample
+    as their tar.Member, no bytes).
     """
     ahead = READ_AHEAD_SHARDS if ahead is None else ahead
     for shard, started in opened_ahead(shards, allow_pipe, cache, ahead):
