@@ -1,6 +1,6 @@
 """Object storage against local files: the same shards, read by the real training stream.
 
-    python benchmarks/bench_s3.py            # ~5 minutes on 2 cores
+    python benchmarks/bench_s3.py            # ~10 minutes on 2 cores
 
 Makes the HMDB-shaped sample set (8 classes x 80 clips, each class copied under 3 more names: 32
 classes, 1792 training clips) and packs it with pack-shards' own code four times: into a local
