@@ -1,24 +1,34 @@
 """Object storage against local files: the same shards, read by the real training stream.
 
-    python benchmarks/bench_s3.py            # ~2 minutes on 2 cores
+    python benchmarks/bench_s3.py            # ~10 minutes on 2 cores
 
-Makes the HMDB-shaped sample set, packs it twice with pack-shards' own code: into a local folder
-and into a bucket of a real S3-API server (moto's server mode, its own process on 127.0.0.1, so it
-does not share this process's GIL), then alternates local and s3:// runs of ClipLoader (the loader
-train-stream uses: 2 workers, batch 8, crop 112). Each run starts a fresh loader: its time to the
-first batch (worker start, index already read, first shards opened, first batch built) is
-measured, then `--warmup` batches, then `--batches` timed ones. Prints one JSON line per run and a
-summary line with the medians and the s3 / local ratio of clips/s (of the medians, and the median
-of each repeat's ratio: the two runs of a repeat ran back to back under the same load, so theirs is
-the steadier figure on a shared machine).
+Makes the HMDB-shaped sample set (8 classes x 80 clips, each class copied under 3 more names: 32
+classes, 1792 training clips) and packs it with pack-shards' own code four times: into a local
+folder and into a bucket of a real S3-API server (moto's server mode, its own process on 127.0.0.1,
+so it does not share this process's GIL), each as `small` shards (512 shards of 3-4 clips, the
+issue-27 worst case) and as `hmdb` shards (16 of 112 clips, as an HMDB51 pack's 3570 training clips
+in 32 shards: 8 a worker; the sample clips are smaller than real ones: 5 MB a shard, not 17-30). Then, for each size, it alternates (a rotating order each repeat)
+runs of ClipLoader (the loader train-stream uses: 2 workers, batch 8, crop 112) from:
 
-moto keeps objects in memory and answers on the loopback, so this measures what our s3:// reading
-costs (the fsspec read-ahead, a HEAD and a ranged GET per shard, the botocore client in every
-worker), not a real network; and moto's own CPU (about 8 ms a request here) comes out of the same
-cores as the loader's, which a real S3 would not take. Every shard costs two requests whatever its
-size, so the ratio depends on clips per shard: the default (8 classes x 40 clips, `--shards 2`)
-gives ~112 clips a shard, as an HMDB51 pack's 3570 training clips in 32 shards hold; with
-`--clips-per-class 24 --shards 8` shards hold ~17 clips (100 KB), the worst case.
+    local        the local folder
+    s3           s3://, straight to moto
+    s3-serial    s3://, read-ahead across shards off (stages.READ_AHEAD_SHARDS = 0 in the forked workers)
+    s3+delay     s3:// through a proxy on 127.0.0.1 that holds every request `--delay-ms` (30 ms:
+                 a real store's GET latency, which moto on the loopback does not have)
+    s3+delay-serial  the same, read-ahead off
+    s3-cached    s3:// with a shard cache (cache_dir) filled by one earlier pass: a training job's
+                 epoch 2 and later
+
+Each run starts a fresh loader: its time to the first batch (workers forked, index already read,
+first shards opened, first batch built) is measured, then `--warmup` batches, then `--batches` timed
+ones (960 clips: within epoch 1, whose first shards the fresh loader opens). Prints one JSON
+line per run and, per size, a summary line with the medians and each variant's ratio to local
+clips/s (of the medians, and the median of each repeat's ratio: a repeat's runs ran back to back
+under the same load, so theirs is the steadier figure on a shared machine).
+
+moto keeps objects in memory and answers on the loopback; its own CPU (about 8 ms a request here)
+comes out of the same cores as the loader's, which a real S3 would not take, and on 3-clip shards
+that is a request every few clips: there the s3 ratio says as much about moto as about us.
 """
 
 from __future__ import annotations
@@ -34,10 +44,13 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # s3kit: the tests' delaying proxy
 
 from pipeline.config import PackConfig, StreamConfig  # noqa: E402
 from pipeline.pack.job import run_pack  # noqa: E402
+from pipeline.stream import stages  # noqa: E402
 from pipeline.stream.sources import resolve  # noqa: E402
 from pipeline.tools.bench import endless_batches, measure  # noqa: E402
 from pipeline.tools.sampledata import make_sample_data  # noqa: E402
@@ -63,38 +76,129 @@ def start_moto() -> tuple[subprocess.Popen, str]:
     raise SystemExit("moto server did not start")
 
 
-def one_run(where: str, shards: str, workers: int, batch: int, warmup: int, batches: int) -> dict:
-    cfg = StreamConfig(shards=(shards,), batch_size=batch, workers=workers, crop=112)
-    source = resolve(cfg.shards, "train", None, False)
-    batches_iter = endless_batches(source, cfg, pin_memory=False)
-    m = measure(batches_iter, warmup, batches, None, None)
-    batches_iter.close()
+SIZES = {"small": 512, "hmdb": 16}
+"""Training shards of the 1792 training clips: 3-4 clips a shard, and 112 (an HMDB51 pack's)."""
+VARIANTS = ("local", "s3", "s3-serial", "s3+delay", "s3+delay-serial", "s3-cached")
+
+
+BASE_CLASSES, COPIES = 8, 4
+TRAIN_CLIPS = 1792
+"""8 classes of 80 clips made (the slow part: ~50 s), each also copied under 3 other HMDB51 class
+names: 32 classes, 1792 training clips, so a run's batches stay within epoch 1 as the issue asks."""
+
+
+def widen(data: Path, copies: int) -> None:
+    """Copy every class of a sample set (its clips and split files) under other HMDB51 class names."""
+    import shutil
+
+    from pipeline.tools.sampledata import HMDB51_CLASSES
+
+    videos, splits = data / "hmdb51_org", data / "testTrainMulti_7030_splits"
+    made = sorted(p.name for p in videos.iterdir())
+    spare = iter(c for c in HMDB51_CLASSES if c not in made)
+    for cls in made:
+        for _ in range(copies - 1):
+            other = next(spare)
+            shutil.copytree(videos / cls, videos / other)
+            for n in (1, 2, 3):
+                shutil.copy(splits / f"{cls}_test_split{n}.txt", splits / f"{other}_test_split{n}.txt")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process `pid` so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def one_run(where: str, shards: str, args, endpoint: str, cache_dir: str | None, server_pid: int) -> dict:
+    import s3fs
+
+    os.environ["AWS_ENDPOINT_URL"] = endpoint  # read by botocore in the workers, forked after this
+    s3fs.S3FileSystem.clear_instance_cache()
+    stages.READ_AHEAD_SHARDS = 0 if where.endswith("-serial") else SAVED_AHEAD
+    cfg = StreamConfig(
+        shards=(shards,), batch_size=args.batch_size, workers=args.workers, crop=112, cache_dir=cache_dir
+    )
+    try:
+        source = resolve(cfg.shards, "train", None, False)
+        batches_iter = endless_batches(source, cfg, pin_memory=False)
+        server_before = cpu_seconds(server_pid)
+        m = measure(batches_iter, args.warmup, args.batches, None, None)
+        server_cpu = cpu_seconds(server_pid) - server_before
+        batches_iter.close()
+    finally:
+        stages.READ_AHEAD_SHARDS = SAVED_AHEAD
     return {
         "bench": "s3",
         "source": where,
-        "workers": workers,
-        "batch_size": batch,
+        "workers": args.workers,
+        "batch_size": args.batch_size,
         "clips": m["clips"],
         "clips_per_s": round(m["clips"] / m["seconds"], 2),
         "first_batch_s": round(m["first_batch"], 3),
         "data_wait": round(m["wait"] / m["seconds"], 4),
+        # moto's CPU over the run, as a share of its seconds: taken from the same 2 cores as the loader's
+        "server_cpu_share": round(server_cpu / m["seconds"], 3),
+    }
+
+
+SAVED_AHEAD = stages.READ_AHEAD_SHARDS
+
+
+def fill_cache(url: str, cache_dir: str, endpoint: str) -> None:
+    """One pass over every training shard through the cache: what epoch 1 leaves for epoch 2."""
+    import s3fs
+
+    from pipeline.storage.cache import open_cache
+    from pipeline.stream.stages import Faults, read_samples
+
+    os.environ["AWS_ENDPOINT_URL"] = endpoint
+    s3fs.S3FileSystem.clear_instance_cache()
+    source = resolve([url], "train", None, False)
+    faults = Faults()
+    for _ in read_samples(source.shards, False, faults, open_cache(cache_dir, None)):
+        pass
+    assert faults.bad == 0, faults.take()
+
+
+def summarize(size: str, runs: list[dict], args) -> dict:
+    mine = [x for x in runs if x["size"] == size]
+    med = {v: statistics.median(x["clips_per_s"] for x in mine if x["source"] == v) for v in VARIANTS}
+    first = {v: statistics.median(x["first_batch_s"] for x in mine if x["source"] == v) for v in VARIANTS}
+    pairs = [{x["source"]: x["clips_per_s"] for x in mine if x["repeat"] == r} for r in range(args.repeats)]
+    return {
+        "bench": "s3-summary",
+        "size": size,
+        "clips_a_shard": round(TRAIN_CLIPS / SIZES[size], 1),
+        "workers": args.workers,
+        "repeats": args.repeats,
+        "delay_ms": args.delay_ms,
+        "clips_per_s": {v: med[v] for v in VARIANTS},
+        "vs_local": {v: round(med[v] / med["local"], 3) for v in VARIANTS[1:]},
+        # each repeat's runs ran back to back, under the same load: their ratio is the steadier figure
+        "vs_local_paired": {v: round(statistics.median(p[v] / p["local"] for p in pairs), 3) for v in VARIANTS[1:]},
+        "first_batch_s": first,
+        "load_average": [round(x, 2) for x in os.getloadavg()],
     }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--classes", type=int, default=8)
-    # 8 x 40 clips, 2 training shards: ~112 clips a shard, as an HMDB51 pack's 3570 clips in 32
-    ap.add_argument("--clips-per-class", type=int, default=40)
-    ap.add_argument("--shards", type=int, default=2)
+    ap.add_argument("--sizes", default="small,hmdb", help="which shard sizes: small, hmdb or both")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--batches", type=int, default=80)
-    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--batches", type=int, default=120)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--delay-ms", type=float, default=30.0, help="what the proxy adds to every request")
     args = ap.parse_args()
+    sizes = [s for s in args.sizes.split(",") if s]
+    assert all(s in SIZES for s in sizes), f"--sizes takes {', '.join(SIZES)}"
+
+    import s3kit
 
     proc, endpoint = start_moto()
+    proxy = s3kit.CuttingProxy(int(endpoint.rsplit(":", 1)[1]), ".tar", after=0, cuts=0, delay=args.delay_ms / 1000)
     # The standard variables, as a user would set them for MinIO or Ceph: read by botocore itself.
     os.environ.update(
         {
@@ -104,51 +208,45 @@ def main() -> None:
             "AWS_ENDPOINT_URL": endpoint,
         }
     )
+    runs: list[dict] = []
     try:
         import s3fs
 
         s3fs.S3FileSystem(skip_instance_cache=True).mkdir("bench-clips")
         with tempfile.TemporaryDirectory() as tmp:
             work = Path(tmp)
-            make_sample_data(work / "data", classes=args.classes, clips_per_class=args.clips_per_class, seed=0)
-            local, remote = work / "shards", "s3://bench-clips/hmdb51/"
-            for out in (local, remote):
-                run_pack(
-                    PackConfig(data_dir=work / "data", out_dir=out, shards=args.shards, workers=2),
-                    quiet=True,
-                    log=lambda m: None,
-                )
-            runs: list[dict] = []
-            for r in range(args.repeats):
-                order = (("local", str(local)), ("s3", remote))
-                for where, shards in order if r % 2 == 0 else order[::-1]:  # alternate who goes first
-                    result = one_run(where, shards, args.workers, args.batch_size, args.warmup, args.batches)
-                    print(json.dumps({**result, "repeat": r}), flush=True)
-                    runs.append({**result, "repeat": r})
+            make_sample_data(work / "data", classes=BASE_CLASSES, clips_per_class=80, seed=0)
+            widen(work / "data", COPIES)
+            for size in sizes:
+                local, remote = work / f"shards-{size}", f"s3://bench-clips/{size}/"
+                for out in (local, remote):
+                    run_pack(
+                        PackConfig(data_dir=work / "data", out_dir=out, shards=SIZES[size], workers=2),
+                        quiet=True,
+                        log=lambda m: None,
+                    )
+                cache_dir = str(work / f"cache-{size}")
+                fill_cache(remote, cache_dir, endpoint)
+                where = {
+                    "local": (str(local), endpoint, None),
+                    "s3": (remote, endpoint, None),
+                    "s3-serial": (remote, endpoint, None),
+                    "s3+delay": (remote, proxy.url, None),
+                    "s3+delay-serial": (remote, proxy.url, None),
+                    "s3-cached": (remote, endpoint, cache_dir),
+                }
+                for r in range(args.repeats):
+                    order = VARIANTS[r % len(VARIANTS) :] + VARIANTS[: r % len(VARIANTS)]  # rotate who goes first
+                    for variant in order:
+                        shards, via, cache = where[variant]
+                        result = {**one_run(variant, shards, args, via, cache, proc.pid), "size": size, "repeat": r}
+                        print(json.dumps(result), flush=True)
+                        runs.append(result)
+                print(json.dumps(summarize(size, runs, args)), flush=True)
     finally:
+        proxy.close()
         proc.kill()
         proc.wait()
-    med = {
-        where: {
-            k: statistics.median(x[k] for x in runs if x["source"] == where) for k in ("clips_per_s", "first_batch_s")
-        }
-        for where in ("local", "s3")
-    }
-    pairs = [{x["source"]: x["clips_per_s"] for x in runs if x["repeat"] == r} for r in range(args.repeats)]
-    summary = {
-        "bench": "s3-summary",
-        "workers": args.workers,
-        "repeats": args.repeats,
-        "local_clips_per_s": med["local"]["clips_per_s"],
-        "s3_clips_per_s": med["s3"]["clips_per_s"],
-        "s3_vs_local": round(med["s3"]["clips_per_s"] / med["local"]["clips_per_s"], 3),
-        # each repeat's two runs ran back to back, under the same load: their ratio is the steadier figure
-        "s3_vs_local_paired": round(statistics.median(pair["s3"] / pair["local"] for pair in pairs), 3),
-        "local_first_batch_s": med["local"]["first_batch_s"],
-        "s3_first_batch_s": med["s3"]["first_batch_s"],
-        "load_average": round(os.getloadavg()[0], 2),
-    }
-    print(json.dumps(summary), flush=True)
 
 
 if __name__ == "__main__":

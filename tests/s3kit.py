@@ -18,6 +18,9 @@ DUMMY_ENV = {
 """Dummy credentials: moto accepts any unless told to check them."""
 
 
+METHODS = {b"GET", b"HEAD", b"PUT", b"POST", b"DELETE"}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -78,12 +81,14 @@ class CuttingProxy:
     """A TCP proxy on 127.0.0.1 in front of `target_port`. While `cuts` > 0, a connection that
     carries a response to a GET of a key ending in `suffix` is closed after `after` bytes of the
     response (one cut per connection, `cuts` in all; -1: every time). `gets` counts the GETs of
-    keys ending in `suffix` by path (with `cuts` 0 it only counts: the shard requests a store got)."""
+    keys ending in `suffix` by path (with `cuts` 0 it only counts: the shard requests a store got).
+    `delay`: seconds every request waits before it is passed on (a store farther away than moto)."""
 
-    def __init__(self, target_port: int, suffix: str, after: int, cuts: int = 1):
+    def __init__(self, target_port: int, suffix: str, after: int, cuts: int = 1, delay: float = 0.0):
         import collections
 
         self.target, self.suffix, self.after, self.cuts = target_port, suffix.encode(), after, cuts
+        self.delay = delay
         self.cut_count = 0
         self.gets: collections.Counter = collections.Counter()
         self.sock = socket.socket()
@@ -133,6 +138,8 @@ class CuttingProxy:
                     if not data:
                         break
                     line = data.split(b"\r\n", 1)[0]
+                    if self.delay and line.split(b" ", 1)[0] in METHODS:
+                        time.sleep(self.delay)
                     path = line.split(b" ")[1].split(b"?")[0] if line.startswith(b"GET ") else b""
                     if path.endswith(self.suffix):
                         with self._lock:

@@ -283,8 +283,8 @@ def proxied(server, uploaded, monkeypatch):
 
     made = []
 
-    def make(suffix: str, after: int, cuts: int) -> s3kit.CuttingProxy:
-        proxy = s3kit.CuttingProxy(server.port, suffix, after, cuts)
+    def make(suffix: str, after: int, cuts: int, delay: float = 0.0) -> s3kit.CuttingProxy:
+        proxy = s3kit.CuttingProxy(server.port, suffix, after, cuts, delay)
         made.append(proxy)
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
         s3fs.S3FileSystem.clear_instance_cache()
@@ -322,6 +322,28 @@ def test_a_connection_dropped_on_every_retry_makes_the_shard_a_fault(proxied, up
     assert [f["what"] for f in faults] == [f"{uploaded}/006.tar"] and faults[0]["samples"] == 6
     keys = [k for b in batches for k in b["key"]]
     assert len(set(keys)) == 42  # the other shards' clips, every one; repeats fill the planned steps
+
+
+def test_the_next_shards_are_requested_while_one_is_read(proxied, uploaded, packed):
+    """Issue 27: 0.15 s added to every request; read ahead, the 8 shards' GETs overlap (about 2
+    delays in all instead of 8), with the same samples in the same order as each shard at its turn."""
+    import threading
+    import time
+
+    from pipeline.stream.sources import resolve
+    from pipeline.stream.stages import Faults, read_samples
+
+    proxied(".tar", after=0, cuts=0, delay=0.15)
+    shards = resolve([uploaded + "/"]).shards
+    runs = {}
+    for ahead in (0, None):
+        start = time.monotonic()
+        faults = Faults()
+        keys = [(s["__key__"], s["jpgs"]) for s in read_samples(shards, False, faults, ahead=ahead)]
+        runs[ahead] = (keys, time.monotonic() - start, faults.bad)
+    assert runs[0][0] == runs[None][0] and len(runs[0][0]) == 48 and runs[0][2] == runs[None][2] == 0
+    assert runs[0][1] >= 8 * 0.15 and runs[None][1] < 0.6 * runs[0][1], (runs[0][1], runs[None][1])
+    assert not [t for t in threading.enumerate() if t.name.startswith("clipstream-readahead")]
 
 
 @pytest.fixture(scope="module")

@@ -274,7 +274,14 @@ class Tee:
             self._drop(_reason(e))
 
     def read(self, n: int = -1) -> bytes:
-        data = self.remote.read(n)
+        return self._tee(self.remote.read(n), n)
+
+    def read1(self, n: int = -1) -> bytes:
+        """One read of the remote stream's (its read1 where it has one: a read-ahead thread takes
+        what has come, and so the bytes before an error)."""
+        return self._tee(getattr(self.remote, "read1", self.remote.read)(n), n)
+
+    def _tee(self, data: bytes, n: int) -> bytes:
         if self.tmp is not None and data:
             try:
                 self.file.write(data)

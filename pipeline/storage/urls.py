@@ -41,6 +41,11 @@ def is_object_store(url: str) -> bool:
     return scheme(url) not in ("", "file", "http", "https", "pipe")
 
 
+def is_remote(url: str) -> bool:
+    """Whether `url` is read over the network (object store or HTTP(S)): not a local file, not a pipe."""
+    return local_path(url) is None and scheme(url) != "pipe"
+
+
 def check_scheme(url: str, allow_pipe: bool) -> None:
     found = scheme(url)
     if found == "pipe" and not allow_pipe:

@@ -24,6 +24,7 @@ from pipeline.storage.urls import (
     is_file,
     is_object_store,
     is_pack_folder,
+    is_remote,
     local_path,
     scheme,
     shard_name,
@@ -63,7 +64,7 @@ class ShardSet:
     @property
     def remote(self) -> bool:
         """Whether any shard is read over the network (object store or HTTP(S)): what a cache is for."""
-        return any(local_path(s.url) is None and scheme(s.url) != "pipe" for s in self.shards)
+        return any(is_remote(s.url) for s in self.shards)
 
     @property
     def samples(self) -> int:

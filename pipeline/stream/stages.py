@@ -19,7 +19,8 @@ import numpy as np
 from pipeline.errors import ShardFormatError, UserError
 from pipeline.redact import redact
 from pipeline.shardformat import CLS, JPGS, JSON, decode_jpegs, parse_label, split_member_name
-from pipeline.storage.urls import is_pack_folder
+from pipeline.storage.readahead import ReadAhead
+from pipeline.storage.urls import is_pack_folder, is_remote, shard_name
 from pipeline.stream.sources import Shard, expand_shards, open_shard, resolve
 from pipeline.stream.tar import group_samples, tar_members, tar_samples
 
@@ -73,17 +74,92 @@ class Faults:
         return out
 
 
-def read_samples(shards: Iterable[Shard], allow_pipe: bool, faults: Faults, cache=None) -> Iterator[dict]:
+READ_AHEAD_SHARDS = 4
+"""Most remote shards a worker has opened beyond the one it is reading (storage/readahead.py): on
+shards of a few clips each, one request's latency (tens of ms from a real store) is longer than
+decoding a shard, so several must be under way at once."""
+READ_AHEAD_BYTES = 32 << 20
+"""The shards opened ahead hold at most this many bytes between them, by the index's sizes (a
+shard of unknown size counts as AHEAD_UNKNOWN_BYTES), except that the next shard is always
+opened: an HMDB51 shard of 17-30 MB has one shard under way, never an epoch. Each buffers at most
+readahead.BUFFER_BYTES plus its stream's own block. With `resample`, a shard drawn twice in a row
+is opened twice; through a cache the second waits for the first's copy (cache.WAIT_STALL_S)."""
+AHEAD_UNKNOWN_BYTES = 16 << 20
+
+
+def opened_ahead(
+    shards: Iterable[Shard], allow_pipe: bool, cache=None, ahead: int = READ_AHEAD_SHARDS
+) -> Iterator[tuple[Shard, ReadAhead | None]]:
+    """Each shard in turn with its ReadAhead, started while up to `ahead` shards before it are still
+    being read, as far as READ_AHEAD_BYTES allows (see within_budget); None for a local file or a
+    pipe, or for every shard with `ahead` 0: opened at its turn, as without read-ahead (no thread).
+    Closing the generator closes the shards opened ahead."""
+    shards = iter(shards)
+    pending: collections.deque = collections.deque()
+    """[shard, its ReadAhead or None] of the shard to hand out next, then of those behind it."""
+    try:
+        while True:
+            while len(pending) < 1 + ahead:
+                shard = next(shards, None)
+                if shard is None:
+                    break
+                pending.append([shard, None])
+            if ahead > 0:
+                sizes = [_ahead_bytes(s) if is_remote(s.url) else 0 for s, _ in pending]
+                for item in itertools.islice(pending, within_budget(sizes)):
+                    if item[1] is None and is_remote(item[0].url):
+                        item[1] = _start(item[0], allow_pipe, cache)
+            if not pending:
+                return
+            shard, stream = pending.popleft()
+            yield shard, stream
+    finally:
+        opened = [stream for _, stream in pending if stream is not None]
+        for stream in opened:
+            stream.stop()  # all at once: each may be waiting for its store
+        for stream in opened:
+            stream.close()
+
+
+def _ahead_bytes(shard: Shard) -> int:
+    return AHEAD_UNKNOWN_BYTES if shard.bytes is None else shard.bytes
+
+
+def within_budget(sizes: list[int]) -> int:
+    """How many of the shards of `sizes` (the one to read next, then those behind it) may be open:
+    the next two always, then as long as those behind the first hold at most READ_AHEAD_BYTES."""
+    held = 0
+    for i, n in enumerate(sizes):
+        held += n if i else 0
+        if i >= 2 and held > READ_AHEAD_BYTES:
+            return i
+    return len(sizes)
+
+
+def _start(shard: Shard, allow_pipe: bool, cache) -> ReadAhead:
+    return ReadAhead(lambda: open_shard(shard.url, allow_pipe, shard.bytes, shard.sha256, cache), shard_name(shard.url))
+
+
+def read_samples(
+    shards: Iterable[Shard], allow_pipe: bool, faults: Faults, cache=None, ahead: int | None = None
+) -> Iterator[dict]:
     """Raw samples of each shard in turn (remote ones through `cache`, a storage.cache.ShardCache, when given).
 
-    A shard that cannot be opened or breaks off is a fault worth its missing samples (per the index),
-    not the end of the run; the tar reader does the parsing and grouping. Members other than
-    STREAM_MEMBERS are passed over unread (they stand in the sample as their tar.Member, no bytes).
+    Remote shards are opened up to `ahead` (default READ_AHEAD_SHARDS) shards before their turn
+    (see opened_ahead; 0: each at its turn): the same bytes in the same order, so the same samples
+    and faults, as without. A shard that cannot be opened or breaks off is a fault worth its
+    missing samples (per the index), not the end of the run; the tar reader does the parsing and
+    grouping. Members other than STREAM_MEMBERS are passed over unread (they stand in the sample
+    as their tar.Member, no bytes).
     """
-    for shard in shards:
+    ahead = READ_AHEAD_SHARDS if ahead is None else ahead
+    for shard, started in opened_ahead(shards, allow_pipe, cache, ahead):
         seen = 0
         try:
-            stream = open_shard(shard.url, allow_pipe, shard.bytes, shard.sha256, cache)
+            if started is not None:
+                stream = started.wait_open()
+            else:
+                stream = open_shard(shard.url, allow_pipe, shard.bytes, shard.sha256, cache)
         except Exception as e:
             faults.add(shard.url, f"cannot open: {e}", max(shard.samples, 0))
             continue
