@@ -108,6 +108,18 @@ def commands(data: Path, out: Path, workers: list[int], decoders: list[str], sha
 ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
 
 
+def bench_clips(args, work: Path) -> tuple[Path, int, int]:
+    """The clip folder (--data, made if missing, else one in `work`), its clip count, and how many of
+    them a pack must hold (all but the natural set's empty file)."""
+    from pipeline.tools.sampledata import make_bench_data
+
+    data = args.data or work / "data"
+    if not (data / "hmdb51_org").is_dir():
+        make_bench_data(data, clips=args.clips, natural=args.set == "natural")
+    videos = list(data.glob("hmdb51_org/*/*.avi"))
+    return data, len(videos), sum(1 for p in videos if p.stat().st_size)
+
+
 def run_once(cmd: list[str], out: Path, clips: int, env: dict | None = None) -> float:
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env or ENV)
@@ -153,15 +165,9 @@ def main() -> None:
     if args.engine == "ray":
         return engine_main(args)
 
-    from pipeline.tools.sampledata import make_bench_data
-
     work = Path(tempfile.mkdtemp(prefix="bench-pack-"))
     try:
-        data = args.data or work / "data"
-        if not (data / "hmdb51_org").is_dir():
-            make_bench_data(data, clips=args.clips, natural=args.set == "natural")
-        clips = len(list(data.glob("hmdb51_org/*/*.avi")))
-        packable = sum(1 for p in data.glob("hmdb51_org/*/*.avi") if p.stat().st_size)  # an empty file fails
+        data, clips, packable = bench_clips(args, work)
         out = work / "out"
         variants = commands(data, out, workers, [d for d in args.decoders.split(",") if d], args.shards)
         times: dict[str, list[float]] = {k: [] for k in variants}
@@ -259,16 +265,10 @@ def _stop(groups: list[int]) -> None:
 
 def engine_main(args) -> None:
     """The Ray engine against local --workers 2 on the same clips, alternated (see the docstring)."""
-    from pipeline.tools.sampledata import make_bench_data
-
     work = Path(tempfile.mkdtemp(prefix="bench-pack-", dir="/tmp"))  # short: Ray's socket paths have a limit
     groups: list[int] = []
     try:
-        data = args.data or work / "data"
-        if not (data / "hmdb51_org").is_dir():
-            make_bench_data(data, clips=args.clips, natural=args.set == "natural")
-        clips = len(list(data.glob("hmdb51_org/*/*.avi")))
-        packable = sum(1 for p in data.glob("hmdb51_org/*/*.avi") if p.stat().st_size)  # an empty file fails
+        data, clips, packable = bench_clips(args, work)
         out = work / "out"
         address = args.ray_address or os.environ.get("RAY_ADDRESS")
         if address:
