@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import json
 import os
 import re
@@ -67,6 +68,11 @@ def temp_path(path: Path) -> Path:
     beside it, a name of its own, so that writers of one folder (parts of a pack started together, a
     task retried while its first try still runs) never write into or rename each other's file."""
     return path.with_name(f".{path.name}.{secrets.token_hex(4)}-{os.getpid()}@{socket.gethostname()}.partial")
+
+
+def temps_of(path: Path) -> list[Path]:
+    """The temporary files (temp_path) of `path`'s writers there now, live or not."""
+    return list(path.parent.glob(f".{glob.escape(path.name)}.*.partial"))
 
 
 def _writer_gone(pid: int) -> bool:

@@ -11,7 +11,15 @@ import time
 import pytest
 from conftest import cli_env
 
-from pipeline.durable import STALE_TEMP_SECONDS, FolderLock, failpoint, remove_stale_temps, temp_path, write_atomic
+from pipeline.durable import (
+    STALE_TEMP_SECONDS,
+    FolderLock,
+    failpoint,
+    remove_stale_temps,
+    temp_path,
+    temps_of,
+    write_atomic,
+)
 from pipeline.errors import UserError
 
 
@@ -25,6 +33,14 @@ def test_every_writer_has_a_temporary_name_of_its_own(tmp_path):
     a, b = temp_path(tmp_path / "000.tar"), temp_path(tmp_path / "000.tar")
     assert a != b and a.parent == tmp_path
     assert a.name.startswith(".000.tar.") and a.name.endswith(f"-{os.getpid()}@{socket.gethostname()}.partial")
+
+
+def test_temps_of_finds_every_writer_of_one_name_and_no_other(tmp_path):
+    shard = tmp_path / "a[1].tar"  # glob characters in the name are not patterns
+    mine = [temp_path(shard) for _ in range(2)]
+    for p in [*mine, temp_path(tmp_path / "a1.tar"), temp_path(tmp_path / "b.tar"), shard]:
+        p.write_bytes(b"x")
+    assert sorted(temps_of(shard)) == sorted(mine)
 
 
 def test_clean_up_spares_live_writers_and_removes_the_rest(tmp_path):

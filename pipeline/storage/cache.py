@@ -29,7 +29,7 @@ import secrets
 import time
 from pathlib import Path
 
-from pipeline.durable import check_real_folder, open_new, publish, remove_stale_temps, temp_path
+from pipeline.durable import check_real_folder, open_new, publish, remove_stale_temps, temp_path, temps_of
 from pipeline.redact import redact
 
 _log = logging.getLogger("clipstream")
@@ -208,7 +208,7 @@ def _lock_file(path: Path):
 def _temp_bytes(path: Path) -> int:
     """Bytes the temporary copies of `path` hold (a download in progress grows them)."""
     total = 0
-    for tmp in path.parent.glob(f".{path.name}.*.partial"):
+    for tmp in temps_of(path):
         with contextlib.suppress(FileNotFoundError):
             total += tmp.stat().st_size
     return total
