@@ -128,6 +128,32 @@ def test_a_reader_stopped_early_leaves_no_thread_and_nothing_half_cached(packed,
     assert all(name.endswith(f"-{digest}.tar") for name, digest in kept.items())
 
 
+def test_shards_the_cache_holds_are_opened_at_their_turn_without_a_thread(packed, tmp_path):
+    cache = open_cache(tmp_path / "cache", None)
+    started = []
+    real = stages.ReadAhead
+
+    def counted(*args, **kwargs):
+        started.append(args)
+        return real(*args, **kwargs)
+
+    with slow_server(packed) as (base, requests):
+        shards = shards_at(base)
+        first = read_all(shards, stages.READ_AHEAD_SHARDS, cache=cache)  # fills the cache
+        (tmp_path / "cache" / cache_name(shards[3])).write_bytes(b"\0" * shards[3].bytes)  # same size, corrupt
+        del requests[:]
+        stages.ReadAhead = counted
+        try:
+            again = read_all(shards, stages.READ_AHEAD_SHARDS, cache=cache)
+        finally:
+            stages.ReadAhead = real
+    assert [(k, m) for k, m, _ in again] == [(k, m) for k, m, _ in first]
+    # seven copies held: no thread, no request; the corrupt one is seen at its turn and fetched again
+    assert [p.rsplit("/", 1)[-1] for _, p in requests] == ["003.tar"]
+    assert started == [] and not readahead_threads()
+    assert cache_name(shards[3]) in copies(tmp_path / "cache")
+
+
 def cache_name(shard) -> str:
     from pipeline.storage.cache import entry_name
 

@@ -88,6 +88,18 @@ class ShardCache:
             pass  # a folder that cannot take even that: say it here
         _log.warning("warning: shard cache %s: %s; reading shards without it", self.folder, why)
 
+    def holds(self, url: str, sha256: str | None, size: int | None) -> bool:
+        """Whether a copy of the shard of that size is in the cache (not yet checked: `open` checks
+        its sha256). A stat, no more: what lets a reader open a copy at its turn rather than in a
+        read-ahead thread (0.23 ms a shard of thread against 0.1 ms of opening and checking a
+        100 KB copy, measured on 3-clip shards)."""
+        if self.off or sha256 is None or size is None:
+            return False
+        try:
+            return (self.folder / entry_name(url, sha256)).stat().st_size == size
+        except OSError:
+            return False
+
     def open(self, url: str, sha256: str | None, size: int | None, fetch):
         """A binary stream of the shard at `url`: the verified copy, or `fetch()` (the remote
         stream) teed into the cache, or `fetch()` alone (no sha256 or size to verify against, the

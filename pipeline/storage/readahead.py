@@ -10,7 +10,8 @@ nothing reordered and every fault where it was.
 
 A local file (a cache's verified copy) is not read by the thread: wait_open hands it out as it is
 (the thread's work, the lookup and the sha256 check, is then done ahead, the reading needs no
-hiding).
+hiding). A copy the cache already holds when its shard is queued gets no thread at all
+(stages.opened_ahead opens it at its turn).
 
 Stopping: `close()` tells the thread, which closes the stream itself (a cache's Tee then drops its
 temporary copy, or keeps it if the rest was short) as soon as its current read returns; close waits

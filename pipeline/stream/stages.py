@@ -92,7 +92,8 @@ def opened_ahead(
 ) -> Iterator[tuple[Shard, ReadAhead | None]]:
     """Each shard in turn with its ReadAhead, started while up to `ahead` shards before it are still
     being read, as far as READ_AHEAD_BYTES allows (see within_budget); None for a local file or a
-    pipe, or for every shard with `ahead` 0: opened at its turn, as without read-ahead (no thread).
+    pipe, a shard the cache holds a copy of, or for every shard with `ahead` 0: opened at its turn,
+    as without read-ahead (no thread).
     Closing the generator closes the shards opened ahead."""
     shards = iter(shards)
     pending: collections.deque = collections.deque()
@@ -112,9 +113,9 @@ def opened_ahead(
             if not pending:
                 return
             shard, stream = pending.popleft()
-            yield shard, stream
+            yield shard, (None if stream is AT_TURN else stream)
     finally:
-        opened = [stream for _, stream in pending if stream is not None]
+        opened = [stream for _, stream in pending if stream not in (None, AT_TURN)]
         for stream in opened:
             stream.stop()  # all at once: each may be waiting for its store
         for stream in opened:
@@ -136,7 +137,14 @@ def within_budget(sizes: list[int]) -> int:
     return len(sizes)
 
 
-def _start(shard: Shard, allow_pipe: bool, cache) -> ReadAhead:
+AT_TURN = "at its turn"
+"""opened_ahead's mark for a remote shard the cache holds a copy of: opened when its turn comes
+(a local file needs no thread to hide its latency; see ShardCache.holds)."""
+
+
+def _start(shard: Shard, allow_pipe: bool, cache) -> ReadAhead | str:
+    if cache is not None and cache.holds(shard.url, shard.sha256, shard.bytes):
+        return AT_TURN
     return ReadAhead(lambda: open_shard(shard.url, allow_pipe, shard.bytes, shard.sha256, cache), shard_name(shard.url))
 
 
