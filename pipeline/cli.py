@@ -501,14 +501,34 @@ def verify_shards(
         int | None,
         typer.Option(help="Processes checking shards in parallel [default: all cores].", show_default=False),
     ] = None,
+    cache_dir: Annotated[
+        str | None,
+        typer.Option(
+            help="Local folder of train-stream's shard cache: every shard of an object-store pack found whole is kept there as it is verified (each is still read from the store, never from the cache), so training then reads none of them from the store again. Ignored for a local pack.",
+            show_default=False,
+        ),
+    ] = None,
+    cache_size: Annotated[
+        str | None,
+        typer.Option(
+            help="Most bytes the cache keeps (50GB, 500MB, or bytes); the least recently used shards are evicted past it [default: 90% of the free space on its disk].",
+            show_default=False,
+        ),
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ):
     """Re-read every shard listed in index.json: bytes, sha256, sample count, members, JPEG decodes, labels. Prints one line per problem; exit code 1 when there is any."""
-    from pipeline.config import default_workers
+    from pipeline.config import checked_cache, default_workers
     from pipeline.tools.inspect import as_path
     from pipeline.tools.verify import verify_pack
 
-    report = verify_pack(as_path(folder), workers if workers is not None else default_workers(), quiet=quiet)
+    cache_dir, cache_bytes = checked_cache(cache_dir, _parse_cache_size(cache_size))
+    path, cache = as_path(folder), None
+    if cache_dir is not None and not isinstance(path, Path):
+        from pipeline.storage.cache import open_cache
+
+        cache = open_cache(cache_dir, cache_bytes)
+    report = verify_pack(path, workers if workers is not None else default_workers(), quiet=quiet, cache=cache)
     for line in report.problems:
         typer.echo(printable(redact(line)))  # names and keys come from the shards and the index
     typer.echo(report.summary())

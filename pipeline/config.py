@@ -218,6 +218,26 @@ SCHEDULES = ("cosine", "step")
 DEVICES = ("auto", "cpu", "cuda")
 
 
+def checked_cache(cache_dir, cache_bytes) -> tuple[str | None, int | None]:
+    """StreamConfig's `cache_dir` and `cache_bytes` checked (a local folder; a size like 50GB or
+    bytes, only with a folder): what every command with --cache-dir takes."""
+    if cache_dir is not None:
+        cache_dir = os.fspath(cache_dir)
+        if not cache_dir.strip() or "://" in cache_dir:
+            raise UserError(f"`cache_dir` must be a local folder, got {cache_dir!r}")
+    if isinstance(cache_bytes, str):
+        cache_bytes = parse_size(cache_bytes, "`cache_bytes`")
+    if cache_bytes is None:
+        return cache_dir, None
+    if cache_dir is None:
+        raise UserError("a cache size (cache_bytes, --cache-size) needs `cache_dir`")
+    if isinstance(cache_bytes, bool) or not isinstance(cache_bytes, int):
+        raise UserError(f"`cache_bytes` must be a number of bytes or a size like 50GB, got {cache_bytes!r}")
+    if not 1 <= cache_bytes <= MAX_CACHE_BYTES:
+        raise UserError(f"`cache_bytes` must be in 1..{MAX_CACHE_BYTES:,} bytes, got {cache_bytes:,}")
+    return cache_dir, cache_bytes
+
+
 @dataclasses.dataclass(frozen=True)
 class StreamConfig:
     """Where the shards are and how they are read, shuffled, augmented and batched."""
@@ -289,20 +309,9 @@ class StreamConfig:
             )
 
     def _check_cache(self) -> None:
-        if self.cache_dir is not None:
-            object.__setattr__(self, "cache_dir", os.fspath(self.cache_dir))
-            if not self.cache_dir.strip() or "://" in self.cache_dir:
-                raise UserError(f"`cache_dir` must be a local folder, got {self.cache_dir!r}")
-        if isinstance(self.cache_bytes, str):
-            object.__setattr__(self, "cache_bytes", parse_size(self.cache_bytes, "`cache_bytes`"))
-        if self.cache_bytes is None:
-            return
-        if self.cache_dir is None:
-            raise UserError("a cache size (cache_bytes, --cache-size) needs `cache_dir`")
-        if isinstance(self.cache_bytes, bool) or not isinstance(self.cache_bytes, int):
-            raise UserError(f"`cache_bytes` must be a number of bytes or a size like 50GB, got {self.cache_bytes!r}")
-        if not 1 <= self.cache_bytes <= MAX_CACHE_BYTES:
-            raise UserError(f"`cache_bytes` must be in 1..{MAX_CACHE_BYTES:,} bytes, got {self.cache_bytes:,}")
+        cache_dir, cache_bytes = checked_cache(self.cache_dir, self.cache_bytes)
+        object.__setattr__(self, "cache_dir", cache_dir)
+        object.__setattr__(self, "cache_bytes", cache_bytes)
 
     def bad_limit(self, planned: int) -> int:
         """Unreadable clips a rank may meet in an epoch of `planned` clips (`max_bad`: a fraction if < 1, else a count)."""

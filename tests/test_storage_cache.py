@@ -121,6 +121,36 @@ def test_s3_second_epoch_requests_no_shard_body(s3, packed, tmp_path):
     assert_copies_verified(cache, index, index)
 
 
+def test_verify_shards_reads_each_shard_once_and_fills_the_cache_training_then_reads(s3, packed, tmp_path):
+    from conftest import run_cli
+
+    from pipeline.cli import verify_app
+
+    url, proxy = s3
+    every = {
+        e["name"]: e
+        for split in json.loads((packed / "index.json").read_text())["splits"].values()
+        for e in split["shards"]
+    }
+    cache = tmp_path / "cache"
+    before = collections.Counter(shard_gets(proxy.gets))
+    result = run_cli(verify_app, url, "--quiet", "--workers", "2", "--cache-dir", str(cache), "--cache-size", "1GB")
+    # every shard well (the fixture's pack is made without a manifest)
+    assert result.stdout.splitlines()[:-1] == ["manifest.parquet: missing"], result.output
+    verified = collections.Counter(shard_gets(proxy.gets)) - before
+    assert dict(verified) == {name: 1 for name in every}  # hashed while read: one download a shard, not two
+    assert_copies_verified(cache, every, every)
+    with ClipLoader(url, workers=2, cache_dir=str(cache), **LOADER) as loader:
+        assert len(epoch_keys(loader, 0)) == 48
+    assert collections.Counter(shard_gets(proxy.gets)) - before == verified  # training read none from the store
+    # verify never trusts the cache: a second run reads the store again (and finds the copies good)
+    again = run_cli(verify_app, url, "--quiet", "--workers", "1", "--cache-dir", str(cache))
+    assert (
+        again.stdout.splitlines()[:-1] == ["manifest.parquet: missing"]
+        and collections.Counter(shard_gets(proxy.gets)) - before == verified + verified
+    )
+
+
 def test_http_second_epoch_requests_no_shard_body_with_clipdataset(http, packed, tmp_path):
     from torch.utils.data import DataLoader
 

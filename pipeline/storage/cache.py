@@ -100,21 +100,23 @@ class ShardCache:
         except OSError:
             return False
 
-    def open(self, url: str, sha256: str | None, size: int | None, fetch):
+    def open(self, url: str, sha256: str | None, size: int | None, fetch, fresh: bool = False):
         """A binary stream of the shard at `url`: the verified copy, or `fetch()` (the remote
         stream) teed into the cache, or `fetch()` alone (no sha256 or size to verify against, the
-        cache off, another process's download stalled)."""
+        cache off, another process's download stalled). `fresh`: never the copy, always the remote
+        stream (teed in, replacing the copy when it is whole and verified): what verify-shards
+        reads, since it checks the store, not the cache."""
         if self.off or sha256 is None or size is None:
             return fetch()
         path = self.folder / entry_name(url, sha256)
         try:
-            copy = self._hit(path, url, sha256, size)
+            copy = None if fresh else self._hit(path, url, sha256, size)
             if copy is not None:
                 return copy
             lock = self._claim(path)
             if lock is None:
                 return fetch()
-            copy = self._hit(path, url, sha256, size)  # downloaded by the process we waited for
+            copy = None if fresh else self._hit(path, url, sha256, size)  # downloaded by the process we waited for
         except OSError as e:
             self.bypass(_reason(e))
             return fetch()

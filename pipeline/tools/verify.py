@@ -46,8 +46,13 @@ class ShardCheck:
     problems: list[str]
 
 
-def check_shard(path: Path | ObjectPath, entry: dict, frames: int, classes: int) -> ShardCheck:
-    """Every check of one shard against its index entry; problems as `NAME: what` lines."""
+def check_shard(path: Path | ObjectPath, entry: dict, frames: int, classes: int, cache=None) -> ShardCheck:
+    """Every check of one shard against its index entry; problems as `NAME: what` lines.
+
+    A local shard is hashed, then read by the tar reader. A shard in an object store is downloaded
+    once: hashed while the tar reader reads it (before 2026-12-02 it was downloaded twice), and,
+    with a `cache` (storage.cache.ShardCache), kept in it when whole and its sha256 the index's,
+    so that a training job reading the pack next reads none of it from the store again."""
     name = entry["name"]
     problems: list[str] = []
     report = ShardCheck(name, 0, 0, [], problems)
@@ -61,12 +66,11 @@ def check_shard(path: Path | ObjectPath, entry: dict, frames: int, classes: int)
         if size == 0:
             problems.append(f"{name}: empty file")
             return report
-        digest = _sha256(path)
+        digest = _sha256(path) if isinstance(path, Path) else None  # a remote one: while it is read
     except (OSError, UserError) as e:  # a store that fails mid-read, after its retries
         problems.append(f"{name}: cannot read ({printable(str(e))})")
         return report
-    if digest != entry["sha256"]:
-        problems.append(f"{name}: sha256 mismatch (index {entry['sha256'][:16]}..., file {digest[:16]}...)")
+    at = len(problems)
 
     def sample_problem(key: str, what: str) -> None:
         problems.append(f"{name}: sample {printable(key)}: {what}")
@@ -77,7 +81,7 @@ def check_shard(path: Path | ObjectPath, entry: dict, frames: int, classes: int)
     # The one tar reader, exactly as the stream reads the shard: what it cannot read, no tool can.
     groups: list[dict] = []
     try:
-        with path.open("rb") as f:
+        with _opened(path, entry, cache) as f:
             try:
                 for parts in group_samples(tar_members(f), str(path), ignored):
                     groups.append(parts)
@@ -85,8 +89,12 @@ def check_shard(path: Path | ObjectPath, entry: dict, frames: int, classes: int)
                 problems.append(
                     f"{name}: unreadable after {len(groups)} samples ({printable(str(e))}); readers lose the rest of the shard"
                 )
+            if digest is None:
+                digest = f.rest_digest()
     except (OSError, UserError) as e:
         problems.append(f"{name}: cannot read after {len(groups)} samples ({printable(str(e))})")
+    if digest is not None and digest != entry["sha256"]:
+        problems.insert(at, f"{name}: sha256 mismatch (index {entry['sha256'][:16]}..., file {digest[:16]}...)")
     seen = set()
     for parts in groups:
         key = parts["__key__"]
@@ -173,15 +181,52 @@ def _short_repr(value) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def _sha256(path: Path | ObjectPath) -> str:
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        return hashlib.sha256(data).hexdigest()
+
+
+def _opened(path: Path | ObjectPath, entry: dict, cache):
+    """The shard to give the tar reader: a local file as it is; a remote one hashed as it is read
+    (and, with a cache, teed into it)."""
     if isinstance(path, Path):
-        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            return hashlib.sha256(data).hexdigest()
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
+        return path.open("rb")
+    if cache is None:
+        return _Hashing(path.open("rb"))
+    return _Hashing(cache.open(path.url, entry["sha256"], entry["bytes"], lambda: path.open("rb"), fresh=True))
+
+
+class _Hashing:
+    """A stream hashed as it is read, once, front to back; `rest_digest()` reads what the tar reader
+    left (the end-of-archive blocks) and gives the sha256 of the whole."""
+
+    def __init__(self, stream):
+        self.stream, self.hasher = stream, hashlib.sha256()
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.stream.read(n)
+        self.hasher.update(data)
+        return data
+
+    def rest_digest(self) -> str:
+        while self.read(1 << 20):
+            pass
+        return self.hasher.hexdigest()
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        self.stream.close()
+
+    def __enter__(self) -> _Hashing:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def _check_index_and_manifest(folder: Path | ObjectPath, index: dict) -> list[str]:
@@ -224,8 +269,9 @@ class VerifyReport:
         return f"{done}: {len(self.problems)} problem(s) in {bad} file(s)"
 
 
-def verify_pack(folder: Path | ObjectPath, workers: int, quiet: bool = False) -> VerifyReport:
+def verify_pack(folder: Path | ObjectPath, workers: int, quiet: bool = False, cache=None) -> VerifyReport:
     """Re-read every shard of a packed folder against its index.json, `workers` shards at a time.
+    `cache`: a storage.cache.ShardCache that keeps every remote shard found whole (see check_shard).
 
     Processes, not threads: sha256 and JPEG decoding release the GIL, but tar parsing and the
     per-sample checks do not; on 2 cores the sample pack verified at about 1300 clips/s with two
@@ -243,7 +289,7 @@ def verify_pack(folder: Path | ObjectPath, workers: int, quiet: bool = False) ->
     if index is None:
         raise UserError(f"no {INDEX_NAME} in {folder}: not a packed folder (or the pack has not finished)")
     entries = [e for split in ("train", "test") for e in index["splits"].get(split, {}).get("shards", [])]
-    args = [(folder / e["name"], e, index["frames_per_clip"], len(index["classes"])) for e in entries]
+    args = [(folder / e["name"], e, index["frames_per_clip"], len(index["classes"]), cache) for e in entries]
     t0 = time.monotonic()
     checks: dict[str, ShardCheck] = {}
     with progress(sum(e["samples"] for e in entries), "verify", quiet) as bar:
