@@ -19,6 +19,9 @@ runs of ClipLoader (the loader train-stream uses: 2 workers, batch 8, crop 112) 
     s3-cached    s3:// with a shard cache (cache_dir) filled by one earlier pass: a training job's
                  epoch 2 and later
 
+Before the runs of each size, `s3-request-cost` says what a shard's request costs in CPU, read whole
+one after the other: in the client (this process: s3fs, botocore, our reader) and in moto.
+
 Each run starts a fresh loader: its time to the first batch (workers forked, index already read,
 first shards opened, first batch built) is measured, then `--warmup` batches, then `--batches` timed
 ones (960 clips: within epoch 1, whose first shards the fresh loader opens). Prints one JSON
@@ -161,6 +164,33 @@ def fill_cache(url: str, cache_dir: str, endpoint: str) -> None:
     assert faults.bad == 0, faults.take()
 
 
+def request_cost(url: str, endpoint: str, server_pid: int, limit: int = 200) -> dict:
+    """CPU a shard's request costs, in this process (the client: s3fs, botocore, our reader) and in
+    moto, per shard of `url`, read whole one after the other (up to `limit` of them): what every
+    shard costs the 2 cores beside its decoding, latency aside."""
+    import s3fs
+
+    from pipeline.stream.sources import open_shard
+
+    os.environ["AWS_ENDPOINT_URL"] = endpoint
+    s3fs.S3FileSystem.clear_instance_cache()
+    shards = resolve([url], "train", None, False).shards[:limit]
+    with open_shard(shards[0].url) as f:  # the client made, the connection opened
+        f.read()
+    client, server = time.process_time(), cpu_seconds(server_pid)
+    for shard in shards:
+        with open_shard(shard.url) as f:
+            f.read()
+    client, server = time.process_time() - client, cpu_seconds(server_pid) - server
+    return {
+        "bench": "s3-request-cost",
+        "url": url,
+        "shards": len(shards),
+        "client_cpu_ms": round(1000 * client / len(shards), 2),
+        "server_cpu_ms": round(1000 * server / len(shards), 2),
+    }
+
+
 def summarize(size: str, runs: list[dict], args) -> dict:
     mine = [x for x in runs if x["size"] == size]
     med = {v: statistics.median(x["clips_per_s"] for x in mine if x["source"] == v) for v in VARIANTS}
@@ -227,6 +257,7 @@ def main() -> None:
                     )
                 cache_dir = str(work / f"cache-{size}")
                 fill_cache(remote, cache_dir, endpoint)
+                print(json.dumps(request_cost(remote, endpoint, proc.pid)), flush=True)
                 where = {
                     "local": (str(local), endpoint, None),
                     "s3": (remote, endpoint, None),
