@@ -137,6 +137,8 @@ class Form:
 
 CACHE_SIZE = Form(str | None, _parse_cache_size, ("--cache-size",), shown=lambda v: None)
 """StreamConfig.cache_bytes on the command line: a human size (50GB, 500MB) or bytes."""
+WEIGHTS = Form(str | None, shown=lambda v: None)
+"""StreamConfig.weights on the command line: 0.7,0.3 (StreamConfig parses it)."""
 
 
 def _field_docs(cls) -> dict[str, str]:
@@ -571,6 +573,7 @@ train_app = _app(
             "test_views": Form(str, _parse_views, shown=lambda v: f"{v[0]}x{v[1]}"),
             "max_bad": Form(names=("--max-bad", "--max-bad-fraction")),
             "cache_bytes": CACHE_SIZE,
+            "weights": WEIGHTS,
         },
     )
 )
@@ -586,6 +589,7 @@ bench_app = _app(
             "shards": Form(list[str], tuple, ("--shards",), required=True),
             "workers": Form(str, _parse_workers, shown=lambda v: ",".join(map(str, v))),
             "cache_bytes": CACHE_SIZE,
+            "weights": WEIGHTS,
         },
     )
 )
