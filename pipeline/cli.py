@@ -114,6 +114,12 @@ def _parse_cache_size(text: str | None) -> int | None:
     return None if text is None else parse_size(text, "--cache-size")
 
 
+def _parse_weights(text: str | None) -> tuple[float, ...] | None:
+    from pipeline.config import parse_weights
+
+    return parse_weights(text)
+
+
 def _parse_workers(text: str) -> tuple[int, ...]:
     from pipeline.tools.bench import parse_workers
 
@@ -137,8 +143,8 @@ class Form:
 
 CACHE_SIZE = Form(str | None, _parse_cache_size, ("--cache-size",), shown=lambda v: None)
 """StreamConfig.cache_bytes on the command line: a human size (50GB, 500MB) or bytes."""
-WEIGHTS = Form(str | None, shown=lambda v: None)
-"""StreamConfig.weights on the command line: 0.7,0.3 (StreamConfig parses it)."""
+WEIGHTS = Form(str | None, _parse_weights, shown=lambda v: None)
+"""StreamConfig.weights on the command line: 0.7,0.3."""
 
 
 def _field_docs(cls) -> dict[str, str]:

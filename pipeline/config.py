@@ -185,6 +185,16 @@ _SIZE = re.compile(r"^\s*(?P<number>\d+(?:\.\d*)?|\.\d+)\s*(?P<unit>[kmgtp]?i?b?
 _UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "p": 10**15}
 
 
+def parse_weights(text: str | None) -> tuple[float, ...] | None:
+    """`--weights 0.7,0.3` -> (0.7, 0.3); checked further by StreamConfig."""
+    if text is None:
+        return None
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise UserError(f"`weights` must be numbers separated by commas (0.7,0.3), got {text!r}") from None
+
+
 def parse_size(text: str, what: str = "`cache_bytes`") -> int:
     """Bytes from a human size: `50GB`, `500MB`, `1.5TiB`, `2g` or plain bytes (`1000000`). K, M, G,
     T, P are powers of 1000 (as disks are sold), Ki, Mi, Gi, Ti, Pi powers of 1024; case and a final
@@ -296,12 +306,7 @@ class StreamConfig:
     def _check_weights(self) -> None:
         if self.weights is None:
             return
-        weights = self.weights
-        if isinstance(weights, str):  # the command line's 0.7,0.3
-            try:
-                weights = [float(x) for x in weights.split(",")]
-            except ValueError:
-                raise UserError(f"`weights` must be numbers separated by commas (0.7,0.3), got {weights!r}") from None
+        weights = parse_weights(self.weights) if isinstance(self.weights, str) else self.weights
         if not hasattr(weights, "__iter__"):
             raise UserError(f"`weights` must be numbers, one per pack, got {weights!r}")
         weights = tuple(weights)

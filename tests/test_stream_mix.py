@@ -305,3 +305,58 @@ def test_clipdataset_mix(two_packs):
         assert head + [_rows(x) for x in resumed] == [_rows(x) for x in batches]
     assert lengths[0] == lengths[1]
     assert set(packs) == {0, 1}
+
+
+# ---------------------------------------------------------------------------------------------
+# train-stream on 2 ranks
+
+
+def _train(two_packs, log, *extra):
+    import subprocess
+
+    from conftest import cli_command, cli_env
+
+    a, b = two_packs
+    args = ["--shards", f"{a}/", "--shards", f"{b}/", "--weights", "0.7,0.3", "--model", "tiny", "--crop", "24"]
+    args += ["--batch-size", "4", "--shuffle-buffer", "4", "--no-progress", "--eval-every", "0", "--audit-keys"]
+    args += ["--log-every", "1", "--threads", "1", "--workers", "1", "--seed", "2", "--log-dir", str(log)]
+    cmd = cli_command("train_app") + args + list(extra)
+    return subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=300)
+
+
+def _audit(log, epoch) -> list[list[str]]:
+    return [p.read_text().splitlines() for p in sorted((log / "audit").glob(f"epoch-{epoch:03d}-rank-*.txt"))]
+
+
+@pytest.mark.slow
+def test_train_stream_mix_on_two_ranks_resumes_exactly(two_packs, tmp_path):
+    import json
+
+    import torch
+
+    whole = _train(two_packs, tmp_path / "whole", "--epochs", "2", "--nproc-per-node", "2")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    cut = tmp_path / "cut"
+    first = _train(two_packs, cut, "--epochs", "2", "--nproc-per-node", "2", "--max-steps", "3")
+    assert first.returncode == 0, first.stderr[-3000:]
+    refused = _train(two_packs, cut, "--resume", str(cut), "--weights", "0.5,0.5", "--nproc-per-node", "2")
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert "weights" in refused.stderr
+    second = _train(two_packs, cut, "--resume", str(cut), "--nproc-per-node", "2")
+    assert second.returncode == 0, second.stderr[-3000:]
+    for epoch in (0, 1):
+        ranks = _audit(tmp_path / "whole", epoch)
+        assert len(ranks) == 2 and len(ranks[0]) == len(ranks[1])  # equal steps
+        assert _audit(cut, epoch) == ranks  # the resumed run used the same clips, in the same order
+        assert all(line.split(":", 1)[0] in ("0", "1") for lines in ranks for line in lines)  # pack named
+    a, b = (torch.load(log / "checkpoint.pt", weights_only=True) for log in (tmp_path / "whole", cut))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert a["run"]["weights"] == [0.7, 0.3] and a["run"]["classes"] == list(UNION)
+    records = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    mixes = [r for r in records if r["kind"] == "mix"]
+    assert [r["epoch"] for r in mixes] == [1, 2]
+    for r in mixes:
+        assert abs(r["share"][0] - 0.7) <= 0.15 and abs(r["share"][1] - 0.3) <= 0.15  # the pad tolerance here: 7/48
+    (final,) = [r for r in records if r["kind"] == "eval"]
+    assert set(final["per_pack"]) == {f"{p}/index.json" for p in two_packs}
+    assert sum(p["clips"] for p in final["per_pack"].values()) == final["clips"] == 6 + 12
