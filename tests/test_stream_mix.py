@@ -360,3 +360,19 @@ def test_train_stream_mix_on_two_ranks_resumes_exactly(two_packs, tmp_path):
     (final,) = [r for r in records if r["kind"] == "eval"]
     assert set(final["per_pack"]) == {f"{p}/index.json" for p in two_packs}
     assert sum(p["clips"] for p in final["per_pack"].values()) == final["clips"] == 6 + 12
+
+
+def test_cli_mismatched_frames_and_weights_are_one_line(two_packs, tmp_path):
+    from conftest import assert_one_line_error, run_cli
+
+    from pipeline.cli import bench_app, train_app
+
+    a, b = two_packs
+    make_packed(tmp_path / "t5", frames=5)
+    common = ["--model", "tiny", "--crop", "24", "--log-dir", tmp_path / "run"]
+    result = run_cli(train_app, "--shards", f"{a}/", "--shards", f"{tmp_path / 't5'}/", "--weights", "1,1", *common)
+    assert_one_line_error(result, r"frames per clip \(T\).* has 4, .* has 5")
+    result = run_cli(train_app, "--shards", f"{a}/", "--shards", f"{b}/", "--weights", "0.7,0.2,0.1", *common)
+    assert_one_line_error(result, r"3 `?(weights|--weights)`? for 2 packs")
+    result = run_cli(bench_app, "--shards", f"{a}/", "--shards", f"{b}/", "--weights", "0.7,x")
+    assert_one_line_error(result, r"separated by commas")
