@@ -117,7 +117,7 @@ def _parse_cache_size(text: str | None) -> int | None:
 def _parse_weights(text: str | None) -> tuple[float, ...] | None:
     from pipeline.config import parse_weights
 
-    return parse_weights(text)
+    return parse_weights(text)  # 0.7,0.3
 
 
 def _parse_workers(text: str) -> tuple[int, ...]:
@@ -143,8 +143,6 @@ class Form:
 
 CACHE_SIZE = Form(str | None, _parse_cache_size, ("--cache-size",), shown=lambda v: None)
 """StreamConfig.cache_bytes on the command line: a human size (50GB, 500MB) or bytes."""
-WEIGHTS = Form(str | None, _parse_weights, shown=lambda v: None)
-"""StreamConfig.weights on the command line: 0.7,0.3."""
 
 
 def _field_docs(cls) -> dict[str, str]:
@@ -579,7 +577,7 @@ train_app = _app(
             "test_views": Form(str, _parse_views, shown=lambda v: f"{v[0]}x{v[1]}"),
             "max_bad": Form(names=("--max-bad", "--max-bad-fraction")),
             "cache_bytes": CACHE_SIZE,
-            "weights": WEIGHTS,
+            "weights": Form(str | None, _parse_weights, shown=lambda v: None),
         },
     )
 )
@@ -595,7 +593,7 @@ bench_app = _app(
             "shards": Form(list[str], tuple, ("--shards",), required=True),
             "workers": Form(str, _parse_workers, shown=lambda v: ",".join(map(str, v))),
             "cache_bytes": CACHE_SIZE,
-            "weights": WEIGHTS,
+            "weights": Form(str | None, _parse_weights, shown=lambda v: None),
         },
     )
 )

@@ -40,7 +40,7 @@ from pipeline.train.collectives import agree_min, broadcast_text, gather
 from pipeline.train.data import mapping_note, resolve_data, with_workers
 from pipeline.train.elastic import CheckpointTriggers, init_process_group
 from pipeline.train.evaluate import check_eval_faults, evaluate, evaluation_message
-from pipeline.train.meter import BadClipBudget, Meter, PackDraws
+from pipeline.train.meter import BadClipBudget, Meter, PackDraws, pack_draws
 from pipeline.train.resuming import resolve_auto
 from pipeline.train.runfolder import Audit, Metrics, open_run_folder, trim_audits
 from pipeline.train.schedule import learning_rate
@@ -137,10 +137,7 @@ def _train(cfg: TrainConfig, env: DistEnv, held: contextlib.ExitStack) -> dict:
     stepper = Stepper(net, forward, optimizer, ModelInput(device, channels_last), autocast, cfg, total_opt_steps)
     triggers = CheckpointTriggers(cfg.checkpoint_every, cfg.checkpoint_every_min, env.world_size, use_cuda)
     triggers.install(at.step)
-    last_eval: dict | None = None
-    stopped_early = False
-    packs = [p.index for p in data.train.packs] or [data.train.index]
-    draws = PackDraws(packs, sc.weights, device, env) if sc.weights is not None else None
+    last_eval, stopped_early = None, False
     net.train()
     try:
         for epoch in range(at.epoch, cfg.epochs):
@@ -158,10 +155,8 @@ def _train(cfg: TrainConfig, env: DistEnv, held: contextlib.ExitStack) -> dict:
                 audit_earlier=audit_lines_kept(loader.history, env.rank) if epoch == loader.history_epoch else 0,
                 cfg=cfg,
                 env=env,
-                draws=draws,
+                draws=pack_draws(data.train, sc, device, env),
             )
-            if finished and draws is not None:
-                metrics.record("mix", step=at.step, epoch=at.epoch, **draws.record())
             if not finished and triggers.stop:
                 raise stopped_by_sigterm(at, log_dir)
             if not finished:
@@ -423,6 +418,8 @@ def run_epoch(
     if audit is not None:
         audit.close()
     at.epoch, at.step_in_epoch = epoch + 1, 0
+    if draws is not None:
+        metrics.record("mix", step=at.step, epoch=at.epoch, **draws.record())
     return True
 
 

@@ -159,3 +159,10 @@ class PackDraws:
             "share": shares,
             "from_step": self.from_step,
         }
+
+
+def pack_draws(train, sc, device: torch.device, env: DistEnv) -> PackDraws | None:
+    """A weighted mix's PackDraws for the training ShardSet `train` (None without `weights`)."""
+    if sc.weights is None:
+        return None
+    return PackDraws([p.index for p in train.packs] or [train.index], sc.weights, device, env)
