@@ -114,6 +114,12 @@ def _parse_cache_size(text: str | None) -> int | None:
     return None if text is None else parse_size(text, "--cache-size")
 
 
+def _parse_weights(text: str | None) -> tuple[float, ...] | None:
+    from pipeline.config import parse_weights
+
+    return parse_weights(text)  # 0.7,0.3
+
+
 def _parse_workers(text: str) -> tuple[int, ...]:
     from pipeline.tools.bench import parse_workers
 
@@ -591,6 +597,7 @@ train_app = _app(
             "test_views": Form(str, _parse_views, shown=lambda v: f"{v[0]}x{v[1]}"),
             "max_bad": Form(names=("--max-bad", "--max-bad-fraction")),
             "cache_bytes": CACHE_SIZE,
+            "weights": Form(str | None, _parse_weights, shown=lambda v: None),
         },
     )
 )
@@ -606,6 +613,7 @@ bench_app = _app(
             "shards": Form(list[str], tuple, ("--shards",), required=True),
             "workers": Form(str, _parse_workers, shown=lambda v: ",".join(map(str, v))),
             "cache_bytes": CACHE_SIZE,
+            "weights": Form(str | None, _parse_weights, shown=lambda v: None),
         },
     )
 )

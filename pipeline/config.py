@@ -175,12 +175,24 @@ MAX_BATCH_BYTES = 4 << 30
 """Largest batch buffer (B x T x crop x crop x 3 bytes): r3d18's recipe batch is 4.8 MB, a batch of 64
 clips of 64 frames at 224 px is 0.6 GiB. Each worker holds prefetch + 1 of them."""
 MAX_EPOCHS = 100_000
+MAX_PACKS = 1024
+"""Most packs one run mixes (`weights`)."""
 
 
 MAX_CACHE_BYTES = 10**18
 """An exabyte: a larger cache size is a typo."""
 _SIZE = re.compile(r"^\s*(?P<number>\d+(?:\.\d*)?|\.\d+)\s*(?P<unit>[kmgtp]?i?b?)\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "p": 10**15}
+
+
+def parse_weights(text: str | None) -> tuple[float, ...] | None:
+    """`--weights 0.7,0.3` -> (0.7, 0.3); checked further by StreamConfig."""
+    if text is None:
+        return None
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise UserError(f"`weights` must be numbers separated by commas (0.7,0.3), got {text!r}") from None
 
 
 def parse_size(text: str, what: str = "`cache_bytes`") -> int:
@@ -274,6 +286,8 @@ class StreamConfig:
     """Unreadable training clips allowed per rank and epoch: a fraction of the rank's clips if < 1, else a count. Above it the run stops with an error."""
     cache_dir: str | None = None
     """Local folder caching remote shards (s3://, gs://, az://, http(s)://): a shard is written there while it streams, kept once its sha256 matches the index, and read from there afterwards; one copy per node, shared by every rank and worker (put it on local disk). A cache that is full, unwritable or corrupt is bypassed with one warning. None: no cache."""
+    weights: tuple[float, ...] | None = None
+    """Mix the packs named by `shards` (each packed folder or index one pack, in the order named) with these weights, e.g. 0.7,0.3: an epoch is the packs' training clips in number, drawn in these shares, each pack's clips without replacement within its own passes (see docs/TRAINING.md); normalised; None: every training clip once an epoch."""
     cache_bytes: int | None = None
     """Most bytes the cache keeps: a size like 50GB, 500MB, 1.5TiB (K, M, G, T: powers of 1000; Ki, Mi, Gi, Ti: of 1024) or plain bytes; the least recently used shards are evicted past it. None: 90% of the space free on the cache's disk when the run starts."""
 
@@ -301,12 +315,29 @@ class StreamConfig:
         k, c = self.test_views
         if not (isinstance(k, int) and 1 <= k <= 32 and c in (1, 3)):
             raise UserError(f"`test_views` must be KxC with K in 1..32 and C 1 or 3, got {k}x{c}")
+        self._check_weights()
         if self.epoch_fill not in EPOCH_FILLS:
             raise UserError(f"`epoch_fill` must be one of {', '.join(EPOCH_FILLS)}, got {self.epoch_fill!r}")
         if not 0 <= self.max_bad <= MAX_COUNT:
             raise UserError(
                 f"`max_bad` must be >= 0 (a fraction if < 1, else a count) and at most {MAX_COUNT:,}, got {self.max_bad}"
             )
+
+    def _check_weights(self) -> None:
+        if self.weights is None:
+            return
+        weights = parse_weights(self.weights) if isinstance(self.weights, str) else self.weights
+        if not hasattr(weights, "__iter__"):
+            raise UserError(f"`weights` must be numbers, one per pack, got {weights!r}")
+        weights = tuple(weights)
+        if not weights or len(weights) > MAX_PACKS:
+            raise UserError(f"`weights` must be 1..{MAX_PACKS} numbers, one per pack, got {len(weights)}")
+        for w in weights:
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not (math.isfinite(w) and w > 0):
+                raise UserError(f"`weights` must be positive finite numbers, got {w!r} in {list(weights)}")
+        object.__setattr__(self, "weights", tuple(float(w) for w in weights))
+        if self.resample:
+            raise UserError("`weights` and `resample` do not go together: a weighted epoch draws whole shards itself")
 
     def _check_cache(self) -> None:
         cache_dir, cache_bytes = checked_cache(self.cache_dir, self.cache_bytes)

@@ -54,10 +54,12 @@ def make_packed(
     frames: int = 4,
     height: int = 32,
     seed: int = 0,
+    names: list[str] | None = None,
 ) -> dict:
-    """Write OUT/000.tar..., OUT/test-000.tar..., OUT/index.json; return the index."""
+    """Write OUT/000.tar..., OUT/test-000.tar..., OUT/index.json; return the index. `names`: the
+    class names (label = position), default the first `classes` HMDB51 names in sorted order."""
     out.mkdir(parents=True, exist_ok=True)
-    names = sorted(HMDB51_CLASSES)[:classes]
+    names = list(names) if names is not None else sorted(HMDB51_CLASSES)[:classes]
     rng = np.random.default_rng(seed)
     splits = {}
     for split, per_class, n_shards, prefix in (
@@ -119,6 +121,7 @@ def make_temporal_pack(
     width: int = 128,
     height: int = 96,
     cap: int = 0,
+    names: list[str] | None = None,
 ) -> dict:
     """A pack whose clips store S frames each, as `pack-shards --stored-frames` writes them: stored
     frame j is source frame round(j*(n-1)/(S-1)) of an n-frame clip (`stored=None`: every frame, at
@@ -128,7 +131,7 @@ def make_temporal_pack(
     from pipeline.frames import clip_indices
 
     out.mkdir(parents=True, exist_ok=True)
-    names = sorted(HMDB51_CLASSES)[:classes]
+    names = list(names) if names is not None else sorted(HMDB51_CLASSES)[:classes]
     splits = {}
     for split, prefix in (("train", ""), ("test", "test-")):
         entries = []

@@ -25,12 +25,12 @@ def check_crop(crop: int | None, source) -> None:
     """A crop larger than the pack's frames, said before any worker starts (the index knows the
     frames' shorter side): otherwise every clip fails to decode, one fault at a time. `source` is
     a ShardSet."""
-    side = source.short_side
-    if crop is not None and side is not None and crop > side:
-        raise UserError(
-            f"`crop` {crop} is larger than the frames of the pack, whose shorter side is {side} px "
-            f"(index {source.index}): use a crop of at most {side}"
-        )
+    for index, side in [(p.index, p.short_side) for p in source.packs] or [(source.index, source.short_side)]:
+        if crop is not None and side is not None and crop > side:
+            raise UserError(
+                f"`crop` {crop} is larger than the frames of the pack, whose shorter side is {side} px "
+                f"(index {index}): use a crop of at most {side}"
+            )
 
 
 def crop_clip(
@@ -116,7 +116,7 @@ def crop_frame(window: np.ndarray, flip: bool, out: np.ndarray) -> None:
 def decode_sample(
     raw: dict,
     crop: int | None,
-    num_classes: int,
+    label_maps: tuple[tuple[int, ...], ...],
     draw: int | None,
     row: np.ndarray | None,
     scratch: dict,
@@ -124,10 +124,13 @@ def decode_sample(
     spatial: int = 0,
 ):
     """Check a raw sample's members and label, decode its clip into `row` (see crop_clip); returns
-    the label (and the frames when `row` is None). Anything unreadable is a ShardFormatError."""
+    the label (and the frames when `row` is None). Anything unreadable is a ShardFormatError.
+    `label_maps` (ShardSet.label_maps): per pack, the set's label of each stored label; a sample's
+    pack is its `__pack__` (read_samples sets it from its shard), 0 when absent."""
     if JPGS not in raw or CLS not in raw:
         raise ShardFormatError(f"missing member(s): has {sorted(k for k in raw if not k.startswith('__'))}")
-    label = parse_label(raw[CLS], num_classes)
+    labels = label_maps[raw.get("__pack__", 0)]
+    label = labels[parse_label(raw[CLS], len(labels))]
     frames = crop_clip(raw[JPGS], crop, draw, row, scratch, choose, spatial)
     return label if row is not None else (label, frames)
 
@@ -144,16 +147,16 @@ class TrainClips:
         self,
         src: Iterable[dict],
         crop: int,
-        num_classes: int,
+        label_maps: tuple[tuple[int, ...], ...],
         seed: int,
         epoch: int,
         faults: Faults,
         temporal: str = "segment",
     ):
-        self.src, self.crop, self.num_classes, self.seed, self.epoch, self.faults = (
+        self.src, self.crop, self.label_maps, self.seed, self.epoch, self.faults = (
             iter(src),
             crop,
-            num_classes,
+            label_maps,
             seed,
             epoch,
             faults,
@@ -161,29 +164,31 @@ class TrainClips:
         self.temporal = temporal
         self.scratch: dict = {}
         self.last_good: tuple[dict, int] | None = None  # (raw, label)
-        self.repeat: tuple[np.ndarray, str, int, int] | None = None  # (clip, key, label, rows still owed)
+        self.repeat: tuple[np.ndarray, str, int, int, int] | None = None  # (clip, key, label, pack, rows still owed)
 
     def _decode(self, raw: dict, row: np.ndarray) -> int:
         key = raw["__key__"]
         choose = training_positions(self.temporal, len(row), self.seed, self.epoch, key)
         return decode_sample(
-            raw, self.crop, self.num_classes, clip_draw(self.seed, self.epoch, key), row, self.scratch, choose
+            raw, self.crop, self.label_maps, clip_draw(self.seed, self.epoch, key), row, self.scratch, choose
         )
 
-    def fill(self, rows: np.ndarray) -> tuple[list[str], list[int], list[bool]]:
-        """Write len(rows) clips into `rows`; returns their keys, labels and repeat marks (a clip
-        delivered again to top the epoch up, see samples.fit_to_quota)."""
+    def fill(self, rows: np.ndarray) -> tuple[list[str], list[int], list[bool], list[int]]:
+        """Write len(rows) clips into `rows`; returns their keys, labels, repeat marks (a clip
+        delivered again to top the epoch up, see samples.fit_to_quota) and packs."""
         keys: list[str] = []
         labels: list[int] = []
         repeats: list[bool] = []
+        packs: list[int] = []
         for row in rows:
             if self.repeat is not None:
-                clip, key, label, owed = self.repeat
+                clip, key, label, pack, owed = self.repeat
                 row[...] = clip
-                self.repeat = (clip, key, label, owed - 1) if owed > 1 else None
+                self.repeat = (clip, key, label, pack, owed - 1) if owed > 1 else None
                 keys.append(key)
                 labels.append(label)
                 repeats.append(False)
+                packs.append(pack)
                 continue
             owed = 0
             repeated = False
@@ -205,9 +210,11 @@ class TrainClips:
                 break
             else:
                 raise UserError(f"every clip of a loader worker's shards is unreadable ({self.faults.bad} bad)")
+            pack = raw.get("__pack__", 0)
             if owed:
-                self.repeat = (row.copy(), key, label, owed)
+                self.repeat = (row.copy(), key, label, pack, owed)
             keys.append(key)
             labels.append(label)
             repeats.append(repeated)
-        return keys, labels, repeats
+            packs.append(pack)
+        return keys, labels, repeats, packs

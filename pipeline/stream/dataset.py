@@ -22,6 +22,7 @@ from pipeline.device import known_rank_and_world, rank_and_world
 from pipeline.errors import ShardFormatError, UserError
 from pipeline.frames import training_positions
 from pipeline.stream.clips import TrainClips, check_crop, decode_sample
+from pipeline.stream.mix import check_mix, epoch_shards
 from pipeline.stream.passes import eval_clips, shard_cache, stream_config, test_samples, worker_samples
 from pipeline.stream.plan import WorkerPlan, check_enough_shards, eval_plan, train_plan
 from pipeline.stream.sources import resolve, shard_name
@@ -147,8 +148,11 @@ class ClipDataset(wds.DataPipeline, wds.FluidInterface):
         self.cfg.check_memory(self.source.frames, 1)  # each DataLoader worker builds its batches in memory of its own
         check_crop(self.cfg.crop, self.source)
         self.cache = shard_cache(self.cfg, self.source)
+        if split == "train":
+            check_mix(self.source, self.cfg, 1 if known is None else known[1] * max(1, self.num_workers or 0))
         if split == "train" and known is not None:
-            check_enough_shards(self.source.shards, self.cfg, known[1], max(1, self.num_workers or 0))
+            shards = epoch_shards(self.source, self.cfg, 0)
+            check_enough_shards(shards, self.cfg, known[1], max(1, self.num_workers or 0))
         self.state = _PassState()
         self.pipeline = [
             # this pass's plan: which shards this rank and worker read, how many clips it delivers
@@ -216,7 +220,8 @@ class ClipDataset(wds.DataPipeline, wds.FluidInterface):
         return self._items(epoch, *self._dist(), max(1, self.num_workers))
 
     def _items(self, epoch: int, rank: int, world: int, n_workers: int, worker: int | None = None) -> int:
-        plans = train_plan(self.source.shards, self.cfg, epoch, rank, world, n_workers, separate=True)
+        shards = epoch_shards(self.source, self.cfg, epoch)
+        plans = train_plan(shards, self.cfg, epoch, rank, world, n_workers, separate=True)
         if worker is not None:
             plans = plans[worker : worker + 1]
         return sum(p.quota for p in plans) // (self.batch_size or 1)
@@ -235,6 +240,7 @@ class ClipDataset(wds.DataPipeline, wds.FluidInterface):
             "epoch_fill": cfg.epoch_fill,
             "temporal": cfg.temporal,
             "shards": [shard_name(s.url) for s in self.source.shards],
+            **({} if cfg.weights is None else {"weights": list(cfg.weights), "packs": len(self.source.packs) or 1}),
         }
 
     def state_dict(self) -> dict:
@@ -297,8 +303,10 @@ class ClipDataset(wds.DataPipeline, wds.FluidInterface):
         state.next[worker] = epoch + 1
         by_key, items = False, -1
         if self.split == "train":
-            check_enough_shards(self.source.shards, self.cfg, world, n_workers)
-            plan = train_plan(self.source.shards, self.cfg, epoch, rank, world, n_workers, separate=True)[worker]
+            shards = epoch_shards(self.source, self.cfg, epoch)
+            check_mix(self.source, self.cfg, world * n_workers)
+            check_enough_shards(shards, self.cfg, world, n_workers)
+            plan = train_plan(shards, self.cfg, epoch, rank, world, n_workers, separate=True)[worker]
             items = plan.quota // (self.batch_size or 1)
         else:
             per_worker, by_key = eval_plan(self.source.shards, n_workers, rank, world)
@@ -323,7 +331,7 @@ class ClipDataset(wds.DataPipeline, wds.FluidInterface):
 
     def _decode(self, raw: Iterator[dict]) -> Iterator[dict]:
         now = self.state.current
-        cfg, frames, classes = self.cfg, self.source.frames, len(self.source.classes)
+        cfg, frames, classes = self.cfg, self.source.frames, self.source.label_maps
         if cfg.crop is None:
             yield from self._whole_frames(raw, now)
             return
@@ -332,38 +340,43 @@ class ClipDataset(wds.DataPipeline, wds.FluidInterface):
             clips = TrainClips(raw, cfg.crop, classes, cfg.seed, now.epoch, now.faults, cfg.temporal)
             while now.step < now.items:
                 rows = np.empty(shape, np.uint8)
-                keys, labels, repeats = clips.fill(rows)
+                keys, labels, repeats, packs = clips.fill(rows)
                 now.step += 1
-                yield self._output(rows, keys, labels, now.faults, repeats)
+                yield self._output(rows, keys, labels, now.faults, repeats, packs)
             now.running = False
             return
-        for rows, keys, labels, _ in eval_clips(
+        for rows, keys, labels, _, packs in eval_clips(
             raw, cfg.crop, classes, now.faults, lambda: (np.empty(shape, np.uint8),) * 2
         ):
             now.step += 1
-            yield self._output(rows[: len(keys)], keys, labels, now.faults, [False] * len(keys))
+            yield self._output(rows[: len(keys)], keys, labels, now.faults, [False] * len(keys), packs)
         now.running = False
         self._log(now.faults.take())
 
     def _output(
-        self, rows: np.ndarray, keys: list[str], labels: list[int], faults: Faults, repeats: list[bool]
+        self, rows: np.ndarray, keys: list[str], labels: list[int], faults: Faults, repeats: list[bool], packs
     ) -> dict:
         # frames first: accelerate (and others) read the batch size from a batch's first entry
+        mixed = bool(self.source.packs)  # which pack a clip is from, when there are several
         if self.batch_size is None:
             self._log(faults.take())
-            return {"frames": torch.from_numpy(rows[0]), "label": labels[0], "key": keys[0], "repeat": repeats[0]}
-        return ClipBatch(
+            clip = {"frames": torch.from_numpy(rows[0]), "label": labels[0], "key": keys[0], "repeat": repeats[0]}
+            return {**clip, "pack": packs[0]} if mixed else clip
+        batch = ClipBatch(
             frames=torch.from_numpy(rows),
             label=torch.tensor(labels, dtype=torch.int64),
             key=keys,
             repeat=torch.tensor(repeats, dtype=torch.bool),
             faults=faults.take(),
         )
+        if mixed:
+            batch["pack"] = torch.tensor(packs, dtype=torch.int64)
+        return batch
 
     def _whole_frames(self, raw: Iterator[dict], now: _Pass) -> Iterator[dict]:
         """`crop=None`: each clip's T frames whole, (T, H, W, 3), chosen as in training (or view 0 in
         testing), no flip; an unreadable clip is logged and skipped."""
-        cfg, frames, classes, scratch = self.cfg, self.source.frames, len(self.source.classes), {}
+        cfg, frames, classes, scratch = self.cfg, self.source.frames, self.source.label_maps, {}
         for sample in raw:
             key = sample.get("__key__", "?")
             temporal = cfg.temporal if self.split == "train" else "fixed"

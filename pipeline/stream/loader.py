@@ -18,6 +18,7 @@ from pipeline.config import StreamConfig
 from pipeline.device import cores_per_rank, known_rank_and_world, rank_and_world
 from pipeline.errors import UserError, WorkerGaveUp
 from pipeline.stream.clips import TrainClips, check_crop
+from pipeline.stream.mix import check_mix, epoch_shards
 from pipeline.stream.passes import (
     eval_clips,
     part_samples,
@@ -75,7 +76,8 @@ class TrainProducer:
         if self.segment and epoch == self.start_epoch:
             plans = list(self.parts)
         else:
-            plans = train_plan(self.source.shards, self.cfg, epoch, self.rank, self.world_size, self.n_workers)
+            shards = epoch_shards(self.source, self.cfg, epoch)
+            plans = train_plan(shards, self.cfg, epoch, self.rank, self.world_size, self.n_workers)
         return plans, step_schedule([p.quota for p in plans], self.cfg.batch_size)
 
     def samples(self, plans: list, epoch: int, worker: int, faults: Faults) -> Iterator[dict]:
@@ -101,11 +103,11 @@ class TrainProducer:
                 # On resume: drop what was already trained on, before decoding it.
                 src = skip_consumed(self.samples(plans, epoch, worker, faults), skip)
                 clips = TrainClips(
-                    src, self.cfg.crop, len(self.source.classes), self.cfg.seed, epoch, faults, self.cfg.temporal
+                    src, self.cfg.crop, self.source.label_maps, self.cfg.seed, epoch, faults, self.cfg.temporal
                 )
                 for n in sizes:
                     slot, rows = ring.take()
-                    keys, labels, repeats = clips.fill(rows[:n])
+                    keys, labels, repeats, packs = clips.fill(rows[:n])
                     yield {
                         "slot": slot,
                         "n": n,
@@ -113,6 +115,7 @@ class TrainProducer:
                         "key": keys,
                         "label": labels,
                         "repeat": repeats,
+                        "pack": packs,
                         "faults": faults.take(),
                     }
         except UserError as e:
@@ -137,12 +140,15 @@ class EvalProducer:
         raw = test_samples(
             self.per_worker[worker], self.cfg.allow_pipe, faults, self.by_key, self.rank, self.world_size, self.cache
         )
-        for slot, keys, labels, views in eval_clips(
-            raw, self.cfg.crop, len(self.source.classes), faults, ring.take, self.cfg.test_views
+        for slot, keys, labels, views, packs in eval_clips(
+            raw, self.cfg.crop, self.source.label_maps, faults, ring.take, self.cfg.test_views
         ):
-            yield {"slot": slot, "n": len(keys), "key": keys, "label": labels, "view": views, "faults": faults.take()}
+            yield {
+                "slot": slot, "n": len(keys), "key": keys, "label": labels, "view": views, "pack": packs,
+                "faults": faults.take(),
+            }  # fmt: skip
         if faults.pending:
-            yield {"n": 0, "key": [], "label": [], "faults": faults.take()}
+            yield {"n": 0, "key": [], "label": [], "pack": [], "faults": faults.take()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,7 +263,8 @@ class ClipLoader(Closing):
         n_workers = max(1, cfg.workers or 0)
         cfg.check_memory(self.source.frames, n_workers)  # before any buffer is allocated
         if self.split == "train":
-            check_enough_shards(self.source.shards, cfg, world_size, n_workers)
+            check_mix(self.source, cfg, world_size * n_workers)
+            check_enough_shards(epoch_shards(self.source, cfg, 0), cfg, world_size, n_workers)
         placed = {"cfg": cfg, "rank": rank, "world_size": world_size, "n_workers": n_workers}
         if freeze:
             self.__dict__.update(placed)
@@ -296,7 +303,8 @@ class ClipLoader(Closing):
             )
         parts = self._segment_parts(epoch)
         if parts is None:
-            parts = train_plan(self.source.shards, self.cfg, epoch, self.rank, self.world_size, self.n_workers)
+            shards = epoch_shards(self.source, self.cfg, epoch)
+            parts = train_plan(shards, self.cfg, epoch, self.rank, self.world_size, self.n_workers)
         return sum(p.quota for p in parts) // self.cfg.batch_size
 
     def _segment_parts(self, epoch: int) -> tuple[Part, ...] | None:
@@ -304,7 +312,7 @@ class ClipLoader(Closing):
         if not self.history or epoch != self.history_epoch:
             return None
         if self._parts is None:
-            counts = [s.samples for s in self.source.shards]
+            counts = [s.samples for s in epoch_shards(self.source, self.cfg, epoch)]
             me = Segment(self.world_size, self.n_workers, self.cfg.batch_size, 0)
             self._parts = tuple(segment_parts(counts, self.cfg, epoch, self.history, me)[self.rank])
         return self._parts
@@ -329,6 +337,7 @@ class ClipLoader(Closing):
             "epoch_fill": cfg.epoch_fill,
             "temporal": cfg.temporal,
             "shards": [shard_name(s.url) for s in self.source.shards],
+            **({} if cfg.weights is None else {"weights": list(cfg.weights), "packs": len(self.source.packs) or 1}),
         }
 
     def _next(self) -> tuple[int, int]:
@@ -463,6 +472,7 @@ class ClipLoader(Closing):
                     "key": [k for _, m in got for k in m["key"]],
                     "worker": torch.tensor([w for w, m in got for _ in range(m["n"])], dtype=torch.int64),
                     "repeat": torch.tensor([r for _, m in got for r in m["repeat"]], dtype=torch.bool),
+                    "pack": torch.tensor([p for _, m in got for p in m["pack"]], dtype=torch.int64),
                     "faults": [f for _, m in got for f in m["faults"]],
                 }
                 for w, m in held:
@@ -508,6 +518,7 @@ class ClipLoader(Closing):
                             "label": torch.tensor(message["label"], dtype=torch.int64) if message["n"] else None,
                             "key": message["key"],
                             "view": torch.tensor(message.get("view", []), dtype=torch.int64),
+                            "pack": torch.tensor(message.get("pack", []), dtype=torch.int64),
                             "faults": message["faults"],
                         }
                         pool.release(w, message)

@@ -17,6 +17,7 @@ from pipeline.config import StreamConfig
 from pipeline.errors import ShardFormatError, UserError
 from pipeline.frames import view_positions
 from pipeline.stream.clips import decode_sample
+from pipeline.stream.mix import epoch_shards
 from pipeline.stream.plan import WorkerPlan, key_rank
 from pipeline.stream.reshard import Part, shuffle_rng
 from pipeline.stream.sources import ShardSet
@@ -85,7 +86,8 @@ def part_samples(
     """The raw samples one worker delivers in segment `segment` >= 1 of an epoch resumed on another
     topology (see stream/reshard.py), read top to bottom."""
     # the shards it shares in, each cut to the samples the epoch has not used yet
-    raw = kept_samples([source.shards[i] for i in part.shards], part.keep, cfg.allow_pipe, faults, cache)
+    shards = epoch_shards(source, cfg, epoch)
+    raw = kept_samples([shards[i] for i in part.shards], part.keep, cfg.allow_pipe, faults, cache)
     # shuffled in a buffer seeded for this segment
     mixed = shuffle(raw, cfg.shuffle_buffer, shuffle_rng(cfg.seed, epoch, rank, worker, segment))
     # fewer clips left than ranks: this rank's one clip is a repeat
@@ -107,15 +109,20 @@ def test_samples(
 
 
 def eval_clips(
-    raw: Iterable[dict], crop: int, num_classes: int, faults: Faults, rows_for, views: tuple[int, int] = (1, 1)
+    raw: Iterable[dict],
+    crop: int,
+    label_maps: tuple[tuple[int, ...], ...],
+    faults: Faults,
+    rows_for,
+    views: tuple[int, int] = (1, 1),
 ) -> Iterator[tuple]:
     """Test clips decoded into rows handed out by `rows_for()` -> (handle, rows), K x C rows a clip
     for `views` (K temporal, C spatial; view 0 is the fixed frames and the centre crop): yields
-    (handle, keys, labels, view numbers) for every full set of rows and for the last, partial one.
+    (handle, keys, labels, view numbers, packs) for every full set of rows and for the last, partial one.
     A clip's views follow each other (they may straddle two sets). Unreadable clips are skipped and
     counted, never repeated."""
     temporal, spatial = views
-    handle, rows, keys, labels, numbers, scratch = None, None, [], [], [], {}
+    handle, rows, keys, labels, numbers, packs, scratch = None, None, [], [], [], [], {}
     for sample in raw:
         key = sample.get("__key__", "?")
         decoded = 0
@@ -126,18 +133,19 @@ def eval_clips(
                     handle, rows = rows_for()
                 row = rows[len(keys)]
                 choose = lambda stored, k=k, t=len(row): view_positions(stored, t, k, temporal)  # noqa: B008 (bound per view, on purpose)
-                label = decode_sample(sample, crop, num_classes, None, row, scratch, choose, c)
+                label = decode_sample(sample, crop, label_maps, None, row, scratch, choose, c)
                 keys.append(key)
                 labels.append(label)
                 numbers.append(v)
+                packs.append(sample.get("__pack__", 0))
                 decoded += 1
                 if len(keys) == len(rows):
-                    yield handle, keys, labels, numbers
-                    handle, keys, labels, numbers = None, [], [], []
+                    yield handle, keys, labels, numbers, packs
+                    handle, keys, labels, numbers, packs = None, [], [], [], []
         except ShardFormatError as e:
             # A frame only a later view uses can fail after earlier views were delivered: the clip
             # then counts on those views, and the fault is named but not counted as a lost clip.
             reason = f"{e} (evaluated on {decoded} view(s))" if decoded else str(e)
             faults.add(f"{sample.get('__url__', '?')}:{key}", reason, 0 if decoded else 1)
     if keys:
-        yield handle, keys, labels, numbers
+        yield handle, keys, labels, numbers, packs

@@ -44,6 +44,22 @@ class Shard:
     """The shard's sha256 from the index (its content identity); None when the index does not list it."""
     bytes: int | None = None
     """The shard's size from the index; None when the index does not list it."""
+    pack: int = 0
+    """Which pack of its ShardSet (`ShardSet.packs`) the shard belongs to: its labels are that pack's."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Pack:
+    """One packed set of a ShardSet: the shards that share one index."""
+
+    index: str
+    """Where its index was read."""
+    classes: tuple[str, ...]
+    """Its own class names, in its own label order."""
+    labels: tuple[int, ...]
+    """The ShardSet's label of each of its classes (by name): its stored label l is labels[l]."""
+    short_side: int | None = None
+    """Its frames' shorter side in px, as its index says; None: not said."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +76,14 @@ class ShardSet:
     short_side: int | None = None
     """The frames' shorter side in px, as the index says (the smallest of several packs); None:
     frames kept at their original sizes, or an index that does not say."""
+    packs: tuple[Pack, ...] = ()
+    """The packs the shards come from, in the order they were first named (a Shard's `pack` indexes
+    them); empty: one pack whose labels are the set's own."""
+
+    @property
+    def label_maps(self) -> tuple[tuple[int, ...], ...]:
+        """Per pack, the set's label of each stored label: what a worker applies to a sample of the pack."""
+        return tuple(p.labels for p in self.packs) or (tuple(range(len(self.classes))),)
 
     @property
     def remote(self) -> bool:
@@ -141,8 +165,9 @@ def listed(url: str, entry: dict) -> Shard:
 
 def content_of(shards: Iterable[Shard]) -> dict[str, str | None]:
     """Shard name -> sha256 from the index: what a resume compares to know it is on the same pack
-    (names alone say nothing when a folder was packed again with other clips)."""
-    return {shard_name(s.url): s.sha256 for s in shards}
+    (names alone say nothing when a folder was packed again with other clips). The names of a
+    mix's later packs are prefixed with the pack's number (`1:000.tar`): packs share names."""
+    return {(f"{s.pack}:" if s.pack else "") + shard_name(s.url): s.sha256 for s in shards}
 
 
 def changed_content(before: dict, after: dict) -> list[str]:
@@ -176,6 +201,7 @@ def resolve(
         return location, indexes[location]
 
     shards: list[Shard] = []
+    where: dict[str, str] = {}  # shard URL -> the location of the index that lists it
     for pattern in map(str, patterns):
         if is_pack_folder(pattern):
             location = index or (
@@ -183,35 +209,60 @@ def resolve(
             )
             if location not in indexes:
                 indexes[location] = read_index(location)
-            shards += [listed(sibling(location, name), e) for name, e in entries(indexes[location], split).items()]
+            found = [listed(sibling(location, name), e) for name, e in entries(indexes[location], split).items()]
+            where.update((s.url, location) for s in found)
+            shards += found
             continue
         for url in expand_shards([pattern], allow_pipe):
             location, found = index_for(url)
             name, mine = shard_name(url), entries(found, split)
+            where[url] = location
             if name in mine:
                 shards.append(listed(url, mine[name]))
             elif split == "test" and name not in counts(found, "train"):
                 shards.append(Shard(url, -1))  # an evaluation shard of one's own: counted as it is read
             else:
-                where = (
+                what = (
                     "a test shard in"
                     if split == "train" and name in counts(found, "test")
                     else f"not a {'training' if split == 'train' else 'test'} shard of"
                 )
-                raise UserError(f"{url!r} is {where} index {location!r}")
+                raise UserError(f"{url!r} is {what} index {location!r}")
     if not indexes:
         raise UserError(f"no index found for {patterns!r}")
-    first_location, first = next(iter(indexes.items()))
-    classes, frames = tuple(first["classes"]), int(first["frames_per_clip"])
-    for location, found in indexes.items():
-        if tuple(found["classes"]) != classes or int(found["frames_per_clip"]) != frames:
-            raise UserError(f"index {location!r} disagrees with {first_location!r} on classes or frames per clip")
     urls = [s.url for s in shards]
     if len(set(urls)) != len(urls):
         raise UserError(f"a shard is named twice by {patterns!r}")
-    sides = [_short_side(found) for found in indexes.values()]
+    frames, classes, packs = pack_space(indexes)
+    if len(packs) > 1:
+        number = {p.index: i for i, p in enumerate(packs)}
+        shards = [dataclasses.replace(s, pack=number[where[s.url]]) for s in shards]
+    sides = [p.short_side for p in packs]
     short_side = None if None in sides else min(sides)
-    return ShardSet(tuple(shards), classes, frames, first_location, short_side)
+    return ShardSet(tuple(shards), classes, frames, packs[0].index, short_side, packs if len(packs) > 1 else ())
+
+
+def pack_space(indexes: dict[str, dict]) -> tuple[int, tuple[str, ...], tuple[Pack, ...]]:
+    """(frames per clip, the label space, the packs) of the indexes read, by location in the order
+    first named. The label space: the packs' common class list when they all list the same one (a
+    single pack keeps its own order, UCF101's classInd.txt included), else the sorted union of their
+    class names (the same name is the same class). Frames per clip must agree: one line naming both."""
+    (first_location, first), *_ = indexes.items()
+    frames = int(first["frames_per_clip"])
+    for location, found in indexes.items():
+        if int(found["frames_per_clip"]) != frames:
+            raise UserError(
+                f"packs disagree on frames per clip (T): {first_location!r} has {frames}, "
+                f"{location!r} has {int(found['frames_per_clip'])}; mix packs of the same T"
+            )
+    lists = [tuple(found["classes"]) for found in indexes.values()]
+    classes = lists[0] if all(c == lists[0] for c in lists) else tuple(sorted(set().union(*lists)))
+    position = {c: i for i, c in enumerate(classes)}
+    packs = tuple(
+        Pack(location, own, tuple(position[c] for c in own), _short_side(found))
+        for (location, found), own in zip(indexes.items(), lists)
+    )
+    return frames, classes, packs
 
 
 def _short_side(index: dict) -> int | None:
@@ -221,10 +272,13 @@ def _short_side(index: dict) -> int | None:
 
 
 def test_beside(train: ShardSet) -> ShardSet:
-    """The test shards the training shards' index lists, from the same folder or base URL."""
-    index = read_index(train.index)
-    shards = tuple(listed(sibling(train.index, name), e) for name, e in entries(index, "test").items())
-    return dataclasses.replace(train, shards=shards)
+    """The test shards the training shards' index lists (each pack's, when several), from the same
+    folder or base URL, in the training set's label space."""
+    shards: list[Shard] = []
+    for number, location in enumerate([p.index for p in train.packs] or [train.index]):
+        found = entries(read_index(location), "test")
+        shards += [dataclasses.replace(listed(sibling(location, n), e), pack=number) for n, e in found.items()]
+    return dataclasses.replace(train, shards=tuple(shards))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -174,6 +174,8 @@ def read_samples(
         try:
             for sample in group_samples(tar_members(stream, skip=_not_streamed), shard.url):
                 seen += 1
+                if shard.pack:
+                    sample["__pack__"] = shard.pack  # whose labels (ShardSet.label_maps) it carries
                 yield sample
         except Exception as e:
             faults.add(shard.url, f"unreadable after {seen} samples: {e}", max(shard.samples - seen, 0))

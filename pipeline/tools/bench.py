@@ -40,6 +40,7 @@ from pipeline.shardformat import jpeg_size, unpack_jpegs
 from pipeline.storage.urls import local_path
 from pipeline.stream.clips import crop_frame, decode_frame, frame_buffer
 from pipeline.stream.loader import ClipLoader
+from pipeline.stream.mix import check_mix, epoch_shards
 from pipeline.stream.plan import check_enough_shards, steps_per_epoch
 from pipeline.stream.sources import ShardSet, resolve
 from pipeline.stream.stages import Faults, read_samples
@@ -186,7 +187,7 @@ class PeakMemory:
 def endless_batches(source: ShardSet, cfg: StreamConfig, pin_memory: bool, copy: bool = False) -> Iterator[dict]:
     """The real training stream of rank 0 of 1, epoch after epoch, from one set of loader workers
     (ClipLoader, as train.py uses it). Each batch is valid until the next is asked for, unless `copy`."""
-    counts = [s.samples for s in source.shards]
+    counts = [s.samples for s in epoch_shards(source, cfg, 0)]
     if steps_per_epoch(counts, cfg.batch_size, 1, cfg.seed, 0, cfg.resample) == 0:
         raise UserError(f"{sum(counts)} clips do not fill one batch of {cfg.batch_size}")
     with ClipLoader.from_config(source, cfg, 0, 1, pin_memory=pin_memory, copy=copy) as loader:
@@ -417,7 +418,8 @@ def run_bench(cfg: BenchConfig, emit=print) -> list[dict]:
     held: list[dict] | None = None
     for workers in cfg.workers:
         sc = dataclasses.replace(cfg.stream, workers=workers)
-        check_enough_shards(shards.shards, sc, 1, workers)
+        check_mix(shards, sc, max(1, workers))
+        check_enough_shards(epoch_shards(shards, sc, 0), sc, 1, workers)
         torch.set_num_threads(cfg.threads or max(1, cores - workers))
         memory = PeakMemory()
         source = endless_batches(shards, sc, pin_memory=cuda)

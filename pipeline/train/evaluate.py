@@ -39,7 +39,8 @@ def evaluate(
     classes = tuple(classes or test.classes)
     num_classes = len(classes)
     k = min(5, num_classes)
-    clips: dict[str, list] = {}  # key -> [label, summed softmax, view-0 logits]
+    clips: dict[tuple[int, str], list] = {}  # (pack, key) -> [label, summed softmax, view-0 logits]
+    packs = [p.index for p in test.packs] or [test.index]
     skipped, faults = 0, []
     was_training = model.training
     model_input = ModelInput(device, channels_last)
@@ -56,26 +57,28 @@ def evaluate(
             with autocast:
                 logits = model(model_input(batch["frames"])).float()
             probs, logits = logits.softmax(dim=1).cpu(), logits.cpu()
-            for j, (key, label, view) in enumerate(zip(batch["key"], batch["label"].tolist(), batch["view"].tolist())):
+            rows = zip(batch["key"], batch["label"].tolist(), batch["view"].tolist(), batch["pack"].tolist())
+            for j, (key, label, view, pack) in enumerate(rows):
                 label = label if labels is None else labels[label]
-                entry = clips.setdefault(key, [label, torch.zeros(num_classes, dtype=torch.float64), None])
+                entry = clips.setdefault((pack, key), [label, torch.zeros(num_classes, dtype=torch.float64), None])
                 entry[1] += probs[j]
                 if view == 0:
                     entry[2] = logits[j]
     model.train(was_training)
-    # rows: clips, top-1 hits, top-5 hits (views averaged), the same for view 0 alone; columns: true class
-    counts = torch.zeros(5, num_classes, dtype=torch.float64)
-    for label, summed, single in clips.values():
-        counts[0, label] += 1
+    # per pack; rows: clips, top-1 hits, top-5 hits (views averaged), the same for view 0 alone; columns: true class
+    by_pack = torch.zeros(len(packs), 5, num_classes, dtype=torch.float64)
+    for (pack, _), (label, summed, single) in clips.items():
+        by_pack[pack, 0, label] += 1
         for row, scores in ((1, summed), (3, summed if single is None else single)):
             top = scores.topk(k).indices
-            counts[row, label] += float(top[0] == label)
-            counts[row + 1, label] += float(bool((top == label).any()))
-    counts = counts.to(device)
+            by_pack[pack, row, label] += float(top[0] == label)
+            by_pack[pack, row + 1, label] += float(bool((top == label).any()))
+    by_pack = by_pack.to(device)
     extra = torch.tensor([skipped], dtype=torch.float64, device=device)
     if env.world_size > 1:
-        dist.all_reduce(counts)
+        dist.all_reduce(by_pack)
         dist.all_reduce(extra)
+    counts = by_pack.sum(dim=0)
     total = counts.sum(dim=1).tolist()
     n = int(total[0])
     per_class = {
@@ -91,9 +94,19 @@ def evaluate(
         "views": f"{views[0]}x{views[1]}",
         "per_class": per_class,
         "clips": n,
+        **({"per_pack": _per_pack(by_pack, packs)} if len(packs) > 1 else {}),
         "skipped": int(extra.item()),
         "faults": faults,
     }
+
+
+def _per_pack(by_pack: torch.Tensor, packs: list[str]) -> dict:
+    """A mix's evaluation pack by pack (its index's location): top-1, top-5 and clips."""
+    out = {}
+    for name, counts in zip(packs, by_pack.sum(dim=2).tolist()):
+        n = int(counts[0])
+        out[name] = {"top1": counts[1] / n if n else None, "top5": counts[2] / n if n else None, "clips": n}
+    return out
 
 
 def check_eval_faults(

@@ -40,7 +40,7 @@ from pipeline.train.collectives import agree_min, broadcast_text, gather
 from pipeline.train.data import mapping_note, resolve_data, with_workers
 from pipeline.train.elastic import CheckpointTriggers, init_process_group
 from pipeline.train.evaluate import check_eval_faults, evaluate, evaluation_message
-from pipeline.train.meter import BadClipBudget, Meter
+from pipeline.train.meter import BadClipBudget, Meter, PackDraws, pack_draws
 from pipeline.train.resuming import resolve_auto
 from pipeline.train.runfolder import Audit, Metrics, open_run_folder, trim_audits
 from pipeline.train.schedule import learning_rate
@@ -137,8 +137,7 @@ def _train(cfg: TrainConfig, env: DistEnv, held: contextlib.ExitStack) -> dict:
     stepper = Stepper(net, forward, optimizer, ModelInput(device, channels_last), autocast, cfg, total_opt_steps)
     triggers = CheckpointTriggers(cfg.checkpoint_every, cfg.checkpoint_every_min, env.world_size, use_cuda)
     triggers.install(at.step)
-    last_eval: dict | None = None
-    stopped_early = False
+    last_eval, stopped_early = None, False
     net.train()
     try:
         for epoch in range(at.epoch, cfg.epochs):
@@ -156,6 +155,7 @@ def _train(cfg: TrainConfig, env: DistEnv, held: contextlib.ExitStack) -> dict:
                 audit_earlier=audit_lines_kept(loader.history, env.rank) if epoch == loader.history_epoch else 0,
                 cfg=cfg,
                 env=env,
+                draws=pack_draws(data.train, sc, device, env),
             )
             if not finished and triggers.stop:
                 raise stopped_by_sigterm(at, log_dir)
@@ -349,10 +349,12 @@ def run_epoch(
     audit_earlier: int,
     cfg: TrainConfig,
     env: DistEnv,
+    draws: PackDraws | None = None,
 ) -> bool:
     """The steps of epoch `at.epoch` from `at.step_in_epoch` on, `at` kept at the last step taken
     (the next epoch's start at the end). False when --max-steps or SIGTERM stopped it short, with a
-    checkpoint. `audit_earlier`: audit lines this rank wrote in the epoch's earlier segments."""
+    checkpoint. `audit_earlier`: audit lines this rank wrote in the epoch's earlier segments; `draws`:
+    a mix's clips per pack, counted."""
     from pipeline.progress import progress
 
     epoch, first, batch_size = at.epoch, at.step_in_epoch, cfg.stream.batch_size
@@ -362,6 +364,8 @@ def run_epoch(
     bar = progress(steps, f"epoch {epoch + 1}/{cfg.epochs}", quiet=env.rank != 0 or not cfg.progress, unit="step")
     bar.update(first)
     meter.reset()
+    if draws is not None:
+        draws.new_epoch(first)
     for in_epoch in range(first, steps):
         t0 = time.perf_counter()
         try:
@@ -377,8 +381,11 @@ def run_epoch(
         bad_clips.add(batch["faults"], epoch, at.step)
         loss, boundary = stepper.step(batch, at, steps)
         at.step, at.step_in_epoch = at.step + 1, in_epoch + 1
+        packs = batch["pack"].tolist() if draws is not None else None
+        if draws is not None:
+            draws.add(packs, batch["repeat"].tolist())
         if audit is not None:
-            audit.write(batch["key"], batch["repeat"].tolist())
+            audit.write(batch["key"], batch["repeat"].tolist(), packs)
         failpoint(f"step:{at.step}")
         meter.add(loss, batch_size, t1 - t0, time.perf_counter() - t0, at.step)
         bar.update(1)
@@ -411,6 +418,8 @@ def run_epoch(
     if audit is not None:
         audit.close()
     at.epoch, at.step_in_epoch = epoch + 1, 0
+    if draws is not None:
+        metrics.record("mix", step=at.step, epoch=at.epoch, **draws.record())
     return True
 
 

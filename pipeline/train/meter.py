@@ -125,3 +125,44 @@ class BadClipBudget:
                 f"rank {self.rank}: {self.epoch_bad} unreadable clips in epoch {epoch + 1}, more than --max-bad {self.cfg.stream.max_bad:g} allows "
                 f"({self.limit}); last: {last['what']}: {last['reason']} (all in {self.log})"
             )
+
+
+class PackDraws:
+    """A mix of packs: the clips each pack gave this epoch (repeats not counted), summed over every
+    rank at the epoch's end into the realised shares that metrics.jsonl records beside the weights.
+    After a mid-epoch resume they count the epoch from the resumed step (`from_step`)."""
+
+    def __init__(self, packs: list[str], weights: tuple[float, ...], device: torch.device, env: DistEnv):
+        self.packs, self.weights, self.device, self.env = packs, [w / sum(weights) for w in weights], device, env
+        self.new_epoch(0)
+
+    def new_epoch(self, from_step: int) -> None:
+        self.counts, self.from_step = [0] * len(self.packs), from_step
+
+    def add(self, packs: list[int], repeats: list[bool]) -> None:
+        for p, repeat in zip(packs, repeats):
+            if not repeat:
+                self.counts[p] += 1
+
+    def record(self) -> dict:
+        """Every rank calls it at the same epoch end (a collective)."""
+        counts = torch.tensor(self.counts, dtype=torch.float64, device=self.device)
+        if self.env.world_size > 1:
+            torch.distributed.all_reduce(counts)
+        total = counts.sum().item()
+        clips = [int(c) for c in counts.tolist()]
+        shares = [c / total if total else None for c in clips]
+        return {
+            "packs": self.packs,
+            "weights": self.weights,
+            "clips": clips,
+            "share": shares,
+            "from_step": self.from_step,
+        }
+
+
+def pack_draws(train, sc, device: torch.device, env: DistEnv) -> PackDraws | None:
+    """A weighted mix's PackDraws for the training ShardSet `train` (None without `weights`)."""
+    if sc.weights is None:
+        return None
+    return PackDraws([p.index for p in train.packs] or [train.index], sc.weights, device, env)

@@ -205,9 +205,11 @@ class Audit:
         self._file = open(path, "w")
         self._file.write("".join(k + "\n" for k in kept))
 
-    def write(self, keys: list[str], repeats: list[bool]) -> None:
-        # a repeat (--epoch-fill pad topping the epoch up) is marked, so each clip's first use stands alone
-        self._file.write("".join(k + ("\trepeat\n" if r else "\n") for k, r in zip(keys, repeats)))
+    def write(self, keys: list[str], repeats: list[bool], packs: list[int] | None = None) -> None:
+        # a repeat (--epoch-fill pad topping the epoch up) is marked, so each clip's first use stands alone;
+        # in a mix of packs each key is prefixed with its pack's number (`1:<key>`; keys hold no colon)
+        named = keys if packs is None else [f"{p}:{k}" for p, k in zip(packs, keys)]
+        self._file.write("".join(k + ("\trepeat\n" if r else "\n") for k, r in zip(named, repeats)))
 
     def flush(self) -> None:
         self._file.flush()
