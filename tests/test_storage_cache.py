@@ -30,6 +30,12 @@ def index_of(folder) -> dict:
     return {e["name"]: e for e in json.loads((folder / "index.json").read_text())["splits"]["train"]["shards"]}
 
 
+def all_entries(folder) -> dict:
+    """Every shard of the pack, training and test: name -> its index entry."""
+    splits = json.loads((folder / "index.json").read_text())["splits"].values()
+    return {e["name"]: e for split in splits for e in split["shards"]}
+
+
 def copies(cache) -> dict[str, bytes]:
     """The cache's kept copies by file name."""
     return {p.name: p.read_bytes() for p in cache.iterdir() if is_entry(p.name)}
@@ -127,11 +133,7 @@ def test_verify_shards_reads_each_shard_once_and_fills_the_cache_training_then_r
     from pipeline.cli import verify_app
 
     url, proxy = s3
-    every = {
-        e["name"]: e
-        for split in json.loads((packed / "index.json").read_text())["splits"].values()
-        for e in split["shards"]
-    }
+    every = all_entries(packed)
     cache = tmp_path / "cache"
     before = collections.Counter(shard_gets(proxy.gets))
     result = run_cli(verify_app, url, "--quiet", "--workers", "2", "--cache-dir", str(cache), "--cache-size", "1GB")
@@ -165,6 +167,20 @@ def test_http_second_epoch_requests_no_shard_body_with_clipdataset(http, packed,
     assert after_first == {name: 1 for name in index}
     assert shard_gets(handler.gets) == after_first
     assert_copies_verified(cache, index, index)
+
+
+def test_read_shard_reads_through_the_cache(http, packed, tmp_path):
+    from pipeline import read_shard
+
+    (base, handler), cache, every = http, str(tmp_path / "cache"), all_entries(packed)
+    plain = [(s["key"], s["frames"].tobytes()) for s in read_shard(base + "/")]
+    assert shard_gets(handler.gets) == {name: 1 for name in every}
+    first = [(s["key"], s["frames"].tobytes()) for s in read_shard(base + "/", cache_dir=cache)]
+    second = [(s["key"], s["frames"].tobytes()) for s in read_shard(base + "/", cache_dir=cache)]
+    one = [s["key"] for s in read_shard(f"{base}/<000..001>.tar", cache_dir=cache)]  # a pattern: the index beside it
+    assert first == second == plain and one == [k for k, _ in plain][: len(one)] and one
+    assert shard_gets(handler.gets) == {name: 2 for name in every}  # read once more to fill it, then never
+    assert_copies_verified(tmp_path / "cache", every, every)
 
 
 def test_local_shards_do_not_use_the_cache(packed, tmp_path):

@@ -20,8 +20,8 @@ from pipeline.errors import ShardFormatError, UserError
 from pipeline.redact import redact
 from pipeline.shardformat import CLS, JPGS, JSON, decode_jpegs, parse_label, split_member_name
 from pipeline.storage.readahead import ReadAhead
-from pipeline.storage.urls import is_pack_folder, is_remote, shard_name
-from pipeline.stream.sources import Shard, expand_shards, open_shard, resolve
+from pipeline.storage.urls import index_location, is_pack_folder, is_remote, shard_name
+from pipeline.stream.sources import Shard, expand_shards, listed, open_shard, read_index, resolve
 from pipeline.stream.tar import group_samples, tar_members, tar_samples
 
 STREAM_MEMBERS = (JPGS, CLS)
@@ -190,7 +190,7 @@ def read_samples(
             faults.add(shard.url, f"holds {seen} samples, index says {shard.samples}", max(shard.samples - seen, 0))
 
 
-def read_shard(url, allow_pipe: bool = False) -> Iterator[dict]:
+def read_shard(url, allow_pipe: bool = False, cache_dir=None, cache_bytes=None) -> Iterator[dict]:
     """Yield every sample of the shards `url` names as {'key', 'frames' (T, H, W, 3) uint8, 'label'
     int, 'meta' dict}, shard after shard in stored order.
 
@@ -200,26 +200,58 @@ def read_shard(url, allow_pipe: bool = False) -> Iterator[dict]:
     one UserError. A `pipe:` command runs only with `allow_pipe=True`. Members are read as bytes and
     decoded here; nothing is unpickled. A damaged shard raises ShardFormatError (a ValueError)
     naming the sample, after yielding the samples before it.
+
+    `cache_dir` (and `cache_bytes`): read remote shards through the node's shard cache, as
+    ClipLoader does (see StreamConfig.cache_dir): a shard the index beside it describes is kept
+    there once read whole and verified, and read from there the next time.
     """
-    for one in _shard_urls(url, allow_pipe):
-        yield from _read_one_shard(one, allow_pipe)
+    shards = _shards_of(url, allow_pipe, cache_dir is not None)
+    cache = None
+    if cache_dir is not None and any(is_remote(s.url) for s in shards):
+        from pipeline.config import checked_cache
+        from pipeline.storage.cache import open_cache
+
+        cache = open_cache(*checked_cache(cache_dir, cache_bytes))
+    for shard in shards:
+        yield from _read_one_shard(shard, allow_pipe, cache)
 
 
-def _shard_urls(url, allow_pipe: bool) -> list[str]:
+def _shards_of(url, allow_pipe: bool, described: bool) -> list[Shard]:
+    """The shards `url` names; `described`: with the sha256 and size their index gives (the index
+    beside each remote shard is read for it), so that a cache can verify them."""
     patterns = [url] if isinstance(url, (str, Path)) else list(url)
     if not patterns:
         raise UserError("`url` names no shard: give a shard, a pattern, a packed folder or a list of them")
-    urls: list[str] = []
+    shards: list[Shard] = []
+    indexes: dict[str, dict] = {}
     for pattern in map(str, patterns):
         if is_pack_folder(pattern):
-            urls += [s.url for split in ("train", "test") for s in resolve([pattern], split, None, allow_pipe).shards]
-        else:
-            urls += expand_shards([pattern], allow_pipe)
-    return urls
+            shards += [s for split in ("train", "test") for s in resolve([pattern], split, None, allow_pipe).shards]
+            continue
+        for one in expand_shards([pattern], allow_pipe):
+            entry = _listed_entry(one, indexes) if described and is_remote(one) else None
+            shards.append(Shard(one, -1) if entry is None else listed(one, entry))
+    return shards
 
 
-def _read_one_shard(url: str, allow_pipe: bool) -> Iterator[dict]:
-    with open_shard(url, allow_pipe) as stream:
+def _listed_entry(url: str, indexes: dict[str, dict]) -> dict | None:
+    """The entry of the index beside `url` for it (either split), or None (no readable index, not listed)."""
+    location = index_location(url)
+    if location not in indexes:
+        try:
+            indexes[location] = read_index(location)
+        except UserError:
+            indexes[location] = {"splits": {}}
+    name = shard_name(url)
+    return next(
+        (e for split in indexes[location]["splits"].values() for e in split.get("shards", []) if e["name"] == name),
+        None,
+    )
+
+
+def _read_one_shard(shard: Shard, allow_pipe: bool, cache=None) -> Iterator[dict]:
+    url = shard.url
+    with open_shard(url, allow_pipe, shard.bytes, shard.sha256, cache) as stream:
         for raw in tar_samples(stream, url):
             key = raw["__key__"]
             missing = [m for m in (JPGS, CLS, JSON) if m not in raw]
