@@ -50,7 +50,7 @@ _MEMBER_NAME = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 def pack_jpegs(jpegs: list[bytes]) -> bytes:
     """Concatenate encoded frames into one `.jpgs` member."""
     header = PACK_MAGIC + struct.pack(f"<I{len(jpegs)}I", len(jpegs), *(len(j) for j in jpegs))
-    return header + b"".join(jpegs)
+    return b"".join([header, *jpegs])  # one copy of the frames, not two
 
 
 def unpack_jpegs(data: bytes | memoryview) -> list[memoryview]:

@@ -38,12 +38,18 @@ class SampledClip:
 class Probe:
     """What a demux-only pass over the file says, before any decoder runs."""
 
-    packets: int
-    """Video packets with a payload: the decodable length when each gives one frame (checked later)."""
+    packets: int | None
+    """Video packets with a payload: the decodable length when each gives one frame (checked later);
+    None when not counted (the header's count is the guess)."""
     container_frames: int | None
     fps: float
     size: tuple[int, int]
     """(width, height) the stream header claims."""
+
+    @property
+    def guess(self) -> int | None:
+        """The length a decode pass keeps frames for: the packets counted, else the header's count."""
+        return self.packets if self.packets is not None else self.container_frames
 
 
 # Demuxers FFmpeg picks for a lone picture: a renamed JPEG/PNG would otherwise pack as a 1-frame clip
@@ -51,28 +57,51 @@ class Probe:
 _IMAGE_FORMAT = re.compile(r"^(image2|.+_pipe)$")
 
 
-def probe_video(path: str | Path) -> Probe:
+_NOT_KEYFRAME = "the first frame is not a keyframe (file cut before its first keyframe): it would decode as grey"
+
+
+def _open_video(path: str):
+    """(container, its first video stream, set for one decoder thread), refusing what is not a video."""
+    import av
+
+    try:
+        container = av.open(path)
+    except Exception as e:
+        raise DecodeError(f"cannot open: {_decoder_message(e)}") from None
+    if _IMAGE_FORMAT.match(container.format.name):
+        container.close()
+        raise DecodeError(f"not a video: a single picture ({container.format.name.removesuffix('_pipe')})")
+    if not container.streams.video:
+        container.close()
+        raise DecodeError("no video stream")
+    stream = container.streams.video[0]
+    # One decoder thread: pack-shards runs a worker per core. Measured on the 153 HMDB-shaped
+    # clips, whole packs alternated on the quiet 2-core machine: 2 FFmpeg frame threads took
+    # 2.60 s with 1 worker and 1.81 s with 2, one thread 2.32 s and 1.49 s (medians of 7).
+    stream.thread_type = "NONE"
+    return container, stream
+
+
+def _header(stream, packets: int | None) -> Probe:
+    ctx = stream.codec_context
+    rate = stream.average_rate or stream.guessed_rate
+    return Probe(packets, stream.frames or None, float(rate) if rate else 0.0, (ctx.width, ctx.height))
+
+
+def probe_video(path: str | Path, count: bool = True) -> Probe:
     """Count the video packets (no decoding but the first frame): the length the decode pass expects.
 
     Also refuses what is not a video (a picture in a video's name, no video stream) and a stream cut
     before its first keyframe: MPEG-4 decoders turn predicted frames without their keyframe into
     grey pictures without an error, so they would be packed as if they were the clip.
-    """
-    import av
 
-    try:
-        container = av.open(str(path))
-    except Exception as e:
-        raise DecodeError(f"cannot open: {_decoder_message(e)}") from None
+    count=False: stop once the first frame is out (the checks done) and leave `packets` None, so the
+    header's count is the guess; the packets are counted all the same when the header has no count.
+    """
+    container, stream = _open_video(str(path))
     with container:
-        if _IMAGE_FORMAT.match(container.format.name):
-            raise DecodeError(f"not a video: a single picture ({container.format.name.removesuffix('_pipe')})")
-        if not container.streams.video:
-            raise DecodeError("no video stream")
-        stream = container.streams.video[0]
-        stream.thread_type = "NONE"
         ctx = stream.codec_context
-        rate = stream.average_rate or stream.guessed_rate
+        count = count or not stream.frames
         packets, looking = 0, True
         try:
             for packet in container.demux(stream):
@@ -86,20 +115,18 @@ def probe_video(path: str | Path) -> Probe:
                         looking = False  # an undecodable start is the decode pass's to report
                         continue
                     if frames and not frames[0].key_frame:
-                        raise DecodeError(
-                            "the first frame is not a keyframe (file cut before its first keyframe): it would decode as grey"
-                        )
+                        raise DecodeError(_NOT_KEYFRAME)
                     looking = not frames
+                if not (looking or count):
+                    break
         except DecodeError:
             raise
         except Exception:
             pass  # a damaged tail: the decode pass finds where the frames really stop
-        return Probe(packets, stream.frames or None, float(rate) if rate else 0.0, (ctx.width, ctx.height))
+        return _header(stream, packets if count else None)
 
 
-def decode_clip(
-    path: str | Path, indices, decoder: str = "pyav", planes: bool = False, probe: Probe | None = None
-) -> SampledClip:
+def decode_clip(path: str | Path, indices, decoder: str = "pyav", planes: bool = False, check=None) -> SampledClip:
     """Decode the whole file sequentially, keeping only the frames `indices(n)` names of an n-frame
     clip (e.g. `lambda n: clip_indices(n, 16)`; `pack-shards --stored-frames`: S stored frames at the
     same formula).
@@ -107,10 +134,15 @@ def decode_clip(
     Sequential on purpose: container frame counts of AVI files can be wrong (a truncated file keeps
     its header), and decord's random access returns neighbouring frames on files with B-frames. A
     full sequential decode yields each frame exactly once, in order. The indices depend on the true
-    length n, known only at the end, so a demux-only pass (`probe_video`, about 1 ms a clip) first
-    counts the packets, the decode pass keeps the frames at the indices that count gives, and when
-    the decoder produced another number of frames (a damaged tail, a delayed decoder) a second
-    decode pass takes the indices of the true n. Memory holds the kept frames, whatever the clip's length.
+    length n, known only at the end, so the decode pass keeps the frames at the indices of a guess,
+    the container's count (what the header says: right for almost every file), and when the decoder
+    produced another number of frames (a truncated file, a damaged tail, a lying header) a second
+    decode pass takes the indices of the true n. Without a count in the header (Matroska, WebM) the
+    guess is the number of packets, counted first by a demux-only pass (`probe_video`). Memory holds
+    the kept frames, whatever the clip's length.
+
+    check(probe): called with the stream header's facts once the first frame is out, before any
+    frame is kept; it refuses a clip by raising DecodeError (pack-shards: frames too big to store).
 
     planes=True (pyav only): frames of 4:2:0 video come back as full-range (Y, U, V) planes instead
     of RGB, so a JPEG encoder can take them without a YUV -> RGB -> YUV round trip.
@@ -118,10 +150,15 @@ def decode_clip(
     if decoder not in DECODERS:
         raise ValueError(f"unknown decoder {decoder!r}; choose from {', '.join(DECODERS)}")
     path = str(path)
-    probe = probe if probe is not None else probe_video(path)
+    check = check or (lambda probe: None)
     one_pass = _pass_decord if decoder == "decord" else functools.partial(_pass_pyav, planes=planes)
-    kept, count, error, size = one_pass(path, _wanted(probe.packets, indices))
-    if count != probe.packets and count:
+    first = _first_pass_pyav(path, indices, check, planes) if decoder == "pyav" else None
+    if first is None:  # decord, or a header without a count: the checks and the guess from probe_video
+        probe = probe_video(path, count=decoder == "pyav")
+        check(probe)
+        first = (*one_pass(path, _wanted(probe.guess, indices)), probe)
+    kept, count, error, size, probe = first
+    if count != probe.guess and count:
         kept, again, error, size = one_pass(path, _wanted(count, indices))
         if again != count:
             raise DecodeError(f"two sequential decodes gave {count} and {again} frames")
@@ -150,25 +187,51 @@ def _pass_pyav(path: str, wanted: set[int], planes: bool = False):
     """
     import av
 
-    kept, count, error, size = {}, 0, None, None
     with av.open(path) as container:
         stream = container.streams.video[0]
-        # One decoder thread: pack-shards runs a worker per core. Measured on the 153 HMDB-shaped
-        # clips, whole packs alternated on the quiet 2-core machine: 2 FFmpeg frame threads took
-        # 2.60 s with 1 worker and 1.81 s with 2, one thread 2.32 s and 1.49 s (medians of 7).
-        stream.thread_type = "NONE"
-        try:
-            for frame in container.decode(stream):
-                if size is None:
-                    turns = round(frame.rotation / 90) % 4
-                    size = (frame.height, frame.width) if turns % 2 else (frame.width, frame.height)
-                if count in wanted:  # only the kept frames are converted
-                    kept[count] = _upright(
-                        (planes and _yuv420_planes(frame)) or frame.to_ndarray(format="rgb24"), turns
-                    )
-                count += 1
-        except Exception as e:
-            error = _decoder_message(e)
+        stream.thread_type = "NONE"  # as _open_video
+        return _decode_keeping(container, stream, lambda: wanted, planes)
+
+
+def _first_pass_pyav(path: str, indices, check, planes: bool):
+    """The common case in one open: probe_video's checks, `check`, and the decode pass keeping the
+    frames at indices(the header's count); (kept, count, error, size, probe), or None, having
+    decoded nothing, when the header gives no count."""
+    container, stream = _open_video(path)
+    with container:
+        probe = _header(stream, None)
+        if probe.guess is None:
+            return None
+
+        def wanted() -> set[int]:  # at the first frame out: it is a keyframe
+            check(probe)
+            return _wanted(probe.guess, indices)
+
+        kept, count, error, size = _decode_keeping(container, stream, wanted, planes, first_key=True)
+    if not count:
+        check(probe)  # refused by its header, whether or not a frame came out (as probe_video + check)
+    return kept, count, error, size, probe
+
+
+def _decode_keeping(container, stream, wanted, planes: bool, first_key: bool = False):
+    """Decode `stream` to its end, converting only the frames whose index is in `wanted()` (called
+    once the first frame is out); first_key: refuse a first frame that is not a keyframe."""
+    kept, count, error, size, keep = {}, 0, None, None, set()
+    try:
+        for frame in container.decode(stream):
+            if size is None:
+                if first_key and not frame.key_frame:
+                    raise DecodeError(_NOT_KEYFRAME)
+                keep = wanted()
+                turns = round(frame.rotation / 90) % 4
+                size = (frame.height, frame.width) if turns % 2 else (frame.width, frame.height)
+            if count in keep:  # only the kept frames are converted
+                kept[count] = _upright((planes and _yuv420_planes(frame)) or frame.to_ndarray(format="rgb24"), turns)
+            count += 1
+    except DecodeError:
+        raise
+    except Exception as e:
+        error = _decoder_message(e)
     return kept, count, error, size
 
 

@@ -35,15 +35,16 @@ def pack_clip(path: str, frames: int, short_side: int | None, quality: int, deco
 
     from pipeline.errors import DecodeError
     from pipeline.frames import clip_indices, resized_size
-    from pipeline.video import decode_clip, probe_video
+    from pipeline.video import decode_clip
+
+    def refuse_too_big(probe) -> None:  # from the header, before any frame is kept: T of them may not fit in memory
+        too_big = _too_big(*probe.size, short_side)
+        if too_big:
+            raise DecodeError(too_big)
 
     try:
-        probe = probe_video(path)
-        too_big = _too_big(*probe.size, short_side)  # before decoding: T frames of it may not fit in memory
-        if too_big:
-            return {"error": too_big}
         keep = lambda n: clip_indices(n, stored(n) if stored else frames)  # noqa: E731
-        clip = decode_clip(path, keep, decoder, planes=True, probe=probe)
+        clip = decode_clip(path, keep, decoder, planes=True, check=refuse_too_big)
     except DecodeError as e:
         return {"error": str(e)}
     too_big = _too_big(*clip.size, short_side)
