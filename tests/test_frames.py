@@ -111,21 +111,25 @@ def test_the_traps_are_real(small_tree):
     root, truth = small_tree
     wrong_random_access = 0
     lying_container = 0
+    overstated = [c for c in truth if c.kind == "overstated"]
     for c in truth:
         path = root / "hmdb51_org" / c.class_name / c.file_name
         lying_container += probe_video(path).container_frames != c.frames
+        if c.kind == "overstated":  # each claims 5 frames more than it holds, to PyAV itself
+            assert probe_video(path).container_frames == c.frames + 5, c.file_name
         if c.kind == "bframes" and c.frames >= 16:
             vr = decord.VideoReader(str(path), num_threads=1)
             got = [read_code(f)[0] for f in vr.get_batch(clip_indices(len(vr), 16)).asnumpy()]
             wrong_random_access += got != clip_indices(c.frames, 16)
     assert wrong_random_access >= 1, "fixture lost its B-frame trap"
     assert lying_container >= 1, "fixture lost its truncated/overstated trap"
+    assert overstated, "fixture lost its overstated clips"
 
 
 def _misstate_frame_count(path, delta: int) -> None:
     """Make PyAV's container count (stream.frames) `delta` off the truth: without the idx1 index
     FFmpeg's AVI demuxer takes the count from the stream header's dwLength, which is patched.
-    (sampledata.overstate_frame_count leaves idx1, whose count FFmpeg prefers, so PyAV's count stays true.)"""
+    (sampledata.overstate_frame_count patches dwLength alone, idx1 kept: a count too high.)"""
     import struct
 
     data = bytearray(path.read_bytes())

@@ -144,10 +144,14 @@ def overstate_frame_count(path: Path, extra: int) -> None:
         raise ValueError(f"{path}: no avih chunk")
     off = avih + 8 + 16  # chunk id + size, then 4 dwords before dwTotalFrames
     struct.pack_into("<I", data, off, struct.unpack_from("<I", data, off)[0] + extra)
-    strh = data.find(b"strhvids")
-    if strh >= 0:
-        off = strh + 8 + 32  # fccType .. dwStart, then dwLength
-        struct.pack_into("<I", data, off, struct.unpack_from("<I", data, off)[0] + extra)
+    # The video stream's 'strh': its chunk id, its size, then fccType 'vids' (not 'strhvids' in a
+    # row: until 2026-12-02 this looked for that and patched only avih, which FFmpeg does not read,
+    # so an "overstated" clip never lied to PyAV). dwLength is what PyAV's stream.frames reports.
+    strh = next((m.start() for m in re.finditer(rb"strh", data) if data[m.start() + 8 : m.start() + 12] == b"vids"), -1)
+    if strh < 0:
+        raise ValueError(f"{path}: no video strh chunk")
+    off = strh + 8 + 32  # chunk id and size, fccType .. dwStart, then dwLength
+    struct.pack_into("<I", data, off, struct.unpack_from("<I", data, off)[0] + extra)
     path.write_bytes(bytes(data))
 
 
