@@ -22,9 +22,9 @@ from pipeline.device import known_rank_and_world, rank_and_world
 from pipeline.errors import ShardFormatError, UserError
 from pipeline.frames import training_positions
 from pipeline.stream.clips import TrainClips, check_crop, decode_sample
-from pipeline.stream.mix import check_mix, epoch_shards
+from pipeline.stream.mix import check_mix, checked_epoch_shards, epoch_shards
 from pipeline.stream.passes import eval_clips, shard_cache, stream_config, test_samples, worker_samples
-from pipeline.stream.plan import WorkerPlan, check_enough_shards, eval_plan, train_plan
+from pipeline.stream.plan import WorkerPlan, eval_plan, train_plan
 from pipeline.stream.sources import resolve, shard_name
 from pipeline.stream.stages import Faults, skip_consumed
 from pipeline.stream.workers import default_signals
@@ -148,11 +148,10 @@ class ClipDataset(wds.DataPipeline, wds.FluidInterface):
         self.cfg.check_memory(self.source.frames, 1)  # each DataLoader worker builds its batches in memory of its own
         check_crop(self.cfg.crop, self.source)
         self.cache = shard_cache(self.cfg, self.source)
-        if split == "train":
-            check_mix(self.source, self.cfg, 1 if known is None else known[1] * max(1, self.num_workers or 0))
-        if split == "train" and known is not None:
-            shards = epoch_shards(self.source, self.cfg, 0)
-            check_enough_shards(shards, self.cfg, known[1], max(1, self.num_workers or 0))
+        if split == "train" and known is None:
+            check_mix(self.source, self.cfg)  # the readers are known when the first pass plans
+        elif split == "train":
+            checked_epoch_shards(self.source, self.cfg, known[1], self.num_workers or 0)
         self.state = _PassState()
         self.pipeline = [
             # this pass's plan: which shards this rank and worker read, how many clips it delivers
@@ -240,7 +239,7 @@ class ClipDataset(wds.DataPipeline, wds.FluidInterface):
             "epoch_fill": cfg.epoch_fill,
             "temporal": cfg.temporal,
             "shards": [shard_name(s.url) for s in self.source.shards],
-            **({} if cfg.weights is None else {"weights": list(cfg.weights), "packs": len(self.source.packs) or 1}),
+            **({} if cfg.weights is None else {"weights": list(cfg.weights), "packs": len(self.source.pack_indexes)}),
         }
 
     def state_dict(self) -> dict:
@@ -303,9 +302,7 @@ class ClipDataset(wds.DataPipeline, wds.FluidInterface):
         state.next[worker] = epoch + 1
         by_key, items = False, -1
         if self.split == "train":
-            shards = epoch_shards(self.source, self.cfg, epoch)
-            check_mix(self.source, self.cfg, world * n_workers)
-            check_enough_shards(shards, self.cfg, world, n_workers)
+            shards = checked_epoch_shards(self.source, self.cfg, world, n_workers, epoch)
             plan = train_plan(shards, self.cfg, epoch, rank, world, n_workers, separate=True)[worker]
             items = plan.quota // (self.batch_size or 1)
         else:

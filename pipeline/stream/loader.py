@@ -18,7 +18,7 @@ from pipeline.config import StreamConfig
 from pipeline.device import cores_per_rank, known_rank_and_world, rank_and_world
 from pipeline.errors import UserError, WorkerGaveUp
 from pipeline.stream.clips import TrainClips, check_crop
-from pipeline.stream.mix import check_mix, epoch_shards
+from pipeline.stream.mix import checked_epoch_shards, epoch_shards
 from pipeline.stream.passes import (
     eval_clips,
     part_samples,
@@ -30,7 +30,6 @@ from pipeline.stream.passes import (
 from pipeline.stream.plan import (
     WorkerPlan,
     auto_workers,
-    check_enough_shards,
     eval_plan,
     step_schedule,
     train_plan,
@@ -263,8 +262,7 @@ class ClipLoader(Closing):
         n_workers = max(1, cfg.workers or 0)
         cfg.check_memory(self.source.frames, n_workers)  # before any buffer is allocated
         if self.split == "train":
-            check_mix(self.source, cfg, world_size * n_workers)
-            check_enough_shards(epoch_shards(self.source, cfg, 0), cfg, world_size, n_workers)
+            checked_epoch_shards(self.source, cfg, world_size, n_workers)
         placed = {"cfg": cfg, "rank": rank, "world_size": world_size, "n_workers": n_workers}
         if freeze:
             self.__dict__.update(placed)
@@ -337,7 +335,7 @@ class ClipLoader(Closing):
             "epoch_fill": cfg.epoch_fill,
             "temporal": cfg.temporal,
             "shards": [shard_name(s.url) for s in self.source.shards],
-            **({} if cfg.weights is None else {"weights": list(cfg.weights), "packs": len(self.source.packs) or 1}),
+            **({} if cfg.weights is None else {"weights": list(cfg.weights), "packs": len(self.source.pack_indexes)}),
         }
 
     def _next(self) -> tuple[int, int]:

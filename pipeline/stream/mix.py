@@ -21,20 +21,16 @@ import numpy as np
 
 from pipeline.config import StreamConfig
 from pipeline.errors import UserError
+from pipeline.stream.plan import check_enough_shards
 from pipeline.stream.sources import Shard, ShardSet
 
 MIX_STREAM = 0x6D6978
 """Part of the key of a pass's shard order, so that it is drawn from its own random stream."""
 
 
-def pack_names(source: ShardSet) -> list[str]:
-    """The packs of `source`, by their index's location, in the order they were named."""
-    return [p.index for p in source.packs] or [source.index]
-
-
 def pack_sizes(source: ShardSet) -> tuple[tuple[int, ...], ...]:
     """Per pack, the sample counts of its training shards in the set's order."""
-    packs = len(pack_names(source))
+    packs = len(source.pack_indexes)
     return tuple(tuple(max(0, s.samples) for s in source.shards if s.pack == p) for p in range(packs))
 
 
@@ -55,7 +51,7 @@ def check_mix(source: ShardSet, cfg: StreamConfig, readers: int = 1) -> None:
     resampling) every epoch's list has at least `readers` shards. UserError in one line otherwise."""
     if cfg.weights is None:
         return
-    names = pack_names(source)
+    names = source.pack_indexes
     if len(cfg.weights) != len(names):
         raise UserError(
             f"{len(cfg.weights)} `weights` for {len(names)} packs ({', '.join(map(repr, names))}): "
@@ -73,6 +69,18 @@ def check_mix(source: ShardSet, cfg: StreamConfig, readers: int = 1) -> None:
         )
 
 
+def checked_epoch_shards(
+    source: ShardSet, cfg: StreamConfig, world_size: int, n_workers: int, epoch: int = 0
+) -> tuple[Shard, ...]:
+    """epoch_shards(epoch), after the checks every training reader makes before it plans: the
+    weights fit the packs (check_mix) and the epoch has shards for world_size x n_workers readers
+    (plan.check_enough_shards)."""
+    check_mix(source, cfg, world_size * max(1, n_workers))
+    shards = epoch_shards(source, cfg, epoch)
+    check_enough_shards(shards, cfg, world_size, n_workers)
+    return shards
+
+
 def _fewest(counts: tuple[int, ...], wanted: int) -> int:
     """The fewest shards of `counts` that can hold `wanted` clips (the largest ones)."""
     held, k = 0, 0
@@ -88,7 +96,7 @@ def epoch_shards(source: ShardSet, cfg: StreamConfig, epoch: int) -> tuple[Shard
     draw from every pack (see the module), pack after pack. What every planning step calls."""
     if cfg.weights is None:
         return source.shards
-    by_pack = [[s for s in source.shards if s.pack == p] for p in range(len(pack_names(source)))]
+    by_pack = [[s for s in source.shards if s.pack == p] for p in range(len(source.pack_indexes))]
     sizes = pack_sizes(source)
     wanted = pack_counts(cfg.weights, sum(map(sum, sizes)))
     drawn: list[Shard] = []

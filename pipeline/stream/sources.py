@@ -81,6 +81,11 @@ class ShardSet:
     them); empty: one pack whose labels are the set's own."""
 
     @property
+    def pack_indexes(self) -> tuple[str, ...]:
+        """Where each pack's index was read, in pack order (`Shard.pack` numbers them); one pack: the set's own."""
+        return tuple(p.index for p in self.packs) or (self.index,)
+
+    @property
     def label_maps(self) -> tuple[tuple[int, ...], ...]:
         """Per pack, the set's label of each stored label: what a worker applies to a sample of the pack."""
         return tuple(p.labels for p in self.packs) or (tuple(range(len(self.classes))),)
@@ -275,7 +280,7 @@ def test_beside(train: ShardSet) -> ShardSet:
     """The test shards the training shards' index lists (each pack's, when several), from the same
     folder or base URL, in the training set's label space."""
     shards: list[Shard] = []
-    for number, location in enumerate([p.index for p in train.packs] or [train.index]):
+    for number, location in enumerate(train.pack_indexes):
         found = entries(read_index(location), "test")
         shards += [dataclasses.replace(listed(sibling(location, n), e), pack=number) for n, e in found.items()]
     return dataclasses.replace(train, shards=tuple(shards))

@@ -40,8 +40,8 @@ from pipeline.shardformat import jpeg_size, unpack_jpegs
 from pipeline.storage.urls import local_path
 from pipeline.stream.clips import crop_frame, decode_frame, frame_buffer
 from pipeline.stream.loader import ClipLoader
-from pipeline.stream.mix import check_mix, epoch_shards
-from pipeline.stream.plan import check_enough_shards, steps_per_epoch
+from pipeline.stream.mix import checked_epoch_shards, epoch_shards
+from pipeline.stream.plan import steps_per_epoch
 from pipeline.stream.sources import ShardSet, resolve
 from pipeline.stream.stages import Faults, read_samples
 
@@ -418,8 +418,7 @@ def run_bench(cfg: BenchConfig, emit=print) -> list[dict]:
     held: list[dict] | None = None
     for workers in cfg.workers:
         sc = dataclasses.replace(cfg.stream, workers=workers)
-        check_mix(shards, sc, max(1, workers))
-        check_enough_shards(epoch_shards(shards, sc, 0), sc, 1, workers)
+        checked_epoch_shards(shards, sc, 1, workers)
         torch.set_num_threads(cfg.threads or max(1, cores - workers))
         memory = PeakMemory()
         source = endless_batches(shards, sc, pin_memory=cuda)

@@ -73,7 +73,7 @@ def run_identity(cfg: TrainConfig, world_size: int, workers: int, train: ShardSe
         "content": content_of(train.shards),
         "resample": sc.resample,
         "epoch_fill": sc.epoch_fill,
-        **({} if sc.weights is None else {"weights": list(sc.weights), "packs": [p.index for p in train.packs]}),
+        **({} if sc.weights is None else {"weights": list(sc.weights), "packs": list(train.pack_indexes)}),
     }
 
 

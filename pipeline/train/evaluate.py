@@ -40,7 +40,7 @@ def evaluate(
     num_classes = len(classes)
     k = min(5, num_classes)
     clips: dict[tuple[int, str], list] = {}  # (pack, key) -> [label, summed softmax, view-0 logits]
-    packs = [p.index for p in test.packs] or [test.index]
+    packs = list(test.pack_indexes)
     skipped, faults = 0, []
     was_training = model.training
     model_input = ModelInput(device, channels_last)

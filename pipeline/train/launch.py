@@ -19,8 +19,7 @@ from pipeline.errors import (
     Stopped,
     UserError,
 )
-from pipeline.stream.mix import check_mix, epoch_shards
-from pipeline.stream.plan import check_enough_shards
+from pipeline.stream.mix import checked_epoch_shards
 from pipeline.train.checkpoint import resolve_checkpoint
 from pipeline.train.data import RunData, resolve_data, with_workers
 from pipeline.train.loop import train
@@ -33,8 +32,7 @@ def prepare(cfg: TrainConfig, world_size: int, local_world_size: int) -> RunData
     data = resolve_data(cfg.stream)
     cfg = with_workers(cfg, len(data.train.shards), world_size, local_world_size)
     cfg.stream.check_memory(data.train.frames, cfg.stream.workers)  # T is known from here
-    check_mix(data.train, cfg.stream, world_size * max(1, cfg.stream.workers))
-    check_enough_shards(epoch_shards(data.train, cfg.stream, 0), cfg.stream, world_size, cfg.stream.workers)
+    checked_epoch_shards(data.train, cfg.stream, world_size, cfg.stream.workers)
     from pipeline.train.models import MODEL_NAMES, build_model
 
     if cfg.model not in MODEL_NAMES:

@@ -165,4 +165,4 @@ def pack_draws(train, sc, device: torch.device, env: DistEnv) -> PackDraws | Non
     """A weighted mix's PackDraws for the training ShardSet `train` (None without `weights`)."""
     if sc.weights is None:
         return None
-    return PackDraws([p.index for p in train.packs] or [train.index], sc.weights, device, env)
+    return PackDraws(list(train.pack_indexes), sc.weights, device, env)
