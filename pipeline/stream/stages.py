@@ -21,7 +21,7 @@ from pipeline.redact import redact
 from pipeline.shardformat import CLS, JPGS, JSON, decode_jpegs, parse_label, split_member_name
 from pipeline.storage.readahead import ReadAhead
 from pipeline.storage.urls import index_location, is_pack_folder, is_remote, shard_name
-from pipeline.stream.sources import Shard, expand_shards, listed, open_shard, read_index, resolve
+from pipeline.stream.sources import Shard, entries, expand_shards, listed, open_shard, read_index, resolve
 from pipeline.stream.tar import group_samples, tar_members, tar_samples
 
 STREAM_MEMBERS = (JPGS, CLS)
@@ -242,11 +242,8 @@ def _listed_entry(url: str, indexes: dict[str, dict]) -> dict | None:
             indexes[location] = read_index(location)
         except UserError:
             indexes[location] = {"splits": {}}
-    name = shard_name(url)
-    return next(
-        (e for split in indexes[location]["splits"].values() for e in split.get("shards", []) if e["name"] == name),
-        None,
-    )
+    index = indexes[location]
+    return (entries(index, "train") | entries(index, "test")).get(shard_name(url))
 
 
 def _read_one_shard(shard: Shard, allow_pipe: bool, cache=None) -> Iterator[dict]:
