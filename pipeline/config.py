@@ -284,10 +284,10 @@ class StreamConfig:
     """How every rank gets the same number of steps: `pad` uses every training clip once per epoch and tops the last batches up with repeats of that epoch's clips (marked); `drop` leaves each rank's surplus unread (see docs/TRAINING.md)."""
     max_bad: float = 0.01
     """Unreadable training clips allowed per rank and epoch: a fraction of the rank's clips if < 1, else a count. Above it the run stops with an error."""
-    cache_dir: str | None = None
-    """Local folder caching remote shards (s3://, gs://, az://, http(s)://): a shard is written there while it streams, kept once its sha256 matches the index, and read from there afterwards; one copy per node, shared by every rank and worker (put it on local disk). A cache that is full, unwritable or corrupt is bypassed with one warning. None: no cache."""
     weights: tuple[float, ...] | None = None
     """Mix the packs named by `shards` (each packed folder or index one pack, in the order named) with these weights, e.g. 0.7,0.3: an epoch is the packs' training clips in number, drawn in these shares, each pack's clips without replacement within its own passes (see docs/TRAINING.md); normalised; None: every training clip once an epoch."""
+    cache_dir: str | None = None
+    """Local folder caching remote shards (s3://, gs://, az://, http(s)://): a shard is written there while it streams, kept once its sha256 matches the index, and read from there afterwards; one copy per node, shared by every rank and worker (put it on local disk). A cache that is full, unwritable or corrupt is bypassed with one warning. None: no cache."""
     cache_bytes: int | None = None
     """Most bytes the cache keeps: a size like 50GB, 500MB, 1.5TiB (K, M, G, T: powers of 1000; Ki, Mi, Gi, Ti: of 1024) or plain bytes; the least recently used shards are evicted past it. None: 90% of the space free on the cache's disk when the run starts."""
 
